@@ -1,0 +1,120 @@
+/*
+ * prealloc/affinity.h — CPU affinity of processes and threads, and the core reservation
+ * registry.
+ *
+ * Design
+ * ------
+ * Linux keeps an affinity mask per thread (sched_setaffinity acts on one tid), so "the
+ * affinity of a process" means the mask of every thread in /proc/<pid>/task. Setting it
+ * lists the tasks, sets each, and lists again until no new thread appeared, so a thread
+ * created during the call is not missed. The previous mask of each thread is saved so a
+ * release can put every thread back as it was; threads that have exited meanwhile are
+ * skipped (ESRCH is not an error on restore).
+ *
+ * The registry hands out cores from an allowed set (by default the calling process's
+ * affinity at creation). An exclusive reservation takes cores no other reservation holds;
+ * shared reservations may overlap each other but never an exclusive one. A reservation may
+ * be applied to targets (a thread or a whole process); each target's previous masks are
+ * saved and restored on release, and a resize re-applies the new mask to every target.
+ * "Exclusive" is among holders of this registry: keeping other processes off the cores
+ * needs cpusets/isolcpus, which are the operator's business.
+ *
+ * Complexity and progress: affinity calls are O(threads) syscalls. The registry is guarded
+ * by one mutex (blocking); reservations are O(cores) under it. Not a hot path.
+ */
+#ifndef PREALLOC_AFFINITY_H
+#define PREALLOC_AFFINITY_H
+
+#include <sys/types.h>
+
+#include "common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define PA_CPU_MAX 1024 /* like glibc's cpu_set_t */
+
+typedef struct pa_cpumask {
+    uint64_t bits[PA_CPU_MAX / 64];
+} pa_cpumask_t;
+
+PA_API void pa_cpumask_zero(pa_cpumask_t *mask);
+PA_API void pa_cpumask_set(pa_cpumask_t *mask, unsigned cpu);   /* cpu >= PA_CPU_MAX ignored */
+PA_API void pa_cpumask_clear(pa_cpumask_t *mask, unsigned cpu);
+PA_API bool pa_cpumask_test(const pa_cpumask_t *mask, unsigned cpu);
+PA_API unsigned pa_cpumask_count(const pa_cpumask_t *mask);
+PA_API bool pa_cpumask_equal(const pa_cpumask_t *a, const pa_cpumask_t *b);
+/* true when every cpu of sub is in super */
+PA_API bool pa_cpumask_subset(const pa_cpumask_t *sub, const pa_cpumask_t *super);
+
+/* The cpus the kernel reports online (/sys/devices/system/cpu/online). */
+PA_API int pa_cpus_online(pa_cpumask_t *out);
+
+/* Affinity of one thread (tid; 0 = the calling thread). -ESRCH for a dead tid. */
+PA_API int pa_affinity_get(pid_t tid, pa_cpumask_t *out);
+PA_API int pa_affinity_set_thread(pid_t tid, const pa_cpumask_t *mask);
+
+/* Previous masks of the threads one set touched. */
+typedef struct pa_affinity_saved {
+    size_t count;
+    size_t capacity;
+    pid_t *tids;
+    pa_cpumask_t *masks;
+} pa_affinity_saved_t;
+
+PA_API void pa_affinity_saved_init(pa_affinity_saved_t *saved);
+PA_API void pa_affinity_saved_free(pa_affinity_saved_t *saved);
+
+/* Sets the mask on every thread of process pid (0 = this process). saved (nullable)
+ * receives each thread's previous mask, appended. -ESRCH (no such process), -EINVAL (mask
+ * empty or holds no online cpu), -EPERM. On failure threads already changed are put back. */
+PA_API int pa_affinity_set_process(pid_t pid, const pa_cpumask_t *mask, pa_affinity_saved_t *saved);
+
+/* Puts every saved thread back to its saved mask, skipping threads that have exited, and
+ * empties saved. Returns 0 or the first error other than ESRCH. */
+PA_API int pa_affinity_restore(pa_affinity_saved_t *saved);
+
+/* ---- core reservation registry ---- */
+
+typedef struct pa_cores pa_cores_t; /* opaque: holds a mutex */
+typedef uint64_t pa_core_reservation_t; /* (generation << 32) | index; 0 = none */
+
+/* allowed: the cores this registry may hand out (NULL = the calling process's affinity). */
+PA_API int pa_cores_create(const pa_cpumask_t *allowed, pa_cores_t **out);
+/* Restores every target of every live reservation, then frees. */
+PA_API void pa_cores_destroy(pa_cores_t *cores);
+
+/* Reserves `count` cores (lowest free first, preferring cpus in prefer when given).
+ * -EINVAL (count 0 or more than allowed), -EBUSY (not enough free cores now). */
+PA_API int pa_cores_reserve(pa_cores_t *cores, unsigned count, bool exclusive, const pa_cpumask_t *prefer,
+                            pa_core_reservation_t *out);
+/* Reserves exactly the cores in mask. -EINVAL (empty, or outside the allowed set),
+ * -EBUSY (a core is held in a conflicting way). */
+PA_API int pa_cores_reserve_mask(pa_cores_t *cores, const pa_cpumask_t *mask, bool exclusive,
+                                 pa_core_reservation_t *out);
+
+/* The cores a reservation holds. -ENOENT for a stale reservation. */
+PA_API int pa_cores_get(pa_cores_t *cores, pa_core_reservation_t reservation, pa_cpumask_t *out, bool *exclusive);
+
+/* Applies the reservation's mask to a target: one thread (whole_process false; tid 0 =
+ * the calling thread) or every thread of a process (whole_process true; pid 0 = this
+ * process), saving previous masks for release. -ENOENT, -ESRCH, -EPERM. */
+PA_API int pa_cores_apply(pa_cores_t *cores, pa_core_reservation_t reservation, pid_t target, bool whole_process);
+
+/* Grows or shrinks the reservation to new_count cores (taking lowest free cores, giving
+ * back highest first) and re-applies the mask to its targets. -EBUSY when growth is not
+ * possible (nothing changes), -EINVAL for 0, -ENOENT. */
+PA_API int pa_cores_resize(pa_cores_t *cores, pa_core_reservation_t reservation, unsigned new_count);
+
+/* Restores every target's previous masks and frees the cores. -ENOENT for stale. */
+PA_API int pa_cores_release(pa_cores_t *cores, pa_core_reservation_t reservation);
+
+/* Cores free for an exclusive reservation now / the allowed set. */
+PA_API int pa_cores_available(pa_cores_t *cores, pa_cpumask_t *free_exclusive, pa_cpumask_t *allowed);
+PA_API size_t pa_cores_live(pa_cores_t *cores);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* PREALLOC_AFFINITY_H */

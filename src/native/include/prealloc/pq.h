@@ -1,0 +1,76 @@
+/*
+ * prealloc/pq.h — the request queue: a lock-free multi-producer multi-consumer priority
+ * queue.
+ *
+ * Order
+ * -----
+ * pop returns the item with the highest priority, then the highest confidence, then the
+ * earliest deadline (a missing deadline — NaN or +inf — sorts after every real one), then
+ * the earliest arrival. Arrival is a 64-bit sequence number taken at push, so no two items
+ * compare equal and the order is total (FIFO among otherwise equal items).
+ *
+ * Algorithm: see the design comment at the top of src/native/pq.c (it names the
+ * published algorithm, its memory reclamation, complexity and progress guarantee).
+ *
+ * Cancellation: a queue created with PA_PQ_INDEXED keeps an index from value to queued
+ * item, so pa_pq_cancel(value) can withdraw a queued item (values must then be unique
+ * among queued items; a second push of a queued value answers -EEXIST). Without the index
+ * the queue carries any values, duplicates included, and cancellation is the caller's
+ * business — prealloc's engine queues allocation-table ids and cancels lazily through the
+ * record's status.
+ *
+ * Capacity: unbounded (nodes are malloc'ed); push answers -ENOMEM only when malloc does.
+ */
+#ifndef PREALLOC_PQ_H
+#define PREALLOC_PQ_H
+
+#include "common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define PA_PQ_INDEXED (1u << 0)
+
+typedef struct pa_pq pa_pq_t; /* opaque */
+
+typedef struct pa_pq_item {
+    uint64_t value;
+    double priority;
+    double confidence;
+    double deadline; /* NaN or +inf when none */
+    uint64_t arrival; /* sequence number assigned at push */
+} pa_pq_item_t;
+
+/* flags: 0 or PA_PQ_INDEXED. -EINVAL for unknown flags, -ENOMEM. */
+PA_API int pa_pq_create(unsigned flags, pa_pq_t **out);
+/* Frees the queue and every queued item. No other thread may use it during or after. */
+PA_API void pa_pq_destroy(pa_pq_t *pq);
+
+/* -EINVAL (priority or confidence NaN, deadline -inf), -EEXIST (indexed queue, value
+ * already queued), -ENOMEM. */
+PA_API int pa_pq_push(pa_pq_t *pq, uint64_t value, double priority, double confidence, double deadline);
+
+/* Removes the first item in the order; false when the queue is empty. item (nullable)
+ * receives its key. */
+PA_API bool pa_pq_pop(pa_pq_t *pq, pa_pq_item_t *item);
+
+/* Pops up to max items into values (in order); returns how many. */
+PA_API size_t pa_pq_pop_many(pa_pq_t *pq, uint64_t *values, size_t max);
+
+/* Copies the first item without removing it; false when empty. Under concurrent pops the
+ * item may be gone by the time the caller looks at it. */
+PA_API bool pa_pq_peek(pa_pq_t *pq, pa_pq_item_t *item);
+
+/* Withdraws a queued value (indexed queues). 0 done, -ENOENT not queued (never pushed,
+ * already popped or cancelled), -ENOTSUP (queue not indexed). Exactly one of a racing
+ * pop and cancel gets the item. */
+PA_API int pa_pq_cancel(pa_pq_t *pq, uint64_t value);
+
+/* Items queued, exact when no operation is in flight. */
+PA_API size_t pa_pq_size(const pa_pq_t *pq);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* PREALLOC_PQ_H */
