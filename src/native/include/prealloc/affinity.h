@@ -80,7 +80,8 @@ PA_API int pa_affinity_restore(pa_affinity_saved_t *saved);
 typedef struct pa_cores pa_cores_t; /* opaque: holds a mutex */
 typedef uint64_t pa_core_reservation_t; /* (generation << 32) | index; 0 = none */
 
-/* allowed: the cores this registry may hand out (NULL = the calling process's affinity). */
+/* allowed: the cores this registry may hand out (NULL = the calling thread's affinity).
+ * -EINVAL when allowed is empty. */
 PA_API int pa_cores_create(const pa_cpumask_t *allowed, pa_cores_t **out);
 /* Restores every target of every live reservation, then frees. */
 PA_API void pa_cores_destroy(pa_cores_t *cores);
@@ -99,15 +100,21 @@ PA_API int pa_cores_get(pa_cores_t *cores, pa_core_reservation_t reservation, pa
 
 /* Applies the reservation's mask to a target: one thread (whole_process false; tid 0 =
  * the calling thread) or every thread of a process (whole_process true; pid 0 = this
- * process), saving previous masks for release. -ENOENT, -ESRCH, -EPERM. */
+ * process), saving previous masks for release. On release, threads of a whole-process
+ * target that were born after apply (they inherited the reserved mask) get the mask the
+ * process's main thread had before apply. -ENOENT, -ESRCH, -EPERM, -EINVAL. */
 PA_API int pa_cores_apply(pa_cores_t *cores, pa_core_reservation_t reservation, pid_t target, bool whole_process);
 
 /* Grows or shrinks the reservation to new_count cores (taking lowest free cores, giving
- * back highest first) and re-applies the mask to its targets. -EBUSY when growth is not
- * possible (nothing changes), -EINVAL for 0, -ENOENT. */
+ * back highest first) and re-applies the mask to its targets (skipping targets that have
+ * exited). -EBUSY when growth is not possible (nothing changes), -EINVAL for 0 or more
+ * than the allowed set, -ENOENT; when re-applying fails, the targets and the reservation
+ * are put back as they were and the error is returned. */
 PA_API int pa_cores_resize(pa_cores_t *cores, pa_core_reservation_t reservation, unsigned new_count);
 
-/* Restores every target's previous masks and frees the cores. -ENOENT for stale. */
+/* Restores every target's previous masks (targets that have exited are skipped) and frees
+ * the cores. -ENOENT for stale. The reservation is gone even when a restore fails; the
+ * first such error (other than ESRCH) is then returned. */
 PA_API int pa_cores_release(pa_cores_t *cores, pa_core_reservation_t reservation);
 
 /* Cores free for an exclusive reservation now / the allowed set. */
