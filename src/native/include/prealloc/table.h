@@ -60,6 +60,8 @@ typedef struct pa_record {
     double allocated;       /* amount actually reserved */
     uint64_t created_ns;    /* when inserted */
     uint64_t updated_ns;    /* when the status last changed */
+    uint64_t allocated_ns;  /* when it first became ALLOCATED, 0 = never */
+    uint64_t active_ns;     /* when it first became ACTIVE (claimed), 0 = never */
     uint64_t expires_ns;    /* 0 = no expiry */
     uint64_t timer;         /* the expiry timer's handle (pa_timer_id_t), 0 = none */
     uint64_t request_id;    /* the caller's request id */
@@ -114,7 +116,8 @@ PA_API int pa_table_status(const pa_table_t *table, pa_id_t id);
 PA_API int pa_table_transition(pa_table_t *table, pa_id_t id, uint32_t from_mask, pa_status_t to,
                                pa_status_t *prev_out);
 
-/* Field updates on a live record (any non-final status). -ENOENT (stale or final). */
+/* Field updates on a live record (any non-final status). -ENOENT (stale or final),
+ * -EINVAL (allocated NaN or negative). */
 PA_API int pa_table_set_allocated(pa_table_t *table, pa_id_t id, double allocated);
 PA_API int pa_table_set_expiry(pa_table_t *table, pa_id_t id, uint64_t expires_ns, uint64_t timer);
 
@@ -124,7 +127,7 @@ PA_API uint32_t pa_table_capacity(const pa_table_t *table);
 
 /* Writes up to max ids of records whose status is in status_mask into out; *count_out
  * receives how many were written. A scan, not an atomic snapshot: records changing during
- * the scan may or may not be included. Returns 0. */
+ * the scan may or may not be included. Returns 0 (-EINVAL for out NULL with max > 0). */
 PA_API int pa_table_collect(const pa_table_t *table, uint32_t status_mask, pa_id_t *out, size_t max,
                             size_t *count_out);
 

@@ -24,7 +24,9 @@
  * timer cascades at most PA_WHEEL_LEVELS - 1 times over its life, so advance is amortized
  * O(1) per timer; empty stretches are skipped in O(levels) using a 64-bit occupancy word
  * per level (a count-trailing-zeros finds the next busy slot). Deadlines beyond the
- * wheel's span are filed in the top level and re-filed until they come within range.
+ * wheel's span wait in an overflow list beside the top level and are re-filed when the
+ * wheel enters the top-level rotation that holds the earliest of them (empty rotations
+ * are skipped, so even a jump of centuries costs O(levels + timers touched)).
  *
  * Firing guarantee: a timer never fires before its deadline. Deadlines are rounded up to
  * the next tick boundary, and a timer fires on the first advance whose `now` has reached
@@ -107,8 +109,12 @@ typedef void (*pa_expiry_fn)(void *ctx, pa_id_t record, uint64_t deadline_ns);
 typedef struct pa_ticker_options {
     uint64_t tick_ns;          /* 0 = PA_WHEEL_DEFAULT_TICK_NS */
     uint32_t timer_capacity;   /* 0 = the table's capacity */
-    uint32_t expire_from_mask; /* 0 = PENDING | ALLOCATED | ACTIVE */
-    pa_expiry_fn on_expired;   /* nullable; runs on the ticker thread, must not block long */
+    uint32_t expire_from_mask; /* 0 = PENDING | ALLOCATED | ACTIVE; bits >= PA_STATUS_COUNT: -EINVAL */
+    /* nullable; runs on the advancing thread (the ticker's, or pa_ticker_advance's caller)
+     * with no ticker lock held, before the id is queued; must not block long and must not
+     * call pa_ticker_advance, pa_ticker_stop or pa_ticker_destroy (schedule, cancel,
+     * drain and the table are fine) */
+    pa_expiry_fn on_expired;
     void *on_expired_ctx;
 } pa_ticker_options_t;
 
@@ -126,7 +132,9 @@ PA_API int pa_ticker_start(pa_ticker_t *ticker);
 PA_API int pa_ticker_stop(pa_ticker_t *ticker);
 
 /* Schedules the record's expiry and stores the timer handle and deadline in the record
- * (pa_table_set_expiry). -ENOENT if the record is stale or final, -ENOSPC. */
+ * (pa_table_set_expiry). -ENOENT if the record is stale or final, -ENOSPC, -ENOMEM (the
+ * expired queue reserves room for every pending timer, so an expiry is never dropped).
+ * out is nullable. */
 PA_API int pa_ticker_schedule(pa_ticker_t *ticker, pa_id_t record, uint64_t deadline_ns, pa_timer_id_t *out);
 /* -ENOENT if the timer already fired or was cancelled. */
 PA_API int pa_ticker_cancel(pa_ticker_t *ticker, pa_timer_id_t timer);
@@ -140,7 +148,10 @@ PA_API size_t pa_ticker_advance(pa_ticker_t *ticker, uint64_t now_ns);
 PA_API int pa_ticker_eventfd(const pa_ticker_t *ticker);
 
 /* Moves up to max expired ids (oldest first) into out; returns how many. Also clears the
- * eventfd's counter when it empties the queue, so a later wait blocks until new ids. */
+ * eventfd's counter when it empties the queue, so a later wait blocks until new ids.
+ * Consumer protocol: after each wakeup, drain until a call returns fewer than max; a
+ * wakeup may find nothing (harmless), an id is never left queued without the eventfd
+ * readable. */
 PA_API size_t pa_ticker_drain(pa_ticker_t *ticker, pa_id_t *out, size_t max);
 
 PA_API size_t pa_ticker_pending(pa_ticker_t *ticker);  /* timers not yet fired */
