@@ -1,0 +1,32 @@
+"""Resource monitors: how much of each resource this process can have, now and on change.
+
+- :class:`ResourceMonitor` — the contract (the spec's IResourceMonitor) and the one
+  watcher thread that delivers change callbacks.
+- :class:`SystemResourceMonitor` — memory (cgroup-aware), CPU (affinity-aware), disk,
+  network and page cache of this machine, through psutil, /proc and cgroup files.
+- :mod:`.pressure` — Linux PSI readings and triggers, the kernel's change events.
+"""
+from .base import AvailabilityCallback, EventSource, ResourceMonitor
+from .pressure import (
+    PressureLine,
+    PressureReading,
+    PressureTrigger,
+    PressureTriggerUnavailable,
+    parse_pressure,
+    read_pressure,
+)
+from .system import CgroupMemory, SystemResourceMonitor
+
+__all__ = [
+    "AvailabilityCallback",
+    "CgroupMemory",
+    "EventSource",
+    "PressureLine",
+    "PressureReading",
+    "PressureTrigger",
+    "PressureTriggerUnavailable",
+    "ResourceMonitor",
+    "SystemResourceMonitor",
+    "parse_pressure",
+    "read_pressure",
+]
