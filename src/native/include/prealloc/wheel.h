@@ -30,7 +30,7 @@
  *
  * Firing guarantee: a timer never fires before its deadline. Deadlines are rounded up to
  * the next tick boundary, and a timer fires on the first advance whose `now` has reached
- * that boundary. The ticker thread sleeps until exactly that boundary, so a timer's
+ * that boundary; a deadline already passed when it is scheduled fires on the next advance. The ticker thread sleeps until exactly that boundary, so a timer's
  * lateness is bounded by one tick (tick_ns) plus the OS's thread wake-up latency.
  *
  * Timers live in a pool owned by the wheel; a pa_timer_id_t is (generation << 32) | index

@@ -1,0 +1,145 @@
+"""The low-level public face of the native core.
+
+Everything here is the C core, reached through the thin binding ``prealloc._native``;
+this module adds the policy a caller expects at the edge: argument checks with clear
+messages (sizes against the machine, CPUs against the online set, pids that exist) that
+fail before anything is changed.
+
+    >>> from prealloc import core
+    >>> with core.reserve_memory(64 << 20, lock=True) as region:
+    ...     view = memoryview(region)          # zero-copy, writable
+    >>> core.set_affinity(pid, {0, 1})           # every thread of pid
+"""
+from __future__ import annotations
+
+import errno
+import os
+from typing import Iterable
+
+from . import _native
+from ._native import (
+    ACTIVE,
+    ALLOCATED,
+    EXPIRED,
+    FAILED,
+    FINAL_MASK,
+    HUGE_PAGE_SIZE,
+    LIVE_MASK,
+    PENDING,
+    RELEASED,
+    RELEASING,
+    STATUS_COUNT,
+    AffinityChange,
+    AllocationTable,
+    CoreReservation,
+    CoreReservations,
+    ExpiryTicker,
+    MemoryReservation,
+    PriorityQueue,
+    Record,
+    TimerWheel,
+    monotonic_ns,
+    online_cpus,
+    page_size,
+    physical_memory,
+    status_mask,
+    status_name,
+    transition_legal,
+)
+
+__all__ = [
+    "PENDING", "ALLOCATED", "ACTIVE", "RELEASING", "RELEASED", "FAILED", "EXPIRED",
+    "STATUS_COUNT", "FINAL_MASK", "LIVE_MASK", "HUGE_PAGE_SIZE",
+    "AffinityChange", "AllocationTable", "CoreReservation", "CoreReservations",
+    "ExpiryTicker", "MemoryReservation", "PriorityQueue", "Record", "TimerWheel",
+    "get_affinity", "set_affinity", "get_thread_affinity", "set_thread_affinity",
+    "monotonic_ns", "online_cpus", "page_size", "physical_memory", "reserve_memory",
+    "status_mask", "status_name", "transition_legal",
+]
+
+
+def reserve_memory(
+    nbytes: int,
+    *,
+    populate: bool = True,
+    lock: bool = False,
+    huge_pages: bool = False,
+    shareable: bool = False,
+    require_lock: bool = False,
+) -> MemoryReservation:
+    """Maps nbytes now, faults every page in (populate), and locks it (lock) where the
+    machine allows; huge_pages advises transparent huge pages on a 2 MiB-aligned mapping;
+    shareable backs it by a memfd (``.fd``) that another process can map.
+
+    The reservation reports what it got: ``.locked`` is False with ``.lock_error`` set to
+    the errno when RLIMIT_MEMLOCK or a missing CAP_IPC_LOCK refused the lock — unless
+    require_lock is set, then the refusal raises (PermissionError / OSError) and nothing
+    stays mapped.
+    """
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+        raise TypeError(f"nbytes must be an int, not {type(nbytes).__name__}")
+    if nbytes <= 0:
+        raise ValueError(f"nbytes must be > 0, not {nbytes}")
+    machine = physical_memory()
+    if machine and nbytes > machine:
+        raise ValueError(f"cannot reserve {nbytes} bytes: the machine has {machine} bytes of RAM")
+    flags = 0
+    if populate:
+        flags |= _native.MEM_POPULATE
+    if lock or require_lock:
+        flags |= _native.MEM_LOCK
+    if require_lock:
+        flags |= _native.MEM_LOCK_REQUIRED
+    if huge_pages:
+        flags |= _native.MEM_HUGE_PAGES
+    if shareable:
+        flags |= _native.MEM_SHAREABLE
+    return _native._reserve_memory(nbytes, flags)
+
+
+def _valid_cores(cores: Iterable[int]) -> set[int]:
+    try:
+        wanted = {int(c) for c in cores}
+    except TypeError:
+        raise TypeError(f"cores must be an iterable of ints, not {type(cores).__name__}") from None
+    online = online_cpus()
+    if not wanted:
+        raise ValueError(f"no cores given; valid cpus are {sorted(online)}")
+    bad = sorted(wanted - online)
+    if bad:
+        raise ValueError(f"cpus {bad} are not online; valid cpus are {sorted(online)}")
+    return wanted
+
+
+def _check_pid(pid: int) -> int:
+    if isinstance(pid, bool) or not isinstance(pid, int):
+        raise TypeError(f"pid must be an int, not {type(pid).__name__}")
+    if pid < 0:
+        raise ValueError(f"pid must be >= 0, not {pid}")
+    if pid and not os.path.isdir(f"/proc/{pid}"):
+        raise ProcessLookupError(errno.ESRCH, f"no process {pid}")
+    return pid
+
+
+def get_affinity(pid: int = 0) -> set[int]:
+    """The cpus process pid (0 = this process) may run on: its main thread's mask."""
+    pid = _check_pid(pid)
+    return _native.thread_affinity(pid or os.getpid())
+
+
+def set_affinity(pid: int, cores: Iterable[int]) -> AffinityChange:
+    """Pins every thread of process pid (0 = this process) to cores. Returns the
+    AffinityChange whose restore() puts each thread back (also usable as a context
+    manager). ValueError lists the valid cpus; a dead pid raises ProcessLookupError."""
+    pid = _check_pid(pid)
+    return _native.set_process_affinity(pid, _valid_cores(cores))
+
+
+def get_thread_affinity(tid: int = 0) -> set[int]:
+    """The mask of one thread (0 = the calling thread)."""
+    return _native.thread_affinity(_check_pid(tid))
+
+
+def set_thread_affinity(tid: int, cores: Iterable[int]) -> None:
+    """Pins one thread (0 = the calling thread)."""
+    _native.set_thread_affinity(_check_pid(tid), _valid_cores(cores))

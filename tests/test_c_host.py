@@ -1,0 +1,68 @@
+"""A C host links the core from the installed package: headers from
+prealloc.get_include(), the static library from prealloc.get_library_dir()."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import prealloc
+
+HOST = r"""
+#include <prealloc/prealloc.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+int main(void) {
+    pa_table_t *table;
+    if (pa_table_create(64, &table) != 0) return 1;
+    pa_record_init_t init = {.status = PA_STATUS_ALLOCATED, .requested = 2.0, .allocated = 2.0};
+    pa_id_t id;
+    if (pa_table_insert(table, &init, &id) != 0) return 2;
+    if (pa_table_transition(table, id, PA_STATUS_BIT(PA_STATUS_ALLOCATED), PA_STATUS_EXPIRED, NULL) != 0) return 3;
+    if (pa_table_transition(table, id, PA_STATUS_BIT(PA_STATUS_ALLOCATED), PA_STATUS_RELEASING, NULL) != -EAGAIN) return 4;
+
+    pa_pq_t *pq;
+    if (pa_pq_create(0, &pq) != 0) return 5;
+    pa_pq_push(pq, 1, 1.0, 0.5, NAN);
+    pa_pq_push(pq, 2, 5.0, 0.5, NAN);
+    pa_pq_item_t item;
+    if (!pa_pq_pop(pq, &item) || item.value != 2) return 6;
+
+    pa_memory_t mem;
+    if (pa_memory_reserve(&mem, 1 << 20, PA_MEM_POPULATE) != 0) return 7;
+    memset(mem.addr, 1, mem.size);
+    size_t resident = 0;
+    pa_memory_resident(&mem, &resident);
+    if (resident != mem.size) return 8;
+    pa_memory_release(&mem);
+
+    pa_cpumask_t mask;
+    if (pa_affinity_get(0, &mask) != 0 || pa_cpumask_count(&mask) == 0) return 9;
+
+    printf("host ok %s\n", pa_status_name(PA_STATUS_EXPIRED));
+    pa_pq_destroy(pq);
+    pa_table_destroy(table);
+    return 0;
+}
+"""
+
+
+def test_c_host_compiles_links_and_runs_against_the_installed_core(tmp_path: Path):
+    include, libdir = Path(prealloc.get_include()), Path(prealloc.get_library_dir())
+    assert (include / "prealloc" / "prealloc.h").is_file(), include
+    assert (libdir / "libprealloc_core.a").is_file(), libdir
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler on this machine")
+    (tmp_path / "host.c").write_text(HOST)
+    exe = tmp_path / "host"
+    subprocess.run([cc, "-std=c11", "-Wall", "-Werror", "-o", str(exe), str(tmp_path / "host.c"),
+                    f"-I{include}", f"-L{libdir}", "-lprealloc_core", "-lpthread"], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert out.returncode == 0, (out.returncode, out.stderr)
+    assert out.stdout.strip() == "host ok EXPIRED"
