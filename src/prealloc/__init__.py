@@ -1,6 +1,55 @@
-"""prealloc: reserve real machine resources before a predicted need arrives."""
+"""prealloc: reserve real machine resources before a predicted need arrives.
+
+    from prealloc import ResourcePreallocator, Prediction, RuleTranslator
+
+    rules = RuleTranslator.from_toml("rules.toml")
+    with ResourcePreallocator(translator=rules) as pre:
+        pre.handle_prediction(Prediction("p1", "user_action", "open_editor", 0.9,
+                                         target_application="editor"))
+        ...
+        with pre.acquire("MEMORY", 512, target_application="editor") as claim:
+            buffer = memoryview(claim.resource)   # mapped, faulted in, ready
+
+The low-level native core is ``prealloc.core``.
+"""
 from ._paths import get_include, get_library_dir
+from .engine import Claim, PreallocatorConfig, ResourceAllocator, ResourcePreallocator
+from .events import EventEmitter
+from .metrics import MetricsCollector
+from .monitors import ResourceMonitor, SystemResourceMonitor
+from .quotas import QuotaExceeded, Quotas
+from .reactive import ReactiveResourceAllocator
+from .strategies import (
+    AllocationError,
+    AllocationStrategy,
+    CpuStrategy,
+    Grant,
+    InsufficientResources,
+    MemoryStrategy,
+    NullStrategy,
+)
+from .translate import AdaptiveSizer, Rule, RuleTranslator, Translator
+from .types import (
+    AllocationFeedback,
+    AllocationStatus,
+    Prediction,
+    PreallocatorStatistics,
+    RequestMetadata,
+    ResourceAllocation,
+    ResourceAvailability,
+    ResourceRequest,
+    ResourceType,
+    SubscriptionHandle,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["get_include", "get_library_dir", "__version__"]
+__all__ = [
+    "AdaptiveSizer", "AllocationError", "AllocationFeedback", "AllocationStatus", "AllocationStrategy",
+    "Claim", "CpuStrategy", "EventEmitter", "Grant", "InsufficientResources", "MemoryStrategy",
+    "MetricsCollector", "NullStrategy", "PreallocatorConfig", "PreallocatorStatistics", "Prediction",
+    "QuotaExceeded", "Quotas", "ReactiveResourceAllocator", "RequestMetadata", "ResourceAllocation",
+    "ResourceAllocator", "ResourceAvailability", "ResourceMonitor", "ResourcePreallocator",
+    "ResourceRequest", "ResourceType", "Rule", "RuleTranslator", "SubscriptionHandle",
+    "SystemResourceMonitor", "Translator", "get_include", "get_library_dir", "__version__",
+]

@@ -1,0 +1,1009 @@
+"""The allocators: ``ResourceAllocator`` (the shared engine), ``ResourcePreallocator``
+(allocates ahead of need from predictions) and, in ``reactive.py``, the
+``ReactiveResourceAllocator`` baseline (allocates only when the consumer asks).
+
+One owner for each piece of state:
+
+* the native ``AllocationTable`` owns every allocation's status, amounts, times and
+  expiry timer; a status changes only by CAS, so a release racing an expiry (or a
+  claim, or a cancel) has exactly one winner, and the winner alone finishes the
+  allocation (gives the resource back, books statistics, removes the record);
+* the native ``ExpiryTicker`` owns time: it expires allocations past their duration and
+  requests past their deadline on its own thread and wakes the worker through an
+  eventfd;
+* the native ``PriorityQueue`` owns the order of queued requests;
+* this module's dicts hold only what the core cannot: the strategy's handle of each
+  allocation that has one, the request objects still waiting, and the index the
+  consumer's ``acquire`` uses to find a ready allocation.
+
+Transitions *into* ALLOCATED happen under ``self._lock`` together with the dict
+insertions, so any later transition out of ALLOCATED (which takes the lock to clean the
+dicts) always finds them.
+"""
+from __future__ import annotations
+
+import abc
+import logging
+import math
+import os
+import selectors
+import threading
+import time
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from . import core
+from .events import EventEmitter
+from .metrics import MetricsCollector
+from .quotas import QuotaExceeded, QuotaLedger, Quotas
+from .strategies import AllocationError, AllocationStrategy, InsufficientResources
+from .types import (
+    AllocationFeedback,
+    AllocationStatus,
+    Prediction,
+    PreallocatorStatistics,
+    RequestMetadata,
+    ResourceAllocation,
+    ResourceAvailability,
+    ResourceRequest,
+    ResourceType,
+    check_amount,
+    check_confidence,
+)
+
+NS = 1e-9
+EVENTS = ("allocated", "released", "expired", "failed", "reset")
+_WAIT = object()  # _allocate's answer when a queued request must wait for resources
+
+
+@dataclass
+class PreallocatorConfig:
+    """Everything an allocator can be told. Unset monitors and strategies get the
+    defaults: the psutil system monitor, and the MEMORY and CPU strategies."""
+
+    id: str | None = None
+    name: str = "ResourcePreallocator"
+    description: str = "Proactively allocates system resources based on predictions."
+    immediate_processing: bool = False
+    min_confidence: float = 0.0
+    capacity: int = 1 << 20  # allocations and queued requests live at once
+    tick: float = 0.001  # the expiry wheel's resolution, seconds
+    pending_timeout: float = 30.0  # a queued request without a deadline waits at most this long
+    default_duration: float | None = None  # expiry of allocations whose request gives none
+    # Fraction of each type's total an allocation must leave available; a type without
+    # an entry is not checked against its monitor (the strategy alone decides).
+    headroom: dict[ResourceType, float] = field(default_factory=lambda: {ResourceType.MEMORY: 0.10})
+    quotas: Quotas | None = None
+    translator: Any | None = None  # a translate.Translator
+    resource_monitors: dict[ResourceType, Any] | None = None  # monitors.ResourceMonitor
+    allocation_strategies: dict[ResourceType, AllocationStrategy] | None = None
+    event_emitter: EventEmitter | None = None
+    metrics: MetricsCollector | None = None
+    logger: logging.Logger | None = None
+    predictor: Any | None = None  # has .on(event, fn); may have .update_model(id, feedback)
+
+    def validate(self) -> PreallocatorConfig:
+        self.min_confidence = check_confidence(self.min_confidence)
+        if not isinstance(self.capacity, int) or not 1 <= self.capacity <= (1 << 30):
+            raise ValueError(f"capacity must be an int in 1..2**30, not {self.capacity!r}")
+        if not (isinstance(self.tick, (int, float)) and 1e-6 <= self.tick <= 1.0):
+            raise ValueError(f"tick must be between 1 us and 1 s, not {self.tick!r}")
+        check_amount("pending_timeout", self.pending_timeout)
+        if self.default_duration is not None:
+            check_amount("default_duration", self.default_duration)
+        self.headroom = {ResourceType.parse(t): check_amount(f"headroom[{t}]", v)
+                         for t, v in self.headroom.items()}
+        for t, v in self.headroom.items():
+            if v >= 1:
+                raise ValueError(f"headroom[{t.name}] is a fraction of the total, below 1, not {v}")
+        return self
+
+
+class Claim:
+    """A resource in the consumer's hands. ``resource`` is what the strategy handed over:
+    a writable zero-copy buffer (MemoryReservation) for MEMORY, the frozenset of cores
+    for CPU, None for strategies that hand over nothing. ``release()`` gives it back; so
+    does the end of a with-block, and so does garbage collection of a claim never
+    released (a claim never leaks its resource)."""
+
+    __slots__ = ("allocation_id", "resource_type", "resource", "preallocated", "_allocator_ref",
+                 "_finalizer", "__weakref__")
+
+    def __init__(self, allocator: ResourceAllocator, allocation_id: int, resource_type: ResourceType,
+                 resource: Any, preallocated: bool) -> None:
+        self.allocation_id = allocation_id
+        self.resource_type = resource_type
+        self.resource = resource
+        self.preallocated = preallocated  # True: it was ready before the need (a hit)
+        self._allocator_ref = weakref.ref(allocator)
+        self._finalizer = weakref.finalize(self, _release_dropped_claim, self._allocator_ref,
+                                           allocation_id)
+
+    def release(self, feedback: AllocationFeedback | None = None) -> bool:
+        """Gives the resource back; False if it was already released (or expired)."""
+        if self._finalizer.detach() is None:
+            return False
+        allocator = self._allocator_ref()
+        if allocator is None or allocator.closed:
+            return False
+        return allocator.release_allocation(self.allocation_id, feedback)
+
+    @property
+    def released(self) -> bool:
+        return not self._finalizer.alive
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self.release(AllocationFeedback(used_successfully=exc_type is None,
+                                        reason_for_release="claim closed"))
+
+    def __repr__(self) -> str:
+        return (f"<Claim {self.resource_type.name} allocation={self.allocation_id}"
+                f" preallocated={self.preallocated}{' released' if self.released else ''}>")
+
+
+def _release_dropped_claim(allocator_ref: Callable[[], ResourceAllocator | None], allocation_id: int) -> None:
+    allocator = allocator_ref()
+    if allocator is not None and not allocator.closed:
+        allocator.release_allocation(allocation_id, AllocationFeedback(
+            used_successfully=True, reason_for_release="claim dropped without release"))
+
+
+@dataclass
+class _Tally:
+    """The running statistics; guarded by the allocator's lock."""
+
+    total_requests: int = 0
+    successful: int = 0
+    failed: int = 0
+    allocation_seconds: float = 0.0
+    by_type: dict[ResourceType, int] = field(default_factory=dict)
+    skipped_low_confidence: int = 0
+    expired: int = 0
+    claimed: int = 0
+    released: int = 0
+    finished: int = 0  # allocations ended by release or expiry
+    hits: int = 0
+    amount_seconds: float = 0.0
+    unused_amount_seconds: float = 0.0
+
+
+class ResourceAllocator(abc.ABC):
+    """The engine both allocators share: the native table, expiry, strategies, quotas,
+    statistics, claims and events. Thread-safe. Subclasses decide *when* to allocate:
+    ahead of need (ResourcePreallocator) or at need (ReactiveResourceAllocator)."""
+
+    def __init__(self, config: PreallocatorConfig | None = None, **overrides: Any) -> None:
+        config = config if config is not None else PreallocatorConfig()
+        for key, value in overrides.items():
+            if not hasattr(config, key):
+                raise TypeError(f"unknown configuration option {key!r}")
+            setattr(config, key, value)
+        self.config = config.validate()
+        self.id = config.id or uuid.uuid4().hex
+        self.name = config.name
+        self.description = config.description
+        self.log = config.logger or logging.getLogger(f"prealloc.{type(self).__name__}")
+        self.events = config.event_emitter or EventEmitter()
+        self.metrics = config.metrics or MetricsCollector()
+        self.quotas = QuotaLedger(config.quotas)
+        self.monitors = config.resource_monitors if config.resource_monitors is not None \
+            else self._default_monitors()
+        self.strategies = config.allocation_strategies if config.allocation_strategies is not None \
+            else self._default_strategies()
+        for t, strategy in self.strategies.items():
+            if not isinstance(strategy, AllocationStrategy):
+                raise TypeError(f"strategy for {t} must be an AllocationStrategy, not {type(strategy).__name__}")
+
+        self._table = core.AllocationTable(config.capacity)
+        # PENDING records expire at their deadline, ALLOCATED ones after their duration;
+        # a claimed (ACTIVE) allocation belongs to its consumer and never expires.
+        self._ticker = core.ExpiryTicker(self._table, tick_ns=int(config.tick * 1e9),
+                                         expire_from=[core.PENDING, core.ALLOCATED])
+        self._lock = threading.Lock()
+        self._resize_lock = threading.Lock()  # a strategy never resizes and releases one handle at once
+        self._handles: dict[int, Any] = {}
+        self._ready: dict[tuple[int, int], dict[int, None]] = {}  # (type, owner) -> ids
+        self._origins: dict[int, tuple[str | None, tuple[str, ResourceType] | None]] = {}
+        self._amount_seconds_before_adjust: dict[int, tuple[float, int]] = {}
+        self._owner_keys: dict[str, int] = {}
+        self._owners: list[str | None] = [None]
+        self._tally = _Tally()
+        self._closed = False
+        # The worker sleeps in select() on two eventfds: the ticker's (expiries) and
+        # this one (work from callers). No polling interval anywhere.
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._stopping = False
+        self._worker = threading.Thread(target=self._work, name=f"prealloc-worker-{self.id[:8]}",
+                                        daemon=True)
+        self._init_state()
+        self.log.info("initialized %s %s (capacity %d)", type(self).__name__, self.id, config.capacity)
+        self._worker.start()
+
+    # ------------------------------------------------------------------ defaults
+    def _default_monitors(self) -> dict[ResourceType, Any]:
+        from .monitors import SystemResourceMonitor
+
+        monitor = SystemResourceMonitor()
+        return {t: monitor for t in monitor.supported_types}
+
+    def _default_strategies(self) -> dict[ResourceType, AllocationStrategy]:
+        from .strategies import CpuStrategy, MemoryStrategy
+
+        return {ResourceType.MEMORY: MemoryStrategy(), ResourceType.CPU: CpuStrategy()}
+
+    # ------------------------------------------------------------------ the public face
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def on(self, event: str, listener: Callable[..., Any]) -> Callable[..., Any]:
+        """Listens to 'allocated', 'released', 'expired', 'failed' (each with a
+        ResourceAllocation) or 'reset' (with the allocator's id)."""
+        if event not in EVENTS:
+            raise ValueError(f"unknown event {event!r}; events are {EVENTS}")
+        return self.events.on(event, listener)
+
+    def off(self, event: str, listener: Callable[..., Any]) -> bool:
+        return self.events.off(event, listener)
+
+    def request_preallocation(self, request: ResourceRequest) -> ResourceAllocation:
+        """Allocates now, on the calling thread. Returns the allocation: ALLOCATED, or
+        FAILED with failure_reason (no strategy, over quota, below headroom, refused by
+        the machine). Bad input raises ValueError and changes nothing."""
+        self._check_open()
+        request.validate()
+        record_id = self._admit(request)
+        result = self._allocate(record_id, request, may_wait=False)
+        assert isinstance(result, ResourceAllocation)
+        return result
+
+    def release_allocation(self, allocation_id: int, feedback: AllocationFeedback | None = None) -> bool:
+        """Gives an allocation back (or withdraws a request still queued). False when
+        the id is unknown, already finished, or another release or the expiry won."""
+        if feedback is not None:
+            feedback.validate()
+        try:
+            won = self._table.transition_mask(allocation_id, _RELEASABLE, core.RELEASING)
+        except KeyError:
+            return False
+        if won:
+            return self._finish(allocation_id, AllocationStatus.RELEASED, feedback)
+        return self._cancel_pending(allocation_id)
+
+    def claim(self, allocation_id: int) -> Claim:
+        """The consumer takes a ready allocation: MEMORY gives its writable zero-copy
+        buffer, CPU pins the calling thread (or the target process, already pinned).
+        KeyError for an unknown id; ValueError when it is not ALLOCATED (claimed,
+        released or expired already)."""
+        self._check_open()
+        try:
+            won = self._table.transition_mask(allocation_id, _ALLOCATED, core.ACTIVE)
+        except KeyError:
+            raise KeyError(f"no allocation {allocation_id}") from None
+        if not won:
+            status = AllocationStatus(self._table.status(allocation_id))
+            raise ValueError(f"allocation {allocation_id} is {status.name}, not ALLOCATED")
+        return self._hand_over(allocation_id, preallocated=True)
+
+    @abc.abstractmethod
+    def acquire(self, resource_type: ResourceType | str, amount: float, *,
+                target_application: str | None = None, target_process_id: int | None = None) -> Claim:
+        """The moment of need: the consumer wants amount of resource_type now."""
+
+    def adjust_allocation(self, allocation_id: int, new_amount: float) -> bool:
+        """Grows or shrinks a live allocation in place (memory by mremap, cores added or
+        given back). False when the id is not live, the strategy cannot, a quota or the
+        machine says no; nothing changes then."""
+        new_amount = check_amount("new_amount", new_amount)
+        if new_amount == 0:
+            raise ValueError("new_amount must be > 0; release the allocation instead")
+        try:
+            rec = self._table.get(allocation_id)
+        except KeyError:
+            return False
+        if rec.status not in (core.ALLOCATED, core.ACTIVE):
+            return False
+        rtype = ResourceType(rec.resource_type)
+        strategy = self.strategies.get(rtype)
+        application = self._owners[rec.owner]
+        delta = new_amount - rec.allocated
+        if strategy is None:
+            return False
+        if delta > 0:
+            try:
+                self.quotas.charge(rtype, application, delta, is_new_request=False)
+            except QuotaExceeded as exc:
+                self.log.warning("adjust of %d refused: %s", allocation_id, exc)
+                return False
+            if not self._within_headroom(rtype, delta):
+                self.quotas.refund(rtype, application, delta)
+                return False
+        with self._resize_lock:
+            try:
+                status = self._table.status(allocation_id)
+            except KeyError:
+                status = None
+            if status not in (core.ALLOCATED, core.ACTIVE):  # released meanwhile
+                if delta > 0:
+                    self.quotas.refund(rtype, application, delta)
+                return False
+            handle = self._handles.get(allocation_id)
+            try:
+                effective = strategy.adjust(handle, new_amount)
+            except AllocationError as exc:
+                if delta > 0:
+                    self.quotas.refund(rtype, application, delta)
+                self.log.warning("adjust of %d refused: %s", allocation_id, exc)
+                return False
+            booked = rec.allocated + max(delta, 0.0)
+            self._rebook(rtype, application, booked, effective)
+            now = core.monotonic_ns()
+            with self._lock:
+                before, since = self._amount_seconds_before_adjust.get(
+                    allocation_id, (0.0, rec.allocated_ns))
+                self._amount_seconds_before_adjust[allocation_id] = (
+                    before + rec.allocated * (now - since) * NS, now)
+            self._table.set_allocated(allocation_id, effective)
+        self.metrics.record_metric("resource_adjusted", resource_type=rtype.name)
+        self.log.info("adjusted allocation %d of %s: %g -> %g", allocation_id, rtype.name,
+                      rec.allocated, effective)
+        return True
+
+    def get_allocation(self, allocation_id: int) -> ResourceAllocation | None:
+        """A snapshot of a live allocation (or queued request), None if unknown."""
+        try:
+            return self._snapshot(self._table.get(allocation_id))
+        except KeyError:
+            return None
+
+    def allocations(self, *statuses: AllocationStatus) -> list[ResourceAllocation]:
+        """Snapshots of live allocations, optionally only those in statuses."""
+        mask = core.status_mask(statuses) if statuses else core.LIVE_MASK
+        out = []
+        for rid in self._table.collect(mask=mask).tolist():
+            snap = self.get_allocation(rid)
+            if snap is not None:
+                out.append(snap)
+        return out
+
+    def get_statistics(self) -> PreallocatorStatistics:
+        with self._lock:
+            t = self._tally
+            counts = self._table.counts()
+            return PreallocatorStatistics(
+                total_requests=t.total_requests,
+                successful_allocations=t.successful,
+                failed_allocations=t.failed,
+                average_allocation_time=t.allocation_seconds / t.successful if t.successful else 0.0,
+                resource_hit_rate=t.hits / t.finished if t.finished else 0.0,
+                resource_waste_rate=t.unused_amount_seconds / t.amount_seconds if t.amount_seconds else 0.0,
+                allocations_by_type=dict(t.by_type),
+                skipped_low_confidence=t.skipped_low_confidence,
+                expired=t.expired,
+                claimed=t.claimed,
+                released=t.released,
+                active_allocations=counts[core.ALLOCATED] + counts[core.ACTIVE],
+                queued_requests=counts[core.PENDING],
+            )
+
+    def reset(self) -> None:
+        """Withdraws every queued request and releases every allocation (claimed memory
+        stays mapped until the consumer's last view is gone: nothing is pulled out from
+        under a live buffer), then emits 'reset'."""
+        self.log.info("resetting %s", self.id)
+        self._before_reset()
+        for rid in self._table.collect(mask=core.LIVE_MASK).tolist():
+            self.release_allocation(rid, AllocationFeedback(used_successfully=False,
+                                                            reason_for_release="reset"))
+        self.events.emit("reset", self.id)
+
+    def close(self) -> None:
+        """Resets, stops the threads and frees the native objects. Idempotent."""
+        if self._closed:
+            return
+        self.reset()
+        self._closed = True
+        self._stop_threads()
+        self._ticker.close()
+        self._drain_expired()
+        closed: set[int] = set()
+        for monitor in list(self.monitors.values()):
+            if id(monitor) not in closed and hasattr(monitor, "close"):
+                closed.add(id(monitor))
+                monitor.close()
+        for strategy in set(self.strategies.values()):
+            strategy.close()
+        self.log.info("closed %s", self.id)
+
+    def __enter__(self) -> ResourceAllocator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        """Live allocations and queued requests."""
+        return len(self._table)
+
+    # ------------------------------------------------------------------ the worker
+    def _wake(self) -> None:
+        try:
+            os.eventfd_write(self._wake_fd, 1)
+        except BlockingIOError:  # the counter is saturated: the worker is awake anyway
+            pass
+
+    def _work(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._wake_fd, selectors.EVENT_READ)
+        selector.register(self._ticker.fileno(), selectors.EVENT_READ)
+        try:
+            while not self._stopping:
+                selector.select()  # blocks until the core or a caller has something
+                try:
+                    os.eventfd_read(self._wake_fd)
+                except BlockingIOError:
+                    pass
+                if self._stopping:
+                    break
+                try:
+                    self._drain_expired()
+                    self._on_wake()
+                except Exception:  # nothing a request does may stop the worker
+                    self.log.exception("worker iteration failed")
+        finally:
+            selector.close()
+
+    def _stop_threads(self) -> None:
+        self._stopping = True
+        self._wake()
+        if threading.current_thread() is not self._worker:
+            self._worker.join()
+        os.close(self._wake_fd)
+
+    # ------------------------------------------------------------------ hooks
+    def _init_state(self) -> None:
+        """A subclass's own state, set up before the worker starts."""
+
+    def _on_wake(self) -> None:
+        """The worker's work besides expiries."""
+
+    def _before_reset(self) -> None:
+        pass
+
+    def _availability_changed(self) -> None:
+        """Called after this allocator gave something back."""
+
+    # ------------------------------------------------------------------ the flow
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} {self.id} is closed")
+
+    def _owner_key(self, application: str | None) -> int:
+        if application is None:
+            return 0
+        key = self._owner_keys.get(application)
+        if key is None:
+            with self._lock:
+                key = self._owner_keys.setdefault(application, len(self._owners))
+                if key == len(self._owners):
+                    self._owners.append(application)
+        return key
+
+    def _admit(self, request: ResourceRequest) -> int:
+        """The request's PENDING record."""
+        owner = self._owner_key(request.metadata.target_application)
+        record_id = self._table.insert(int(request.resource_type), request.predicted_need,
+                                       request_id=request.request_id, owner=owner)
+        with self._lock:
+            self._tally.total_requests += 1
+        return record_id
+
+    def _within_headroom(self, rtype: ResourceType, amount: float) -> bool:
+        headroom = self.config.headroom.get(rtype)
+        monitor = self.monitors.get(rtype)
+        if headroom is None or monitor is None:
+            return True
+        availability: ResourceAvailability = monitor.get_resource_availability(rtype)
+        return availability.available - amount >= headroom * availability.total
+
+    def _allocate(self, record_id: int, request: ResourceRequest, *, may_wait: bool) -> Any:
+        """PENDING -> ALLOCATED through the strategy. Returns the allocation snapshot
+        (ALLOCATED or FAILED), None when the request was withdrawn or dropped meanwhile,
+        or _WAIT when it must wait for resources and may_wait."""
+        rtype = request.resource_type
+        strategy = self.strategies.get(rtype)
+        if strategy is None:
+            return self._fail(record_id, f"no strategy for {rtype.name}")
+        amount = request.predicted_need
+        application = request.metadata.target_application
+        try:
+            self.quotas.charge(rtype, application, amount)
+        except QuotaExceeded as exc:
+            return self._fail(record_id, str(exc))
+        if not self._within_headroom(rtype, amount):
+            self.quotas.refund(rtype, application, amount)
+            if may_wait:
+                return _WAIT
+            return self._fail(record_id, f"insufficient {rtype.name}: {amount:g} would leave less than "
+                                         f"the {self.config.headroom[rtype]:.0%} headroom")
+        try:
+            grant = strategy.allocate(request, amount, None)
+        except InsufficientResources as exc:
+            self.quotas.refund(rtype, application, amount)
+            if may_wait:
+                return _WAIT
+            return self._fail(record_id, str(exc))
+        except Exception as exc:  # a strategy's bug must not kill the worker
+            self.quotas.refund(rtype, application, amount)
+            if not isinstance(exc, AllocationError):
+                self.log.exception("strategy %s raised", type(strategy).__name__)
+            return self._fail(record_id, str(exc) or type(exc).__name__)
+        self._rebook(rtype, application, amount, grant.amount)
+
+        owner_key = (int(rtype), self._owner_key(application))
+        origin = (request.associated_prediction_id, (request.metadata.triggering_pattern_id, rtype)
+                  if request.metadata.triggering_pattern_id else None)
+        with self._lock:
+            try:
+                self._table.set_allocated(record_id, grant.amount)
+                won = self._table.transition_mask(record_id, _PENDING, core.ALLOCATED)
+            except KeyError:
+                won = False
+            if won:
+                if grant.handle is not None:
+                    self._handles[record_id] = grant.handle
+                self._ready.setdefault(owner_key, {})[record_id] = None
+                if origin != (None, None):
+                    self._origins[record_id] = origin
+        if not won:  # withdrawn or dropped at its deadline while the strategy worked
+            self._give_back(strategy, grant.handle)
+            self.quotas.refund(rtype, application, grant.amount)
+            return None
+        rec = self._table.get(record_id)
+        if rec.timer:  # the deadline timer of a queued request: its job is done
+            self._ticker.cancel(rec.timer)
+        duration = request.duration if request.duration is not None else self.config.default_duration
+        if duration is not None:
+            try:
+                self._ticker.schedule_ns(record_id, rec.allocated_ns + int(duration * 1e9))
+            except KeyError:
+                pass  # released already
+        with self._lock:
+            t = self._tally
+            t.successful += 1
+            t.allocation_seconds += (rec.allocated_ns - rec.created_ns) * NS
+            t.by_type[rtype] = t.by_type.get(rtype, 0) + 1
+        self.metrics.record_metric("resource_allocated", resource_type=rtype.name)
+        self.log.debug("allocated %g of %s as %d", grant.amount, rtype.name, record_id)
+        snapshot = self._snapshot(rec, handle=grant.handle)
+        self.events.emit("allocated", snapshot)
+        return snapshot
+
+    def _rebook(self, rtype: ResourceType, application: str | None, booked: float, actual: float) -> None:
+        """The quota ledger holds what was really reserved (a CPU request of 250 holds 300)."""
+        if actual > booked:
+            self.quotas.force(rtype, application, actual - booked)
+        elif actual < booked:
+            self.quotas.refund(rtype, application, booked - actual)
+
+    def _fail(self, record_id: int, reason: str) -> ResourceAllocation | None:
+        try:
+            won = self._table.transition_mask(record_id, _PENDING, core.FAILED)
+            rec = self._table.get(record_id)
+        except KeyError:
+            return None
+        if not won:
+            return None
+        snapshot = self._snapshot(rec, failure_reason=reason)
+        self._table.remove(record_id)
+        with self._lock:
+            self._tally.failed += 1
+        self.metrics.record_metric("preallocation_failed", resource_type=snapshot.resource_type.name)
+        self.log.warning("request %d for %g of %s failed: %s", snapshot.request_id,
+                         snapshot.requested_amount, snapshot.resource_type.name, reason)
+        self.events.emit("failed", snapshot)
+        return snapshot
+
+    def _hand_over(self, allocation_id: int, *, preallocated: bool) -> Claim:
+        """After this thread won ALLOCATED -> ACTIVE: the strategy's claim."""
+        rec = self._table.get(allocation_id)
+        if rec.timer:
+            self._ticker.cancel(rec.timer)  # the consumer owns it now; no expiry
+        rtype = ResourceType(rec.resource_type)
+        with self._lock:
+            handle = self._handles.get(allocation_id)
+            self._ready.get((rec.resource_type, rec.owner), {}).pop(allocation_id, None)
+            self._tally.claimed += 1
+        strategy = self.strategies[rtype]
+        try:
+            resource = strategy.claim(handle) if handle is not None else None
+        except Exception as exc:
+            self.release_allocation(allocation_id, AllocationFeedback(
+                used_successfully=False, reason_for_release=f"claim failed: {exc}"))
+            raise AllocationError(f"claim of {allocation_id} failed: {exc}") from exc
+        return Claim(self, allocation_id, rtype, resource, preallocated)
+
+    def _cancel_pending(self, record_id: int) -> bool:
+        """Withdraws a request still PENDING (queued or waiting)."""
+        try:
+            won = self._table.transition_mask(record_id, _PENDING, core.RELEASED)
+        except KeyError:
+            return False
+        if not won:
+            return False
+        self._forget_pending(record_id)
+        rec = self._table.get(record_id)
+        if rec.timer:
+            self._ticker.cancel(rec.timer)
+        self._table.remove(record_id)
+        self.metrics.record_metric("request_cancelled", resource_type=ResourceType(rec.resource_type).name)
+        return True
+
+    def _forget_pending(self, record_id: int) -> None:
+        """Drops a subclass's per-request state of a request that ended before allocation."""
+
+    def _give_back(self, strategy: AllocationStrategy, handle: Any) -> bool:
+        if handle is None:
+            return True
+        try:
+            with self._resize_lock:
+                strategy.release(handle)
+            return True
+        except Exception:
+            self.log.exception("%s failed to release %r", type(strategy).__name__, handle)
+            return False
+
+    def _finish(self, record_id: int, final: AllocationStatus,
+                feedback: AllocationFeedback | None) -> bool:
+        """The end of an allocation, run by whoever won the transition out of it
+        (RELEASING for a release, EXPIRED for the ticker): give the resource back, book
+        hit and waste, feed the sizer and the predictor, emit, remove the record."""
+        rec = self._table.get(record_id)
+        rtype = ResourceType(rec.resource_type)
+        if rec.timer and final is not AllocationStatus.EXPIRED:
+            self._ticker.cancel(rec.timer)
+        with self._lock:
+            handle = self._handles.get(record_id)
+        strategy = self.strategies.get(rtype)
+        # _give_back waits for an adjust in flight on this handle, so what is read
+        # after it (amounts, the adjust history) is final.
+        if strategy is not None and not self._give_back(strategy, handle):
+            if final is AllocationStatus.RELEASED:  # the spec's revert: it stays as it was
+                previous = core.ACTIVE if rec.active_ns else core.ALLOCATED
+                self._table.transition_mask(record_id, _RELEASING, previous)
+                self.metrics.record_metric("release_failed", resource_type=rtype.name)
+                return False
+        with self._lock:
+            self._handles.pop(record_id, None)
+            self._ready.get((rec.resource_type, rec.owner), {}).pop(record_id, None)
+            origin = self._origins.pop(record_id, None)
+            adjusted = self._amount_seconds_before_adjust.pop(record_id, None)
+        rec = self._table.get(record_id)
+        application = self._owners[rec.owner]
+        self.quotas.refund(rtype, application, rec.allocated)
+
+        now = core.monotonic_ns()
+        hit, amount_seconds, unused = self._usage(rec, now, feedback, adjusted)
+        with self._lock:
+            t = self._tally
+            t.finished += 1
+            t.hits += hit
+            t.amount_seconds += amount_seconds
+            t.unused_amount_seconds += unused
+            if final is AllocationStatus.EXPIRED:
+                t.expired += 1
+            else:
+                t.released += 1
+        if origin is not None and feedback is not None:
+            self._learn(origin, feedback)
+        if final is AllocationStatus.RELEASED:
+            self._table.transition_mask(record_id, _RELEASING, core.RELEASED)
+        name = "released" if final is AllocationStatus.RELEASED else "expired"
+        if self.events.has_listeners(name):
+            snapshot = self._snapshot(self._table.get(record_id), handle=handle, feedback=feedback)
+            snapshot.actual_usage = feedback.actual_amount_used if feedback else None
+            self.events.emit(name, snapshot)
+        self._table.remove(record_id)
+        self.metrics.record_metric(f"resource_{name}", resource_type=rtype.name,
+                                   used_successfully=bool(hit))
+        self.log.debug("%s allocation %d of %s (hit=%s)", name, record_id, rtype.name, bool(hit))
+        self._availability_changed()
+        return True
+
+    @staticmethod
+    def _usage(rec: core.Record, now: int, feedback: AllocationFeedback | None,
+               adjusted: tuple[float, int] | None) -> tuple[int, float, float]:
+        """(hit, amount x seconds held, unused amount x seconds). Unused is the whole
+        amount while it waited unclaimed, and amount minus the reported use after a
+        claim (use not reported after a claim counts as all used)."""
+        before, since = adjusted if adjusted else (0.0, rec.allocated_ns)
+        held = before + rec.allocated * max(0, now - since) * NS
+        claimed = rec.active_ns != 0
+        used_flag = claimed or (feedback is not None and feedback.used_successfully)
+        if not used_flag:
+            return 0, held, held
+        used = feedback.actual_amount_used if feedback and feedback.actual_amount_used is not None \
+            else rec.allocated
+        used = min(used, rec.allocated)
+        start_use = rec.active_ns if claimed else rec.allocated_ns
+        idle = rec.allocated * max(0, start_use - rec.allocated_ns) * NS
+        partial = (rec.allocated - used) * max(0, now - start_use) * NS
+        return 1, held, min(held, idle + partial)
+
+    def _learn(self, origin: tuple[str | None, tuple[str, ResourceType] | None],
+               feedback: AllocationFeedback) -> None:
+        """Feeds the outcome back: the adaptive sizer learns real use, and the predictor
+        (the spec's predictor.updateModel) hears how its prediction turned out."""
+        prediction_id, sizer_key = origin
+        sizer = getattr(self.config.translator, "sizer", None)
+        if sizer is not None and sizer_key is not None and feedback.actual_amount_used is not None:
+            sizer.observe(sizer_key, feedback.actual_amount_used)
+        predictor = self.config.predictor
+        update = getattr(predictor, "update_model", None)
+        if prediction_id is not None and callable(update):
+            try:
+                update(prediction_id, feedback)
+            except Exception:
+                self.log.exception("predictor.update_model raised for prediction %s", prediction_id)
+
+    def _drain_expired(self) -> int:
+        """Finishes what the ticker expired: allocations past their duration, and queued
+        requests past their deadline (those never got a resource). Returns how many."""
+        done = 0
+        while True:
+            ids = self._ticker.drain() if not self._ticker.closed else None
+            if ids is None or ids.size == 0:
+                return done
+            for rid in ids.tolist():
+                try:
+                    rec = self._table.get(rid)
+                except KeyError:
+                    continue
+                done += 1
+                if rec.allocated_ns == 0:
+                    self._drop_expired_request(rec)
+                else:
+                    self._finish(rid, AllocationStatus.EXPIRED, None)
+
+    def _drop_expired_request(self, rec: core.Record) -> None:
+        self._forget_pending(rec.id)
+        snapshot = self._snapshot(rec, failure_reason="deadline passed before the resource was available")
+        self._table.remove(rec.id)
+        with self._lock:
+            self._tally.failed += 1
+        self.metrics.record_metric("preallocation_dropped", resource_type=snapshot.resource_type.name)
+        self.log.info("request %d for %s dropped at its deadline", snapshot.request_id,
+                      snapshot.resource_type.name)
+        self.events.emit("failed", snapshot)
+
+    def _snapshot(self, rec: core.Record, *, handle: Any = None, failure_reason: str | None = None,
+                  feedback: AllocationFeedback | None = None) -> ResourceAllocation:
+        rtype = ResourceType(rec.resource_type)
+        if handle is None:
+            handle = self._handles.get(rec.id)
+        details: dict[str, Any] = {}
+        strategy = self.strategies.get(rtype)
+        if handle is not None and strategy is not None:
+            try:
+                details = strategy.describe(handle)
+            except Exception:  # a released handle may not describe itself
+                details = {}
+        return ResourceAllocation(
+            allocation_id=rec.id,
+            request_id=rec.request_id,
+            resource_type=rtype,
+            requested_amount=rec.requested,
+            allocated_amount=rec.allocated,
+            status=AllocationStatus(rec.status),
+            allocated_at=rec.allocated_ns * NS if rec.allocated_ns else None,
+            expires_at=rec.expires_ns * NS if rec.expires_ns and rec.allocated_ns else None,
+            feedback=feedback,
+            failure_reason=failure_reason,
+            details=details,
+        )
+
+
+# from-masks of the transitions the engine makes (transition_mask: the table's fast path)
+_PENDING = core.status_mask(core.PENDING)
+_ALLOCATED = core.status_mask(core.ALLOCATED)
+_RELEASING = core.status_mask(core.RELEASING)
+_RELEASABLE = core.status_mask([core.ALLOCATED, core.ACTIVE])
+
+
+class ResourcePreallocator(ResourceAllocator):
+    """Allocates ahead of need. ``handle_prediction`` translates a prediction into
+    requests, queues them on the native priority queue and returns at once; a worker
+    thread, woken by the core (an eventfd for new work, the expiry ticker's eventfd for
+    expiries — no polling interval), allocates them in priority order. A request that
+    must wait for resources is retried when availability changes and dropped at its
+    deadline. The consumer then ``acquire``s (or ``claim``s) what is ready."""
+
+    def _init_state(self) -> None:
+        self.translator = self.config.translator
+        self._queue = core.PriorityQueue(indexed=False)  # cancellation is lazy: the table's status
+        self._queued: dict[int, ResourceRequest] = {}  # PENDING requests, queued or waiting
+        self._waiting: list[int] = []  # queued requests that found too little available
+        self._retry = threading.Event()
+        self._subscriptions: list[tuple[Any, Any]] = []
+        for rtype in self.strategies:
+            monitor = self.monitors.get(rtype)
+            if monitor is not None and rtype in getattr(monitor, "supported_types", ()):
+                handle = monitor.subscribe_to_resource_changes(rtype, self._on_availability)
+                self._subscriptions.append((monitor, handle))
+        self._connect_predictor()
+
+    def _connect_predictor(self) -> None:
+        predictor = self.config.predictor
+        if predictor is not None and hasattr(predictor, "on"):
+            predictor.on("prediction:generated", self.handle_prediction)
+            self.log.info("subscribed to predictions from %s", getattr(predictor, "id", predictor))
+
+    # ------------------------------------------------------------------ predictions in
+    def handle_prediction(self, prediction: Prediction) -> list[int]:
+        """Validates and translates a prediction and queues its requests; returns their
+        allocation ids (PENDING now). A prediction below min_confidence is counted and
+        skipped. ValueError for a bad prediction (nothing is queued)."""
+        self._check_open()
+        prediction.validate()
+        if prediction.confidence < self.config.min_confidence:
+            with self._lock:
+                self._tally.skipped_low_confidence += 1
+            self.metrics.record_metric("prediction_skipped_low_confidence")
+            self.log.debug("prediction %s skipped: confidence %.2f < %.2f", prediction.id,
+                           prediction.confidence, self.config.min_confidence)
+            return []
+        if self.translator is None:
+            raise ValueError("no translator configured: give PreallocatorConfig(translator=...)")
+        requests = self.translator.translate(prediction)
+        for request in requests:
+            request.validate()
+        ids = [self.submit(request, wake=False) for request in requests]
+        if ids:
+            self._wake()
+        if self.config.immediate_processing:
+            self._process_queue()
+        return ids
+
+    def submit(self, request: ResourceRequest, *, wake: bool = True) -> int:
+        """Queues one request for the worker; returns its allocation id (PENDING)."""
+        self._check_open()
+        request.validate()
+        record_id = self._admit(request)
+        deadline = request.deadline
+        if deadline is None:
+            deadline = time.monotonic() + self.config.pending_timeout
+        with self._lock:
+            self._queued[record_id] = request
+        self._ticker.schedule(record_id, deadline)
+        self._queue.push(record_id, request.priority, request.confidence, request.deadline)
+        self.metrics.record_metric("preallocation_request_generated",
+                                   resource_type=request.resource_type.name,
+                                   predictor=request.metadata.source_predictor_id)
+        self.log.debug("queued request %d for %g of %s as %d", request.request_id,
+                       request.predicted_need, request.resource_type.name, record_id)
+        if wake:
+            self._wake()
+        return record_id
+
+    def cancel_request(self, allocation_id: int) -> bool:
+        """Withdraws a request that is still queued; False if it is not PENDING."""
+        return self._cancel_pending(allocation_id)
+
+    @property
+    def queue_size(self) -> int:
+        return len(self._queue)
+
+    # ------------------------------------------------------------------ the need
+    def acquire(self, resource_type: ResourceType | str, amount: float, *,
+                target_application: str | None = None, target_process_id: int | None = None) -> Claim:
+        """Claims a ready allocation of resource_type holding at least amount for
+        target_application (a hit: the resource was prepared ahead), or allocates now
+        when none is ready (a miss). Raises AllocationError when it cannot be had."""
+        self._check_open()
+        rtype = ResourceType.parse(resource_type)
+        amount = check_amount("amount", amount)
+        key = (int(rtype), self._owner_key(target_application))
+        with self._lock:
+            candidates = list(self._ready.get(key, ()))
+        for rid in candidates:
+            try:
+                rec = self._table.get(rid)
+            except KeyError:
+                continue
+            if rec.status != core.ALLOCATED or rec.allocated < amount:
+                continue
+            try:
+                if self._table.transition_mask(rid, _ALLOCATED, core.ACTIVE):
+                    self.metrics.record_metric("preallocation_hit", resource_type=rtype.name)
+                    return self._hand_over(rid, preallocated=True)
+            except KeyError:
+                continue
+        self.metrics.record_metric("preallocation_miss", resource_type=rtype.name)
+        return _allocate_and_claim(self, rtype, amount, target_application, target_process_id)
+
+    # ------------------------------------------------------------------ the worker
+    def _on_availability(self, availability: ResourceAvailability) -> None:
+        if self._waiting:
+            self._retry.set()
+            self._wake()
+
+    def _availability_changed(self) -> None:
+        if self._waiting:
+            self._retry.set()
+            if threading.current_thread() is not self._worker:
+                self._wake()
+
+    def _on_wake(self) -> None:
+        if self._retry.is_set():
+            self._retry.clear()
+            self._requeue_waiting()
+        self._process_queue()
+
+    def _process_queue(self) -> None:
+        while True:
+            ids = self._queue.pop_many(64)
+            if ids.size == 0:
+                return
+            for rid in ids.tolist():
+                with self._lock:
+                    request = self._queued.pop(rid, None)
+                if request is None:
+                    continue  # withdrawn, dropped at its deadline, or taken by another thread
+                try:
+                    result = self._allocate(rid, request, may_wait=True)
+                except Exception:
+                    self.log.exception("allocation of request %d failed", request.request_id)
+                    self._fail(rid, "internal error; see the log")
+                    continue
+                if result is _WAIT:
+                    with self._lock:
+                        # the status check and the insertion under one lock: a deadline
+                        # expiry either happened before (not PENDING: drop it) or will
+                        # find the request in _queued
+                        if rid in self._table and self._table.status(rid) == core.PENDING:
+                            self._queued[rid] = request
+                            self._waiting.append(rid)
+
+    def _requeue_waiting(self) -> None:
+        with self._lock:
+            waiting, self._waiting = self._waiting, []
+            requests = [(rid, self._queued.get(rid)) for rid in waiting]
+        for rid, request in requests:
+            if request is not None:
+                self._queue.push(rid, request.priority, request.confidence, request.deadline)
+
+    def _forget_pending(self, record_id: int) -> None:
+        with self._lock:
+            self._queued.pop(record_id, None)
+
+    def _before_reset(self) -> None:
+        with self._lock:
+            self._waiting = []
+        # queued ids are withdrawn through their records; what stays in the native
+        # queue is skipped by the worker (lazy cancellation)
+
+    def _stop_threads(self) -> None:
+        super()._stop_threads()
+        for monitor, handle in self._subscriptions:
+            monitor.unsubscribe(handle)
+        self._subscriptions = []
+        self._queue.pop_many(len(self._queue) + 1)
+
+
+def _allocate_and_claim(allocator: ResourceAllocator, rtype: ResourceType, amount: float,
+                        application: str | None, pid: int | None) -> Claim:
+    """The reactive path: allocate at the moment of need, then hand over at once."""
+    request = ResourceRequest(rtype, amount, confidence=1.0,
+                              metadata=RequestMetadata(target_application=application,
+                                                       target_process_id=pid))
+    allocation = allocator.request_preallocation(request)
+    if allocation.status is not AllocationStatus.ALLOCATED:
+        raise AllocationError(allocation.failure_reason or f"{rtype.name} allocation failed")
+    if not allocator._table.transition_mask(allocation.allocation_id, _ALLOCATED, core.ACTIVE):
+        raise AllocationError(f"allocation {allocation.allocation_id} was taken before the claim")
+    return allocator._hand_over(allocation.allocation_id, preallocated=False)

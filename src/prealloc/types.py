@@ -1,0 +1,264 @@
+"""The spec's enums and data types, in Python naming.
+
+Units (used everywhere a request, allocation or availability carries an amount):
+
+    MEMORY             MiB of RAM
+    CPU                percent of one core: 250 means two and a half cores, so three
+                       cores are reserved
+    GPU                MiB of device memory
+    NETWORK_BANDWIDTH  Mbit/s
+    DISK_IO            MiB (of disk space or I/O budget, per strategy)
+    CACHE_SPACE        MiB of page cache
+    CUSTOM             whatever the custom strategy says
+
+Durations are seconds; instants (deadline, created_at, allocated_at, expires_at) are
+seconds on the monotonic clock (``time.monotonic()``), which is the clock of the native
+core's timers.
+
+Ids: allocation ids are the native table's 64-bit generational ids, and request ids are
+64-bit ints, because the core stores and compares them without Python objects. A string
+id of the caller's (a prediction id, a trace id) travels in ``associated_prediction_id``
+or ``custom_properties``.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+class ResourceType(enum.IntEnum):
+    MEMORY = 0
+    CPU = 1
+    GPU = 2
+    NETWORK_BANDWIDTH = 3
+    DISK_IO = 4
+    CACHE_SPACE = 5
+    CUSTOM = 6
+
+    @classmethod
+    def parse(cls, value: ResourceType | str | int) -> ResourceType:
+        """A ResourceType from itself, its name (any case) or its number; ValueError
+        naming the valid types otherwise."""
+        if isinstance(value, ResourceType):
+            return value
+        try:
+            if isinstance(value, str):
+                return cls[value.strip().upper()]
+            if isinstance(value, int) and not isinstance(value, bool):
+                return cls(value)
+        except (KeyError, ValueError):
+            pass
+        raise ValueError(f"unknown resource type {value!r}; valid types are {[t.name for t in cls]}")
+
+
+UNITS: Mapping[ResourceType, str] = {
+    ResourceType.MEMORY: "MiB",
+    ResourceType.CPU: "% of a core",
+    ResourceType.GPU: "MiB",
+    ResourceType.NETWORK_BANDWIDTH: "Mbit/s",
+    ResourceType.DISK_IO: "MiB",
+    ResourceType.CACHE_SPACE: "MiB",
+    ResourceType.CUSTOM: "units",
+}
+
+
+class AllocationStatus(enum.IntEnum):
+    """The numbers are the native table's statuses (pa_status_t; a test holds them equal)."""
+
+    PENDING = 0
+    ALLOCATED = 1
+    ACTIVE = 2
+    RELEASING = 3
+    RELEASED = 4
+    FAILED = 5
+    EXPIRED = 6
+
+    @property
+    def is_final(self) -> bool:
+        return self in (AllocationStatus.RELEASED, AllocationStatus.FAILED, AllocationStatus.EXPIRED)
+
+
+_request_ids = itertools.count(1)
+
+
+def next_request_id() -> int:
+    return next(_request_ids)
+
+
+def check_amount(name: str, value: float) -> float:
+    """A finite, non-negative number, else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, not {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or math.isinf(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, not {value!r}")
+    return value
+
+
+def check_confidence(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"confidence must be a number, not {type(value).__name__}")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise ValueError(f"confidence must be in [0, 1], not {value!r}")
+    return value
+
+
+def _check_optional_seconds(name: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    return check_amount(name, value)
+
+
+@dataclass(slots=True)
+class RequestMetadata:
+    created_at: float = field(default_factory=time.monotonic)
+    source_predictor_id: str = "unknown"
+    triggering_pattern_id: str | None = None
+    target_application: str | None = None
+    target_process_id: int | None = None
+    user_id: str | None = None
+    custom_properties: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ResourceRequest:
+    """What a translator (or a caller) asks the preallocator for.
+
+    predicted_need is in the resource type's unit (see the module docstring); duration
+    is how long the resource is expected to be needed (seconds, None = until released);
+    deadline is the monotonic instant by which it should be ready (a request still
+    waiting for resources at its deadline is dropped)."""
+
+    resource_type: ResourceType
+    predicted_need: float
+    confidence: float = 1.0
+    priority: float = 0.0
+    duration: float | None = None
+    deadline: float | None = None
+    metadata: RequestMetadata = field(default_factory=RequestMetadata)
+    associated_prediction_id: str | None = None
+    request_id: int = field(default_factory=next_request_id)
+
+    def validate(self) -> ResourceRequest:
+        """Checks every field; ValueError naming the bad one. Returns self."""
+        self.resource_type = ResourceType.parse(self.resource_type)
+        self.predicted_need = check_amount("predicted_need", self.predicted_need)
+        self.confidence = check_confidence(self.confidence)
+        if isinstance(self.priority, bool) or not isinstance(self.priority, (int, float)) \
+                or not math.isfinite(self.priority):
+            raise ValueError(f"priority must be a finite number, not {self.priority!r}")
+        self.duration = _check_optional_seconds("duration", self.duration)
+        self.deadline = _check_optional_seconds("deadline", self.deadline)
+        if not isinstance(self.request_id, int) or not 0 < self.request_id < 2**64:
+            raise ValueError(f"request_id must be an int in 1..2**64-1, not {self.request_id!r}")
+        pid = self.metadata.target_process_id
+        if pid is not None and (not isinstance(pid, int) or pid <= 0):
+            raise ValueError(f"target_process_id must be a positive int, not {pid!r}")
+        return self
+
+
+@dataclass(slots=True)
+class AllocationFeedback:
+    used_successfully: bool
+    actual_duration: float | None = None
+    actual_amount_used: float | None = None
+    reason_for_release: str | None = None
+
+    def validate(self) -> AllocationFeedback:
+        self.actual_duration = _check_optional_seconds("actual_duration", self.actual_duration)
+        if self.actual_amount_used is not None:
+            self.actual_amount_used = check_amount("actual_amount_used", self.actual_amount_used)
+        return self
+
+
+@dataclass(slots=True)
+class ResourceAllocation:
+    """A snapshot of one allocation, read from the native table when asked for.
+
+    requested_amount is what the request asked; allocated_amount what the strategy
+    reserved. details records requested-vs-effective facts of the strategy (locked or
+    not and why, huge pages, the cores, ...). failure_reason says why a FAILED one
+    failed."""
+
+    allocation_id: int
+    request_id: int
+    resource_type: ResourceType
+    requested_amount: float
+    allocated_amount: float
+    status: AllocationStatus
+    allocated_at: float | None
+    expires_at: float | None = None
+    actual_usage: float | None = None
+    feedback: AllocationFeedback | None = None
+    failure_reason: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ResourceAvailability:
+    resource_type: ResourceType
+    total: float
+    available: float
+    used: float
+    timestamp: float = field(default_factory=time.monotonic)
+    predicted_usage: float | None = None
+    pressure: float | None = None  # PSI "some avg10" (% of time stalled), where known
+
+
+@dataclass(slots=True)
+class PreallocatorStatistics:
+    total_requests: int = 0
+    successful_allocations: int = 0
+    failed_allocations: int = 0
+    average_allocation_time: float = 0.0  # seconds, request to ALLOCATED
+    resource_hit_rate: float = 0.0  # share of finished preallocations claimed / used
+    resource_waste_rate: float = 0.0  # unused amount x time over allocated amount x time
+    allocations_by_type: dict[ResourceType, int] = field(default_factory=dict)
+    skipped_low_confidence: int = 0
+    expired: int = 0
+    claimed: int = 0
+    released: int = 0
+    active_allocations: int = 0
+    queued_requests: int = 0
+
+
+@dataclass(slots=True)
+class Prediction:
+    """What a predictor says will happen: `type` and `predicted_value` are matched by
+    the translator's rules; expected_at is the monotonic instant the need is expected
+    (None = now)."""
+
+    id: str
+    type: str
+    predicted_value: Any
+    confidence: float
+    expected_at: float | None = None
+    target_application: str | None = None
+    target_process_id: int | None = None
+    source_predictor_id: str = "unknown"
+    properties: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> Prediction:
+        if not isinstance(self.id, str) or not self.id:
+            raise ValueError(f"prediction id must be a non-empty string, not {self.id!r}")
+        if not isinstance(self.type, str) or not self.type:
+            raise ValueError(f"prediction type must be a non-empty string, not {self.type!r}")
+        self.confidence = check_confidence(self.confidence)
+        if isinstance(self.predicted_value, float) and not math.isfinite(self.predicted_value):
+            raise ValueError(f"predicted_value must be finite, not {self.predicted_value!r}")
+        self.expected_at = _check_optional_seconds("expected_at", self.expected_at)
+        pid = self.target_process_id
+        if pid is not None and (not isinstance(pid, int) or pid <= 0):
+            raise ValueError(f"target_process_id must be a positive int, not {pid!r}")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionHandle:
+    id: int
+    resource_type: ResourceType
