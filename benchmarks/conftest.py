@@ -22,8 +22,9 @@ def _rows(session):
         if not getattr(bench, "stats", None) or not bench.stats.rounds:
             continue
         items = bench.extra_info.get("items", 1)
+        extra = {k: v for k, v in bench.extra_info.items() if k not in ("items", "baseline")}
         groups.setdefault(bench.group or "-", []).append(
-            (bench.name, bench.stats.median / items, bool(bench.extra_info.get("baseline")), items))
+            (bench.name, bench.stats.median / items, bool(bench.extra_info.get("baseline")), items, extra))
     return groups
 
 
@@ -41,7 +42,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         base = [r for r in rows if r[2]]
         base_time = base[0][1] if base else None
         tr.write_line(f"[{group}]")
-        for name, t, is_base, items in sorted(rows, key=lambda r: r[1]):
+        for name, t, is_base, items, extra in sorted(rows, key=lambda r: r[1]):
             ratio = f"{base_time / t:8.2f}x" if base_time else "        "
             tag = "  (baseline)" if is_base else ""
-            tr.write_line(f"  {name:<58} {t * 1e9:12.1f} ns/item {ratio}{tag}")
+            figures = "  " + " ".join(f"{k}={v}" for k, v in extra.items()) if extra else ""
+            tr.write_line(f"  {name:<58} {t * 1e9:12.1f} ns/item {ratio}{tag}{figures}")

@@ -7,7 +7,6 @@ names the C call, and offers batch calls over numpy arrays. Friendly messages an
 (valid CPUs, sizes against the machine) live in ``prealloc.core``.
 """
 import os
-from collections import namedtuple
 
 import numpy as np
 
@@ -137,13 +136,50 @@ cdef inline uint64_t _seconds_to_ns(double seconds) except? 0:
 # ---------------------------------------------------------------------------------------
 # allocation table
 
-Record = namedtuple(
-    "Record",
-    "id status resource_type requested allocated created_ns updated_ns allocated_ns active_ns "
-    "expires_ns timer "
-    "request_id owner user_data",
-)
-Record.__doc__ = "A consistent snapshot of one allocation-table record (times in monotonic ns)."
+@cython.final
+@cython.freelist(16)
+cdef class Record:
+    """A consistent snapshot of one allocation-table record (times in monotonic ns;
+    allocated_ns / active_ns are 0 until the record first became ALLOCATED / ACTIVE)."""
+
+    cdef readonly uint64_t id
+    cdef readonly uint32_t status
+    cdef readonly uint32_t resource_type
+    cdef readonly double requested
+    cdef readonly double allocated
+    cdef readonly uint64_t created_ns
+    cdef readonly uint64_t updated_ns
+    cdef readonly uint64_t allocated_ns
+    cdef readonly uint64_t active_ns
+    cdef readonly uint64_t expires_ns
+    cdef readonly uint64_t timer
+    cdef readonly uint64_t request_id
+    cdef readonly uint64_t owner
+    cdef readonly uint64_t user_data
+
+    def __repr__(self):
+        return (f"Record(id={self.id}, status={status_name(self.status)}, "
+                f"resource_type={self.resource_type}, requested={self.requested}, "
+                f"allocated={self.allocated}, request_id={self.request_id}, owner={self.owner})")
+
+
+cdef Record _record_from(const pa_record_t *r):
+    cdef Record rec = Record.__new__(Record)
+    rec.id = r.id
+    rec.status = r.status
+    rec.resource_type = r.resource_type
+    rec.requested = r.requested
+    rec.allocated = r.allocated
+    rec.created_ns = r.created_ns
+    rec.updated_ns = r.updated_ns
+    rec.allocated_ns = r.allocated_ns
+    rec.active_ns = r.active_ns
+    rec.expires_ns = r.expires_ns
+    rec.timer = r.timer
+    rec.request_id = r.request_id
+    rec.owner = r.owner
+    rec.user_data = r.user_data
+    return rec
 
 
 @cython.final
@@ -242,9 +278,7 @@ cdef class AllocationTable:
         cdef pa_record_t r
         if pa_table_get(self._table, record_id, &r) != 0:
             raise KeyError(record_id)
-        return Record(r.id, r.status, r.resource_type, r.requested, r.allocated, r.created_ns,
-                      r.updated_ns, r.allocated_ns, r.active_ns, r.expires_ns, r.timer, r.request_id,
-                      r.owner, r.user_data)
+        return _record_from(&r)
 
     def status(self, pa_id_t record_id):
         cdef int s = pa_table_status(self._table, record_id)
@@ -1304,3 +1338,9 @@ cdef class CoreReservations:
 
     def __len__(self):
         return pa_cores_live(self._cores)
+
+
+# ---------------------------------------------------------------------------------------
+# the allocators' compiled half
+
+include "_engine_core.pxi"

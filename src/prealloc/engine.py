@@ -55,7 +55,6 @@ from .types import (
 
 NS = 1e-9
 EVENTS = ("allocated", "released", "expired", "failed", "reset")
-_WAIT = object()  # _allocate's answer when a queued request must wait for resources
 
 
 @dataclass
@@ -153,28 +152,11 @@ def _release_dropped_claim(allocator_ref: Callable[[], ResourceAllocator | None]
             used_successfully=True, reason_for_release="claim dropped without release"))
 
 
-@dataclass
-class _Tally:
-    """The running statistics; guarded by the allocator's lock."""
-
-    total_requests: int = 0
-    successful: int = 0
-    failed: int = 0
-    allocation_seconds: float = 0.0
-    by_type: dict[ResourceType, int] = field(default_factory=dict)
-    skipped_low_confidence: int = 0
-    expired: int = 0
-    claimed: int = 0
-    released: int = 0
-    finished: int = 0  # allocations ended by release or expiry
-    hits: int = 0
-    amount_seconds: float = 0.0
-    unused_amount_seconds: float = 0.0
-
-
-class ResourceAllocator(abc.ABC):
+class ResourceAllocator(core.EngineCore, abc.ABC):
     """The engine both allocators share: the native table, expiry, strategies, quotas,
-    statistics, claims and events. Thread-safe. Subclasses decide *when* to allocate:
+    statistics, claims and events. Thread-safe. The hot paths (request_preallocation,
+    release_allocation, allocation, expiry) are compiled in ``core.EngineCore``; this
+    class holds the policy they call back into. Subclasses decide *when* to allocate:
     ahead of need (ResourcePreallocator) or at need (ReactiveResourceAllocator)."""
 
     def __init__(self, config: PreallocatorConfig | None = None, **overrides: Any) -> None:
@@ -191,6 +173,8 @@ class ResourceAllocator(abc.ABC):
         self.events = config.event_emitter or EventEmitter()
         self.metrics = config.metrics or MetricsCollector()
         self.quotas = QuotaLedger(config.quotas)
+        q = self.quotas.quotas
+        self._quotas_active = bool(q.per_request or q.per_type or q.per_application)
         self.monitors = config.resource_monitors if config.resource_monitors is not None \
             else self._default_monitors()
         self.strategies = config.allocation_strategies if config.allocation_strategies is not None \
@@ -198,22 +182,19 @@ class ResourceAllocator(abc.ABC):
         for t, strategy in self.strategies.items():
             if not isinstance(strategy, AllocationStrategy):
                 raise TypeError(f"strategy for {t} must be an AllocationStrategy, not {type(strategy).__name__}")
-
-        self._table = core.AllocationTable(config.capacity)
-        # PENDING records expire at their deadline, ALLOCATED ones after their duration;
-        # a claimed (ACTIVE) allocation belongs to its consumer and never expires.
-        self._ticker = core.ExpiryTicker(self._table, tick_ns=int(config.tick * 1e9),
-                                         expire_from=[core.PENDING, core.ALLOCATED])
+        self.strategies = {ResourceType.parse(t): s for t, s in self.strategies.items()}
+        # types checked against their monitor before allocating (headroom configured)
+        self._headroom_types = frozenset(t for t in self.config.headroom if t in self.monitors)
+        self._default_duration = config.default_duration
         self._lock = threading.Lock()
         self._resize_lock = threading.Lock()  # a strategy never resizes and releases one handle at once
-        self._handles: dict[int, Any] = {}
-        self._ready: dict[tuple[int, int], dict[int, None]] = {}  # (type, owner) -> ids
-        self._origins: dict[int, tuple[str | None, tuple[str, ResourceType] | None]] = {}
-        self._amount_seconds_before_adjust: dict[int, tuple[float, int]] = {}
-        self._owner_keys: dict[str, int] = {}
-        self._owners: list[str | None] = [None]
-        self._tally = _Tally()
+        table = core.AllocationTable(config.capacity)
+        # PENDING records expire at their deadline, ALLOCATED ones after their duration;
+        # a claimed (ACTIVE) allocation belongs to its consumer and never expires.
+        ticker = core.ExpiryTicker(table, tick_ns=int(config.tick * 1e9),
+                                   expire_from=[core.PENDING, core.ALLOCATED])
         self._closed = False
+        self._core_setup(table, ticker)
         # The worker sleeps in select() on two eventfds: the ticker's (expiries) and
         # this one (work from callers). No polling interval anywhere.
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -237,6 +218,8 @@ class ResourceAllocator(abc.ABC):
         return {ResourceType.MEMORY: MemoryStrategy(), ResourceType.CPU: CpuStrategy()}
 
     # ------------------------------------------------------------------ the public face
+    # request_preallocation and release_allocation are EngineCore's (compiled).
+
     @property
     def closed(self) -> bool:
         return self._closed
@@ -250,30 +233,6 @@ class ResourceAllocator(abc.ABC):
 
     def off(self, event: str, listener: Callable[..., Any]) -> bool:
         return self.events.off(event, listener)
-
-    def request_preallocation(self, request: ResourceRequest) -> ResourceAllocation:
-        """Allocates now, on the calling thread. Returns the allocation: ALLOCATED, or
-        FAILED with failure_reason (no strategy, over quota, below headroom, refused by
-        the machine). Bad input raises ValueError and changes nothing."""
-        self._check_open()
-        request.validate()
-        record_id = self._admit(request)
-        result = self._allocate(record_id, request, may_wait=False)
-        assert isinstance(result, ResourceAllocation)
-        return result
-
-    def release_allocation(self, allocation_id: int, feedback: AllocationFeedback | None = None) -> bool:
-        """Gives an allocation back (or withdraws a request still queued). False when
-        the id is unknown, already finished, or another release or the expiry won."""
-        if feedback is not None:
-            feedback.validate()
-        try:
-            won = self._table.transition_mask(allocation_id, _RELEASABLE, core.RELEASING)
-        except KeyError:
-            return False
-        if won:
-            return self._finish(allocation_id, AllocationStatus.RELEASED, feedback)
-        return self._cancel_pending(allocation_id)
 
     def claim(self, allocation_id: int) -> Claim:
         """The consumer takes a ready allocation: MEMORY gives its writable zero-copy
@@ -302,46 +261,39 @@ class ResourceAllocator(abc.ABC):
         new_amount = check_amount("new_amount", new_amount)
         if new_amount == 0:
             raise ValueError("new_amount must be > 0; release the allocation instead")
-        try:
-            rec = self._table.get(allocation_id)
-        except KeyError:
-            return False
-        if rec.status not in (core.ALLOCATED, core.ACTIVE):
-            return False
-        rtype = ResourceType(rec.resource_type)
-        strategy = self.strategies.get(rtype)
-        application = self._owners[rec.owner]
-        delta = new_amount - rec.allocated
-        if strategy is None:
-            return False
-        if delta > 0:
-            try:
-                self.quotas.charge(rtype, application, delta, is_new_request=False)
-            except QuotaExceeded as exc:
-                self.log.warning("adjust of %d refused: %s", allocation_id, exc)
-                return False
-            if not self._within_headroom(rtype, delta):
-                self.quotas.refund(rtype, application, delta)
-                return False
+        # One resize at a time, and never during the release of the same handle (which
+        # takes this lock too), so the record read here stays current.
         with self._resize_lock:
             try:
-                status = self._table.status(allocation_id)
+                rec = self._table.get(allocation_id)
             except KeyError:
-                status = None
-            if status not in (core.ALLOCATED, core.ACTIVE):  # released meanwhile
-                if delta > 0:
-                    self.quotas.refund(rtype, application, delta)
                 return False
-            handle = self._handles.get(allocation_id)
+            if rec.status not in (core.ALLOCATED, core.ACTIVE):
+                return False
+            rtype = ResourceType(rec.resource_type)
+            strategy = self.strategies.get(rtype)
+            if strategy is None:
+                return False
+            application = self._owners[rec.owner]
+            delta = new_amount - rec.allocated
+            charge = delta if delta > 0 and self._quotas_active else 0.0
+            if charge:
+                try:
+                    self.quotas.charge(rtype, application, charge, is_new_request=False)
+                except QuotaExceeded as exc:
+                    self.log.warning("adjust of %d refused: %s", allocation_id, exc)
+                    return False
             try:
-                effective = strategy.adjust(handle, new_amount)
+                if delta > 0 and rtype in self._headroom_types and not self._within_headroom(rtype, delta):
+                    raise InsufficientResources(f"{rtype.name}: growth by {delta:g} would eat the headroom")
+                effective = strategy.adjust(self._handles.get(allocation_id), new_amount)
             except AllocationError as exc:
-                if delta > 0:
-                    self.quotas.refund(rtype, application, delta)
+                if charge:
+                    self.quotas.refund(rtype, application, charge)
                 self.log.warning("adjust of %d refused: %s", allocation_id, exc)
                 return False
-            booked = rec.allocated + max(delta, 0.0)
-            self._rebook(rtype, application, booked, effective)
+            if self._quotas_active:
+                self._rebook(rtype, application, rec.allocated + charge, effective)
             now = core.monotonic_ns()
             with self._lock:
                 before, since = self._amount_seconds_before_adjust.get(
@@ -372,24 +324,23 @@ class ResourceAllocator(abc.ABC):
         return out
 
     def get_statistics(self) -> PreallocatorStatistics:
-        with self._lock:
-            t = self._tally
-            counts = self._table.counts()
-            return PreallocatorStatistics(
-                total_requests=t.total_requests,
-                successful_allocations=t.successful,
-                failed_allocations=t.failed,
-                average_allocation_time=t.allocation_seconds / t.successful if t.successful else 0.0,
-                resource_hit_rate=t.hits / t.finished if t.finished else 0.0,
-                resource_waste_rate=t.unused_amount_seconds / t.amount_seconds if t.amount_seconds else 0.0,
-                allocations_by_type=dict(t.by_type),
-                skipped_low_confidence=t.skipped_low_confidence,
-                expired=t.expired,
-                claimed=t.claimed,
-                released=t.released,
-                active_allocations=counts[core.ALLOCATED] + counts[core.ACTIVE],
-                queued_requests=counts[core.PENDING],
-            )
+        t = self._tally()
+        counts = self._table.counts()
+        return PreallocatorStatistics(
+            total_requests=t["total_requests"],
+            successful_allocations=t["successful"],
+            failed_allocations=t["failed"],
+            average_allocation_time=t["allocation_seconds"] / t["successful"] if t["successful"] else 0.0,
+            resource_hit_rate=t["hits"] / t["finished"] if t["finished"] else 0.0,
+            resource_waste_rate=t["unused_amount_seconds"] / t["amount_seconds"] if t["amount_seconds"] else 0.0,
+            allocations_by_type=t["by_type"],
+            skipped_low_confidence=t["skipped_low_confidence"],
+            expired=t["expired"],
+            claimed=t["claimed"],
+            released=t["released"],
+            active_allocations=counts[core.ALLOCATED] + counts[core.ACTIVE],
+            queued_requests=counts[core.PENDING],
+        )
 
     def reset(self) -> None:
         """Withdraws every queued request and releases every allocation (claimed memory
@@ -409,8 +360,8 @@ class ResourceAllocator(abc.ABC):
         self.reset()
         self._closed = True
         self._stop_threads()
-        self._ticker.close()
         self._drain_expired()
+        self._ticker.close()
         closed: set[int] = set()
         for monitor in list(self.monitors.values()):
             if id(monitor) not in closed and hasattr(monitor, "close"):
@@ -465,7 +416,7 @@ class ResourceAllocator(abc.ABC):
             self._worker.join()
         os.close(self._wake_fd)
 
-    # ------------------------------------------------------------------ hooks
+    # ------------------------------------------------------------------ hooks of subclasses
     def _init_state(self) -> None:
         """A subclass's own state, set up before the worker starts."""
 
@@ -475,33 +426,25 @@ class ResourceAllocator(abc.ABC):
     def _before_reset(self) -> None:
         pass
 
-    def _availability_changed(self) -> None:
-        """Called after this allocator gave something back."""
-
-    # ------------------------------------------------------------------ the flow
+    # ------------------------------------------------------------------ policy EngineCore calls
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"{type(self).__name__} {self.id} is closed")
 
-    def _owner_key(self, application: str | None) -> int:
-        if application is None:
-            return 0
-        key = self._owner_keys.get(application)
-        if key is None:
-            with self._lock:
-                key = self._owner_keys.setdefault(application, len(self._owners))
-                if key == len(self._owners):
-                    self._owners.append(application)
-        return key
+    def _charge(self, rtype: ResourceType, application: str | None, amount: float) -> str | None:
+        """Books amount against the quotas; the reason when a quota refuses."""
+        try:
+            self.quotas.charge(rtype, application, amount)
+        except QuotaExceeded as exc:
+            return str(exc)
+        return None
 
-    def _admit(self, request: ResourceRequest) -> int:
-        """The request's PENDING record."""
-        owner = self._owner_key(request.metadata.target_application)
-        record_id = self._table.insert(int(request.resource_type), request.predicted_need,
-                                       request_id=request.request_id, owner=owner)
-        with self._lock:
-            self._tally.total_requests += 1
-        return record_id
+    def _rebook(self, rtype: ResourceType, application: str | None, booked: float, actual: float) -> None:
+        """The quota ledger holds what was really reserved (a CPU request of 250 holds 300)."""
+        if actual > booked:
+            self.quotas.force(rtype, application, actual - booked)
+        elif actual < booked:
+            self.quotas.refund(rtype, application, booked - actual)
 
     def _within_headroom(self, rtype: ResourceType, amount: float) -> bool:
         headroom = self.config.headroom.get(rtype)
@@ -511,141 +454,9 @@ class ResourceAllocator(abc.ABC):
         availability: ResourceAvailability = monitor.get_resource_availability(rtype)
         return availability.available - amount >= headroom * availability.total
 
-    def _allocate(self, record_id: int, request: ResourceRequest, *, may_wait: bool) -> Any:
-        """PENDING -> ALLOCATED through the strategy. Returns the allocation snapshot
-        (ALLOCATED or FAILED), None when the request was withdrawn or dropped meanwhile,
-        or _WAIT when it must wait for resources and may_wait."""
-        rtype = request.resource_type
-        strategy = self.strategies.get(rtype)
-        if strategy is None:
-            return self._fail(record_id, f"no strategy for {rtype.name}")
-        amount = request.predicted_need
-        application = request.metadata.target_application
-        try:
-            self.quotas.charge(rtype, application, amount)
-        except QuotaExceeded as exc:
-            return self._fail(record_id, str(exc))
-        if not self._within_headroom(rtype, amount):
-            self.quotas.refund(rtype, application, amount)
-            if may_wait:
-                return _WAIT
-            return self._fail(record_id, f"insufficient {rtype.name}: {amount:g} would leave less than "
-                                         f"the {self.config.headroom[rtype]:.0%} headroom")
-        try:
-            grant = strategy.allocate(request, amount, None)
-        except InsufficientResources as exc:
-            self.quotas.refund(rtype, application, amount)
-            if may_wait:
-                return _WAIT
-            return self._fail(record_id, str(exc))
-        except Exception as exc:  # a strategy's bug must not kill the worker
-            self.quotas.refund(rtype, application, amount)
-            if not isinstance(exc, AllocationError):
-                self.log.exception("strategy %s raised", type(strategy).__name__)
-            return self._fail(record_id, str(exc) or type(exc).__name__)
-        self._rebook(rtype, application, amount, grant.amount)
-
-        owner_key = (int(rtype), self._owner_key(application))
-        origin = (request.associated_prediction_id, (request.metadata.triggering_pattern_id, rtype)
-                  if request.metadata.triggering_pattern_id else None)
-        with self._lock:
-            try:
-                self._table.set_allocated(record_id, grant.amount)
-                won = self._table.transition_mask(record_id, _PENDING, core.ALLOCATED)
-            except KeyError:
-                won = False
-            if won:
-                if grant.handle is not None:
-                    self._handles[record_id] = grant.handle
-                self._ready.setdefault(owner_key, {})[record_id] = None
-                if origin != (None, None):
-                    self._origins[record_id] = origin
-        if not won:  # withdrawn or dropped at its deadline while the strategy worked
-            self._give_back(strategy, grant.handle)
-            self.quotas.refund(rtype, application, grant.amount)
-            return None
-        rec = self._table.get(record_id)
-        if rec.timer:  # the deadline timer of a queued request: its job is done
-            self._ticker.cancel(rec.timer)
-        duration = request.duration if request.duration is not None else self.config.default_duration
-        if duration is not None:
-            try:
-                self._ticker.schedule_ns(record_id, rec.allocated_ns + int(duration * 1e9))
-            except KeyError:
-                pass  # released already
-        with self._lock:
-            t = self._tally
-            t.successful += 1
-            t.allocation_seconds += (rec.allocated_ns - rec.created_ns) * NS
-            t.by_type[rtype] = t.by_type.get(rtype, 0) + 1
-        self.metrics.record_metric("resource_allocated", resource_type=rtype.name)
-        self.log.debug("allocated %g of %s as %d", grant.amount, rtype.name, record_id)
-        snapshot = self._snapshot(rec, handle=grant.handle)
-        self.events.emit("allocated", snapshot)
-        return snapshot
-
-    def _rebook(self, rtype: ResourceType, application: str | None, booked: float, actual: float) -> None:
-        """The quota ledger holds what was really reserved (a CPU request of 250 holds 300)."""
-        if actual > booked:
-            self.quotas.force(rtype, application, actual - booked)
-        elif actual < booked:
-            self.quotas.refund(rtype, application, booked - actual)
-
-    def _fail(self, record_id: int, reason: str) -> ResourceAllocation | None:
-        try:
-            won = self._table.transition_mask(record_id, _PENDING, core.FAILED)
-            rec = self._table.get(record_id)
-        except KeyError:
-            return None
-        if not won:
-            return None
-        snapshot = self._snapshot(rec, failure_reason=reason)
-        self._table.remove(record_id)
-        with self._lock:
-            self._tally.failed += 1
-        self.metrics.record_metric("preallocation_failed", resource_type=snapshot.resource_type.name)
-        self.log.warning("request %d for %g of %s failed: %s", snapshot.request_id,
-                         snapshot.requested_amount, snapshot.resource_type.name, reason)
-        self.events.emit("failed", snapshot)
-        return snapshot
-
-    def _hand_over(self, allocation_id: int, *, preallocated: bool) -> Claim:
-        """After this thread won ALLOCATED -> ACTIVE: the strategy's claim."""
-        rec = self._table.get(allocation_id)
-        if rec.timer:
-            self._ticker.cancel(rec.timer)  # the consumer owns it now; no expiry
-        rtype = ResourceType(rec.resource_type)
-        with self._lock:
-            handle = self._handles.get(allocation_id)
-            self._ready.get((rec.resource_type, rec.owner), {}).pop(allocation_id, None)
-            self._tally.claimed += 1
-        strategy = self.strategies[rtype]
-        try:
-            resource = strategy.claim(handle) if handle is not None else None
-        except Exception as exc:
-            self.release_allocation(allocation_id, AllocationFeedback(
-                used_successfully=False, reason_for_release=f"claim failed: {exc}"))
-            raise AllocationError(f"claim of {allocation_id} failed: {exc}") from exc
-        return Claim(self, allocation_id, rtype, resource, preallocated)
-
-    def _cancel_pending(self, record_id: int) -> bool:
-        """Withdraws a request still PENDING (queued or waiting)."""
-        try:
-            won = self._table.transition_mask(record_id, _PENDING, core.RELEASED)
-        except KeyError:
-            return False
-        if not won:
-            return False
-        self._forget_pending(record_id)
-        rec = self._table.get(record_id)
-        if rec.timer:
-            self._ticker.cancel(rec.timer)
-        self._table.remove(record_id)
-        self.metrics.record_metric("request_cancelled", resource_type=ResourceType(rec.resource_type).name)
-        return True
-
-    def _forget_pending(self, record_id: int) -> None:
-        """Drops a subclass's per-request state of a request that ended before allocation."""
+    def _headroom_reason(self, rtype: ResourceType, amount: float) -> str:
+        return (f"insufficient {rtype.name}: {amount:g} would leave less than the "
+                f"{self.config.headroom[rtype]:.0%} headroom")
 
     def _give_back(self, strategy: AllocationStrategy, handle: Any) -> bool:
         if handle is None:
@@ -657,83 +468,6 @@ class ResourceAllocator(abc.ABC):
         except Exception:
             self.log.exception("%s failed to release %r", type(strategy).__name__, handle)
             return False
-
-    def _finish(self, record_id: int, final: AllocationStatus,
-                feedback: AllocationFeedback | None) -> bool:
-        """The end of an allocation, run by whoever won the transition out of it
-        (RELEASING for a release, EXPIRED for the ticker): give the resource back, book
-        hit and waste, feed the sizer and the predictor, emit, remove the record."""
-        rec = self._table.get(record_id)
-        rtype = ResourceType(rec.resource_type)
-        if rec.timer and final is not AllocationStatus.EXPIRED:
-            self._ticker.cancel(rec.timer)
-        with self._lock:
-            handle = self._handles.get(record_id)
-        strategy = self.strategies.get(rtype)
-        # _give_back waits for an adjust in flight on this handle, so what is read
-        # after it (amounts, the adjust history) is final.
-        if strategy is not None and not self._give_back(strategy, handle):
-            if final is AllocationStatus.RELEASED:  # the spec's revert: it stays as it was
-                previous = core.ACTIVE if rec.active_ns else core.ALLOCATED
-                self._table.transition_mask(record_id, _RELEASING, previous)
-                self.metrics.record_metric("release_failed", resource_type=rtype.name)
-                return False
-        with self._lock:
-            self._handles.pop(record_id, None)
-            self._ready.get((rec.resource_type, rec.owner), {}).pop(record_id, None)
-            origin = self._origins.pop(record_id, None)
-            adjusted = self._amount_seconds_before_adjust.pop(record_id, None)
-        rec = self._table.get(record_id)
-        application = self._owners[rec.owner]
-        self.quotas.refund(rtype, application, rec.allocated)
-
-        now = core.monotonic_ns()
-        hit, amount_seconds, unused = self._usage(rec, now, feedback, adjusted)
-        with self._lock:
-            t = self._tally
-            t.finished += 1
-            t.hits += hit
-            t.amount_seconds += amount_seconds
-            t.unused_amount_seconds += unused
-            if final is AllocationStatus.EXPIRED:
-                t.expired += 1
-            else:
-                t.released += 1
-        if origin is not None and feedback is not None:
-            self._learn(origin, feedback)
-        if final is AllocationStatus.RELEASED:
-            self._table.transition_mask(record_id, _RELEASING, core.RELEASED)
-        name = "released" if final is AllocationStatus.RELEASED else "expired"
-        if self.events.has_listeners(name):
-            snapshot = self._snapshot(self._table.get(record_id), handle=handle, feedback=feedback)
-            snapshot.actual_usage = feedback.actual_amount_used if feedback else None
-            self.events.emit(name, snapshot)
-        self._table.remove(record_id)
-        self.metrics.record_metric(f"resource_{name}", resource_type=rtype.name,
-                                   used_successfully=bool(hit))
-        self.log.debug("%s allocation %d of %s (hit=%s)", name, record_id, rtype.name, bool(hit))
-        self._availability_changed()
-        return True
-
-    @staticmethod
-    def _usage(rec: core.Record, now: int, feedback: AllocationFeedback | None,
-               adjusted: tuple[float, int] | None) -> tuple[int, float, float]:
-        """(hit, amount x seconds held, unused amount x seconds). Unused is the whole
-        amount while it waited unclaimed, and amount minus the reported use after a
-        claim (use not reported after a claim counts as all used)."""
-        before, since = adjusted if adjusted else (0.0, rec.allocated_ns)
-        held = before + rec.allocated * max(0, now - since) * NS
-        claimed = rec.active_ns != 0
-        used_flag = claimed or (feedback is not None and feedback.used_successfully)
-        if not used_flag:
-            return 0, held, held
-        used = feedback.actual_amount_used if feedback and feedback.actual_amount_used is not None \
-            else rec.allocated
-        used = min(used, rec.allocated)
-        start_use = rec.active_ns if claimed else rec.allocated_ns
-        idle = rec.allocated * max(0, start_use - rec.allocated_ns) * NS
-        partial = (rec.allocated - used) * max(0, now - start_use) * NS
-        return 1, held, min(held, idle + partial)
 
     def _learn(self, origin: tuple[str | None, tuple[str, ResourceType] | None],
                feedback: AllocationFeedback) -> None:
@@ -751,68 +485,38 @@ class ResourceAllocator(abc.ABC):
             except Exception:
                 self.log.exception("predictor.update_model raised for prediction %s", prediction_id)
 
-    def _drain_expired(self) -> int:
-        """Finishes what the ticker expired: allocations past their duration, and queued
-        requests past their deadline (those never got a resource). Returns how many."""
-        done = 0
-        while True:
-            ids = self._ticker.drain() if not self._ticker.closed else None
-            if ids is None or ids.size == 0:
-                return done
-            for rid in ids.tolist():
-                try:
-                    rec = self._table.get(rid)
-                except KeyError:
-                    continue
-                done += 1
-                if rec.allocated_ns == 0:
-                    self._drop_expired_request(rec)
-                else:
-                    self._finish(rid, AllocationStatus.EXPIRED, None)
+    def _forget_pending(self, record_id: int) -> None:
+        """Drops a subclass's per-request state of a request that ended before allocation."""
 
-    def _drop_expired_request(self, rec: core.Record) -> None:
-        self._forget_pending(rec.id)
-        snapshot = self._snapshot(rec, failure_reason="deadline passed before the resource was available")
-        self._table.remove(rec.id)
-        with self._lock:
-            self._tally.failed += 1
-        self.metrics.record_metric("preallocation_dropped", resource_type=snapshot.resource_type.name)
-        self.log.info("request %d for %s dropped at its deadline", snapshot.request_id,
-                      snapshot.resource_type.name)
+    def _note_failure(self, snapshot: ResourceAllocation, reason: str) -> None:
+        self.metrics.record_metric("preallocation_failed", resource_type=snapshot.resource_type.name)
+        self.log.warning("request %d for %g of %s failed: %s", snapshot.request_id,
+                         snapshot.requested_amount, snapshot.resource_type.name, reason)
         self.events.emit("failed", snapshot)
 
-    def _snapshot(self, rec: core.Record, *, handle: Any = None, failure_reason: str | None = None,
-                  feedback: AllocationFeedback | None = None) -> ResourceAllocation:
-        rtype = ResourceType(rec.resource_type)
-        if handle is None:
-            handle = self._handles.get(rec.id)
-        details: dict[str, Any] = {}
-        strategy = self.strategies.get(rtype)
-        if handle is not None and strategy is not None:
-            try:
-                details = strategy.describe(handle)
-            except Exception:  # a released handle may not describe itself
-                details = {}
-        return ResourceAllocation(
-            allocation_id=rec.id,
-            request_id=rec.request_id,
-            resource_type=rtype,
-            requested_amount=rec.requested,
-            allocated_amount=rec.allocated,
-            status=AllocationStatus(rec.status),
-            allocated_at=rec.allocated_ns * NS if rec.allocated_ns else None,
-            expires_at=rec.expires_ns * NS if rec.expires_ns and rec.allocated_ns else None,
-            feedback=feedback,
-            failure_reason=failure_reason,
-            details=details,
-        )
+    def _note_cancelled(self, rtype: ResourceType) -> None:
+        self.metrics.record_metric("request_cancelled", resource_type=rtype.name)
+
+    def _note_release_failed(self, rtype: ResourceType) -> None:
+        self.metrics.record_metric("release_failed", resource_type=rtype.name)
+
+    def _availability_changed(self) -> None:
+        """Called after this allocator gave something back while requests wait."""
+
+    def _hand_over(self, allocation_id: int, *, preallocated: bool) -> Claim:
+        """After this thread won ALLOCATED -> ACTIVE: the strategy's claim."""
+        rtype, handle = self._take_for_claim(allocation_id)
+        try:
+            resource = self.strategies[rtype].claim(handle) if handle is not None else None
+        except Exception as exc:
+            self.release_allocation(allocation_id, AllocationFeedback(
+                used_successfully=False, reason_for_release=f"claim failed: {exc}"))
+            raise AllocationError(f"claim of {allocation_id} failed: {exc}") from exc
+        return Claim(self, allocation_id, rtype, resource, preallocated)
 
 
-# from-masks of the transitions the engine makes (transition_mask: the table's fast path)
-_PENDING = core.status_mask(core.PENDING)
+# from-masks of the transitions the engine makes here (transition_mask: the fast path)
 _ALLOCATED = core.status_mask(core.ALLOCATED)
-_RELEASING = core.status_mask(core.RELEASING)
-_RELEASABLE = core.status_mask([core.ALLOCATED, core.ACTIVE])
 
 
 class ResourcePreallocator(ResourceAllocator):
@@ -827,7 +531,6 @@ class ResourcePreallocator(ResourceAllocator):
         self.translator = self.config.translator
         self._queue = core.PriorityQueue(indexed=False)  # cancellation is lazy: the table's status
         self._queued: dict[int, ResourceRequest] = {}  # PENDING requests, queued or waiting
-        self._waiting: list[int] = []  # queued requests that found too little available
         self._retry = threading.Event()
         self._subscriptions: list[tuple[Any, Any]] = []
         for rtype in self.strategies:
@@ -851,8 +554,7 @@ class ResourcePreallocator(ResourceAllocator):
         self._check_open()
         prediction.validate()
         if prediction.confidence < self.config.min_confidence:
-            with self._lock:
-                self._tally.skipped_low_confidence += 1
+            self._count("skipped_low_confidence")
             self.metrics.record_metric("prediction_skipped_low_confidence")
             self.log.debug("prediction %s skipped: confidence %.2f < %.2f", prediction.id,
                            prediction.confidence, self.config.min_confidence)
@@ -907,22 +609,10 @@ class ResourcePreallocator(ResourceAllocator):
         self._check_open()
         rtype = ResourceType.parse(resource_type)
         amount = check_amount("amount", amount)
-        key = (int(rtype), self._owner_key(target_application))
-        with self._lock:
-            candidates = list(self._ready.get(key, ()))
-        for rid in candidates:
-            try:
-                rec = self._table.get(rid)
-            except KeyError:
-                continue
-            if rec.status != core.ALLOCATED or rec.allocated < amount:
-                continue
-            try:
-                if self._table.transition_mask(rid, _ALLOCATED, core.ACTIVE):
-                    self.metrics.record_metric("preallocation_hit", resource_type=rtype.name)
-                    return self._hand_over(rid, preallocated=True)
-            except KeyError:
-                continue
+        rid = self._claim_ready(rtype, self._owner_key(target_application), amount)
+        if rid:
+            self.metrics.record_metric("preallocation_hit", resource_type=rtype.name)
+            return self._hand_over(rid, preallocated=True)
         self.metrics.record_metric("preallocation_miss", resource_type=rtype.name)
         return _allocate_and_claim(self, rtype, amount, target_application, target_process_id)
 
@@ -933,10 +623,9 @@ class ResourcePreallocator(ResourceAllocator):
             self._wake()
 
     def _availability_changed(self) -> None:
-        if self._waiting:
-            self._retry.set()
-            if threading.current_thread() is not self._worker:
-                self._wake()
+        self._retry.set()
+        if threading.current_thread() is not self._worker:
+            self._wake()
 
     def _on_wake(self) -> None:
         if self._retry.is_set():
@@ -955,12 +644,12 @@ class ResourcePreallocator(ResourceAllocator):
                 if request is None:
                     continue  # withdrawn, dropped at its deadline, or taken by another thread
                 try:
-                    result = self._allocate(rid, request, may_wait=True)
+                    result = self._allocate(rid, request, True)
                 except Exception:
                     self.log.exception("allocation of request %d failed", request.request_id)
                     self._fail(rid, "internal error; see the log")
                     continue
-                if result is _WAIT:
+                if result is core.WAIT:
                     with self._lock:
                         # the status check and the insertion under one lock: a deadline
                         # expiry either happened before (not PENDING: drop it) or will

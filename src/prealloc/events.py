@@ -17,7 +17,8 @@ Listener = Callable[..., Any]
 class EventEmitter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # copy-on-write tuples: emit reads without taking the lock
+        # copy-on-write tuples: emit reads without taking the lock. The dict itself lives
+        # as long as the emitter (the engine's compiled core reads it directly).
         self._listeners: dict[str, tuple[Listener, ...]] = {}
 
     def on(self, event: str, listener: Listener) -> Listener:

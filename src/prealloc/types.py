@@ -91,6 +91,8 @@ def next_request_id() -> int:
 
 def check_amount(name: str, value: float) -> float:
     """A finite, non-negative number, else ValueError."""
+    if type(value) is float and 0.0 <= value < math.inf:  # the common case, cheaply
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, not {type(value).__name__}")
     value = float(value)
@@ -100,6 +102,8 @@ def check_amount(name: str, value: float) -> float:
 
 
 def check_confidence(value: float) -> float:
+    if type(value) is float and 0.0 <= value <= 1.0:
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"confidence must be a number, not {type(value).__name__}")
     value = float(value)
@@ -146,18 +150,24 @@ class ResourceRequest:
 
     def validate(self) -> ResourceRequest:
         """Checks every field; ValueError naming the bad one. Returns self."""
-        self.resource_type = ResourceType.parse(self.resource_type)
+        if type(self.resource_type) is not ResourceType:
+            self.resource_type = ResourceType.parse(self.resource_type)
         self.predicted_need = check_amount("predicted_need", self.predicted_need)
         self.confidence = check_confidence(self.confidence)
-        if isinstance(self.priority, bool) or not isinstance(self.priority, (int, float)) \
-                or not math.isfinite(self.priority):
-            raise ValueError(f"priority must be a finite number, not {self.priority!r}")
-        self.duration = _check_optional_seconds("duration", self.duration)
-        self.deadline = _check_optional_seconds("deadline", self.deadline)
-        if not isinstance(self.request_id, int) or not 0 < self.request_id < 2**64:
-            raise ValueError(f"request_id must be an int in 1..2**64-1, not {self.request_id!r}")
+        priority = self.priority
+        if type(priority) is not float or not -math.inf < priority < math.inf:
+            if isinstance(priority, bool) or not isinstance(priority, (int, float)) \
+                    or not math.isfinite(priority):
+                raise ValueError(f"priority must be a finite number, not {priority!r}")
+        if self.duration is not None:
+            self.duration = check_amount("duration", self.duration)
+        if self.deadline is not None:
+            self.deadline = check_amount("deadline", self.deadline)
+        request_id = self.request_id
+        if type(request_id) is not int or not 0 < request_id < 2**64:
+            raise ValueError(f"request_id must be an int in 1..2**64-1, not {request_id!r}")
         pid = self.metadata.target_process_id
-        if pid is not None and (not isinstance(pid, int) or pid <= 0):
+        if pid is not None and (type(pid) is not int or pid <= 0):
             raise ValueError(f"target_process_id must be a positive int, not {pid!r}")
         return self
 

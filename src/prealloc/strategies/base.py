@@ -24,9 +24,11 @@ class InsufficientResources(AllocationError):
     availability changes (until its deadline)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Grant:
-    """What a strategy reserved: the amount (in the type's unit) and its handle."""
+    """What a strategy reserved: the amount (in the type's unit) and its handle.
+    (Not frozen: a frozen dataclass costs a slow object.__setattr__ per field, and one
+    Grant is made per allocation.)"""
 
     amount: float
     handle: Any = None

@@ -1,0 +1,175 @@
+"""The engine against the pure-Python preallocator a user would write instead
+(pure_python_engine.py), in one run.
+
+  pair      request_preallocation + release_allocation through the public API with a
+            no-op strategy (the engine's own overhead), each allocation carrying an
+            expiry: prealloc vs the pure-Python engine with heapq, sched and
+            threading.Timer expiry
+  latency   prediction to ALLOCATED through the worker (the 'allocated' event), no-op
+            strategy: p50 / p99 recorded in extra_info; the same through the pure-Python
+            engine's worker
+  footprint bytes of RSS per tracked allocation with 1,000,000 live allocations
+"""
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import per_item
+from prealloc import (
+    NullStrategy,
+    ResourcePreallocator,
+    ResourceRequest,
+    ResourceType,
+)
+from pure_python_engine import PurePythonPreallocator
+
+CUSTOM = ResourceType.CUSTOM
+PAIRS = 20_000
+
+
+def _ours() -> ResourcePreallocator:
+    return ResourcePreallocator(translator=None, allocation_strategies={CUSTOM: NullStrategy()},
+                                resource_monitors={})
+
+
+def _pairs(allocator, n: int) -> None:
+    request = ResourceRequest(CUSTOM, 1.0, duration=60.0)
+    request_preallocation, release = allocator.request_preallocation, allocator.release_allocation
+    for _ in range(n):
+        release(request_preallocation(request).allocation_id)
+
+
+@pytest.mark.benchmark(group="engine: request+release pair, no-op strategy")
+def test_pair_prealloc(benchmark):
+    with _ours() as engine:
+        per_item(benchmark, PAIRS)
+        benchmark.pedantic(_pairs, args=(engine, PAIRS), rounds=7, warmup_rounds=1)
+        assert len(engine) == 0
+
+
+@pytest.mark.parametrize("timers", ["heapq", "sched", "timer"])
+@pytest.mark.benchmark(group="engine: request+release pair, no-op strategy")
+def test_pair_pure_python(benchmark, timers):
+    engine = PurePythonPreallocator({CUSTOM: NullStrategy()}, timers=timers)
+    n = PAIRS if timers != "timer" else PAIRS // 10  # a thread per timer: keep the round short
+    try:
+        per_item(benchmark, n, baseline=timers == "heapq")
+        benchmark.pedantic(_pairs, args=(engine, n), rounds=7, warmup_rounds=1)
+        assert not engine.allocations
+    finally:
+        engine.close()
+
+
+def _percentiles(samples_ns: list[int]) -> tuple[float, float]:
+    a = np.array(samples_ns, dtype=np.float64) / 1e6
+    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
+
+
+LATENCY_SAMPLES = 2_000
+
+
+@pytest.mark.benchmark(group="engine: prediction to ALLOCATED through the worker")
+def test_latency_prealloc(benchmark):
+    """One request at a time, so each sample is the worker's wake-up + allocation, not
+    queueing behind other requests."""
+    with _ours() as engine:
+        done = threading.Event()
+        stamp: list[int] = [0]
+        engine.on("allocated", lambda allocation: (stamp.__setitem__(0, time.perf_counter_ns()), done.set()))
+        samples: list[int] = []
+
+        def run() -> None:
+            for _ in range(LATENCY_SAMPLES):
+                done.clear()
+                start = time.perf_counter_ns()
+                rid = engine.submit(ResourceRequest(CUSTOM, 1.0))
+                done.wait(5)
+                samples.append(stamp[0] - start)
+                engine.release_allocation(rid)
+
+        per_item(benchmark, LATENCY_SAMPLES)
+        benchmark.pedantic(run, rounds=1)
+        p50, p99 = _percentiles(samples)
+        benchmark.extra_info.update(p50_ms=round(p50, 4), p99_ms=round(p99, 4))
+
+
+@pytest.mark.benchmark(group="engine: prediction to ALLOCATED through the worker")
+def test_latency_pure_python(benchmark):
+    engine = PurePythonPreallocator({CUSTOM: NullStrategy()})
+    done = threading.Event()
+    stamp: list[int] = [0]
+    ids: list[int] = []
+    engine.events.on("allocated", lambda allocation: (ids.append(allocation.allocation_id),
+                                                      stamp.__setitem__(0, time.perf_counter_ns()), done.set()))
+    samples: list[int] = []
+
+    def run() -> None:
+        for _ in range(LATENCY_SAMPLES):
+            done.clear()
+            start = time.perf_counter_ns()
+            engine.submit(ResourceRequest(CUSTOM, 1.0))
+            done.wait(5)
+            samples.append(stamp[0] - start)
+            engine.release_allocation(ids[-1])
+
+    try:
+        per_item(benchmark, LATENCY_SAMPLES, baseline=True)
+        benchmark.pedantic(run, rounds=1)
+        p50, p99 = _percentiles(samples)
+        benchmark.extra_info.update(p50_ms=round(p50, 4), p99_ms=round(p99, 4))
+    finally:
+        engine.close()
+
+
+FOOTPRINT = int(os.environ.get("PREALLOC_FOOTPRINT_ALLOCATIONS", 1_000_000))
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.benchmark(group="engine: RSS bytes per tracked allocation")
+def test_footprint_prealloc(benchmark):
+    request = ResourceRequest(CUSTOM, 1.0)
+
+    def run() -> None:
+        gc.collect()
+        with ResourcePreallocator(translator=None, capacity=FOOTPRINT, resource_monitors={},
+                                  allocation_strategies={CUSTOM: NullStrategy()}) as engine:
+            before = _rss()
+            for _ in range(FOOTPRINT):
+                engine.request_preallocation(request)
+            gc.collect()
+            benchmark.extra_info["bytes_per_allocation"] = round((_rss() - before) / FOOTPRINT, 1)
+            assert len(engine) == FOOTPRINT
+
+    per_item(benchmark, FOOTPRINT)
+    benchmark.pedantic(run, rounds=1)
+
+
+@pytest.mark.benchmark(group="engine: RSS bytes per tracked allocation")
+def test_footprint_pure_python(benchmark):
+    request = ResourceRequest(CUSTOM, 1.0)
+
+    def run() -> None:
+        gc.collect()
+        engine = PurePythonPreallocator({CUSTOM: NullStrategy()})
+        try:
+            before = _rss()
+            for _ in range(FOOTPRINT):
+                engine.request_preallocation(request)
+            gc.collect()
+            benchmark.extra_info["bytes_per_allocation"] = round((_rss() - before) / FOOTPRINT, 1)
+        finally:
+            engine.close()
+            engine.allocations.clear()
+
+    per_item(benchmark, FOOTPRINT, baseline=True)
+    benchmark.pedantic(run, rounds=1)
