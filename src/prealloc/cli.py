@@ -1,0 +1,189 @@
+"""The ``prealloc`` command line.
+
+    prealloc demo [--scale S] [--seed N] [--lock] [--json] [-v]
+
+Subcommands are argparse subparsers, each registered by a ``_add_<name>`` function
+that sets ``func`` (the handler, returning the exit status). Exit status: 0 on
+success, 1 when a command failed, 2 for bad arguments or no command. What a command
+prints on stdout is its output; diagnostics go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from typing import Any, Callable, Sequence, TextIO
+
+from . import __version__, demo
+
+PROG = "prealloc"
+MAX_SCALE = 100.0  # 4000 events over 5 minutes: beyond that a demo is a benchmark
+
+
+def _scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= MAX_SCALE):
+        raise argparse.ArgumentTypeError(f"must be > 0 and <= {MAX_SCALE:g}, not {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _add_verbose(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("-v", "--verbose", action="count", default=default,
+                        help="log to stderr: -v for INFO, -vv for DEBUG")
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "demo", help="compare preallocation with reactive allocation on this machine",
+        description="Replays a built-in prediction trace on this machine with the real MEMORY and "
+                    "CPU strategies, first through ResourcePreallocator (resources reserved when "
+                    "a prediction arrives), then through ReactiveResourceAllocator (reserved when "
+                    "the need arrives), and compares the latency from need to usable resource, "
+                    "hit rate and waste. What the trace holds at once is bounded to min(25% of the "
+                    "available memory, 1 GiB) and to what the allocators' headroom leaves.")
+    parser.add_argument("--scale", type=_scale, default=1.0,
+                        help="multiplies the number of events (default 1.0: about 40 over 3 s)")
+    parser.add_argument("--seed", type=_seed, default=7, help="the trace's random seed (default 7)")
+    parser.add_argument("--lock", action="store_true", help="mlock the memory (best effort)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    # SUPPRESS: without -v here, the top-level -v (or its default) stands
+    _add_verbose(parser, argparse.SUPPRESS)
+    parser.set_defaults(func=_run_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Reserve real machine resources ahead of a predicted need.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_verbose(parser, 0)
+    subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
+    _add_demo(subparsers)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------
+# demo
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _by_type(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} {n}" for name, n in counts.items()) or "-"
+
+
+def format_table(data: dict[str, Any], out: TextIO) -> None:
+    """The human form of report_as_dict's data."""
+    m, t, runs = data["machine"], data["trace"], data["allocators"]
+    mlock = ("requested, " if m["mlock_requested"] else "not requested (--lock), ") + \
+        ("would be effective" if m["mlock_effective"] and not m["mlock_requested"]
+         else "effective" if m["mlock_effective"] else "NOT effective") + f" ({m['mlock_detail']})"
+    out.write(f"machine: {m['cores_usable']} usable cores of {m['cores_online']} online, "
+              f"{m['memory_available_mib']:.0f} MiB available of {m['memory_total_mib']:.0f} MiB, "
+              f"THP {m['thp']}\n")
+    out.write(f"mlock: {mlock}\n")
+    out.write(f"trace: seed {t['seed']}, scale {t['scale']:g}: {t['events']} predictions over "
+              f"{t['span_s']:.1f} s, {t['needs']} needs, {t['wrong']} wrong, {t['low_confidence']} below "
+              f"min confidence {t['min_confidence']:g}\n")
+    out.write(f"memory scale: {t['memory_factor']:.3f} of the nominal sizes, so the trace's worst case holds "
+              f"{t['peak_memory_mib']:.0f} MiB at once, within {t['memory_limit_mib']:.0f} MiB "
+              f"(min of 25% of available, 1 GiB, and what the {t['memory_headroom']:.0%} headroom leaves)\n")
+    out.write(f"cpu: {'exclusive' if t['cores_exclusive'] else 'shared'} cores (worst-case overlap "
+              f"{t['peak_cores']} cores, {m['cores_usable']} usable)\n")
+    apps = ", ".join(f"{name} {a['memory_mib']:.0f} MiB" + (f" + {a['cpu_percent']:.0f}% CPU"
+                                                              if a['cpu_percent'] else "")
+                     for name, a in t["apps"].items())
+    out.write(f"apps: {apps}\n\n")
+
+    labels = list(runs)
+    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+        ("needs served", lambda r: f"{r['needs_served']} / {r['needs']}"),
+        ("latency p50 (ms, need to usable)", lambda r: _ms(r["latency_ms"]["p50"])),
+        ("latency p99 (ms)", lambda r: _ms(r["latency_ms"]["p99"])),
+        ("latency max (ms)", lambda r: _ms(r["latency_ms"]["max"])),
+        ("hit rate (claims ready ahead)",
+         lambda r: f"{_pct(r['hit_rate'])} ({r['claims_preallocated']}/{r['claims']})"),
+        ("allocations used (engine)", lambda r: _pct(r["engine_hit_rate"])),
+        ("waste rate (unused MiB x s)", lambda r: _pct(r["waste_rate"])),
+        ("allocations by type", lambda r: _by_type(r["allocations_by_type"])),
+        ("memory held at peak (MiB)", lambda r: f"{r['memory_peak_mib']:.0f}"),
+        ("failed (allocations / needs)", lambda r: f"{r['failed_allocations']} / {r['needs_failed']}"),
+        ("skipped low-confidence", lambda r: str(r["skipped_low_confidence"])),
+        ("expired", lambda r: str(r["expired"])),
+    ]
+    if m["mlock_requested"]:
+        rows.append(("memory allocations locked", lambda r: f"{r['memory_locked']} / {r['memory_allocations']}"))
+    cells = [[label] + [render(runs[name]) for name in labels] for label, render in rows]
+    header = [""] + labels
+    widths = [max(len(row[i]) for row in cells + [header]) for i in range(len(header))]
+    for row in [header] + cells:
+        out.write(row[0].ljust(widths[0]) + "".join("   " + c.rjust(w) for c, w in zip(row[1:], widths[1:]))
+                  + "\n")
+    ratio = data["p50_ratio"]
+    out.write("\np50 ratio (reactive / preallocated): "
+              + (f"{ratio:.2f}x\n" if ratio is not None else "n/a\n"))
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    report = demo.run_demo(scale=args.scale, seed=args.seed, lock=args.lock)
+    data = demo.report_as_dict(report)
+    if args.json:
+        json.dump(data, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        format_table(data, sys.stdout)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # bad arguments: argparse prints usage and exits 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    # Without -v only errors are logged: what the library warns about during a demo
+    # (a request dropped at its deadline, a need not served) is counted in its output.
+    level = {0: logging.ERROR, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:
+        # the reader went away (| head): send the rest of our output, and the flush at
+        # exit, to /dev/null rather than fail a second time
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a failed run is exit 1 with its reason, not a traceback
+        logging.getLogger(__name__).debug("%s failed", args.command, exc_info=True)
+        print(f"{PROG} {args.command}: error: {type(exc).__name__}: {exc}"
+              + ("" if args.verbose else " (-v for the traceback)"), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
