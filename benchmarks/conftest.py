@@ -42,7 +42,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         base = [r for r in rows if r[2]]
         base_time = base[0][1] if base else None
         tr.write_line(f"[{group}]")
-        for name, t, is_base, items, extra in sorted(rows, key=lambda r: r[1]):
+        for name, t, is_base, _items, extra in sorted(rows, key=lambda r: r[1]):
             ratio = f"{base_time / t:8.2f}x" if base_time else "        "
             tag = "  (baseline)" if is_base else ""
             figures = "  " + " ".join(f"{k}={v}" for k, v in extra.items()) if extra else ""

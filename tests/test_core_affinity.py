@@ -14,25 +14,6 @@ from osutil import cpus_allowed, parse_cpu_list, thread_ids
 
 ONLINE = sorted(core.online_cpus())
 
-# A child with a few threads so "every thread of the process" is tested, not just one.
-CHILD = (
-    "import threading, time, sys\n"
-    "ts = [threading.Thread(target=time.sleep, args=(60,), daemon=True) for _ in range(3)]\n"
-    "[t.start() for t in ts]\n"
-    "sys.stdout.write('ready\\n'); sys.stdout.flush()\n"
-    "time.sleep(60)\n"
-)
-
-
-@pytest.fixture
-def child():
-    proc = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    yield proc
-    proc.kill()
-    proc.wait()
-
-
 def test_online_cpus_match_the_kernel():
     with open("/sys/devices/system/cpu/online") as f:
         assert core.online_cpus() == parse_cpu_list(f.read())

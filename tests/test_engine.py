@@ -2,24 +2,19 @@
 from __future__ import annotations
 
 import gc
-import math
 import os
-import subprocess
-import sys
 import threading
 
 import numpy as np
 import pytest
 
 from prealloc import (
-    AllocationError,
     AllocationFeedback,
     AllocationStatus,
     CpuStrategy,
     MemoryStrategy,
     NullStrategy,
     Prediction,
-    PreallocatorConfig,
     Quotas,
     ReactiveResourceAllocator,
     RequestMetadata,
@@ -131,22 +126,6 @@ def test_dropping_a_claim_without_release_gives_the_resource_back():
         gc.collect()
         assert pre.get_allocation(rid) is None
         assert pre.get_statistics().released == 1
-
-
-CHILD = (
-    "import threading, time, sys\n"
-    "[threading.Thread(target=time.sleep, args=(60,), daemon=True).start() for _ in range(2)]\n"
-    "print('ready', flush=True); time.sleep(60)\n"
-)
-
-
-@pytest.fixture
-def child():
-    proc = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    yield proc
-    proc.kill()
-    proc.wait()
 
 
 def test_cpu_prediction_pins_the_target_process_and_release_restores(child):

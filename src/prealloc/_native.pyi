@@ -1,4 +1,4 @@
-from typing import Iterable, NamedTuple, Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import numpy.typing as npt

@@ -57,6 +57,8 @@ __all__ = [
     "get_affinity", "set_affinity", "get_thread_affinity", "set_thread_affinity",
     "monotonic_ns", "online_cpus", "page_size", "physical_memory", "reserve_memory",
     "status_mask", "status_name", "transition_legal",
+    # the allocators' compiled half and its "must wait" answer (prealloc.engine uses them)
+    "EngineCore", "WAIT",
 ]
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import abc
 import logging
-import math
 import os
 import selectors
 import threading
@@ -32,7 +31,7 @@ import time
 import uuid
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from . import core
 from .events import EventEmitter

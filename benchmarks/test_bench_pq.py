@@ -1,0 +1,173 @@
+"""The native priority queue against heapq guarded by a threading.Lock, in one run.
+
+  per call   push + pop of N items one call at a time: PriorityQueue vs heapq + Lock
+             (the same key: priority desc, confidence desc, deadline asc, arrival)
+  batch      push_many + pop_many over numpy arrays (the GIL released inside) vs the
+             same heapq + Lock per item
+  threads    2 producers + 2 consumers moving N items: batch calls vs heapq + Lock
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import per_item
+from prealloc import core
+
+N = 20_000
+rng = np.random.default_rng(3)
+IDS = np.arange(1, N + 1, dtype=np.uint64)
+PRIORITIES = rng.integers(0, 8, N).astype(np.float64)
+CONFIDENCES = rng.random(N)
+DEADLINES = np.where(rng.random(N) < 0.5, np.nan, rng.random(N) * 100)
+ITEMS = list(zip(IDS.tolist(), PRIORITIES.tolist(), CONFIDENCES.tolist(),
+                 [None if math.isnan(d) else d for d in DEADLINES.tolist()]))
+
+
+class LockedHeap:
+    """What a Python user writes: heapq + threading.Lock with the same order."""
+
+    def __init__(self) -> None:
+        self.heap: list = []
+        self.lock = threading.Lock()
+        self.arrival = itertools.count()
+
+    def push(self, rid, priority, confidence, deadline) -> None:
+        key = (-priority, -confidence, math.inf if deadline is None else deadline, next(self.arrival), rid)
+        with self.lock:
+            heapq.heappush(self.heap, key)
+
+    def pop(self):
+        with self.lock:
+            return heapq.heappop(self.heap)[-1] if self.heap else None
+
+
+@pytest.mark.benchmark(group="pq: push+pop per call")
+@pytest.mark.parametrize("indexed", [False, True])
+def test_pq_native_per_call(benchmark, indexed):
+    q = core.PriorityQueue(indexed=indexed)
+
+    def run():
+        push, pop = q.push, q.pop
+        for rid, p, c, d in ITEMS:
+            push(rid, p, c, d)
+        for _ in range(N):
+            pop()
+
+    per_item(benchmark, N)
+    benchmark(run)
+    assert len(q) == 0
+
+
+@pytest.mark.benchmark(group="pq: push+pop per call")
+def test_pq_baseline_heapq_lock(benchmark):
+    h = LockedHeap()
+
+    def run():
+        push, pop = h.push, h.pop
+        for rid, p, c, d in ITEMS:
+            push(rid, p, c, d)
+        for _ in range(N):
+            pop()
+
+    per_item(benchmark, N, baseline=True)
+    benchmark(run)
+
+
+@pytest.mark.benchmark(group="pq: push+pop batch")
+@pytest.mark.parametrize("indexed", [False, True])
+def test_pq_native_batch(benchmark, indexed):
+    q = core.PriorityQueue(indexed=indexed)
+
+    def run():
+        q.push_many(IDS, PRIORITIES, CONFIDENCES, DEADLINES)
+        assert q.pop_many(N).size == N
+
+    per_item(benchmark, N)
+    benchmark(run)
+
+
+@pytest.mark.benchmark(group="pq: push+pop batch")
+def test_pq_batch_baseline_heapq_lock(benchmark):
+    h = LockedHeap()
+
+    def run():
+        for rid, p, c, d in ITEMS:
+            h.push(rid, p, c, d)
+        for _ in range(N):
+            h.pop()
+
+    per_item(benchmark, N, baseline=True)
+    benchmark(run)
+
+
+def _threaded(push_chunk, pop_chunk) -> None:
+    chunks = np.array_split(np.arange(N), 2)
+    popped = [0]
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def produce(idx):
+        for part in np.array_split(idx, 20):
+            push_chunk(part)
+
+    def consume():
+        got = 0
+        while True:
+            n = pop_chunk()
+            got += n
+            if n == 0 and done.is_set():
+                n = pop_chunk()
+                got += n
+                if n == 0:
+                    break
+        with lock:
+            popped[0] += got
+
+    producers = [threading.Thread(target=produce, args=(c,)) for c in chunks]
+    consumers = [threading.Thread(target=consume) for _ in range(2)]
+    for t in producers + consumers:
+        t.start()
+    for t in producers:
+        t.join()
+    done.set()
+    for t in consumers:
+        t.join()
+    assert popped[0] == N
+
+
+@pytest.mark.benchmark(group="pq: 2 producers + 2 consumers")
+def test_pq_threads_native_batch(benchmark):
+    q = core.PriorityQueue(indexed=False)
+
+    def push_chunk(idx):
+        q.push_many(IDS[idx], PRIORITIES[idx], CONFIDENCES[idx], DEADLINES[idx])
+
+    def pop_chunk():
+        return q.pop_many(256).size
+
+    per_item(benchmark, N)
+    benchmark.pedantic(_threaded, args=(push_chunk, pop_chunk), rounds=5)
+
+
+@pytest.mark.benchmark(group="pq: 2 producers + 2 consumers")
+def test_pq_threads_baseline_heapq_lock(benchmark):
+    h = LockedHeap()
+
+    def push_chunk(idx):
+        for i in idx.tolist():
+            h.push(*ITEMS[i])
+
+    def pop_chunk():
+        n = 0
+        while n < 256 and h.pop() is not None:
+            n += 1
+        return n
+
+    per_item(benchmark, N, baseline=True)
+    benchmark.pedantic(_threaded, args=(push_chunk, pop_chunk), rounds=5)
