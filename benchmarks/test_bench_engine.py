@@ -22,7 +22,7 @@ import pytest
 
 from conftest import per_item
 from prealloc import (
-    NullStrategy,
+    NullAllocationStrategy,
     ResourcePreallocator,
     ResourceRequest,
     ResourceType,
@@ -34,7 +34,7 @@ PAIRS = 20_000
 
 
 def _ours() -> ResourcePreallocator:
-    return ResourcePreallocator(translator=None, allocation_strategies={CUSTOM: NullStrategy()},
+    return ResourcePreallocator(translator=None, allocation_strategies={CUSTOM: NullAllocationStrategy()},
                                 resource_monitors={})
 
 
@@ -56,7 +56,7 @@ def test_pair_prealloc(benchmark):
 @pytest.mark.parametrize("timers", ["heapq", "sched", "timer"])
 @pytest.mark.benchmark(group="engine: request+release pair, no-op strategy")
 def test_pair_pure_python(benchmark, timers):
-    engine = PurePythonPreallocator({CUSTOM: NullStrategy()}, timers=timers)
+    engine = PurePythonPreallocator({CUSTOM: NullAllocationStrategy()}, timers=timers)
     n = PAIRS if timers != "timer" else PAIRS // 10  # a thread per timer: keep the round short
     try:
         per_item(benchmark, n, baseline=timers == "heapq")
@@ -101,7 +101,7 @@ def test_latency_prealloc(benchmark):
 
 @pytest.mark.benchmark(group="engine: prediction to ALLOCATED through the worker")
 def test_latency_pure_python(benchmark):
-    engine = PurePythonPreallocator({CUSTOM: NullStrategy()})
+    engine = PurePythonPreallocator({CUSTOM: NullAllocationStrategy()})
     done = threading.Event()
     stamp: list[int] = [0]
     ids: list[int] = []
@@ -142,7 +142,7 @@ def test_footprint_prealloc(benchmark):
     def run() -> None:
         gc.collect()
         with ResourcePreallocator(translator=None, capacity=FOOTPRINT, resource_monitors={},
-                                  allocation_strategies={CUSTOM: NullStrategy()}) as engine:
+                                  allocation_strategies={CUSTOM: NullAllocationStrategy()}) as engine:
             before = _rss()
             for _ in range(FOOTPRINT):
                 engine.request_preallocation(request)
@@ -160,7 +160,7 @@ def test_footprint_pure_python(benchmark):
 
     def run() -> None:
         gc.collect()
-        engine = PurePythonPreallocator({CUSTOM: NullStrategy()})
+        engine = PurePythonPreallocator({CUSTOM: NullAllocationStrategy()})
         try:
             before = _rss()
             for _ in range(FOOTPRINT):

@@ -9,7 +9,7 @@ from prealloc import (
     AllocationStrategy,
     Grant,
     InsufficientResources,
-    NullStrategy,
+    NullAllocationStrategy,
     ResourceType,
     RuleTranslator,
 )
@@ -57,7 +57,7 @@ class GatedStrategy(AllocationStrategy):
         self.released.append(handle)
 
 
-class ExplodingStrategy(NullStrategy):
+class ExplodingStrategy(NullAllocationStrategy):
     """Raises an unexpected error: a strategy bug must not stop the worker."""
 
     def allocate(self, request, amount, availability):

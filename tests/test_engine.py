@@ -11,9 +11,9 @@ import pytest
 from prealloc import (
     AllocationFeedback,
     AllocationStatus,
-    CpuStrategy,
-    MemoryStrategy,
-    NullStrategy,
+    CpuAllocationStrategy,
+    MemoryAllocationStrategy,
+    NullAllocationStrategy,
     Prediction,
     Quotas,
     ReactiveResourceAllocator,
@@ -36,7 +36,7 @@ def prediction(value: str = "go", confidence: float = 0.9, **kw) -> Prediction:
 
 
 def memory_engine(**kw) -> ResourcePreallocator:
-    kw.setdefault("allocation_strategies", {MEM: MemoryStrategy(lock=kw.pop("lock", False))})
+    kw.setdefault("allocation_strategies", {MEM: MemoryAllocationStrategy(lock=kw.pop("lock", False))})
     return ResourcePreallocator(**kw)
 
 
@@ -131,7 +131,7 @@ def test_dropping_a_claim_without_release_gives_the_resource_back():
 def test_cpu_prediction_pins_the_target_process_and_release_restores(child):
     original = {tid: cpus_allowed(child.pid, tid) for tid in thread_ids(child.pid)}
     translator = rules({"resource_type": "CPU", "need": 50})
-    with ResourcePreallocator(translator=translator, allocation_strategies={CPU: CpuStrategy()}) as pre:
+    with ResourcePreallocator(translator=translator, allocation_strategies={CPU: CpuAllocationStrategy()}) as pre:
         (rid,) = pre.handle_prediction(prediction(target_process_id=child.pid))
         wait_until(lambda: pre.get_allocation(rid).status is AllocationStatus.ALLOCATED)
         cores = set(pre.get_allocation(rid).details["cores"])
@@ -147,7 +147,7 @@ def test_reset_leaves_the_machine_as_it_began(child):
     base_rss, base_lck = vm_rss(), vm_lck()
     original = cpus_allowed(child.pid)
     translator = rules({"resource_type": "MEMORY", "need": 24}, {"resource_type": "CPU", "need": 100})
-    strategies = {MEM: MemoryStrategy(lock=True), CPU: CpuStrategy()}
+    strategies = {MEM: MemoryAllocationStrategy(lock=True), CPU: CpuAllocationStrategy()}
     with ResourcePreallocator(translator=translator, allocation_strategies=strategies) as pre:
         ids = pre.handle_prediction(prediction(target_process_id=child.pid))
         wait_until(lambda: all(pre.get_allocation(i).status is AllocationStatus.ALLOCATED for i in ids))
@@ -162,7 +162,7 @@ def test_reset_leaves_the_machine_as_it_began(child):
 
 def test_adjust_grows_memory_in_place_and_cores_are_added_and_given_back():
     with ResourcePreallocator(translator=None, allocation_strategies={
-            MEM: MemoryStrategy(lock=True), CPU: CpuStrategy()}) as pre:
+            MEM: MemoryAllocationStrategy(lock=True), CPU: CpuAllocationStrategy()}) as pre:
         base = vm_lck()
         a = pre.request_preallocation(ResourceRequest(MEM, 8))
         assert pre.adjust_allocation(a.allocation_id, 4)  # shrink, then grow into the hole
@@ -185,7 +185,7 @@ def test_quotas_fail_requests_with_a_reason():
     quotas = Quotas(per_request={CUSTOM: 10}, per_type={CUSTOM: 15}, per_application={"a": {CUSTOM: 5}})
     failures = []
     with ResourcePreallocator(translator=None, quotas=quotas,
-                              allocation_strategies={CUSTOM: NullStrategy()}) as pre:
+                              allocation_strategies={CUSTOM: NullAllocationStrategy()}) as pre:
         pre.on("failed", failures.append)
         big = pre.request_preallocation(ResourceRequest(CUSTOM, 11))
         assert big.status is AllocationStatus.FAILED and "at most 10" in big.failure_reason
@@ -203,7 +203,7 @@ def test_quotas_fail_requests_with_a_reason():
 
 def test_unsupported_type_fails_clearly_without_a_crash():
     with ResourcePreallocator(translator=rules({"resource_type": "GPU", "need": 100}),
-                              allocation_strategies={CUSTOM: NullStrategy()}) as pre:
+                              allocation_strategies={CUSTOM: NullAllocationStrategy()}) as pre:
         failures = []
         pre.on("failed", failures.append)
         (rid,) = pre.handle_prediction(prediction())
@@ -217,7 +217,7 @@ def test_unsupported_type_fails_clearly_without_a_crash():
     dict(confidence=1.5), dict(confidence=-0.1), dict(resource_type="FLOPS"), dict(priority=float("nan")),
 ])
 def test_bad_requests_raise_value_error_and_change_nothing(bad):
-    with ResourcePreallocator(translator=None, allocation_strategies={CUSTOM: NullStrategy()}) as pre:
+    with ResourcePreallocator(translator=None, allocation_strategies={CUSTOM: NullAllocationStrategy()}) as pre:
         args = dict(resource_type=CUSTOM, predicted_need=1.0)
         args.update(bad)
         with pytest.raises(ValueError):
@@ -231,7 +231,7 @@ def test_bad_requests_raise_value_error_and_change_nothing(bad):
                                  dict(expected_at=-5.0), dict(target_process_id=-3)])
 def test_bad_predictions_raise_and_queue_nothing(bad):
     with ResourcePreallocator(translator=rules({"resource_type": "CUSTOM", "need": 1}),
-                              allocation_strategies={CUSTOM: NullStrategy()}) as pre:
+                              allocation_strategies={CUSTOM: NullAllocationStrategy()}) as pre:
         args = dict(id="p", type="t", predicted_value="go", confidence=0.5)
         args.update(bad)
         with pytest.raises(ValueError):
@@ -241,7 +241,7 @@ def test_bad_predictions_raise_and_queue_nothing(bad):
 
 def test_low_confidence_predictions_are_counted_and_skipped():
     with ResourcePreallocator(translator=rules({"resource_type": "CUSTOM", "need": 1}), min_confidence=0.5,
-                              allocation_strategies={CUSTOM: NullStrategy()}) as pre:
+                              allocation_strategies={CUSTOM: NullAllocationStrategy()}) as pre:
         assert pre.handle_prediction(prediction(confidence=0.2)) == []
         assert pre.get_statistics().skipped_low_confidence == 1 and len(pre) == 0
 
@@ -280,7 +280,7 @@ def test_queue_order_follows_priority_then_confidence():
     order = []
     gate = threading.Event()
 
-    class Recording(NullStrategy):
+    class Recording(NullAllocationStrategy):
         def allocate(self, request, amount, availability):
             if amount == 99:
                 gate.wait(10)  # holds the worker while the others are queued
@@ -327,7 +327,7 @@ def test_feedback_teaches_the_sizer_and_reaches_the_predictor():
                                           sizer=sizer)
     predictor = Predictor()
     with ResourcePreallocator(translator=translator, predictor=predictor,
-                              allocation_strategies={CUSTOM: NullStrategy()}) as pre:
+                              allocation_strategies={CUSTOM: NullAllocationStrategy()}) as pre:
         for i in range(6):
             (rid,) = predictor.listeners["prediction:generated"](Prediction(f"p{i}", "t", "x", 0.9))
             wait_until(lambda: pre.get_allocation(rid).status is AllocationStatus.ALLOCATED)
@@ -340,7 +340,7 @@ def test_feedback_teaches_the_sizer_and_reaches_the_predictor():
 
 
 def test_reactive_allocator_runs_the_same_workload():
-    with ReactiveResourceAllocator(allocation_strategies={MEM: MemoryStrategy()}) as reactive:
+    with ReactiveResourceAllocator(allocation_strategies={MEM: MemoryAllocationStrategy()}) as reactive:
         assert reactive.handle_prediction(prediction()) == []
         with reactive.acquire(MEM, 4) as claim:
             assert not claim.preallocated and claim.resource.resident_bytes() == 4 * MiB
@@ -349,7 +349,7 @@ def test_reactive_allocator_runs_the_same_workload():
 
 
 def test_statistics_from_what_happened():
-    with ResourcePreallocator(translator=None, allocation_strategies={CUSTOM: NullStrategy()}) as pre:
+    with ResourcePreallocator(translator=None, allocation_strategies={CUSTOM: NullAllocationStrategy()}) as pre:
         used = pre.request_preallocation(ResourceRequest(CUSTOM, 10))
         unused = pre.request_preallocation(ResourceRequest(CUSTOM, 10))
         claim = pre.claim(used.allocation_id)
@@ -366,7 +366,7 @@ def test_statistics_from_what_happened():
 
 
 def test_engine_is_thread_safe_under_concurrent_requests_and_releases():
-    with ResourcePreallocator(translator=None, allocation_strategies={CUSTOM: NullStrategy()}) as pre:
+    with ResourcePreallocator(translator=None, allocation_strategies={CUSTOM: NullAllocationStrategy()}) as pre:
         errors = []
 
         def work():

@@ -13,8 +13,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from prealloc import (
     AllocationFeedback,
     AllocationStatus,
-    MemoryStrategy,
-    NullStrategy,
+    MemoryAllocationStrategy,
+    NullAllocationStrategy,
     ResourcePreallocator,
     ResourceRequest,
     ResourceType,
@@ -32,7 +32,7 @@ class EngineModel(RuleBasedStateMachine):
         gc.collect()
         self.base_rss, self.base_lck = vm_rss(), vm_lck()
         self.pre = ResourcePreallocator(translator=None, allocation_strategies={
-            MEM: MemoryStrategy(lock=True), CUSTOM: NullStrategy()})
+            MEM: MemoryAllocationStrategy(lock=True), CUSTOM: NullAllocationStrategy()})
         self.live: dict[int, dict] = {}  # allocation id -> {"status", "amount", "type"}
         self.claims: dict[int, object] = {}
         self.views: list[np.ndarray] = []

@@ -13,7 +13,16 @@
 The low-level native core is ``prealloc.core``.
 """
 from ._paths import get_include, get_library_dir
-from .engine import Claim, PreallocatorConfig, ResourceAllocator, ResourcePreallocator
+from .engine import (
+    Claim,
+    CpuSchedulerEnhancer,
+    CustomResourceAllocator,
+    MemoryPreallocator,
+    PreallocatorConfig,
+    ResourceAllocator,
+    ResourcePreallocator,
+)
+from .plugins import register_strategy, unregister_strategy
 from .events import EventEmitter
 from .metrics import MetricsCollector
 from .monitors import ResourceMonitor, SystemResourceMonitor
@@ -22,11 +31,11 @@ from .reactive import ReactiveResourceAllocator
 from .strategies import (
     AllocationError,
     AllocationStrategy,
-    CpuStrategy,
+    CpuAllocationStrategy,
     Grant,
     InsufficientResources,
-    MemoryStrategy,
-    NullStrategy,
+    MemoryAllocationStrategy,
+    NullAllocationStrategy,
 )
 from .translate import AdaptiveSizer, Rule, RuleTranslator, Translator
 from .types import (
@@ -46,8 +55,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveSizer", "AllocationError", "AllocationFeedback", "AllocationStatus", "AllocationStrategy",
-    "Claim", "CpuStrategy", "EventEmitter", "Grant", "InsufficientResources", "MemoryStrategy",
-    "MetricsCollector", "NullStrategy", "PreallocatorConfig", "PreallocatorStatistics", "Prediction",
+    "Claim", "CpuAllocationStrategy", "CpuSchedulerEnhancer", "CustomResourceAllocator", "MemoryPreallocator",
+    "register_strategy", "unregister_strategy", "EventEmitter", "Grant", "InsufficientResources", "MemoryAllocationStrategy",
+    "MetricsCollector", "NullAllocationStrategy", "PreallocatorConfig", "PreallocatorStatistics", "Prediction",
     "QuotaExceeded", "Quotas", "ReactiveResourceAllocator", "RequestMetadata", "ResourceAllocation",
     "ResourceAllocator", "ResourceAvailability", "ResourceMonitor", "ResourcePreallocator",
     "ResourceRequest", "ResourceType", "Rule", "RuleTranslator", "SubscriptionHandle",

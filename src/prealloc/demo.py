@@ -37,7 +37,7 @@ from . import core
 from .engine import Claim, PreallocatorConfig, ResourceAllocator, ResourcePreallocator
 from .monitors import SystemResourceMonitor
 from .reactive import ReactiveResourceAllocator
-from .strategies import AllocationError, CpuStrategy, MemoryStrategy
+from .strategies import AllocationError, CpuAllocationStrategy, MemoryAllocationStrategy
 from .strategies.cpu import cores_for
 from .translate import AdaptiveSizer, RuleTranslator
 from .types import (
@@ -559,8 +559,8 @@ class DemoReport:
 
 
 def _strategies(lock: bool, exclusive_cores: bool) -> dict[ResourceType, Any]:
-    return {MEMORY: MemoryStrategy(populate=True, lock=lock),
-            CPU: CpuStrategy(exclusive=exclusive_cores)}
+    return {MEMORY: MemoryAllocationStrategy(populate=True, lock=lock),
+            CPU: CpuAllocationStrategy(exclusive=exclusive_cores)}
 
 
 def run_demo(*, scale: float = 1.0, seed: int = 7, lock: bool = False) -> DemoReport:

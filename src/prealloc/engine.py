@@ -212,12 +212,48 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
         return {t: monitor for t in monitor.supported_types}
 
     def _default_strategies(self) -> dict[ResourceType, AllocationStrategy]:
-        from .strategies import CpuStrategy, MemoryStrategy
+        from .strategies import CpuAllocationStrategy, MemoryAllocationStrategy
 
-        return {ResourceType.MEMORY: MemoryStrategy(), ResourceType.CPU: CpuStrategy()}
+        return {ResourceType.MEMORY: MemoryAllocationStrategy(), ResourceType.CPU: CpuAllocationStrategy()}
 
     # ------------------------------------------------------------------ the public face
     # request_preallocation and release_allocation are EngineCore's (compiled).
+
+    # What initialize() may change on a running allocator; the rest shapes native
+    # structures or threads made at construction.
+    LIVE_OPTIONS = frozenset({"name", "description", "translator", "min_confidence", "immediate_processing",
+                              "pending_timeout", "default_duration", "headroom", "predictor"})
+
+    def initialize(self, config: PreallocatorConfig | None = None, **changes: Any) -> None:
+        """The spec's initialize(config): applies configuration to the running allocator
+        (the constructor applies the first one). Options in LIVE_OPTIONS take effect at
+        once; asking to change any other (capacity, tick, strategies, monitors, quotas,
+        emitter, ...) raises ValueError and changes nothing."""
+        self._check_open()
+        wanted = dict(changes)
+        if config is not None:
+            for name in PreallocatorConfig.__dataclass_fields__:
+                value = getattr(config, name)
+                if name in self.LIVE_OPTIONS or value is not getattr(self.config, name) \
+                        and value != getattr(self.config, name):
+                    wanted.setdefault(name, value)
+        fixed = sorted(n for n in wanted if n not in self.LIVE_OPTIONS)
+        unknown = sorted(n for n in wanted if n not in PreallocatorConfig.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown configuration options {unknown}")
+        if fixed:
+            raise ValueError(f"{fixed} are fixed at construction; make a new allocator to change them")
+        candidate = PreallocatorConfig(**{**self.config.__dict__, **wanted}).validate()
+        old_predictor = self.config.predictor
+        self.config = candidate
+        self.name, self.description = candidate.name, candidate.description
+        self._default_duration = candidate.default_duration
+        self._headroom_types = frozenset(t for t in candidate.headroom if t in self.monitors)
+        self._apply_live_config(old_predictor)
+        self.log.info("reconfigured %s: %s", self.id, sorted(wanted))
+
+    def _apply_live_config(self, old_predictor: Any) -> None:
+        """A subclass's share of initialize()."""
 
     @property
     def closed(self) -> bool:
@@ -531,19 +567,31 @@ class ResourcePreallocator(ResourceAllocator):
         self._queue = core.PriorityQueue(indexed=False)  # cancellation is lazy: the table's status
         self._queued: dict[int, ResourceRequest] = {}  # PENDING requests, queued or waiting
         self._retry = threading.Event()
-        self._subscriptions: list[tuple[Any, Any]] = []
+        # Monitors are subscribed to only once a request has to wait for resources: until
+        # then nothing needs to hear about changes, and a monitor's watcher thread costs.
+        self._subscriptions: list[tuple[Any, Any]] | None = None
+        self._connect_predictor()
+
+    def _subscribe_to_monitors(self) -> None:
+        self._subscriptions = []
         for rtype in self.strategies:
             monitor = self.monitors.get(rtype)
             if monitor is not None and rtype in getattr(monitor, "supported_types", ()):
                 handle = monitor.subscribe_to_resource_changes(rtype, self._on_availability)
                 self._subscriptions.append((monitor, handle))
-        self._connect_predictor()
 
     def _connect_predictor(self) -> None:
         predictor = self.config.predictor
         if predictor is not None and hasattr(predictor, "on"):
             predictor.on("prediction:generated", self.handle_prediction)
             self.log.info("subscribed to predictions from %s", getattr(predictor, "id", predictor))
+
+    def _apply_live_config(self, old_predictor: Any) -> None:
+        self.translator = self.config.translator
+        if self.config.predictor is not old_predictor:
+            if old_predictor is not None and hasattr(old_predictor, "off"):
+                old_predictor.off("prediction:generated", self.handle_prediction)
+            self._connect_predictor()
 
     # ------------------------------------------------------------------ predictions in
     def handle_prediction(self, prediction: Prediction) -> list[int]:
@@ -656,6 +704,8 @@ class ResourcePreallocator(ResourceAllocator):
                         if rid in self._table and self._table.status(rid) == core.PENDING:
                             self._queued[rid] = request
                             self._waiting.append(rid)
+                    if self._subscriptions is None:
+                        self._subscribe_to_monitors()
 
     def _requeue_waiting(self) -> None:
         with self._lock:
@@ -677,9 +727,9 @@ class ResourcePreallocator(ResourceAllocator):
 
     def _stop_threads(self) -> None:
         super()._stop_threads()
-        for monitor, handle in self._subscriptions:
+        for monitor, handle in self._subscriptions or ():
             monitor.unsubscribe(handle)
-        self._subscriptions = []
+        self._subscriptions = None
         self._queue.pop_many(len(self._queue) + 1)
 
 
@@ -695,3 +745,46 @@ def _allocate_and_claim(allocator: ResourceAllocator, rtype: ResourceType, amoun
     if not allocator._table.transition_mask(allocation.allocation_id, _ALLOCATED, core.ACTIVE):
         raise AllocationError(f"allocation {allocation.allocation_id} was taken before the claim")
     return allocator._hand_over(allocation.allocation_id, preallocated=False)
+
+
+class MemoryPreallocator(ResourcePreallocator):
+    """A preallocator of memory only: its requests of other types fail with "no strategy".
+    memory_options go to MemoryAllocationStrategy (lock, require_lock, huge_pages, ...)."""
+
+    def __init__(self, config: PreallocatorConfig | None = None, *, memory_options: dict[str, Any] | None = None,
+                 **overrides: Any) -> None:
+        self._memory_options = dict(memory_options or {})
+        overrides.setdefault("name", "MemoryPreallocator")
+        super().__init__(config, **overrides)
+
+    def _default_strategies(self) -> dict[ResourceType, AllocationStrategy]:
+        from .strategies import MemoryAllocationStrategy
+
+        return {ResourceType.MEMORY: MemoryAllocationStrategy(**self._memory_options)}
+
+
+class CpuSchedulerEnhancer(ResourcePreallocator):
+    """A preallocator of CPU cores only (the spec's CPUSchedulerEnhancer): it pins target
+    processes, or the claiming thread, to cores reserved ahead of a predicted burst."""
+
+    def __init__(self, config: PreallocatorConfig | None = None, *, exclusive: bool = True,
+                 **overrides: Any) -> None:
+        self._exclusive = exclusive
+        overrides.setdefault("name", "CpuSchedulerEnhancer")
+        super().__init__(config, **overrides)
+
+    def _default_strategies(self) -> dict[ResourceType, AllocationStrategy]:
+        from .strategies import CpuAllocationStrategy
+
+        return {ResourceType.CPU: CpuAllocationStrategy(exclusive=self._exclusive)}
+
+
+class CustomResourceAllocator(ResourcePreallocator):
+    """A preallocator whose strategies come from plugins (prealloc.plugins): the built-in
+    MEMORY and CPU strategies, overridden and extended by every registered or installed
+    plugin strategy."""
+
+    def _default_strategies(self) -> dict[ResourceType, AllocationStrategy]:
+        from .plugins import load_strategies
+
+        return {**super()._default_strategies(), **load_strategies()}

@@ -1,8 +1,8 @@
 """Allocation strategies, one per resource type."""
 from .base import AllocationError, AllocationStrategy, Grant, InsufficientResources
-from .cpu import CpuStrategy
-from .memory import MemoryStrategy
-from .null import NullStrategy
+from .cpu import CpuAllocationStrategy
+from .memory import MemoryAllocationStrategy
+from .null import NullAllocationStrategy
 
-__all__ = ["AllocationError", "AllocationStrategy", "CpuStrategy", "Grant", "InsufficientResources",
-           "MemoryStrategy", "NullStrategy"]
+__all__ = ["AllocationError", "AllocationStrategy", "CpuAllocationStrategy", "Grant", "InsufficientResources",
+           "MemoryAllocationStrategy", "NullAllocationStrategy"]

@@ -24,7 +24,7 @@ class CoreGrant:
     pinned_process: int | None
 
 
-class CpuStrategy(AllocationStrategy):
+class CpuAllocationStrategy(AllocationStrategy):
     """Reserves ceil(need / 100) cores; the allocated amount is 100 x cores.
 
     With a target process (metadata.target_process_id) every thread of it is pinned at

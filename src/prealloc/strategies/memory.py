@@ -13,7 +13,7 @@ from .base import AllocationError, AllocationStrategy, Grant, InsufficientResour
 MiB = 1 << 20
 
 
-class MemoryStrategy(AllocationStrategy):
+class MemoryAllocationStrategy(AllocationStrategy):
     """Reserves amount MiB with ``core.reserve_memory``.
 
     lock asks for mlock and is best effort (the allocation records locked=False and the

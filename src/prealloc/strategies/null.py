@@ -9,7 +9,7 @@ from ..types import ResourceAvailability, ResourceRequest, ResourceType
 from .base import AllocationStrategy, Grant
 
 
-class NullStrategy(AllocationStrategy):
+class NullAllocationStrategy(AllocationStrategy):
     def __init__(self, resource_type: ResourceType = ResourceType.CUSTOM) -> None:
         self.resource_type = resource_type
 
