@@ -38,8 +38,8 @@ typedef struct pa_pq_item {
     uint64_t value;
     double priority;
     double confidence;
-    double deadline; /* NaN or +inf when none */
-    uint64_t arrival; /* sequence number assigned at push */
+    double deadline; /* NaN or +inf when none (pop and peek report +inf) */
+    uint64_t arrival; /* sequence number assigned at push (a ticket taken as it starts) */
 } pa_pq_item_t;
 
 /* flags: 0 or PA_PQ_INDEXED. -EINVAL for unknown flags, -ENOMEM. */

@@ -1,0 +1,834 @@
+/*
+ * pq.c — the request queue: a lock-free MPMC priority queue. Interface: prealloc/pq.h.
+ *
+ * Algorithm
+ * ---------
+ * J. Lindén and B. Jonsson, "A Skiplist-Based Concurrent Priority Queue with Minimal Memory
+ * Contention", OPODIS 2013. A skiplist ordered by key, with a head and a tail sentinel.
+ *   - Delete-min walks level 0 from the head. A node is logically deleted when the
+ *     *predecessor's* level-0 pointer carries the delete bit (bit 0), so the deleted nodes
+ *     form a prefix of the list. The walk skips the marked pointers and claims the first
+ *     node behind an unmarked one by setting the bit (one `lock bts`): exactly one claimer
+ *     per node, and consumers touch the prefix's lines, not the head tower.
+ *   - Physical removal is batched: only when a walk passed at least PQ_BOUND_OFFSET deleted
+ *     nodes does that consumer swing head's level-0 pointer past the prefix with one CAS,
+ *     move head's upper pointers past deleted nodes (restructure) and retire the cut nodes.
+ *     It never cuts past a node whose insertion is still linking upper levels.
+ *     Deviation from the paper: restructure marks ("freezes") the upper link of every node
+ *     it passes before moving head past it, and an insert whose CAS meets a frozen link
+ *     stops raising its tower. The paper's version can skip a node that an insert links
+ *     behind a passed node in the window before head's CAS; that node is then reachable at
+ *     an upper level but not below it, a later insert's check misses the deleted node it
+ *     links in front of, and a cut node stays reachable — found by a reachability check
+ *     run at every retire under the index churn test (see restructure()).
+ *   - Insert is the Fraser / Sundell-Tsigas skiplist insert (link level 0 by CAS, then each
+ *     upper level), except that the search treats every deleted node as smaller than any
+ *     key, so a new node always lands behind the deleted prefix (never inside it), and it
+ *     stops raising its tower when a successor turns out deleted.
+ * Keys are four 64-bit words compared lexicographically: ~enc(priority), ~enc(confidence),
+ * enc(deadline) or UINT64_MAX for "none", arrival — where enc maps a double to an unsigned
+ * integer with the same order (flip all bits of negatives, the sign bit of the rest; -0.0
+ * is first made +0.0) and ~ reverses it for the "highest first" fields. Arrival is a ticket
+ * from the queue's atomic counter, taken when the push starts, so keys are unique and the
+ * order is total. FIFO among otherwise equal items is ticket order: a push that returned
+ * before another began comes out first; two pushes that overlap in time come out in ticket
+ * order, which need not be the order in which they became visible (the one holding the
+ * smaller ticket may link its node later). test_pq_linearizability checks exactly this.
+ *
+ * Tuning (measured with benchmarks/c/bench_pq.c and callgrind on a 2-core VM): towers grow
+ * with p = 1/4 (fewer levels and upper-level CASes than p = 1/2 for the same search
+ * length), capped at one level above the levels in use (Pugh), and searches start at the
+ * highest non-empty level of head's tower; PQ_BOUND_OFFSET = 8 (the walk over the deleted
+ * prefix is the bulk of a pop; 4..32 made no measurable difference at 2 threads). Freed
+ * nodes go to a per-thread cache by tower height, so steady-state push/pop does not call
+ * malloc; the size is a striped counter (one line per stripe), so it is not a shared hot
+ * line.
+ *
+ * Cancellation (PA_PQ_INDEXED)
+ * ----------------------------
+ * An index value -> node: a lock-free hash set after M. Michael, "High performance dynamic
+ * lock-free hash tables and list-based sets" (SPAA 2002): 2^18 buckets (fixed; calloc'ed at
+ * create, so pages are faulted in only as buckets are used), each a Harris-Michael list
+ * sorted by descending value with the delete bit in the link. The queue node itself is the
+ * list entry (no second allocation). The bucket function folds the value's bits rather
+ * than scrambling them, so neighbouring values (the engine's table ids) share pages.
+ * Expected cost O(1 + n / 2^18): about 4 nodes per bucket at a million queued values; the
+ * lists grow linearly beyond that (there is no resize), and values that collide on purpose
+ * (equal in every 18-bit field they are folded from) share one bucket.
+ * Each node has a state word:
+ *     PENDING -> QUEUED (push done)  -> TAKEN (pop) | CANCELLED (cancel)
+ *     PENDING -> TAKEN (a pop claimed it before the pusher finished)
+ *     PENDING -> DEAD (a racing push of the same value aborted this unfinished attempt)
+ * one CAS per edge, so of a racing pop and cancel exactly one wins; whoever makes a node
+ * leave PENDING/QUEUED removes its index entry (a node marks its own link, so the removal is
+ * conditional on that very node) and adjusts the size. Delete-min skips nodes it claimed in
+ * state CANCELLED or DEAD. Two rules keep this linearizable although the structural claim
+ * (the bit on the predecessor) and the state live in different words:
+ *   - every walk over the deleted prefix (pop, peek, the -EEXIST check) moves each prefix
+ *     node still PENDING/QUEUED to TAKEN on behalf of the consumer that claimed it; so when
+ *     a pop claims a node, every node before it has been decided, and a cancel can only win
+ *     against a node whose claimer has not yet been passed by anyone (without this rule the
+ *     linearizability test finds violations within seconds);
+ *   - push inserts into the index first and into the skiplist second; a push that finds its
+ *     value's entry QUEUED first resolves the prefix and answers -EEXIST only if the entry is
+ *     still QUEUED; one that finds it PENDING aborts it (DEAD) and retries; one that finds it
+ *     TAKEN/CANCELLED/DEAD helps remove it and retries. So -EEXIST means really queued.
+ * Unindexed queues carry no state transitions and no index at all.
+ *
+ * Memory reclamation: epoch-based (epoch.h). A node is retired only when it is unreachable:
+ * cut from level 0 and (by restructure) from every upper level, and — indexed — unlinked
+ * from its bucket; a two-count `refs` (one per structure) decides who retires it.
+ *
+ * Complexity: push O(log n) expected; pop O(1) expected plus O(PQ_BOUND_OFFSET) for the
+ * walk over the deleted prefix (the cut every ~PQ_BOUND_OFFSET pops costs O(log n));
+ * cancel O(1 + n/2^18) expected; peek O(prefix). Progress: lock-free (no mutex or spin
+ * anywhere), except that two concurrent pushes of the *same* value to an indexed queue may
+ * abort each other's unfinished attempt repeatedly (obstruction-free for that pair).
+ * Limits: a cancelled node stays in the skiplist until delete-min reaches it (it costs
+ * memory and search length until then); a thread stalled inside an operation delays every
+ * reclamation (EBR); a consumer stalled mid-walk may hold back the prefix cut. Each thread
+ * keeps up to PQ_CACHE_PER_LEVEL free nodes per tower height until it exits.
+ */
+#define _GNU_SOURCE
+#include "prealloc/pq.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "atomics.h"
+#include "epoch.h"
+
+#define PQ_MAX_LEVEL 24            /* tower height limit */
+#ifndef PQ_BOUND_OFFSET
+#define PQ_BOUND_OFFSET 8          /* deleted prefix length that triggers a cut */
+#endif
+#ifndef PQ_LEVEL_LOG2P
+#define PQ_LEVEL_LOG2P 2           /* a tower grows one level with probability 2^-this */
+#endif
+#define PQ_INDEX_BITS 18            /* 2^18 buckets: 2 MiB of address space per queue */
+#define PQ_INDEX_BUCKETS (1u << PQ_INDEX_BITS)
+#define PQ_SIZE_SHARDS 16          /* size counter stripes (one line each) */
+#define PQ_CACHE_PER_LEVEL 256     /* free nodes a thread keeps per tower height */
+
+enum { ST_PENDING = 0, ST_QUEUED = 1, ST_TAKEN = 2, ST_CANCELLED = 3, ST_DEAD = 4 };
+
+typedef struct pq_node {
+    /* The fields a consumer walking the prefix reads come first, on one line. */
+    _Atomic uintptr_t next0;    /* level 0; bit 0 set = the successor is deleted */
+    _Atomic uint32_t state;     /* indexed queues only */
+    _Atomic uint8_t inserting;  /* 1 while the tower is being linked */
+    uint8_t level;
+    _Atomic uint16_t refs;      /* structures still linking the node (1 or 2) */
+    uint64_t key[4];            /* immutable once published */
+    uint64_t value;
+    _Atomic uintptr_t up[];     /* levels 1 .. level-1, then a pq_node_ext_t */
+} pq_node_t;
+
+/* Fields touched off the hot path, stored after the tower. */
+typedef struct pq_node_ext {
+    _Atomic uintptr_t hnext; /* index bucket list; bit 0 set = removed from the index */
+    pa__ebr_link_t link;
+    pq_node_t *self;
+} pq_node_ext_t;
+
+typedef struct pq_size_shard {
+    PA_CACHE_ALIGNED _Atomic int64_t n;
+} pq_size_shard_t;
+
+struct pa_pq {
+    /* read-mostly */
+    pq_node_t *head;
+    pq_node_t *tail;
+    _Atomic uintptr_t *buckets; /* indexed only */
+    unsigned flags;
+    _Atomic uint32_t top; /* an upper bound of the levels in use (only ever raised) */
+    PA_CACHE_ALIGNED _Atomic uint64_t arrival;
+    /* The size is striped so that pushes and pops on different threads do not bounce one
+     * counter line between them; pa_pq_size sums the stripes. */
+    pq_size_shard_t size[PQ_SIZE_SHARDS];
+};
+
+#define MARK ((uintptr_t)1)
+static inline bool is_marked(uintptr_t p) { return (p & MARK) != 0; }
+static inline pq_node_t *unmark(uintptr_t p) { return (pq_node_t *)(p & ~MARK); }
+
+static inline _Atomic uintptr_t *next_at(pq_node_t *n, int i) {
+    return i == 0 ? &n->next0 : &n->up[i - 1];
+}
+static inline pq_node_ext_t *node_ext(pq_node_t *n) {
+    return (pq_node_ext_t *)(void *)&n->up[n->level - 1];
+}
+
+/* ---- keys ---- */
+
+static inline uint64_t enc_asc(double d) {
+    if (d == 0.0) d = 0.0; /* -0.0 and +0.0 are the same priority */
+    uint64_t u = pa__double_bits(d);
+    return (u >> 63) ? ~u : u | (1ull << 63);
+}
+static inline double dec_asc(uint64_t e) {
+    return pa__bits_double((e >> 63) ? e & ~(1ull << 63) : ~e);
+}
+
+static inline bool key_less(const uint64_t *a, const uint64_t *b) {
+    if (a[0] != b[0]) return a[0] < b[0];
+    if (a[1] != b[1]) return a[1] < b[1];
+    if (a[2] != b[2]) return a[2] < b[2];
+    return a[3] < b[3];
+}
+
+static void node_to_item(const pq_node_t *n, pa_pq_item_t *item) {
+    item->value = n->value;
+    item->priority = dec_asc(~n->key[0]);
+    item->confidence = dec_asc(~n->key[1]);
+    item->deadline = n->key[2] == UINT64_MAX ? INFINITY : dec_asc(n->key[2]);
+    item->arrival = n->key[3];
+}
+
+/* ---- per-thread state: random levels, size stripe, node cache ---- */
+
+/* Everything a thread keeps for the queues, in one TLS block (one TLS lookup). Freed
+ * nodes are cached per tower height and reused by the same thread's next pushes, so the
+ * steady state of push/pop never calls malloc; the cache is bounded and emptied when the
+ * thread exits. */
+typedef struct pq_thread {
+    uint64_t rng;
+    unsigned shard;
+    bool registered;
+    pq_node_t *cache[PQ_MAX_LEVEL];
+    uint16_t cached[PQ_MAX_LEVEL];
+} pq_thread_t;
+
+static _Thread_local pq_thread_t tls_pq;
+static pthread_once_t pq_key_once = PTHREAD_ONCE_INIT;
+static pthread_key_t pq_key;
+static bool pq_key_ok;
+static _Atomic uint32_t pq_shard_next;
+
+static void pq_thread_exit(void *arg) {
+    pq_thread_t *t = arg;
+    for (int l = 0; l < PQ_MAX_LEVEL; l++) {
+        pq_node_t *n = t->cache[l];
+        while (n) {
+            pq_node_t *next = (pq_node_t *)pa__load_relaxed(&n->next0);
+            free(n);
+            n = next;
+        }
+        t->cache[l] = NULL;
+        t->cached[l] = 0;
+    }
+    t->registered = false;
+}
+
+static void pq_make_key(void) { pq_key_ok = pthread_key_create(&pq_key, pq_thread_exit) == 0; }
+
+static pq_thread_t *pq_thread(void) {
+    pq_thread_t *t = &tls_pq;
+    if (!t->rng) {
+        t->rng = (uint64_t)(uintptr_t)t * 0x9E3779B97F4A7C15ull | 1;
+        t->shard = pa__fetch_add_relaxed(&pq_shard_next, 1) % PQ_SIZE_SHARDS;
+    }
+    return t;
+}
+
+/* One operation's context: the thread-local state is looked up once per call. */
+typedef struct pq_op {
+    pa_pq_t *pq;
+    pa__ebr_thread_t *ebr;
+    pq_thread_t *t;
+    bool indexed;
+} pq_op_t;
+
+static bool op_begin(pq_op_t *op, pa_pq_t *pq) {
+    op->ebr = pa__ebr_enter();
+    if (!op->ebr) return false;
+    op->pq = pq;
+    op->t = pq_thread();
+    op->indexed = (pq->flags & PA_PQ_INDEXED) != 0;
+    return true;
+}
+
+static void op_end(pq_op_t *op) { pa__ebr_exit(op->ebr); }
+
+/* Geometric tower height, p = 2^-PQ_LEVEL_LOG2P, capped at `cap`. */
+static unsigned random_level(pq_thread_t *t, unsigned cap) {
+    uint64_t x = t->rng;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    t->rng = x;
+    uint64_t r = x * 0x2545F4914F6CDD1Dull;
+    unsigned level = 1u + (unsigned)__builtin_ctzll(r | (1ull << 63)) / PQ_LEVEL_LOG2P;
+    return level < cap ? level : cap;
+}
+
+static pq_node_t *node_alloc(pq_thread_t *t, unsigned level) {
+    pq_node_t *n = t ? t->cache[level - 1] : NULL;
+    if (n) {
+        t->cache[level - 1] = (pq_node_t *)pa__load_relaxed(&n->next0);
+        t->cached[level - 1]--;
+    } else {
+        size_t size = sizeof(pq_node_t) + (level - 1) * sizeof(_Atomic uintptr_t) + sizeof(pq_node_ext_t);
+        n = malloc(size);
+        if (!n) return NULL;
+    }
+    n->level = (uint8_t)level;
+    pa__store_relaxed(&n->next0, 0);
+    pa__store_relaxed(&n->state, ST_QUEUED);
+    pa__store_relaxed(&n->inserting, 0);
+    pa__store_relaxed(&n->refs, 1);
+    for (unsigned i = 1; i < level; i++) pa__store_relaxed(&n->up[i - 1], 0);
+    pq_node_ext_t *ext = node_ext(n);
+    pa__store_relaxed(&ext->hnext, 0);
+    ext->self = n;
+    return n;
+}
+
+/* Gives a node nobody can reach any more to the calling thread's cache (or to free). */
+static void node_recycle(pq_node_t *n) {
+    pq_thread_t *t = &tls_pq;
+    unsigned l = n->level - 1u;
+    if (t->cached[l] >= PQ_CACHE_PER_LEVEL) {
+        free(n);
+        return;
+    }
+    if (!t->registered) {
+        /* so that pq_thread_exit empties the cache when this thread ends */
+        pthread_once(&pq_key_once, pq_make_key);
+        if (!pq_key_ok || pthread_setspecific(pq_key, t) != 0) {
+            free(n);
+            return;
+        }
+        t->registered = true;
+    }
+    pa__store_relaxed(&n->next0, (uintptr_t)t->cache[l]);
+    t->cache[l] = n;
+    t->cached[l]++;
+}
+
+static void node_free_link(pa__ebr_link_t *link) {
+    pq_node_ext_t *ext = (pq_node_ext_t *)(void *)((char *)link - offsetof(pq_node_ext_t, link));
+    node_recycle(ext->self);
+}
+
+/* tests/c/test_pq_retire.c compiles this file with a hook that checks, at every retire,
+ * that the node is unreachable from head at every level and from its bucket. */
+#ifndef PQ_RETIRE_HOOK
+#define PQ_RETIRE_HOOK(op, n) ((void)0)
+#endif
+
+/* One of the structures holding n let go of it (it is unreachable through that one).
+ * The last one retires it. */
+static void node_release(pq_op_t *op, pq_node_t *n) {
+    if (!op->indexed) {
+        PQ_RETIRE_HOOK(op, n);
+        pa__ebr_retire(op->ebr, &node_ext(n)->link, node_free_link); /* one structure only */
+        return;
+    }
+    /* acq_rel: the release half orders our unlink before the other releaser's retire;
+     * the acquire half lets the retiring thread see the other's unlink */
+    if (pa__fetch_sub_acq_rel(&n->refs, 1) == 1) {
+        PQ_RETIRE_HOOK(op, n);
+        pa__ebr_retire(op->ebr, &node_ext(n)->link, node_free_link);
+    }
+}
+
+/* ---- the index (indexed queues) ---- */
+
+/* Folds the value's bits instead of scrambling them: values that are close together (the
+ * engine's table ids: slot index in the low bits) land in neighbouring buckets, so a queue
+ * of n such values touches about n/512 pages of the bucket array, not n. */
+static inline _Atomic uintptr_t *bucket_of(pa_pq_t *pq, uint64_t value) {
+    uint64_t h = value ^ (value >> PQ_INDEX_BITS) ^ (value >> (2 * PQ_INDEX_BITS)) ^ (value >> (3 * PQ_INDEX_BITS));
+    return &pq->buckets[h & (PQ_INDEX_BUCKETS - 1)];
+}
+
+/* Harris-Michael find over a bucket list sorted by descending value (increasing ids, the
+ * common case, then insert at the front): prev/cur (out) is the position of the first
+ * node with a value <= v (cur may be NULL); unlinks the removed (marked) nodes it passes.
+ * True when cur holds v. */
+static bool index_find(pq_op_t *op, uint64_t v, _Atomic uintptr_t **prevp, pq_node_t **curp) {
+retry:;
+    _Atomic uintptr_t *prev = bucket_of(op->pq, v);
+    /* acquire: pairs with the release CAS that linked the node (index_insert) */
+    pq_node_t *cur = (pq_node_t *)pa__load_acquire(prev);
+    for (;;) {
+        if (!cur) {
+            *prevp = prev;
+            *curp = NULL;
+            return false;
+        }
+        pq_node_ext_t *ext = node_ext(cur);
+        uintptr_t next = pa__load_acquire(&ext->hnext); /* acquire: pairs with the linking CAS */
+        if (is_marked(next)) {
+            uintptr_t expected = (uintptr_t)cur;
+            /* acq_rel: our unlink is ordered before node_release's retire */
+            if (!pa__cas_strong_acq_rel(prev, &expected, (uintptr_t)unmark(next))) goto retry;
+            node_release(op, cur);
+            cur = unmark(next);
+            continue;
+        }
+        if (cur->value <= v) {
+            *prevp = prev;
+            *curp = cur;
+            return cur->value == v;
+        }
+        prev = &ext->hnext;
+        cur = unmark(next);
+    }
+}
+
+/* Removes n from the index if it is still there (only n itself is affected). */
+static void index_remove(pq_op_t *op, pq_node_t *n) {
+    /* acq_rel: the mark is the logical removal; find's acquire load sees it */
+    if ((pa__fetch_or_acq_rel(&node_ext(n)->hnext, MARK) & MARK) == 0) {
+        _Atomic uintptr_t *prev;
+        pq_node_t *cur;
+        (void)index_find(op, n->value, &prev, &cur); /* unlinks n (and any other marked) */
+    }
+}
+
+static void size_add(pq_op_t *op, int64_t d) { pa__fetch_add_relaxed(&op->pq->size[op->t->shard].n, d); }
+
+/* Moves a claimed (or about to be returned) node out of PENDING/QUEUED into TAKEN. True
+ * when the node ends TAKEN — by us or by a helper — i.e. it belongs to its claimer. */
+static bool resolve_taken(pq_op_t *op, pq_node_t *n) {
+    /* acquire: pairs with the release CAS of whoever set the state */
+    uint32_t s = pa__load_acquire(&n->state);
+    while (s == ST_PENDING || s == ST_QUEUED) {
+        /* acq_rel: the one CAS that decides between pop, cancel and an aborting push */
+        if (pa__cas_strong_acq_rel(&n->state, &s, ST_TAKEN)) {
+            size_add(op, -1);
+            index_remove(op, n);
+            return true;
+        }
+    }
+    return s == ST_TAKEN;
+}
+
+/* Decides every node of the deleted prefix (see the design comment). */
+static void resolve_prefix(pq_op_t *op) {
+    pq_node_t *x = op->pq->head;
+    for (;;) {
+        /* acquire: pairs with the insert CAS / claiming fetch-or that wrote the link */
+        uintptr_t nxt = pa__load_acquire(&x->next0);
+        if (!is_marked(nxt)) return;
+        x = unmark(nxt);
+        (void)resolve_taken(op, x);
+    }
+}
+
+/* Inserts n into the index, or: -EEXIST when its value is really queued. */
+static int index_insert(pq_op_t *op, pq_node_t *n) {
+    for (;;) {
+        _Atomic uintptr_t *prev;
+        pq_node_t *cur;
+        if (index_find(op, n->value, &prev, &cur)) {
+            /* acquire: pairs with the CAS that set cur's state */
+            uint32_t s = pa__load_acquire(&cur->state);
+            if (s == ST_QUEUED) {
+                /* cur may be claimed by a pop that has not decided it yet: decide it */
+                resolve_prefix(op);
+                s = pa__load_acquire(&cur->state);
+                if (s == ST_QUEUED) return -EEXIST;
+            }
+            if (s == ST_PENDING) {
+                /* acq_rel: pairs with the pusher's PENDING -> QUEUED CAS (one wins) */
+                if (!pa__cas_strong_acq_rel(&cur->state, &s, ST_DEAD)) continue;
+            }
+            index_remove(op, cur); /* stale entry: taken, cancelled or dead */
+            continue;
+        }
+        pa__store_relaxed(&node_ext(n)->hnext, (uintptr_t)cur);
+        uintptr_t expected = (uintptr_t)cur;
+        /* release: publishes n's value and state to index readers (acquire loads in find) */
+        if (pa__cas_strong_acq_rel(prev, &expected, (uintptr_t)n)) return 0;
+    }
+}
+
+/* ---- the skiplist ---- */
+
+/* Fills preds/succs for key at levels top..0; returns the last deleted node the level-0
+ * search passed (Lindén-Jonsson's `del`), or NULL. Deleted nodes count as smaller than
+ * every key, so level 0 always ends behind the deleted prefix. */
+static pq_node_t *locate_preds(pa_pq_t *pq, const uint64_t *key, int top, pq_node_t **preds,
+                               pq_node_t **succs) {
+    pq_node_t *pred = pq->head, *del = NULL;
+    for (int i = top; i >= 0; i--) {
+        /* acquire (all link loads below): pairs with the release CAS that linked the node
+         * (or the fetch-or / restructure CAS continuing it), so its key is visible */
+        uintptr_t raw = pa__load_acquire(next_at(pred, i));
+        bool d = i == 0 && is_marked(raw); /* cur is deleted: its predecessor is marked */
+        pq_node_t *cur = unmark(raw);
+        for (;;) {
+            uintptr_t cur_next0 = pa__load_acquire(&cur->next0);
+            if (!(is_marked(cur_next0) || d || key_less(cur->key, key))) break;
+            if (d) del = cur;
+            pred = cur;
+            if (i == 0) {
+                raw = cur_next0;
+                d = is_marked(raw);
+            } else {
+                raw = pa__load_acquire(&cur->up[i - 1]); /* may carry restructure's freeze */
+            }
+            cur = unmark(raw);
+        }
+        preds[i] = pred;
+        succs[i] = cur;
+    }
+    return del;
+}
+
+/* Levels that hold at least one node, read off head's tower (contiguous, hot): searches
+ * start there instead of at the highest level ever used. */
+static unsigned levels_in_use(pa_pq_t *pq) {
+    unsigned top = pa__load_relaxed(&pq->top);
+    /* acquire not needed: a stale answer only makes the search start lower or higher */
+    while (top > 1 && pa__load_relaxed(&pq->head->up[top - 2]) == (uintptr_t)pq->tail) top--;
+    return top;
+}
+
+/* n->level <= levels + 1 (the caller capped it), levels from levels_in_use */
+static void skiplist_insert(pa_pq_t *pq, pq_node_t *n, unsigned levels) {
+    pq_node_t *preds[PQ_MAX_LEVEL], *succs[PQ_MAX_LEVEL];
+    const int height = n->level;
+    uint32_t top = pa__load_relaxed(&pq->top);
+    /* restructure walks every level up to `top`: raise it before linking a taller tower */
+    while ((uint32_t)height > top && !pa__cas_strong_relaxed(&pq->top, &top, (uint32_t)height)) {
+    }
+    const int top_index = (height > (int)levels ? height : (int)levels) - 1;
+
+    pa__store_relaxed(&n->inserting, 1);
+    pq_node_t *del;
+    for (;;) {
+        del = locate_preds(pq, n->key, top_index, preds, succs);
+        pa__store_relaxed(&n->next0, (uintptr_t)succs[0]);
+        uintptr_t expected = (uintptr_t)succs[0]; /* fails if preds[0] got marked meanwhile */
+        /* release: publishes n (key, value, state, next0, inserting) to every acquire load
+         * of this link: searches, delete-min's walk and fetch-or */
+        if (pa__cas_strong_acq_rel(&preds[0]->next0, &expected, (uintptr_t)n)) break;
+    }
+    for (int i = 1; i < height;) {
+        pa__store_relaxed(&n->up[i - 1], (uintptr_t)succs[i]);
+        /* Stop raising when n or the successor is deleted, or the successor is the last
+         * deleted node: linking there could order a live node before a deleted one. */
+        if (is_marked(pa__load_acquire(&n->next0)) || is_marked(pa__load_acquire(&succs[i]->next0)) ||
+            del == succs[i])
+            break;
+        uintptr_t expected = (uintptr_t)succs[i];
+        /* release: as for level 0 (publishes n->up[i-1]) */
+        if (pa__cas_strong_acq_rel(&preds[i]->up[i - 1], &expected, (uintptr_t)n)) {
+            i++;
+        } else if (is_marked(expected)) {
+            break; /* restructure froze the predecessor's link: the tower ends here */
+        } else {
+            del = locate_preds(pq, n->key, top_index, preds, succs);
+            if (succs[0] != n) break; /* n was deleted meanwhile */
+        }
+    }
+    /* release: pairs with delete-min's acquire load; our upper links happen before any
+     * cut that passes n */
+    pa__store_release(&n->inserting, 0);
+}
+
+/* Moves head's upper-level pointers past the nodes whose level-0 link is marked
+ * (Lindén-Jonsson's Restructure), freezing each passed node's link at that level first.
+ * Without the freeze an insert could link a new node behind a passed node between our
+ * read of that node's link and our CAS on head: the new node would then be unreachable at
+ * that level while reachable at the levels above, which breaks the invariant the insert's
+ * `del` check relies on (at every level, deleted nodes before live ones) and lets a cut
+ * node stay reachable through a live one. Every level is walked from head's own pointer:
+ * a node passed without being frozen would reopen the same window. */
+static void restructure(pa_pq_t *pq) {
+    pq_node_t *head = pq->head;
+    int i = (int)pa__load_relaxed(&pq->top) - 1;
+    while (i > 0) {
+        /* acquire (link and next0 loads): pair with the CASes that wrote them; head's
+         * links are never frozen (marked) */
+        uintptr_t h = pa__load_acquire(&head->up[i - 1]);
+        pq_node_t *cur = (pq_node_t *)h;
+        if (!is_marked(pa__load_acquire(&cur->next0))) {
+            i--;
+            continue;
+        }
+        do {
+            /* acq_rel: freezes cur's link at this level (an insert's CAS that expects an
+             * unmarked link now fails); acquire pairs with the CAS that linked the next */
+            cur = unmark(pa__fetch_or_acq_rel(&cur->up[i - 1], MARK));
+        } while (is_marked(pa__load_acquire(&cur->next0)));
+        /* acq_rel: publishes the new first node at this level; only moves forward */
+        if (pa__cas_strong_acq_rel(&head->up[i - 1], &h, (uintptr_t)cur)) i--;
+    }
+}
+
+/* Delete-min. Returns the node this consumer now owns, or NULL when the queue is empty. */
+static pq_node_t *skiplist_take(pq_op_t *op) {
+    pa_pq_t *const pq = op->pq;
+    const bool indexed = op->indexed;
+    pq_node_t *const head = pq->head, *const tail = pq->tail;
+    pq_node_t *x = head, *newhead = NULL, *taken = NULL;
+    /* acquire: pairs with the insert / cut CAS that wrote head's link */
+    const uintptr_t obs_head = pa__load_acquire(&head->next0);
+    unsigned offset = 0;
+    for (;;) {
+        offset++;
+        /* acquire: pairs with the CAS / fetch-or that wrote x's link */
+        uintptr_t nxt = pa__load_acquire(&x->next0);
+        /* acquire: pairs with the inserter's release store; a node still linking its
+         * tower must stay reachable from head, so the cut stops before it */
+        if (!newhead && pa__load_acquire(&x->inserting)) newhead = x;
+        pq_node_t *y = unmark(nxt);
+        if (y == tail) break; /* every node before the tail is deleted: empty */
+        if (!is_marked(nxt)) {
+            /* acq_rel: the claim. Acquire pairs with the insert CAS that published y.
+             * For a node of the prefix only the old mark bit is needed: one `lock bts`
+             * on x86 (a fetch-or that returns the whole word is a CAS loop, retried under
+             * contention), and a marked link never changes again, so reading it after
+             * the claim gives the node claimed. Head's link is the exception — a cut may
+             * swing it right after our claim — so from head the whole old word is taken. */
+            bool claimed;
+            if (x != head) {
+                claimed = (pa__fetch_or_acq_rel(&x->next0, MARK) & MARK) == 0;
+                nxt = pa__load_relaxed(&x->next0);
+            } else {
+                nxt = pa__fetch_or_acq_rel(&x->next0, MARK);
+                claimed = !is_marked(nxt);
+            }
+            y = unmark(nxt);
+            if (claimed) {
+                /* y is ours */
+                x = y;
+                if (!indexed) {
+                    size_add(op, -1);
+                    taken = y;
+                    break;
+                }
+                if (resolve_taken(op, y)) {
+                    taken = y;
+                    break;
+                }
+                continue; /* cancelled or aborted: discard it and go on */
+            }
+        }
+        /* y was claimed by another consumer */
+        if (indexed) (void)resolve_taken(op, y);
+        x = y;
+    }
+    if (!newhead) newhead = x;
+    if (offset >= PQ_BOUND_OFFSET && is_marked(obs_head) && newhead != unmark(obs_head)) {
+        uintptr_t expected = obs_head;
+        /* acq_rel: the cut. Succeeds only if no other consumer cut since we read obs_head,
+         * so the nodes from obs_head to newhead are exactly the ones we walked. */
+        if (pa__cas_strong_acq_rel(&head->next0, &expected, (uintptr_t)newhead | MARK)) {
+            restructure(pq);
+            pq_node_t *cur = unmark(obs_head);
+            while (cur != newhead) {
+                /* relaxed: a marked link never changes again, and we read it in the walk */
+                pq_node_t *next = unmark(pa__load_relaxed(&cur->next0));
+                node_release(op, cur);
+                cur = next;
+            }
+        }
+    }
+    return taken;
+}
+
+/* ---- the interface ---- */
+
+int pa_pq_create(unsigned flags, pa_pq_t **out) {
+    if (!out || (flags & ~PA_PQ_INDEXED)) return -EINVAL;
+    pa_pq_t *pq = aligned_alloc(PA_CACHE_LINE, sizeof *pq);
+    if (!pq) return -ENOMEM;
+    memset(pq, 0, sizeof *pq);
+    pq->flags = flags;
+    pq->head = node_alloc(NULL, PQ_MAX_LEVEL);
+    pq->tail = node_alloc(NULL, 1);
+    if (flags & PA_PQ_INDEXED) pq->buckets = calloc(PQ_INDEX_BUCKETS, sizeof *pq->buckets);
+    if (!pq->head || !pq->tail || ((flags & PA_PQ_INDEXED) && !pq->buckets)) {
+        free(pq->head);
+        free(pq->tail);
+        free(pq->buckets);
+        free(pq);
+        return -ENOMEM;
+    }
+    for (int k = 0; k < 4; k++) pq->tail->key[k] = UINT64_MAX;
+    pq->tail->value = 0;
+    for (int i = 0; i < PQ_MAX_LEVEL; i++) pa__store_relaxed(next_at(pq->head, i), (uintptr_t)pq->tail);
+    pa__store_relaxed(&pq->top, 1);
+    pa__store_relaxed(&pq->arrival, 0);
+    for (int k = 0; k < PQ_SIZE_SHARDS; k++) pa__store_relaxed(&pq->size[k].n, 0);
+    *out = pq;
+    return 0;
+}
+
+/* destroy: drop one structure's hold on n without EBR (no other thread may be here) */
+static void node_drop_now(pq_node_t *n) {
+    uint16_t r = pa__load_relaxed(&n->refs);
+    if (r <= 1) {
+        free(n);
+    } else {
+        pa__store_relaxed(&n->refs, (uint16_t)(r - 1));
+    }
+}
+
+void pa_pq_destroy(pa_pq_t *pq) {
+    if (!pq) return;
+    /* Level 0 holds every node the skiplist still links (the uncut prefix included). */
+    pq_node_t *x = unmark(pa__load_relaxed(&pq->head->next0));
+    while (x != pq->tail) {
+        pq_node_t *next = unmark(pa__load_relaxed(&x->next0));
+        node_drop_now(x);
+        x = next;
+    }
+    if (pq->buckets) {
+        for (uint32_t b = 0; b < PQ_INDEX_BUCKETS; b++) {
+            pq_node_t *n = (pq_node_t *)pa__load_relaxed(&pq->buckets[b]);
+            while (n) {
+                pq_node_t *next = unmark(pa__load_relaxed(&node_ext(n)->hnext));
+                node_drop_now(n);
+                n = next;
+            }
+        }
+        free(pq->buckets);
+    }
+    free(pq->head);
+    free(pq->tail);
+    free(pq);
+    /* Nodes this queue retired earlier free themselves (their free function does not
+     * touch the queue); give them a chance now. */
+    pa__ebr_flush();
+}
+
+int pa_pq_push(pa_pq_t *pq, uint64_t value, double priority, double confidence, double deadline) {
+    if (!pq || isnan(priority) || isnan(confidence) || (isinf(deadline) && deadline < 0)) return -EINVAL;
+    uint64_t k0 = ~enc_asc(priority), k1 = ~enc_asc(confidence);
+    uint64_t k2 = (isnan(deadline) || isinf(deadline)) ? UINT64_MAX : enc_asc(deadline);
+    pq_op_t op;
+    if (!op_begin(&op, pq)) return -ENOMEM;
+    size_add(&op, 1); /* counted from now on; undone on failure */
+    int rc = 0;
+    for (;;) {
+        /* Towers at most one level above the current top (Pugh's cap): no level that
+         * holds a single tall node gets walked by every search. */
+        unsigned levels = levels_in_use(pq);
+        pq_node_t *n = node_alloc(op.t, random_level(op.t, levels + 1 < PQ_MAX_LEVEL ? levels + 1 : PQ_MAX_LEVEL));
+        if (!n) {
+            rc = -ENOMEM;
+            break;
+        }
+        n->key[0] = k0;
+        n->key[1] = k1;
+        n->key[2] = k2;
+        n->value = value;
+        if (op.indexed) {
+            pa__store_relaxed(&n->state, ST_PENDING);
+            pa__store_relaxed(&n->refs, 2); /* skiplist + index */
+            rc = index_insert(&op, n);
+            if (rc != 0) {
+                node_recycle(n); /* never published */
+                break;
+            }
+        }
+        /* arrival last, so that no number is spent on a push that fails */
+        n->key[3] = pa__fetch_add_relaxed(&pq->arrival, 1);
+        if (op.indexed && pa__load_acquire(&n->state) == ST_DEAD) {
+            node_release(&op, n); /* aborted before linking: the skiplist never holds it */
+            continue;
+        }
+        skiplist_insert(pq, n, levels);
+        if (!op.indexed) break;
+        uint32_t s = ST_PENDING;
+        /* acq_rel: the push's completion; loses to a pop that already took the node (then
+         * the push is done as well) or to a racing push that aborted it (then retry) */
+        if (pa__cas_strong_acq_rel(&n->state, &s, ST_QUEUED) || s != ST_DEAD) break;
+    }
+    if (rc != 0) size_add(&op, -1);
+    op_end(&op);
+    return rc;
+}
+
+bool pa_pq_pop(pa_pq_t *pq, pa_pq_item_t *item) {
+    pq_op_t op;
+    if (!pq || !op_begin(&op, pq)) return false;
+    pq_node_t *n = skiplist_take(&op);
+    if (n && item) node_to_item(n, item);
+    op_end(&op);
+    return n != NULL;
+}
+
+size_t pa_pq_pop_many(pa_pq_t *pq, uint64_t *values, size_t max) {
+    if (!pq || !values) return 0;
+    size_t got = 0;
+    pa_pq_item_t item;
+    while (got < max && pa_pq_pop(pq, &item)) values[got++] = item.value;
+    return got;
+}
+
+bool pa_pq_peek(pa_pq_t *pq, pa_pq_item_t *item) {
+    pq_op_t op;
+    if (!pq || !op_begin(&op, pq)) return false;
+    pq_node_t *x = pq->head;
+    bool found = false;
+    for (;;) {
+        /* acquire: pairs with the CAS / fetch-or that wrote the link */
+        uintptr_t nxt = pa__load_acquire(&x->next0);
+        pq_node_t *y = unmark(nxt);
+        if (y == pq->tail) break;
+        if (op.indexed) {
+            if (is_marked(nxt)) {
+                (void)resolve_taken(&op, y); /* decide claimed nodes, as pop does */
+                x = y;
+                continue;
+            }
+            /* acquire: pairs with the CAS that set the state */
+            if (pa__load_acquire(&y->state) != ST_QUEUED) {
+                x = y; /* pending (not pushed yet) or cancelled */
+                continue;
+            }
+        } else if (is_marked(nxt)) {
+            x = y;
+            continue;
+        }
+        if (item) node_to_item(y, item);
+        found = true;
+        break;
+    }
+    op_end(&op);
+    return found;
+}
+
+int pa_pq_cancel(pa_pq_t *pq, uint64_t value) {
+    if (!pq) return -EINVAL;
+    if (!(pq->flags & PA_PQ_INDEXED)) return -ENOTSUP;
+    pq_op_t op;
+    if (!op_begin(&op, pq)) return -ENOMEM;
+    int rc = -ENOENT;
+    _Atomic uintptr_t *prev;
+    pq_node_t *cur;
+    if (index_find(&op, value, &prev, &cur)) {
+        /* acquire: pairs with the CAS that set the state */
+        uint32_t s = pa__load_acquire(&cur->state);
+        while (s == ST_QUEUED) {
+            /* acq_rel: the one CAS that decides between this cancel and a pop */
+            if (pa__cas_strong_acq_rel(&cur->state, &s, ST_CANCELLED)) {
+                size_add(&op, -1);
+                index_remove(&op, cur);
+                rc = 0;
+                break;
+            }
+        }
+        /* PENDING: the push has not happened yet (-ENOENT). Otherwise it is over. */
+    }
+    op_end(&op);
+    return rc;
+}
+
+size_t pa_pq_size(const pa_pq_t *pq) {
+    if (!pq) return 0;
+    int64_t s = 0;
+    for (int k = 0; k < PQ_SIZE_SHARDS; k++) s += pa__load_relaxed(&((pa_pq_t *)pq)->size[k].n);
+    return s > 0 ? (size_t)s : 0;
+}
