@@ -12,13 +12,14 @@ One owner for each piece of state:
   requests past their deadline on its own thread and wakes the worker through an
   eventfd;
 * the native ``PriorityQueue`` owns the order of queued requests;
-* this module's dicts hold only what the core cannot: the strategy's handle of each
-  allocation that has one, the request objects still waiting, and the index the
-  consumer's ``acquire`` uses to find a ready allocation.
-
-Transitions *into* ALLOCATED happen under ``self._lock`` together with the dict
-insertions, so any later transition out of ALLOCATED (which takes the lock to clean the
-dicts) always finds them.
+* ``core.EngineCore`` (compiled, the base class of the allocators) owns what the table
+  cannot hold: the strategy's handle of each allocation that has one, the index the
+  consumer's ``acquire`` uses to find a ready allocation, and the running tally; it runs
+  every allocation's hot path (admit, allocate, finish, fail, cancel). Each transition
+  into or out of ALLOCATED happens there together with its dict updates, with the GIL
+  held and no Python code in between, so no thread sees one without the other;
+* this module holds the policy EngineCore calls back into (strategies, quotas, headroom,
+  events, learning), the queued request objects, and the worker.
 """
 from __future__ import annotations
 
