@@ -66,18 +66,69 @@
 #include "epoch.h"
 
 #include <errno.h>
+#include <linux/membarrier.h>
 #include <pthread.h>
 #include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "atomics.h"
 
+/* ---- asymmetric fences ----
+ *
+ * The store-load fence F_T in enter runs on every operation; F_A in try_advance runs
+ * rarely. Where the kernel offers membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) (Linux
+ * 4.14+), F_A becomes that system call — it makes every running thread of the process
+ * execute a full barrier (and a thread not running has passed one at its context
+ * switch) — and F_T shrinks to a compiler barrier: the userspace-RCU "membarrier" flavour
+ * (Desnoyers et al., "User-Level Implementations of Read-Copy Update", IEEE TPDS 2012).
+ * The proof above holds with F_T placed, for each reader, at the point where the
+ * membarrier's barrier ran on its thread. ThreadSanitizer cannot see that pairing, so
+ * TSan builds keep the symmetric fences. */
+static int ebr_asymmetric; /* written once under pthread_once, then read only */
+static pthread_once_t ebr_asymmetric_once = PTHREAD_ONCE_INIT;
+
+static void ebr_asymmetric_init(void) {
+#if !defined(PA_UNDER_TSAN) && defined(SYS_membarrier)
+    long commands = syscall(SYS_membarrier, MEMBARRIER_CMD_QUERY, 0, 0);
+    if (commands > 0 && (commands & MEMBARRIER_CMD_PRIVATE_EXPEDITED) &&
+        syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0)
+        ebr_asymmetric = 1;
+#endif
+}
+
+/* F_T: the readers' half. */
+static inline void fence_reader(void) {
+    if (ebr_asymmetric)
+        atomic_signal_fence(memory_order_seq_cst); /* the compiler may not move loads up */
+    else
+        pa__fence_seq_cst();
+}
+
+/* F_A: the advancer's half. False when the barrier could not be issued (then the advance
+ * must not happen). */
+static inline bool fence_advancer(void) {
+#if defined(SYS_membarrier)
+    if (ebr_asymmetric)
+        return syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) == 0;
+#endif
+    pa__fence_seq_cst();
+    return true;
+}
+
 #define EBR_ACTIVE 1u
 #define EBR_STATIC_RECORDS 64    /* records available without malloc */
 #define EBR_ADVANCE_EVERY 32     /* retires between two advance attempts of one thread */
 #define EBR_RETRY_AFTER 4        /* retires before a failed attempt is repeated */
+/* With membarrier (see "Asymmetric fences") an advance attempt costs a system call that
+ * interrupts the process's running threads, so it is attempted 32x less often; the
+ * garbage a thread holds grows by as much (a few thousand nodes at most). */
+#define EBR_ADVANCE_EVERY_ASYMMETRIC 256
+#define EBR_RETRY_AFTER_ASYMMETRIC 32
 #define EBR_FLUSH_ATTEMPTS 3     /* advances a non-blocking flush tries */
 
 typedef struct limbo {
@@ -185,7 +236,10 @@ static bool try_advance(uint64_t *now) {
     uint64_t g = pa__load_acquire(&ebr.epoch);
     /* F_A: the mirror of the fence in enter. Either a thread's announcement is visible to
      * the loads below, or that thread's later loads see everything before this point. */
-    pa__fence_seq_cst();
+    if (!fence_advancer()) {
+        *now = g;
+        return false;
+    }
     /* acquire: pairs with register's release CAS that publishes a record */
     for (ebr_record_t *r = pa__load_acquire(&ebr.records); r; r = r->next) {
         /* acquire: pairs with the owner's release stores in enter/exit/thread exit, so a
@@ -237,6 +291,9 @@ static void ebr_make_key(void) {
 
 static ebr_record_t *ebr_register(void) {
     pthread_once(&ebr_key_once, ebr_make_key);
+    /* every thread passes this once before its first section: ebr_asymmetric is settled
+     * (and the process registered for membarrier) before anyone relies on it */
+    pthread_once(&ebr_asymmetric_once, ebr_asymmetric_init);
     ebr_record_t *rec;
     /* acquire: pairs with the release CAS below (another thread's registration) */
     for (rec = pa__load_acquire(&ebr.records); rec; rec = rec->next) {
@@ -291,7 +348,7 @@ pa__ebr_thread_t *pa__ebr_enter(void) {
         /* F_T: the store-load fence. Without it the loads of shared pointers that follow
          * could be satisfied before the announcement is visible, and an advancer could
          * miss us while we read a node it is about to let free. */
-        pa__fence_seq_cst();
+        fence_reader();
         uint64_t check = pa__load_acquire(&ebr.epoch);
         if (check == g) return rec;
         /* The epoch moved between our load and the fence: the announcement may be stale
@@ -305,7 +362,8 @@ void pa__ebr_exit(pa__ebr_thread_t *rec) {
     /* release: pairs with try_advance's acquire load; our reads of shared nodes happen
      * before any free an advancer enables after seeing us outside */
     pa__store_release(&rec->state, pa__load_relaxed(&rec->state) & ~(uint64_t)EBR_ACTIVE);
-    if (rec->retires_since_advance >= EBR_ADVANCE_EVERY) {
+    unsigned every = ebr_asymmetric ? EBR_ADVANCE_EVERY_ASYMMETRIC : EBR_ADVANCE_EVERY;
+    if (rec->retires_since_advance >= every) {
         uint64_t g;
         if (try_advance(&g)) {
             rec->retires_since_advance = 0;
@@ -314,7 +372,8 @@ void pa__ebr_exit(pa__ebr_thread_t *rec) {
         } else {
             /* a thread lags one epoch behind, typically only for the rest of its current
              * operation: try again soon rather than let garbage pile up for a whole period */
-            rec->retires_since_advance = EBR_ADVANCE_EVERY - EBR_RETRY_AFTER;
+            rec->retires_since_advance =
+                every - (ebr_asymmetric ? EBR_RETRY_AFTER_ASYMMETRIC : EBR_RETRY_AFTER);
         }
     }
 }

@@ -111,7 +111,7 @@
 #define PQ_INDEX_BITS 18            /* 2^18 buckets: 2 MiB of address space per queue */
 #define PQ_INDEX_BUCKETS (1u << PQ_INDEX_BITS)
 #define PQ_SIZE_SHARDS 16          /* size counter stripes (one line each) */
-#define PQ_CACHE_PER_LEVEL 256     /* free nodes a thread keeps per tower height */
+#define PQ_CACHE_PER_LEVEL 1024    /* free nodes a thread keeps per tower height */
 
 enum { ST_PENDING = 0, ST_QUEUED = 1, ST_TAKEN = 2, ST_CANCELLED = 3, ST_DEAD = 4 };
 
