@@ -335,6 +335,10 @@ void pa_table_destroy(pa_table_t *table) {
 }
 
 int pa_table_insert(pa_table_t *t, const pa_record_init_t *init, pa_id_t *out_id) {
+    return pa_table_insert_at(t, init, pa_clock_now_ns(), out_id);
+}
+
+int pa_table_insert_at(pa_table_t *t, const pa_record_init_t *init, uint64_t now, pa_id_t *out_id) {
     if (!t || !init || !out_id) return -EINVAL;
     if (init->status != PA_STATUS_PENDING && init->status != PA_STATUS_ALLOCATED) return -EINVAL;
     if (!isfinite(init->requested) || init->requested < 0) return -EINVAL;
@@ -354,7 +358,6 @@ int pa_table_insert(pa_table_t *t, const pa_record_init_t *init, pa_id_t *out_id
      * A reader whose field loads see the stores below also sees, on its re-check, the
      * bumped generation of the removal that preceded this reuse. */
     pa__fence_release();
-    uint64_t now = pa_clock_now_ns();
     pa__store_relaxed(&s->resource_type, init->resource_type);
     pa__store_relaxed(&s->requested, pa__double_bits(init->requested));
     pa__store_relaxed(&s->allocated, pa__double_bits(init->allocated));
@@ -445,6 +448,11 @@ int pa_table_status(const pa_table_t *t, pa_id_t id) {
 
 int pa_table_transition(pa_table_t *t, pa_id_t id, uint32_t from_mask, pa_status_t to,
                         pa_status_t *prev_out) {
+    return pa_table_transition_at(t, id, from_mask, to, 0, prev_out);
+}
+
+int pa_table_transition_at(pa_table_t *t, pa_id_t id, uint32_t from_mask, pa_status_t to, uint64_t now,
+                           pa_status_t *prev_out) {
     if (!t) return -EINVAL;
     if ((unsigned)to >= PA_STATUS_COUNT) return -EINVAL;
     pa__slot_t *s = slot_for_id(t, id);
@@ -469,7 +477,12 @@ int pa_table_transition(pa_table_t *t, pa_id_t id, uint32_t from_mask, pa_status
          * status, acquire (also on failure) lets the loser see the winner's status */
         if (pa__cas_weak_acq_rel(&s->state, &state, desired)) break;
     }
-    uint64_t now = pa_clock_now_ns();
+    /* the clock is read only by the winner, and only when the caller gave no time; a
+     * caller's time taken before this record was created moves up to its creation, so
+     * the stamps never run backwards */
+    if (now == 0) now = pa_clock_now_ns();
+    uint64_t created = pa__load_relaxed(&s->created_ns);
+    if (now < created) now = created;
     pa__store_relaxed(&s->updated_ns, now);
     /* The first entry into ALLOCATED / ACTIVE is kept (a reverted release re-enters them
      * and must not move the stamp): the engine's allocation time and waste need it. Only

@@ -60,6 +60,9 @@ cdef extern from "prealloc/prealloc.h" nogil:
     int pa_table_create(uint32_t capacity, pa_table_t **out)
     void pa_table_destroy(pa_table_t *table)
     int pa_table_insert(pa_table_t *table, const pa_record_init_t *init, pa_id_t *out_id)
+    int pa_table_insert_at(pa_table_t *table, const pa_record_init_t *init, uint64_t now_ns, pa_id_t *out_id)
+    int pa_table_transition_at(pa_table_t *table, pa_id_t id, uint32_t from_mask, pa_status_t to,
+                               uint64_t now_ns, pa_status_t *prev_out)
     int pa_table_remove(pa_table_t *table, pa_id_t id)
     int pa_table_get(const pa_table_t *table, pa_id_t id, pa_record_t *out)
     int pa_table_status(const pa_table_t *table, pa_id_t id)

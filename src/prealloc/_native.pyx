@@ -251,15 +251,17 @@ cdef class AllocationTable:
         cdef uint64_t[::1] ids = out
         cdef pa_record_init_t init
         cdef int rc = 0
+        cdef uint64_t now
         memset(&init, 0, sizeof(init))
         init.status = status
         with nogil:
+            now = pa_clock_now_ns()  # one reading stamps the whole batch
             for i in range(n):
                 init.resource_type = resource_types[i]
                 init.requested = requested[i]
                 init.request_id = request_id_view[i] if request_id_view is not None else 0
                 init.owner = owner_view[i] if owner_view is not None else 0
-                rc = pa_table_insert(self._table, &init, &ids[i])
+                rc = pa_table_insert_at(self._table, &init, now, &ids[i])
                 if rc != 0:
                     break
                 done += 1
@@ -334,9 +336,11 @@ cdef class AllocationTable:
         cdef Py_ssize_t n = ids.shape[0], i
         out = np.zeros(n, dtype=np.bool_)
         cdef uint8_t[::1] won = out.view(np.uint8)
+        cdef uint64_t now
         with nogil:
+            now = pa_clock_now_ns()  # one reading stamps the whole batch
             for i in range(n):
-                won[i] = pa_table_transition(self._table, ids[i], mask, <pa_status_t>to, NULL) == 0
+                won[i] = pa_table_transition_at(self._table, ids[i], mask, <pa_status_t>to, now, NULL) == 0
         return out
 
     def set_allocated(self, pa_id_t record_id, double amount):

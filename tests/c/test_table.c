@@ -346,6 +346,32 @@ static void test_lifecycle_stamps(void) {
     pa_table_destroy(t);
 }
 
+/* The _at variants stamp the caller's time, never earlier than the record's creation. */
+static void test_caller_timestamps(void) {
+    pa_table_t *t = NULL;
+    REQUIRE(pa_table_create(8, &t) == 0);
+    pa_record_init_t init = {.status = PA_STATUS_PENDING, .requested = 1.0};
+    pa_id_t id = 0;
+    REQUIRE(pa_table_insert_at(t, &init, 1000, &id) == 0);
+    pa_record_t r;
+    REQUIRE(pa_table_get(t, id, &r) == 0);
+    CHECK(r.created_ns == 1000 && r.updated_ns == 1000 && r.allocated_ns == 0);
+    CHECK_EQ_INT(pa_table_transition_at(t, id, PA_STATUS_BIT(PA_STATUS_PENDING), PA_STATUS_ALLOCATED, 5000, NULL), 0);
+    REQUIRE(pa_table_get(t, id, &r) == 0);
+    CHECK(r.allocated_ns == 5000 && r.updated_ns == 5000);
+    /* a time before the creation is raised to it */
+    CHECK_EQ_INT(pa_table_transition_at(t, id, PA_STATUS_BIT(PA_STATUS_ALLOCATED), PA_STATUS_ACTIVE, 10, NULL), 0);
+    REQUIRE(pa_table_get(t, id, &r) == 0);
+    CHECK(r.active_ns == 1000 && r.updated_ns == 1000);
+    /* 0 reads the clock */
+    uint64_t before = pa_clock_now_ns();
+    CHECK_EQ_INT(pa_table_transition_at(t, id, PA_STATUS_BIT(PA_STATUS_ACTIVE), PA_STATUS_RELEASING, 0, NULL), 0);
+    REQUIRE(pa_table_get(t, id, &r) == 0);
+    CHECK(r.updated_ns >= before);
+    CHECK_EQ_INT(pa_table_insert_at(t, NULL, 5, &id), -EINVAL);
+    pa_table_destroy(t);
+}
+
 static void test_generation_cycles(void) {
     pa_table_t *t;
     REQUIRE(pa_table_create(1, &t) == 0);
@@ -375,5 +401,6 @@ int main(void) {
     RUN_TEST(test_collect_and_count);
     RUN_TEST(test_generation_cycles);
     RUN_TEST(test_lifecycle_stamps);
+    RUN_TEST(test_caller_timestamps);
     TEST_MAIN_END();
 }

@@ -96,6 +96,12 @@ PA_API void pa_table_destroy(pa_table_t *table);
  * negative amount), -ENOSPC (capacity live records), -ENOMEM. */
 PA_API int pa_table_insert(pa_table_t *table, const pa_record_init_t *init, pa_id_t *out_id);
 
+/* pa_table_insert with the caller's timestamp (CLOCK_MONOTONIC ns) instead of a clock
+ * read: a batch can stamp many records with one reading (the clock is the larger part of
+ * an insert's cost on machines whose clocksource is not the TSC). */
+PA_API int pa_table_insert_at(pa_table_t *table, const pa_record_init_t *init, uint64_t now_ns,
+                              pa_id_t *out_id);
+
 /* Removes a record that is in a final state, making its id stale. -ENOENT (unknown or
  * stale id), -EBUSY (the record is not in a final state). */
 PA_API int pa_table_remove(pa_table_t *table, pa_id_t id);
@@ -115,6 +121,11 @@ PA_API int pa_table_status(const pa_table_t *table, pa_id_t id);
  * Also stamps updated_ns. */
 PA_API int pa_table_transition(pa_table_t *table, pa_id_t id, uint32_t from_mask, pa_status_t to,
                                pa_status_t *prev_out);
+
+/* pa_table_transition with the caller's timestamp for updated_ns (and allocated_ns /
+ * active_ns); now_ns 0 reads the clock (after winning, as pa_table_transition does). */
+PA_API int pa_table_transition_at(pa_table_t *table, pa_id_t id, uint32_t from_mask, pa_status_t to,
+                                  uint64_t now_ns, pa_status_t *prev_out);
 
 /* Field updates on a live record (any non-final status). -ENOENT (stale or final),
  * -EINVAL (allocated NaN or negative). */
