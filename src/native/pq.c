@@ -482,6 +482,26 @@ static pq_node_t *locate_preds(pa_pq_t *pq, const uint64_t *key, int top, pq_nod
     return del;
 }
 
+/* Continues the level-i search from `del` (a deleted node the search stopped before):
+ * past it and every node after it that is deleted (marked level-0 link) or smaller than
+ * key. False when del's link at this level is frozen by restructure (head is being moved
+ * past it: the tower ends here, as when an insert's CAS meets a frozen link). */
+static bool walk_past_deleted(const uint64_t *key, int i, pq_node_t *del, pq_node_t **pred_out,
+                              pq_node_t **succ_out) {
+    /* acquire (link loads): as in locate_preds */
+    uintptr_t raw = pa__load_acquire(&del->up[i - 1]);
+    if (is_marked(raw)) return false;
+    pq_node_t *pred = del, *cur = unmark(raw);
+    while (is_marked(pa__load_acquire(&cur->next0)) || key_less(cur->key, key)) {
+        pred = cur;
+        raw = pa__load_acquire(&cur->up[i - 1]);
+        cur = unmark(raw);
+    }
+    *pred_out = pred;
+    *succ_out = cur;
+    return true;
+}
+
 /* Levels that hold at least one node, read off head's tower (contiguous, hot): searches
  * start there instead of at the highest level ever used. */
 static unsigned levels_in_use(pa_pq_t *pq) {
@@ -512,11 +532,21 @@ static void skiplist_insert(pa_pq_t *pq, pq_node_t *n, unsigned levels) {
         if (pa__cas_strong_acq_rel(&preds[0]->next0, &expected, (uintptr_t)n)) break;
     }
     for (int i = 1; i < height;) {
+        if (del != NULL && succs[i] == del) {
+            /* The successor at this level is the last deleted node. An upper-level search
+             * cannot tell it from a live node (only its predecessor's level-0 link says it
+             * is deleted), so it compared keys with it and may have stopped before it.
+             * Linking there would order a live node before a deleted one; giving up the
+             * tower instead (Lindén-Jonsson's rule) degenerates the list when many inserts
+             * arrive while the prefix's last node holds a stale key — e.g. after a queue
+             * was emptied, every new tower stopped at level 1 and pushes became O(n).
+             * So continue this level's walk past it, as level 0 does. */
+            if (!walk_past_deleted(n->key, i, del, &preds[i], &succs[i])) break; /* frozen */
+        }
         pa__store_relaxed(&n->up[i - 1], (uintptr_t)succs[i]);
-        /* Stop raising when n or the successor is deleted, or the successor is the last
-         * deleted node: linking there could order a live node before a deleted one. */
-        if (is_marked(pa__load_acquire(&n->next0)) || is_marked(pa__load_acquire(&succs[i]->next0)) ||
-            del == succs[i])
+        /* Stop raising when n or the successor is deleted: linking there could order a
+         * live node before a deleted one. */
+        if (is_marked(pa__load_acquire(&n->next0)) || is_marked(pa__load_acquire(&succs[i]->next0)))
             break;
         uintptr_t expected = (uintptr_t)succs[i];
         /* release: as for level 0 (publishes n->up[i-1]) */
