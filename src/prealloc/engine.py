@@ -722,7 +722,7 @@ class ResourcePreallocator(ResourceAllocator):
 
     def _before_reset(self) -> None:
         with self._lock:
-            self._waiting = []
+            self._waiting = list[int]()
         # queued ids are withdrawn through their records; what stays in the native
         # queue is skipped by the worker (lazy cancellation)
 

@@ -6,14 +6,14 @@ amounts can be added to a counter (``value``). Thread-safe.
 from __future__ import annotations
 
 import threading
-from collections import Counter
+from collections import defaultdict
 from typing import Any
 
 
 class MetricsCollector:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._counters: Counter[tuple[str, tuple[tuple[str, Any], ...]]] = Counter()
+        self._counters: defaultdict[tuple[str, tuple[tuple[str, Any], ...]], float] = defaultdict(float)
 
     def record_metric(self, name: str, value: float = 1, **labels: Any) -> None:
         key = (name, tuple(sorted(labels.items())))
