@@ -91,11 +91,11 @@ def drop_capability(cap: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     header = Header(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
     data = (Data * 2)()
-    SYS_capget, SYS_capset = 125, 126  # x86_64
-    if libc.syscall(SYS_capget, ctypes.byref(header), data) != 0:
+    # glibc's capget/capset wrappers: no per-architecture syscall numbers here
+    if libc.capget(ctypes.byref(header), data) != 0:
         raise OSError(ctypes.get_errno(), "capget")
     word, bit = divmod(cap, 32)
     for field in ("effective", "permitted", "inheritable"):
         setattr(data[word], field, getattr(data[word], field) & ~(1 << bit))
-    if libc.syscall(SYS_capset, ctypes.byref(header), data) != 0:
+    if libc.capset(ctypes.byref(header), data) != 0:
         raise OSError(ctypes.get_errno(), "capset")
