@@ -25,34 +25,12 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_util.h"
 #include "prealloc/memory.h"
 
 #define MiB ((size_t)1024 * 1024)
 #define MAX_SIZES 16
 #define MAX_RUNS 101
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static int compare_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(double *v, int n) {
-    qsort(v, (size_t)n, sizeof(*v), compare_double);
-    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-}
-
-static double best(const double *v, int n) {
-    double b = v[0];
-    for (int i = 1; i < n; i++)
-        if (v[i] < b) b = v[i];
-    return b;
-}
 
 /* The baseline: plain mmap with MAP_POPULATE, optionally mlock'ed (through syscall(2), as
  * the library does, so a sanitizer build measures the same kernel work). */

@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "atomics.h"
+#include "bench_util.h"
 #include "prealloc/pq.h"
 
 /* ---- the baselines: a binary heap keyed exactly like the queue ---- */
@@ -253,12 +254,6 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 static uint64_t value_epoch = 1; /* keeps values unique across runs on one queue */
 
 static double run_once(const impl_t *im, void *q, int threads, long ops, long *failures) {
@@ -277,11 +272,6 @@ static double run_once(const impl_t *im, void *q, int threads, long ops, long *f
     value_epoch += (uint64_t)ops;
     for (int t = 0; t < threads; t++) *failures += ws[t].failures;
     return (double)ops * threads / dt / 1e6;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
 }
 
 static int parse_list(const char *s, long *out, int max) {
@@ -361,8 +351,8 @@ int main(int argc, char **argv) {
             }
             for (size_t k = 0; k < NIMPL; k++) {
                 if (k > 0 && only && !strstr(impls[k].name, only)) continue;
-                qsort(rates[k], (size_t)n, sizeof(double), cmp_double);
-                qsort(ratios[k], (size_t)n, sizeof(double), cmp_double);
+                qsort(rates[k], (size_t)n, sizeof(double), compare_double);
+                qsort(ratios[k], (size_t)n, sizeof(double), compare_double);
                 printf("%-9ld %-7ld %-16s %9.2f %8.2fx\n", sizes[si], threads[ti], impls[k].name, rates[k][n / 2],
                        ratios[k][n / 2]);
             }

@@ -31,22 +31,12 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench_util.h"
 #include "prealloc/table.h"
 #include "prealloc/wheel.h"
 
 #define MAX_RUNS 51
 #define MS 1000000ull
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static int compare_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
 
 static uint64_t xorshift(uint64_t *s) {
     uint64_t x = *s;

@@ -179,9 +179,7 @@ class AdaptiveSizer:
         """Adds one observation of real use for key; ValueError for a bad amount."""
         amount = check_amount("actual_amount_used", actual_amount_used)
         with self._lock:
-            state = self._states.get(key)
-            if state is None:
-                state = self._states[key] = _SizerState(samples=deque(maxlen=self.window))
+            state = self._state_for(key)
             state.observed += 1
             state.samples.append((amount, state.observed))
             if state.observed < self.min_samples:
@@ -195,13 +193,18 @@ class AdaptiveSizer:
                 state.current = self._clamp(state.anchor)
             state.current = self._step_towards(state.current, target)
 
+    def _state_for(self, key: Hashable) -> _SizerState:
+        """key's state, made on first use; the caller holds self._lock."""
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = _SizerState(samples=deque(maxlen=self.window))
+        return state
+
     def size(self, key: Hashable, template_need: float) -> float:
         """The size to request for key: learned once min_samples are in, else template_need."""
         template_need = check_amount("template_need", template_need)
         with self._lock:
-            state = self._states.get(key)
-            if state is None:
-                state = self._states[key] = _SizerState(samples=deque(maxlen=self.window))
+            state = self._state_for(key)
             if state.current is None:
                 state.anchor = template_need
                 return template_need
