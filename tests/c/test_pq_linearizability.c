@@ -24,7 +24,6 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
-#include <time.h>
 
 #include "pa_test.h"
 #include "prealloc/pq.h"
@@ -209,20 +208,12 @@ static void fill_push(op_t *o, uint64_t value, uint64_t *rng) {
     o->deadline = PICK(deads, pa_rand_next(rng));
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-/* Runs up to `rounds` histories (fewer if `budget_s` runs out first: the workers are
- * pinned, so a machine busy with other work slows every round down); returns how many
- * were not linearizable. */
-static long run_family(bool indexed, long rounds, uint64_t seed, double budget_s) {
+/* Runs `rounds` histories; returns how many were not linearizable. The count is fixed (no
+ * time budget), so what the test checks does not depend on how busy the machine is. */
+static long run_family(bool indexed, long rounds, uint64_t seed) {
     uint64_t rng = seed;
     long failures = 0, concurrent = 0, r;
-    double deadline = now_s() + budget_s;
-    for (r = 0; r < rounds && now_s() < deadline; r++) {
+    for (r = 0; r < rounds; r++) {
         round_t *rd = &the_round;
         memset(rd, 0, sizeof *rd);
         if (pa_pq_create(indexed ? PA_PQ_INDEXED : 0, &rd->pq) != 0) return rounds;
@@ -293,17 +284,18 @@ static long run_family(bool indexed, long rounds, uint64_t seed, double budget_s
     /* the test means nothing if the operations never overlapped */
     fprintf(stderr, "  %s: %ld of %ld histories had overlapping operations\n", indexed ? "indexed" : "unindexed",
             concurrent, r);
-    CHECK(r >= 200 || r == rounds);
     CHECK(concurrent > r / 10);
     return failures;
 }
 
 static void test_unindexed_histories(void) {
-    CHECK_EQ_INT(run_family(false, pa_stress(6000), 0x5eed1, 8.0), 0);
+    CHECK_EQ_INT(run_family(false, pa_stress(6000), 0x5eed1), 0);
 }
 
 static void test_indexed_histories(void) {
-    CHECK_EQ_INT(run_family(true, pa_stress(6000), 0x5eed2, 8.0), 0);
+    /* Fewer than unindexed: each indexed queue calloc's its 2 MiB bucket array, which
+     * under TSan means shadow memory mapped and cleared every round. */
+    CHECK_EQ_INT(run_family(true, pa_stress(3000), 0x5eed2), 0);
 }
 
 /* The checker itself must reject a wrong history: a pop that returns the worse of two
