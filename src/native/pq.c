@@ -594,12 +594,17 @@ static void restructure(pa_pq_t *pq) {
     }
 }
 
-/* Delete-min. Returns the node this consumer now owns, or NULL when the queue is empty. */
-static pq_node_t *skiplist_take(pq_op_t *op) {
+/* Delete-min, up to `max` times in one walk: each claim continues from the node claimed
+ * before it instead of walking the deleted prefix again from head, and the walk ends with
+ * at most one cut. Each claimed node's key goes to items[k] (nullable) and its value to
+ * values[k] (nullable), read while this operation still protects the node. Returns how
+ * many were taken; fewer than max when the queue ran empty. */
+static size_t skiplist_take(pq_op_t *op, size_t max, pa_pq_item_t *items, uint64_t *values) {
     pa_pq_t *const pq = op->pq;
     const bool indexed = op->indexed;
     pq_node_t *const head = pq->head, *const tail = pq->tail;
-    pq_node_t *x = head, *newhead = NULL, *taken = NULL;
+    pq_node_t *x = head, *newhead = NULL;
+    size_t taken = 0;
     /* acquire: pairs with the insert / cut CAS that wrote head's link */
     const uintptr_t obs_head = pa__load_acquire(&head->next0);
     unsigned offset = 0;
@@ -629,18 +634,21 @@ static pq_node_t *skiplist_take(pq_op_t *op) {
             }
             y = unmark(nxt);
             if (claimed) {
-                /* y is ours */
+                /* y is ours, unless (indexed) a cancel or an aborting push decided it
+                 * first: then discard it and go on */
                 x = y;
+                bool ours = true;
                 if (!indexed) {
                     size_add(op, -1);
-                    taken = y;
-                    break;
+                } else {
+                    ours = resolve_taken(op, y);
                 }
-                if (resolve_taken(op, y)) {
-                    taken = y;
-                    break;
+                if (ours) {
+                    if (items) node_to_item(y, &items[taken]);
+                    if (values) values[taken] = y->value;
+                    if (++taken == max) break;
                 }
-                continue; /* cancelled or aborted: discard it and go on */
+                continue;
             }
         }
         /* y was claimed by another consumer */
@@ -732,19 +740,27 @@ void pa_pq_destroy(pa_pq_t *pq) {
     pa__ebr_flush();
 }
 
-int pa_pq_push(pa_pq_t *pq, uint64_t value, double priority, double confidence, double deadline) {
-    if (!pq || isnan(priority) || isnan(confidence) || (isinf(deadline) && deadline < 0)) return -EINVAL;
+static bool key_valid(double priority, double confidence, double deadline) {
+    return !isnan(priority) && !isnan(confidence) && !(isinf(deadline) && deadline < 0);
+}
+
+/* One push inside an operation. `ticket` is the arrival number reserved for it, or
+ * PQ_NO_TICKET to take one from the counter once the index accepted the value (so that no
+ * number is spent on a push that fails). A retry always takes a fresh number: the aborted
+ * attempt may still sit in the skiplist with the old one, and keys must stay unique. */
+#define PQ_NO_TICKET UINT64_MAX
+static int push_one(pq_op_t *op, uint64_t value, double priority, double confidence, double deadline,
+                    uint64_t ticket) {
+    pa_pq_t *const pq = op->pq;
     uint64_t k0 = ~enc_asc(priority), k1 = ~enc_asc(confidence);
     uint64_t k2 = (isnan(deadline) || isinf(deadline)) ? UINT64_MAX : enc_asc(deadline);
-    pq_op_t op;
-    if (!op_begin(&op, pq)) return -ENOMEM;
-    size_add(&op, 1); /* counted from now on; undone on failure */
+    size_add(op, 1); /* counted from now on; undone on failure */
     int rc = 0;
     for (;;) {
         /* Towers at most one level above the current top (Pugh's cap): no level that
          * holds a single tall node gets walked by every search. */
         unsigned levels = levels_in_use(pq);
-        pq_node_t *n = node_alloc(op.t, random_level(op.t, levels + 1 < PQ_MAX_LEVEL ? levels + 1 : PQ_MAX_LEVEL));
+        pq_node_t *n = node_alloc(op->t, random_level(op->t, levels + 1 < PQ_MAX_LEVEL ? levels + 1 : PQ_MAX_LEVEL));
         if (!n) {
             rc = -ENOMEM;
             break;
@@ -753,48 +769,107 @@ int pa_pq_push(pa_pq_t *pq, uint64_t value, double priority, double confidence, 
         n->key[1] = k1;
         n->key[2] = k2;
         n->value = value;
-        if (op.indexed) {
+        if (op->indexed) {
             pa__store_relaxed(&n->state, ST_PENDING);
             pa__store_relaxed(&n->refs, 2); /* skiplist + index */
-            rc = index_insert(&op, n);
+            rc = index_insert(op, n);
             if (rc != 0) {
                 node_recycle(n); /* never published */
                 break;
             }
         }
-        /* arrival last, so that no number is spent on a push that fails */
-        n->key[3] = pa__fetch_add_relaxed(&pq->arrival, 1);
-        if (op.indexed && pa__load_acquire(&n->state) == ST_DEAD) {
-            node_release(&op, n); /* aborted before linking: the skiplist never holds it */
+        n->key[3] = ticket != PQ_NO_TICKET ? ticket : pa__fetch_add_relaxed(&pq->arrival, 1);
+        ticket = PQ_NO_TICKET;
+        if (op->indexed && pa__load_acquire(&n->state) == ST_DEAD) {
+            node_release(op, n); /* aborted before linking: the skiplist never holds it */
             continue;
         }
         skiplist_insert(pq, n, levels);
-        if (!op.indexed) break;
+        if (!op->indexed) break;
         uint32_t s = ST_PENDING;
         /* acq_rel: the push's completion; loses to a pop that already took the node (then
          * the push is done as well) or to a racing push that aborted it (then retry) */
         if (pa__cas_strong_acq_rel(&n->state, &s, ST_QUEUED) || s != ST_DEAD) break;
     }
-    if (rc != 0) size_add(&op, -1);
+    if (rc != 0) size_add(op, -1);
+    return rc;
+}
+
+int pa_pq_push(pa_pq_t *pq, uint64_t value, double priority, double confidence, double deadline) {
+    if (!pq || !key_valid(priority, confidence, deadline)) return -EINVAL;
+    pq_op_t op;
+    if (!op_begin(&op, pq)) return -ENOMEM;
+    int rc = push_one(&op, value, priority, confidence, deadline, PQ_NO_TICKET);
     op_end(&op);
+    return rc;
+}
+
+/* Items per operation in the batch calls: one operation holds back reclamation (EBR)
+ * while it runs, so a large batch is served in operations of this many. */
+#define PQ_BATCH_CHUNK 256
+
+int pa_pq_push_many(pa_pq_t *pq, size_t n, const uint64_t *values, const double *priorities,
+                    const double *confidences, const double *deadlines, size_t *pushed) {
+    if (pushed) *pushed = 0;
+    if (!pq || (n && (!values || !priorities || !confidences || !deadlines))) return -EINVAL;
+    for (size_t i = 0; i < n; i++)
+        if (!key_valid(priorities[i], confidences[i], deadlines[i])) return -EINVAL;
+    const bool indexed = (pq->flags & PA_PQ_INDEXED) != 0;
+    size_t done = 0;
+    int rc = 0;
+    while (done < n && rc == 0) {
+        pq_op_t op;
+        if (!op_begin(&op, pq)) {
+            rc = -ENOMEM;
+            break;
+        }
+        size_t chunk = n - done < PQ_BATCH_CHUNK ? n - done : PQ_BATCH_CHUNK;
+        /* Unindexed: one counter update reserves the chunk's arrival numbers, in input
+         * order (so equal keys keep it). Indexed pushes may fail (-EEXIST) and take theirs
+         * one by one. */
+        uint64_t ticket = indexed ? PQ_NO_TICKET : pa__fetch_add_relaxed(&pq->arrival, chunk);
+        for (size_t k = 0; k < chunk; k++, done++) {
+            rc = push_one(&op, values[done], priorities[done], confidences[done], deadlines[done],
+                          indexed ? PQ_NO_TICKET : ticket + k);
+            if (rc != 0) break;
+        }
+        op_end(&op);
+    }
+    if (pushed) *pushed = done;
     return rc;
 }
 
 bool pa_pq_pop(pa_pq_t *pq, pa_pq_item_t *item) {
     pq_op_t op;
     if (!pq || !op_begin(&op, pq)) return false;
-    pq_node_t *n = skiplist_take(&op);
-    if (n && item) node_to_item(n, item);
+    size_t got = skiplist_take(&op, 1, item, NULL);
     op_end(&op);
-    return n != NULL;
+    return got == 1;
+}
+
+
+static size_t pop_batch(pa_pq_t *pq, size_t max, pa_pq_item_t *items, uint64_t *values) {
+    size_t got = 0;
+    while (got < max) {
+        pq_op_t op;
+        if (!op_begin(&op, pq)) break;
+        size_t want = max - got < PQ_BATCH_CHUNK ? max - got : PQ_BATCH_CHUNK;
+        size_t n = skiplist_take(&op, want, items ? items + got : NULL, values ? values + got : NULL);
+        op_end(&op);
+        got += n;
+        if (n < want) break; /* empty */
+    }
+    return got;
 }
 
 size_t pa_pq_pop_many(pa_pq_t *pq, uint64_t *values, size_t max) {
     if (!pq || !values) return 0;
-    size_t got = 0;
-    pa_pq_item_t item;
-    while (got < max && pa_pq_pop(pq, &item)) values[got++] = item.value;
-    return got;
+    return pop_batch(pq, max, NULL, values);
+}
+
+size_t pa_pq_pop_items(pa_pq_t *pq, pa_pq_item_t *items, size_t max) {
+    if (!pq || !items) return 0;
+    return pop_batch(pq, max, items, NULL);
 }
 
 bool pa_pq_peek(pa_pq_t *pq, pa_pq_item_t *item) {

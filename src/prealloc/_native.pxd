@@ -136,6 +136,8 @@ cdef extern from "prealloc/prealloc.h" nogil:
     void pa_pq_destroy(pa_pq_t *pq)
     int pa_pq_push(pa_pq_t *pq, uint64_t value, double priority, double confidence, double deadline)
     bint pa_pq_pop(pa_pq_t *pq, pa_pq_item_t *item)
+    int pa_pq_push_many(pa_pq_t *pq, size_t n, const uint64_t *values, const double *priorities,
+                        const double *confidences, const double *deadlines, size_t *pushed)
     size_t pa_pq_pop_many(pa_pq_t *pq, uint64_t *values, size_t max)
     bint pa_pq_peek(pa_pq_t *pq, pa_pq_item_t *item)
     int pa_pq_cancel(pa_pq_t *pq, uint64_t value)

@@ -805,22 +805,22 @@ cdef class PriorityQueue:
         cdef const double[::1] priorities = _f64(priorities_in)
         cdef const double[::1] confidences = _f64(confidences_in)
         cdef const double[::1] deadlines = _f64(deadlines_in)
-        cdef Py_ssize_t n = request_ids.shape[0], i, done = 0
+        cdef Py_ssize_t n = request_ids.shape[0], i
+        cdef size_t done = 0
         cdef int rc = 0
         if priorities.shape[0] != n or confidences.shape[0] != n or deadlines.shape[0] != n:
             raise ValueError("all arrays must have the same length")
+        if n == 0:
+            return
         for i in range(n):
             if isnan(priorities[i]) or isnan(confidences[i]) or deadlines[i] == -float("inf"):
                 raise ValueError(f"element {i}: priority and confidence must be numbers and the"
                                  " deadline not -inf")
         with nogil:
-            for i in range(n):
-                rc = pa_pq_push(self._pq, request_ids[i], priorities[i], confidences[i], deadlines[i])
-                if rc != 0:
-                    break
-                done += 1
+            rc = pa_pq_push_many(self._pq, <size_t>n, &request_ids[0], &priorities[0],
+                                 &confidences[0], &deadlines[0], &done)
             if rc != 0 and self.indexed:
-                for i in range(done):
+                for i in range(<Py_ssize_t>done):
                     pa_pq_cancel(self._pq, request_ids[i])
         if rc == -EEXIST:
             raise ValueError(f"request {request_ids[done]} is already queued")

@@ -319,6 +319,95 @@ static void test_pop_many(void) {
     pa_pq_destroy(pq);
 }
 
+/* push_many: bad keys anywhere push nothing; equal keys keep input order across chunks;
+ * an indexed duplicate stops the batch and says how many went in. */
+static void test_push_many(void) {
+    pa_pq_t *pq;
+    REQUIRE(pa_pq_create(0, &pq) == 0);
+    enum { N = 700 }; /* more than one chunk */
+    static uint64_t values[N];
+    static double prio[N], conf[N], dead[N];
+    for (int i = 0; i < N; i++) {
+        values[i] = 1000 + (uint64_t)i;
+        prio[i] = (double)(i % 3);
+        conf[i] = 0.5;
+        dead[i] = NAN;
+    }
+    size_t pushed = 99;
+    prio[N - 1] = NAN;
+    CHECK_EQ_INT(pa_pq_push_many(pq, N, values, prio, conf, dead, &pushed), -EINVAL);
+    CHECK_EQ_INT(pushed, 0);
+    CHECK_EQ_INT(pa_pq_size(pq), 0);
+    prio[N - 1] = (double)((N - 1) % 3);
+    dead[5] = -INFINITY;
+    CHECK_EQ_INT(pa_pq_push_many(pq, N, values, prio, conf, dead, NULL), -EINVAL);
+    CHECK_EQ_INT(pa_pq_size(pq), 0);
+    dead[5] = NAN;
+    CHECK_EQ_INT(pa_pq_push_many(pq, N, NULL, prio, conf, dead, NULL), -EINVAL);
+    CHECK_EQ_INT(pa_pq_push_many(NULL, N, values, prio, conf, dead, NULL), -EINVAL);
+    CHECK_EQ_INT(pa_pq_push_many(pq, 0, NULL, NULL, NULL, NULL, &pushed), 0);
+    CHECK_EQ_INT(pushed, 0);
+    CHECK_EQ_INT(pa_pq_push_many(pq, N, values, prio, conf, dead, &pushed), 0);
+    CHECK_EQ_INT(pushed, N);
+    CHECK_EQ_INT(pa_pq_size(pq), N);
+    /* priority 2 first, then 1, then 0; within a priority, input order */
+    static uint64_t out[N];
+    CHECK_EQ_INT(pa_pq_pop_many(pq, out, N), N);
+    size_t k = 0;
+    for (int p = 2; p >= 0; p--)
+        for (int i = 0; i < N; i++)
+            if (i % 3 == p) CHECK_EQ_INT(out[k++], values[i]);
+    pa_pq_destroy(pq);
+
+    REQUIRE(pa_pq_create(PA_PQ_INDEXED, &pq) == 0);
+    REQUIRE(pa_pq_push(pq, 1000 + 400, 0.0, 0.0, NAN) == 0);
+    CHECK_EQ_INT(pa_pq_push_many(pq, N, values, prio, conf, dead, &pushed), -EEXIST);
+    CHECK_EQ_INT(pushed, 400); /* values[400] is the duplicate */
+    CHECK_EQ_INT(pa_pq_size(pq), 401);
+    CHECK_EQ_INT(pa_pq_cancel(pq, values[399]), 0);  /* queued by the batch */
+    CHECK_EQ_INT(pa_pq_cancel(pq, values[401]), -ENOENT); /* after the stop: not queued */
+    pa_pq_destroy(pq);
+}
+
+/* Batches larger than one walk (PQ_TAKE_CHUNK) and item keys; indexed batches skip
+ * cancelled items without counting them. */
+static void test_pop_items(void) {
+    for (unsigned flags = 0; flags <= PA_PQ_INDEXED; flags += PA_PQ_INDEXED) {
+        pa_pq_t *pq;
+        REQUIRE(pa_pq_create(flags, &pq) == 0);
+        enum { N = 1000 };
+        for (int i = 0; i < N; i++)
+            REQUIRE(pa_pq_push(pq, (uint64_t)(1 + i), (double)(i % 7), 0.25, i % 2 ? NAN : (double)i) == 0);
+        size_t cancelled = 0;
+        if (flags) {
+            for (uint64_t v = 1; v <= N; v += 10) cancelled += pa_pq_cancel(pq, v) == 0;
+            CHECK_EQ_INT(cancelled, N / 10);
+        }
+        static pa_pq_item_t items[N];
+        size_t got = pa_pq_pop_items(pq, items, N);
+        CHECK_EQ_INT(got, N - cancelled);
+        for (size_t k = 0; k < got; k++) {
+            uint64_t i = items[k].value - 1;
+            CHECK(!flags || i % 10 != 0);
+            CHECK(items[k].priority == (double)(i % 7) && items[k].confidence == 0.25);
+            CHECK(i % 2 ? isinf(items[k].deadline) : items[k].deadline == (double)i);
+            if (k > 0) {
+                /* priority descending, then deadline ascending (none last), then arrival */
+                const pa_pq_item_t *a = &items[k - 1], *b = &items[k];
+                bool ordered = a->priority > b->priority ||
+                               (a->priority == b->priority &&
+                                (a->deadline < b->deadline || (a->deadline == b->deadline && a->arrival < b->arrival)));
+                CHECK(ordered);
+            }
+        }
+        CHECK_EQ_INT(pa_pq_size(pq), 0);
+        CHECK_EQ_INT(pa_pq_pop_items(pq, items, N), 0);
+        CHECK_EQ_INT(pa_pq_pop_items(NULL, items, N), 0);
+        CHECK_EQ_INT(pa_pq_pop_items(pq, NULL, N), 0);
+        pa_pq_destroy(pq);
+    }
+}
+
 /* Destroy with items queued, some popped (an uncut deleted prefix), some cancelled:
  * under ASan a leaked or double-freed node fails the run. */
 static void test_destroy_with_items(void) {
@@ -346,6 +435,8 @@ int main(void) {
     RUN_TEST(test_unindexed_duplicates_and_enotsup);
     RUN_TEST(test_peek);
     RUN_TEST(test_pop_many);
+    RUN_TEST(test_push_many);
+    RUN_TEST(test_pop_items);
     RUN_TEST(test_destroy_with_items);
     TEST_MAIN_END();
 }

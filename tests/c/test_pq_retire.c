@@ -28,8 +28,10 @@ static void retire_check(struct pq_op *op, struct pq_node *n);
 #define pa_pq_create wb_pq_create
 #define pa_pq_destroy wb_pq_destroy
 #define pa_pq_push wb_pq_push
+#define pa_pq_push_many wb_pq_push_many
 #define pa_pq_pop wb_pq_pop
 #define pa_pq_pop_many wb_pq_pop_many
+#define pa_pq_pop_items wb_pq_pop_items
 #define pa_pq_peek wb_pq_peek
 #define pa_pq_cancel wb_pq_cancel
 #define pa_pq_size wb_pq_size
@@ -77,21 +79,25 @@ static void *churner_main(void *arg) {
     churner_t *c = arg;
     while (!atomic_load_explicit(c->start, memory_order_acquire)) sched_yield();
     uint64_t rng = c->seed;
-    pa_pq_item_t it;
+    pa_pq_item_t items[8];
+    /* one pop in eight takes a batch: the batch walk makes its own cuts */
     for (long k = 0; k < c->ops; k++) {
         uint64_t r = pa_rand_next(&rng);
         double prio = (double)((r >> 20) % 4);
+        size_t batch = (r >> 40) % 8 == 0 ? 1 + (r >> 44) % 8 : 0;
         if (c->indexed) {
             uint64_t v = (r >> 8) % 64;
             switch (r % 3) {
             case 0: (void)pa_pq_push(c->pq, v, prio, 0.0, NAN); break;
-            case 1: (void)pa_pq_pop(c->pq, &it); break;
+            case 1: batch ? (void)pa_pq_pop_items(c->pq, items, batch) : (void)pa_pq_pop(c->pq, &items[0]); break;
             default: (void)pa_pq_cancel(c->pq, v);
             }
         } else if (r % 2 == 0 && pa_pq_size(c->pq) < 200) {
             (void)pa_pq_push(c->pq, r, prio, 0.0, NAN);
+        } else if (batch) {
+            (void)pa_pq_pop_items(c->pq, items, batch);
         } else {
-            (void)pa_pq_pop(c->pq, &it);
+            (void)pa_pq_pop(c->pq, &items[0]);
         }
     }
     return NULL;

@@ -16,8 +16,10 @@
 #define pa_pq_create ws_pq_create
 #define pa_pq_destroy ws_pq_destroy
 #define pa_pq_push ws_pq_push
+#define pa_pq_push_many ws_pq_push_many
 #define pa_pq_pop ws_pq_pop
 #define pa_pq_pop_many ws_pq_pop_many
+#define pa_pq_pop_items ws_pq_pop_items
 #define pa_pq_peek ws_pq_peek
 #define pa_pq_cancel ws_pq_cancel
 #define pa_pq_size ws_pq_size

@@ -4,6 +4,9 @@
  *
  *   conservation      P producers + C consumers on random keys: every pushed value is
  *                     popped exactly once, with the key it was pushed with; none invented.
+ *                     Half the producers and consumers work one item per call, half in
+ *                     batches of random size (pa_pq_push_many, pa_pq_pop_items), here and
+ *                     in the ordered phase.
  *   ordered_phase     pushes finish first, then C consumers pop concurrently. Each
  *                     consumer's own sequence must be strictly increasing in the queue's
  *                     order. Why: with no push in flight the content only shrinks; pops
@@ -53,6 +56,8 @@ static bool item_before(const pa_pq_item_t *a, const pa_pq_item_t *b) {
     return a->arrival < b->arrival;
 }
 
+#define PQ_TEST_BATCH 40
+
 #define VALUE(producer, i) (((uint64_t)(producer) << 32) | (uint64_t)(i))
 
 /* ---- conservation ---- */
@@ -71,12 +76,20 @@ typedef struct consumer {
     long n;
     long bad_keys;
     long out_of_order;
+    bool batches; /* pop with pa_pq_pop_items in batches of 1..PQ_TEST_BATCH */
 } consumer_t;
+
+/* Pops one batch into items (one item unless c->batches); returns how many. */
+static size_t consumer_pop(consumer_t *c, pa_pq_item_t *items, uint64_t *rng) {
+    if (!c->batches) return pa_pq_pop(c->sh->pq, &items[0]) ? 1 : 0;
+    return pa_pq_pop_items(c->sh->pq, items, 1 + pa_rand_next(rng) % PQ_TEST_BATCH);
+}
 
 typedef struct producer {
     shared_t *sh;
     int id;
     long failures;
+    bool batches; /* push with pa_pq_push_many in batches of 1..PQ_TEST_BATCH */
 } producer_t;
 
 static void wait_start(shared_t *sh) {
@@ -87,9 +100,26 @@ static void *producer_main(void *arg) {
     producer_t *p = arg;
     shared_t *sh = p->sh;
     wait_start(sh);
-    for (long i = 0; i < sh->per_producer; i++) {
-        uint64_t v = VALUE(p->id, i);
-        if (pa_pq_push(sh->pq, v, prio_of(v), conf_of(v), dead_of(v)) != 0) p->failures++;
+    uint64_t rng = (uint64_t)(uintptr_t)p | 1;
+    for (long i = 0; i < sh->per_producer;) {
+        if (!p->batches) {
+            uint64_t v = VALUE(p->id, i);
+            if (pa_pq_push(sh->pq, v, prio_of(v), conf_of(v), dead_of(v)) != 0) p->failures++;
+            i++;
+            continue;
+        }
+        uint64_t vs[PQ_TEST_BATCH];
+        double ps[PQ_TEST_BATCH], cs[PQ_TEST_BATCH], ds[PQ_TEST_BATCH];
+        size_t n = 1 + pa_rand_next(&rng) % PQ_TEST_BATCH, pushed = 0;
+        if ((long)n > sh->per_producer - i) n = (size_t)(sh->per_producer - i);
+        for (size_t k = 0; k < n; k++) {
+            vs[k] = VALUE(p->id, i + (long)k);
+            ps[k] = prio_of(vs[k]);
+            cs[k] = conf_of(vs[k]);
+            ds[k] = dead_of(vs[k]);
+        }
+        if (pa_pq_push_many(sh->pq, n, vs, ps, cs, ds, &pushed) != 0 || pushed != n) p->failures++;
+        i += (long)n;
     }
     atomic_fetch_add_explicit(&sh->producers_done, 1, memory_order_release);
     return NULL;
@@ -99,22 +129,20 @@ static void *consumer_main(void *arg) {
     consumer_t *c = arg;
     shared_t *sh = c->sh;
     wait_start(sh);
-    pa_pq_item_t it;
+    pa_pq_item_t items[PQ_TEST_BATCH];
+    uint64_t rng = (uint64_t)(uintptr_t)c | 1;
     for (;;) {
-        if (pa_pq_pop(sh->pq, &it)) {
-            if (!key_matches(&it)) c->bad_keys++;
-            c->got[c->n++] = it.value;
-            continue;
-        }
         /* acquire: pairs with the producers' release; an empty pop that starts after
          * every push has completed means everything was taken */
-        if (atomic_load_explicit(&sh->producers_done, memory_order_acquire) != sh->producers) {
-            sched_yield();
-            continue;
+        bool all_pushed = atomic_load_explicit(&sh->producers_done, memory_order_acquire) == sh->producers;
+        size_t n = consumer_pop(c, items, &rng);
+        for (size_t k = 0; k < n; k++) {
+            if (!key_matches(&items[k])) c->bad_keys++;
+            c->got[c->n++] = items[k].value;
         }
-        if (!pa_pq_pop(sh->pq, &it)) break;
-        if (!key_matches(&it)) c->bad_keys++;
-        c->got[c->n++] = it.value;
+        if (n > 0) continue;
+        if (all_pushed) break;
+        sched_yield();
     }
     return NULL;
 }
@@ -149,11 +177,11 @@ static void run_conservation(unsigned flags, int np, int nc, long per) {
     consumer_t cons[8];
     pthread_t pt[8], ct[8];
     for (int c = 0; c < nc; c++) {
-        cons[c] = (consumer_t){.sh = &sh, .got = malloc((size_t)(np * per) * sizeof(uint64_t))};
+        cons[c] = (consumer_t){.sh = &sh, .got = malloc((size_t)(np * per) * sizeof(uint64_t)), .batches = c % 2 == 1};
         pthread_create(&ct[c], NULL, consumer_main, &cons[c]);
     }
     for (int p = 0; p < np; p++) {
-        prods[p] = (producer_t){.sh = &sh, .id = p};
+        prods[p] = (producer_t){.sh = &sh, .id = p, .batches = p % 2 == 1};
         pthread_create(&pt[p], NULL, producer_main, &prods[p]);
     }
     atomic_store_explicit(&sh.start, 1, memory_order_release);
@@ -183,14 +211,18 @@ static void *ordered_consumer_main(void *arg) {
     consumer_t *c = arg;
     shared_t *sh = c->sh;
     wait_start(sh);
-    pa_pq_item_t prev, it;
+    pa_pq_item_t prev, items[PQ_TEST_BATCH];
+    uint64_t rng = (uint64_t)(uintptr_t)c | 1;
     bool have_prev = false;
-    while (pa_pq_pop(sh->pq, &it)) {
-        if (!key_matches(&it)) c->bad_keys++;
-        if (have_prev && !item_before(&prev, &it)) c->out_of_order++;
-        prev = it;
-        have_prev = true;
-        c->got[c->n++] = it.value;
+    size_t n;
+    while ((n = consumer_pop(c, items, &rng)) > 0) {
+        for (size_t k = 0; k < n; k++) {
+            if (!key_matches(&items[k])) c->bad_keys++;
+            if (have_prev && !item_before(&prev, &items[k])) c->out_of_order++;
+            prev = items[k];
+            have_prev = true;
+            c->got[c->n++] = items[k].value;
+        }
     }
     return NULL;
 }
@@ -203,7 +235,7 @@ static void run_ordered_phase(unsigned flags, int np, int nc, long per) {
     pthread_t pt[8], ct[8];
     /* phase 1: concurrent pushes, all finished (joined) before any pop */
     for (int p = 0; p < np; p++) {
-        prods[p] = (producer_t){.sh = &sh, .id = p};
+        prods[p] = (producer_t){.sh = &sh, .id = p, .batches = p % 2 == 1};
         pthread_create(&pt[p], NULL, producer_main, &prods[p]);
     }
     atomic_store_explicit(&sh.start, 1, memory_order_release);
@@ -212,7 +244,7 @@ static void run_ordered_phase(unsigned flags, int np, int nc, long per) {
     atomic_store_explicit(&sh.start, 0, memory_order_relaxed);
     /* phase 2: concurrent pops */
     for (int c = 0; c < nc; c++) {
-        cons[c] = (consumer_t){.sh = &sh, .got = malloc((size_t)(np * per) * sizeof(uint64_t))};
+        cons[c] = (consumer_t){.sh = &sh, .got = malloc((size_t)(np * per) * sizeof(uint64_t)), .batches = c % 2 == 1};
         pthread_create(&ct[c], NULL, ordered_consumer_main, &cons[c]);
     }
     atomic_store_explicit(&sh.start, 1, memory_order_release);

@@ -51,12 +51,25 @@ PA_API void pa_pq_destroy(pa_pq_t *pq);
  * already queued), -ENOMEM. */
 PA_API int pa_pq_push(pa_pq_t *pq, uint64_t value, double priority, double confidence, double deadline);
 
+/* Pushes n items: values[i] with priorities[i], confidences[i], deadlines[i] (NaN or +inf:
+ * none). Every key is checked first: -EINVAL pushes nothing. Then the items are pushed in
+ * input order (equal keys come out in input order) until one fails (-EEXIST on an indexed
+ * queue, -ENOMEM); *pushed (nullable) receives how many were pushed — the first *pushed
+ * items are queued, and withdrawing them is the caller's choice. Each item is a separate
+ * push; the batch shares the per-operation costs (reclamation epoch, arrival numbers). */
+PA_API int pa_pq_push_many(pa_pq_t *pq, size_t n, const uint64_t *values, const double *priorities,
+                           const double *confidences, const double *deadlines, size_t *pushed);
+
 /* Removes the first item in the order; false when the queue is empty. item (nullable)
  * receives its key. */
 PA_API bool pa_pq_pop(pa_pq_t *pq, pa_pq_item_t *item);
 
-/* Pops up to max items into values (in order); returns how many. */
+/* Pops up to max items into values (in order); returns how many (fewer when the queue ran
+ * empty). Each item is a separate pop (linearizable on its own), but the batch walks the
+ * front of the queue once instead of once per item. */
 PA_API size_t pa_pq_pop_many(pa_pq_t *pq, uint64_t *values, size_t max);
+/* As pa_pq_pop_many, with each item's key. */
+PA_API size_t pa_pq_pop_items(pa_pq_t *pq, pa_pq_item_t *items, size_t max);
 
 /* Copies the first item without removing it; false when empty. Under concurrent pops the
  * item may be gone by the time the caller looks at it. */
