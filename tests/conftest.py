@@ -1,10 +1,24 @@
 """Fixtures shared by the test modules."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_affinity_journal(tmp_path_factory):
+    """The CPU strategy journals pins of other processes (prealloc.journal); the tests
+    (and the subprocesses they start) keep theirs in a directory of their own rather than
+    the machine's /run/prealloc. Afterwards it must be empty: every pin was released."""
+    directory = tmp_path_factory.mktemp("affinity-journal")
+    os.environ["PREALLOC_JOURNAL_DIR"] = str(directory)
+    yield directory
+    del os.environ["PREALLOC_JOURNAL_DIR"]
+    left = sorted(p.name for p in directory.iterdir())
+    assert left == [], f"pins left in the affinity journal: {left}"
 
 # A child with a few threads, so "every thread of the process" is tested, not just one.
 CHILD_WITH_THREADS = (

@@ -1,6 +1,7 @@
 """The ``prealloc`` command line.
 
     prealloc demo [--scale S] [--seed N] [--lock] [--json] [-v]
+    prealloc recover [--dir DIR] [--json]
 
 Subcommands are argparse subparsers, each registered by a ``_add_<name>`` function
 that sets ``func`` (the handler, returning the exit status). Exit status: 0 on
@@ -17,7 +18,7 @@ import os
 import sys
 from typing import Any, Callable, Sequence, TextIO
 
-from . import __version__, demo
+from . import __version__, demo, journal
 
 PROG = "prealloc"
 MAX_SCALE = 100.0  # 4000 events over 5 minutes: beyond that a demo is a benchmark
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbose(parser, 0)
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     _add_demo(subparsers)
+    _add_recover(subparsers)
     return parser
 
 
@@ -150,6 +152,44 @@ def _run_demo(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         format_table(data, sys.stdout)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# recover
+
+
+def _add_recover(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "recover", help="put back processes pinned by a host that died without releasing them",
+        description="Reads the affinity journal (prealloc.journal) and, for every entry whose owner "
+                    "process is dead, restores the previous CPU affinity of each thread of the target "
+                    "that still has the mask the owner set; threads changed by someone else since are "
+                    "left alone. Entries of live owners are not touched. A CPU strategy does the same "
+                    "when it starts; this command is for operators and boot scripts.")
+    parser.add_argument("--dir", default=None,
+                        help=f"the journal directory (default: {journal.default_directory()})")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_verbose(parser, argparse.SUPPRESS)
+    parser.set_defaults(func=_run_recover)
+
+
+def _run_recover(args: argparse.Namespace) -> int:
+    results = journal.recover(args.dir)
+    if args.json:
+        json.dump([{"target_pid": r.target_pid, "restored_threads": r.restored_threads,
+                    "left_alone": r.left_alone, "target_gone": r.target_gone} for r in results],
+                  sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    if not results:
+        print("nothing to recover")
+    for r in results:
+        if r.target_gone:
+            print(f"process {r.target_pid}: gone; entry removed")
+        else:
+            print(f"process {r.target_pid}: restored {len(r.restored_threads)} thread(s)"
+                  + (f", left {len(r.left_alone)} changed by someone else" if r.left_alone else ""))
     return 0
 
 

@@ -19,6 +19,11 @@
  * "Exclusive" is among holders of this registry: keeping other processes off the cores
  * needs cpusets/isolcpus, which are the operator's business.
  *
+ * The saved masks live in this process: if it dies without releasing, a target that is
+ * another process stays pinned. The Python CPU strategy journals such pins to disk first
+ * and restores them after a crash (prealloc/journal.py, `prealloc recover`); a C host that
+ * pins other processes through this registry has to do the same on its side.
+ *
  * Complexity and progress: affinity calls are O(threads) syscalls. The registry is guarded
  * by one mutex (blocking); reservations are O(cores) under it. Not a hot path.
  */
