@@ -18,6 +18,7 @@ import pytest
 
 import prealloc
 from prealloc.monitors import (
+    CgroupCpu,
     PressureTrigger,
     PressureTriggerUnavailable,
     ResourceMonitor,
@@ -246,6 +247,101 @@ def test_cpu_used_agrees_with_proc_stat_over_the_same_window() -> None:
     # the windows differ by the microseconds between reads: 15 points per CPU of slack
     slack = 15.0 * len(cpus)
     assert min(candidates) - slack <= used <= max(candidates) + slack, (used, candidates)
+
+
+CHILD_IN_CPU_CGROUP = r"""
+import json, os, sys
+with open(os.path.join(sys.argv[1], sys.argv[2]), "w") as procs:
+    procs.write(str(os.getpid()))
+from prealloc.monitors import SystemResourceMonitor
+from prealloc.types import ResourceType
+cpu = SystemResourceMonitor().get_resource_availability(ResourceType.CPU)
+print(json.dumps({"total": cpu.total, "available": cpu.available, "used": cpu.used}))
+"""
+
+
+def own_cpu_cgroup() -> tuple[int, Path] | None:
+    """(version, the hierarchy directory this process's cpu cgroup is in) — the v1 cpu
+    controller's mount, or the v2 cgroup where cpu.max can be set below it."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        before, _, after = line.partition(" - ")
+        fields, post = before.split(), after.split()
+        if post[0] == "cgroup" and "cpu" in post[2].split(","):
+            return 1, Path(fields[4])
+    membership = Path("/proc/self/cgroup").read_text().splitlines()
+    for before, _, after in (line.partition(" - ") for line in Path("/proc/self/mountinfo").read_text().splitlines()):
+        if after.split()[0] == "cgroup2":
+            for line in membership:
+                hierarchy, _, path = line.split(":", 2)
+                if hierarchy == "0":
+                    directory = Path(before.split()[4]) / path.lstrip("/")
+                    if "cpu" in (directory / "cgroup.subtree_control").read_text().split():
+                        return 2, directory
+    return None
+
+
+def test_cpu_total_is_the_quota_of_a_cpu_cgroup_the_process_runs_in() -> None:
+    found = own_cpu_cgroup()
+    if found is None:
+        pytest.skip("no cpu cgroup controller is visible to this process")
+    version, parent = found
+    child = parent / f"prealloc-test-{uuid.uuid4().hex[:8]}"
+    try:
+        child.mkdir()
+    except OSError as error:
+        pytest.skip(f"cannot create a child cpu cgroup under {parent}: {error}")
+    try:
+        try:
+            if version == 2:
+                (child / "cpu.max").write_text("50000 100000")
+            else:
+                (child / "cpu.cfs_period_us").write_text("100000")
+                (child / "cpu.cfs_quota_us").write_text("50000")
+        except OSError as error:
+            pytest.skip(f"cannot set a CPU quota in {child}: {error}")
+        env = dict(os.environ, PYTHONPATH=str(Path(prealloc.__file__).parents[1]))
+        procs = "cgroup.procs" if version == 2 else "tasks"
+        result = subprocess.run([sys.executable, "-c", CHILD_IN_CPU_CGROUP, str(child), procs],
+                                capture_output=True, text=True, env=env, timeout=120)
+        if result.returncode != 0 and procs in result.stderr:
+            pytest.skip(f"cannot move a process into {child}: {result.stderr.strip()[-300:]}")
+        assert result.returncode == 0, result.stderr
+        seen = json.loads(result.stdout)
+    finally:
+        child.rmdir()
+    assert seen["total"] == pytest.approx(50.0)  # half a CPU of time, whatever the affinity
+    assert 0.0 <= seen["used"] <= 50.0 and seen["available"] == pytest.approx(50.0 - seen["used"])
+
+
+def fake_cgroup_tree(tmp_path: Path, cpu_max: dict[str, str]) -> Path:
+    """A /proc/self (cgroup, mountinfo) naming a cgroup2 mount at tmp_path/cg and the
+    process in /a/b, with cpu.max files as given (relative path -> content)."""
+    mount = tmp_path / "cg"
+    (mount / "a" / "b").mkdir(parents=True)
+    for relative, text in cpu_max.items():
+        (mount / relative / "cpu.max").write_text(text)
+    proc_self = tmp_path / "proc_self"
+    proc_self.mkdir()
+    (proc_self / "cgroup").write_text("0::/a/b\n")
+    (proc_self / "mountinfo").write_text(f"30 1 0:26 / {mount} rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n")
+    return proc_self
+
+
+def test_cgroup_cpu_limit_is_the_tightest_level(tmp_path: Path) -> None:
+    proc_self = fake_cgroup_tree(tmp_path, {"a/b": "max 100000", "a": "150000 100000", ".": "400000 50000"})
+    cgroup = CgroupCpu.discover(proc_self)
+    assert cgroup is not None and cgroup.version == 2
+    assert cgroup.directories[0] == tmp_path / "cg" / "a" / "b"
+    assert cgroup.limit_cpus() == pytest.approx(1.5)
+    (tmp_path / "cg" / "a" / "cpu.max").write_text("max 100000")  # lifted at run time
+    assert cgroup.limit_cpus() == pytest.approx(8.0)
+    (tmp_path / "cg" / "cpu.max").write_text("garbage")  # unreadable levels are left out
+    assert cgroup.limit_cpus() is None
+
+
+def test_cgroup_cpu_absent_without_cpu_files(tmp_path: Path) -> None:
+    assert CgroupCpu.discover(fake_cgroup_tree(tmp_path, {})) is None
+    assert CgroupCpu.discover(tmp_path / "nowhere") is None
 
 
 def test_disk_matches_statvfs(tmp_path: Path) -> None:

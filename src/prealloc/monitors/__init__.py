@@ -15,10 +15,11 @@ from .pressure import (
     parse_pressure,
     read_pressure,
 )
-from .system import CgroupMemory, SystemResourceMonitor
+from .system import CgroupCpu, CgroupMemory, SystemResourceMonitor
 
 __all__ = [
     "AvailabilityCallback",
+    "CgroupCpu",
     "CgroupMemory",
     "EventSource",
     "PressureLine",

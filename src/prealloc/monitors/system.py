@@ -17,7 +17,11 @@ MEMORY (MiB)
 
 CPU (percent of one core)
     total = 100 x the CPUs in this process's affinity (``sched_getaffinity`` of the
-    main thread, read at every sample because the CPU strategy may change it).
+    main thread, read at every sample because the CPU strategy may change it), or less
+    where a cgroup CPU bandwidth limit is tighter: 100 x quota / period (``cpu.max`` on
+    v2, ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` on v1), the tightest over the
+    cgroup and its ancestors, read at every sample. Under such a limit used is capped at
+    total (the busy share below is machine-wide, so it errs towards less available).
     used = the sum over those CPUs of their busy share (``/proc/stat``: everything but
     idle and iowait, as psutil counts it) over the last ``rate_window`` seconds or
     more. available = total - used. ``/proc/stat`` is read rather than psutil's
@@ -126,44 +130,8 @@ class CgroupMemory:
     @classmethod
     def discover(cls, proc_self: Path = Path("/proc/self")) -> CgroupMemory | None:
         """The memory cgroup of this process; None where there is none to read."""
-        try:
-            membership = (proc_self / "cgroup").read_text()
-            mountinfo = (proc_self / "mountinfo").read_text()
-        except OSError:
-            return None
-        v1_path: str | None = None
-        v2_path: str | None = None
-        for line in membership.splitlines():
-            parts = line.split(":", 2)
-            if len(parts) != 3:
-                continue
-            hierarchy, controllers, path = parts
-            if hierarchy == "0" and controllers == "":
-                v2_path = path
-            elif "memory" in controllers.split(","):
-                v1_path = path
-        v1_mount: tuple[str, str] | None = None
-        v2_mount: tuple[str, str] | None = None
-        for line in mountinfo.splitlines():
-            before, _, after = line.partition(" - ")
-            fields, post = before.split(), after.split()
-            if len(fields) < 5 or len(post) < 3:
-                continue
-            root, mount_point = _unescape_mount(fields[3]), _unescape_mount(fields[4])
-            fstype, super_options = post[0], post[2].split(",")
-            if fstype == "cgroup" and "memory" in super_options and v1_mount is None:
-                v1_mount = (root, mount_point)
-            elif fstype == "cgroup2" and v2_mount is None:
-                v2_mount = (root, mount_point)
-        # v1 first: on hybrid hosts the memory controller is on v1 and the v2
-        # hierarchy (mounted at .../unified) holds no memory files
-        if v1_path is not None and v1_mount is not None:
-            return cls(1, _levels(v1_mount, v1_path))
-        if v2_path is not None and v2_mount is not None:
-            directories = _levels(v2_mount, v2_path)
-            if any((d / "memory.max").exists() or (d / "memory.current").exists() for d in directories):
-                return cls(2, directories)
-        return None
+        found = _controller_directories("memory", ("memory.max", "memory.current"), proc_self)
+        return cls(*found) if found is not None else None
 
     def limited_levels(self) -> list[CgroupMemoryLevel]:
         """The levels with a real limit, as they read now (a level that cannot be read
@@ -213,6 +181,87 @@ def read_memory_stat(path: Path) -> dict[str, int]:
         except ValueError:
             continue
     return stats
+
+
+def _controller_directories(controller: str, v2_files: tuple[str, ...],
+                            proc_self: Path = Path("/proc/self")) -> tuple[int, list[Path]] | None:
+    """(version, directories from this process's cgroup of `controller` up to the mount
+    root), found through /proc/self/cgroup and /proc/self/mountinfo; None where there is
+    none to read. v1 first: on hybrid hosts the controller is on v1 and the v2 hierarchy
+    (mounted at .../unified) holds none of its files, which `v2_files` checks."""
+    try:
+        membership = (proc_self / "cgroup").read_text()
+        mountinfo = (proc_self / "mountinfo").read_text()
+    except OSError:
+        return None
+    v1_path: str | None = None
+    v2_path: str | None = None
+    for line in membership.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        if hierarchy == "0" and controllers == "":
+            v2_path = path
+        elif controller in controllers.split(","):
+            v1_path = path
+    v1_mount: tuple[str, str] | None = None
+    v2_mount: tuple[str, str] | None = None
+    for line in mountinfo.splitlines():
+        before, _, after = line.partition(" - ")
+        fields, post = before.split(), after.split()
+        if len(fields) < 5 or len(post) < 3:
+            continue
+        root, mount_point = _unescape_mount(fields[3]), _unescape_mount(fields[4])
+        fstype, super_options = post[0], post[2].split(",")
+        if fstype == "cgroup" and controller in super_options and v1_mount is None:
+            v1_mount = (root, mount_point)
+        elif fstype == "cgroup2" and v2_mount is None:
+            v2_mount = (root, mount_point)
+    if v1_path is not None and v1_mount is not None:
+        return 1, _levels(v1_mount, v1_path)
+    if v2_path is not None and v2_mount is not None:
+        directories = _levels(v2_mount, v2_path)
+        if any((d / name).exists() for d in directories for name in v2_files):
+            return 2, directories
+    return None
+
+
+class CgroupCpu:
+    """The cpu cgroup of this process, v2 or v1: its CPU bandwidth limit (a quota of CPU
+    time per period, set by docker --cpus, Kubernetes limits, systemd CPUQuota)."""
+
+    def __init__(self, version: int, directories: list[Path]) -> None:
+        self.version = version
+        self.directories = directories
+
+    @classmethod
+    def discover(cls, proc_self: Path = Path("/proc/self")) -> CgroupCpu | None:
+        found = _controller_directories("cpu", ("cpu.max",), proc_self)
+        return cls(*found) if found is not None else None
+
+    def limit_cpus(self) -> float | None:
+        """The tightest quota / period over this cgroup and its ancestors, in CPUs (1.5 =
+        one and a half CPUs of time); None where no level is limited. Read at each call:
+        limits change at run time. A level that cannot be read is left out."""
+        tightest: float | None = None
+        for directory in self.directories:
+            try:
+                if self.version == 2:
+                    quota_text, _, period_text = (directory / "cpu.max").read_text().strip().partition(" ")
+                    if quota_text == "max":
+                        continue
+                    quota, period = int(quota_text), int(period_text or 100_000)
+                else:
+                    quota = int((directory / "cpu.cfs_quota_us").read_text())
+                    period = int((directory / "cpu.cfs_period_us").read_text())
+            except (OSError, ValueError):
+                continue
+            if quota <= 0 or period <= 0:
+                continue  # -1: no limit (v1)
+            cpus = quota / period
+            tightest = cpus if tightest is None else min(tightest, cpus)
+        return tightest
 
 
 def _levels(mount: tuple[str, str], cgroup_path: str) -> list[Path]:
@@ -373,6 +422,7 @@ class SystemResourceMonitor(ResourceMonitor):
         self.pressure_stall_us = pressure_stall_us
         self.pressure_window_us = pressure_window_us
         self.cgroup_memory = CgroupMemory.discover()
+        self.cgroup_cpu = CgroupCpu.discover()
         if self.cgroup_memory is not None:
             log.debug("memory cgroup v%d at %s", self.cgroup_memory.version, self.cgroup_memory.directories[0])
         # the rate windows are shared by the watcher and callers' threads
@@ -444,6 +494,10 @@ class SystemResourceMonitor(ResourceMonitor):
             busy_percent += 100.0 * min(1.0, max(0.0, (new.busy - old.busy) / elapsed_ticks))
         if not ticks_seen:
             busy_percent = self._cpu_from_load_average(len(cpus))
+        limit = self.cgroup_cpu.limit_cpus() if self.cgroup_cpu is not None else None
+        if limit is not None and 100.0 * limit < total:
+            total = 100.0 * limit
+            busy_percent = min(busy_percent, total)
         return availability_from(ResourceType.CPU, total, total - busy_percent)
 
     @staticmethod
