@@ -387,3 +387,43 @@ def test_engine_is_thread_safe_under_concurrent_requests_and_releases():
         stats = pre.get_statistics()
         assert stats.successful_allocations == 2000
         assert stats.released + stats.expired == 2000  # each one ended exactly once
+
+
+def test_snapshots_are_the_dataclass_field_for_field_and_hold_their_references():
+    """The engine builds ResourceAllocation snapshots without the dataclass's __init__
+    (see _engine_core.pxi); they must be indistinguishable from constructed ones, and
+    must own (not borrow or leak) a reference to each field."""
+    import dataclasses
+    import sys
+
+    from prealloc import ResourceAllocation
+    from prealloc import _native
+
+    assert _native._snapshots_direct()
+    details: dict = {}
+    feedback = AllocationFeedback(True, actual_amount_used=0.5)
+    refs_before = sys.getrefcount(feedback)
+    with ResourcePreallocator(allocation_strategies={CUSTOM: NullAllocationStrategy()},
+                              resource_monitors={}) as pre:
+        released = []
+        pre.events.on("released", released.append)
+        a = pre.request_preallocation(ResourceRequest(CUSTOM, 2.0, duration=30.0))
+        rebuilt = ResourceAllocation(*[getattr(a, f.name) for f in dataclasses.fields(a)])
+        assert type(a) is ResourceAllocation
+        assert a == rebuilt and repr(a) == repr(rebuilt)
+        assert dataclasses.asdict(a) == dataclasses.asdict(rebuilt)
+        assert a.status is AllocationStatus.ALLOCATED and a.allocated_amount == 2.0
+        assert a.expires_at == pytest.approx(a.allocated_at + 30.0)
+        assert a.details == details and a.failure_reason is None
+        assert pre.release_allocation(a.allocation_id, AllocationFeedback(True, actual_amount_used=0.5))
+        for _ in range(1000):
+            b = pre.request_preallocation(ResourceRequest(CUSTOM, 1.0))
+            pre.release_allocation(b.allocation_id, feedback)
+        assert released[-1].feedback is feedback and len(released) == 1001
+        released.clear()  # (the emitter holds the list through its append)
+        del b
+    gc.collect()
+    assert sys.getrefcount(feedback) == refs_before  # every snapshot let go of it
+    a.failure_reason = "writable like any dataclass"
+    del a
+    gc.collect()

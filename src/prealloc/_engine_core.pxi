@@ -13,6 +13,9 @@
 # Python code of the subclass that touches the same dicts takes self._lock. This module
 # is built for the GIL interpreter (freethreading_compatible=False).
 
+from cpython.object cimport PyObject, PyTypeObject
+from cpython.ref cimport Py_INCREF
+
 from .types import AllocationStatus as _AllocationStatus
 from .types import ResourceAllocation as _ResourceAllocation
 from .types import ResourceType as _ResourceType
@@ -57,6 +60,110 @@ cdef bint _already_valid(request) except -1:
             and _finite_seconds(request.duration) and _finite_seconds(request.deadline)
             and type(request_id) is int and 0 < request_id < 0xFFFFFFFFFFFFFFFF
             and request.metadata.target_process_id is None)
+
+
+@cython.final
+@cython.freelist(64)
+cdef class Grant:
+    """What a strategy reserved: the amount (in the type's unit) and its handle. A
+    compiled class (re-exported by prealloc.strategies): one is made per allocation, and
+    a Python dataclass's __init__ cost more than the rest of a no-op allocation."""
+
+    cdef public double amount
+    cdef public object handle
+
+    def __init__(self, double amount, handle=None):
+        self.amount = amount
+        self.handle = handle
+
+    def __repr__(self):
+        return f"Grant(amount={self.amount!r}, handle={self.handle!r})"
+
+    def __eq__(self, other):
+        if type(other) is not Grant:
+            return NotImplemented
+        return self.amount == (<Grant>other).amount and self.handle == (<Grant>other).handle
+
+    __hash__ = None  # mutable, like the dataclass it replaces
+
+
+# ---- ResourceAllocation snapshots without the dataclass's Python __init__ ----
+#
+# A snapshot is made per allocation and per release that anyone listens to; the
+# dataclass's generated __init__ (a Python function of 12 arguments) was a fifth of a
+# no-op allocation's cost. Its fields are __slots__, i.e. member descriptors holding the
+# offset of each field in the object, so the object is made with tp_alloc and the
+# fields are stored directly — the same object the dataclass would make (same type,
+# repr, eq, asdict). If the class ever stops being a slots dataclass of object fields,
+# the descriptors say so at import and the plain constructor is used.
+
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDef:
+        int type
+        Py_ssize_t offset
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef *d_member
+    int T_OBJECT_EX
+    object PyType_GenericAlloc(PyTypeObject *t, Py_ssize_t nitems)
+
+cdef enum:
+    _SNAPSHOT_FIELDS = 12
+cdef Py_ssize_t _snapshot_offsets[_SNAPSHOT_FIELDS]
+cdef bint _snapshot_direct = False
+
+
+cdef bint _find_snapshot_offsets() except -1:
+    import dataclasses
+    names = [f.name for f in dataclasses.fields(_ResourceAllocation)]
+    if len(names) != _SNAPSHOT_FIELDS or getattr(_ResourceAllocation, "__dictoffset__", 0) \
+            or _ResourceAllocation.__init__ is object.__init__:
+        return False
+    member_type = type(_ResourceAllocation.__dict__[names[0]])
+    for i, name in enumerate(names):
+        descr = _ResourceAllocation.__dict__.get(name)
+        if type(descr) is not member_type or type(descr).__name__ != "member_descriptor":
+            return False
+        if (<PyMemberDescrObject *><PyObject *>descr).d_member.type != T_OBJECT_EX:
+            return False
+        _snapshot_offsets[i] = (<PyMemberDescrObject *><PyObject *>descr).d_member.offset
+    return True
+
+
+_snapshot_direct = _find_snapshot_offsets()
+
+
+def _snapshots_direct():
+    """True when snapshots are built field by field (tests check it stays so)."""
+    return _snapshot_direct
+
+
+cdef inline void _store_field(object obj, int i, object value):
+    # the slot is NULL in a fresh object: no old reference to drop
+    Py_INCREF(value)
+    (<PyObject **>((<char *><PyObject *>obj) + _snapshot_offsets[i]))[0] = <PyObject *>value
+
+
+cdef object _new_snapshot(allocation_id, request_id, rtype, requested, allocated, status,
+                          allocated_at, expires_at, actual_usage, feedback, failure_reason,
+                          details):
+    if not _snapshot_direct:
+        return _ResourceAllocation(allocation_id, request_id, rtype, requested, allocated, status,
+                                   allocated_at, expires_at, actual_usage, feedback, failure_reason,
+                                   details)
+    obj = PyType_GenericAlloc(<PyTypeObject *>_ResourceAllocation, 0)
+    _store_field(obj, 0, allocation_id)
+    _store_field(obj, 1, request_id)
+    _store_field(obj, 2, rtype)
+    _store_field(obj, 3, requested)
+    _store_field(obj, 4, allocated)
+    _store_field(obj, 5, status)
+    _store_field(obj, 6, allocated_at)
+    _store_field(obj, 7, expires_at)
+    _store_field(obj, 8, actual_usage)
+    _store_field(obj, 9, feedback)
+    _store_field(obj, 10, failure_reason)
+    _store_field(obj, 11, details)
+    return obj
 
 
 cdef inline object _ready_key(uint32_t rtype, uint64_t owner):
@@ -232,8 +339,12 @@ cdef class EngineCore:
             if quotas:
                 self.quotas.refund(_TYPE_OF[rtype], application, amount)
             return self._allocation_refused(record_id, strategy, exc, may_wait)
-        granted = grant.amount
-        handle = grant.handle
+        if type(grant) is Grant:
+            granted = (<Grant>grant).amount
+            handle = (<Grant>grant).handle
+        else:  # any object with these two attributes will do
+            granted = grant.amount
+            handle = grant.handle
         if quotas and granted != amount:
             self._rebook(_TYPE_OF[rtype], application, amount, granted)
 
@@ -475,7 +586,7 @@ cdef class EngineCore:
                 details = self.strategies[rtype].describe(handle)
             except Exception:  # a released handle may not describe itself
                 pass
-        return _ResourceAllocation(
+        return _new_snapshot(
             rec.id, rec.request_id, rtype, rec.requested, rec.allocated, _STATUS_OF[rec.status],
             rec.allocated_ns * _NS if rec.allocated_ns else None,
             rec.expires_ns * _NS if rec.expires_ns and rec.allocated_ns else None,

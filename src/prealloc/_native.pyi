@@ -206,6 +206,11 @@ class CoreReservations:
 
 WAIT: Any
 
+class Grant:
+    amount: float
+    handle: Any
+    def __init__(self, amount: float, handle: Any = None) -> None: ...
+
 class EngineCore:
     """The allocators' compiled half (see _engine_core.pxi); prealloc.engine subclasses it."""
     _table: AllocationTable

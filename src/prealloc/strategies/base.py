@@ -9,10 +9,14 @@ and the engine passes that handle to ``claim``, ``adjust`` and ``release``.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
 from typing import Any
 
+# What a strategy reserved: Grant(amount, handle). Compiled (one is made per allocation).
+from .._native import Grant
 from ..types import ResourceAvailability, ResourceRequest, ResourceType
+
+
+__all__ = ["AllocationError", "AllocationStrategy", "Grant", "InsufficientResources"]
 
 
 class AllocationError(Exception):
@@ -22,16 +26,6 @@ class AllocationError(Exception):
 class InsufficientResources(AllocationError):
     """Not enough of the resource now; a queued request waits and is retried when
     availability changes (until its deadline)."""
-
-
-@dataclass(slots=True)
-class Grant:
-    """What a strategy reserved: the amount (in the type's unit) and its handle.
-    (Not frozen: a frozen dataclass costs a slow object.__setattr__ per field, and one
-    Grant is made per allocation.)"""
-
-    amount: float
-    handle: Any = None
 
 
 class AllocationStrategy(abc.ABC):
