@@ -427,3 +427,57 @@ def test_snapshots_are_the_dataclass_field_for_field_and_hold_their_references()
     a.failure_reason = "writable like any dataclass"
     del a
     gc.collect()
+
+
+class _SlowStrategy(NullAllocationStrategy):
+    """Allocations of 99 block until the test opens the gate (a slow populate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def allocate(self, request, amount, availability):
+        if amount == 99:
+            self.entered.set()
+            assert self.gate.wait(30)
+        return super().allocate(request, amount, availability)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_slow_allocation_holds_back_others_only_with_one_worker(workers):
+    slow = _SlowStrategy()
+    with ResourcePreallocator(allocation_strategies={CUSTOM: slow}, resource_monitors={},
+                              allocation_workers=workers) as pre:
+        big = pre.submit(ResourceRequest(CUSTOM, 99.0, priority=9.0))
+        assert slow.entered.wait(10)
+        small = pre.submit(ResourceRequest(CUSTOM, 1.0))
+        try:
+            if workers == 1:
+                # the only worker is inside the slow allocation: the small one waits
+                assert pre.get_allocation(small).status is AllocationStatus.PENDING
+            else:
+                wait_until(lambda: pre.get_allocation(small).status is AllocationStatus.ALLOCATED)
+                assert pre.get_allocation(big).status is AllocationStatus.PENDING
+        finally:
+            slow.gate.set()
+        wait_until(lambda: all(pre.get_allocation(a).status is AllocationStatus.ALLOCATED for a in (big, small)))
+        assert pre.get_statistics().successful_allocations == 2
+    assert not [t for t in threading.enumerate() if t.name.startswith(f"prealloc-worker-{pre.id[:8]}")]
+
+
+def test_many_workers_allocate_each_request_once():
+    with ResourcePreallocator(allocation_strategies={CUSTOM: NullAllocationStrategy()}, resource_monitors={},
+                              allocation_workers=4) as pre:
+        ids = [pre.submit(ResourceRequest(CUSTOM, 1.0 + i % 7, priority=float(i % 3)), wake=False)
+               for i in range(2000)]
+        pre._wake()
+        wait_until(lambda: pre.queue_size == 0 and pre.get_statistics().successful_allocations == 2000)
+        assert all(pre.get_allocation(i).status is AllocationStatus.ALLOCATED for i in ids)
+        assert pre.get_statistics().total_requests == 2000
+
+
+@pytest.mark.parametrize("bad", [0, 65, 1.5, True, "2"])
+def test_allocation_workers_must_be_a_small_int(bad):
+    with pytest.raises(ValueError, match="allocation_workers"):
+        ResourcePreallocator(allocation_strategies={}, resource_monitors={}, allocation_workers=bad)

@@ -10,6 +10,11 @@
  * (2) First touch: writing one byte per page of a reserved (populated) region against the
  *     same writes to a fresh mmap, where every write takes a page fault — the latency the
  *     reservation takes off the consumer's path. Target: >= 50x faster.
+ * (3) Stall: while one thread reserves a large region, another maps and unmaps 1 MiB
+ *     every 200 us (what malloc of a large block or a new thread stack does). Populating
+ *     holds the process's mmap lock; the worst and median time of the other thread's
+ *     mmap + munmap during the reservation, ours (chunked, pausing: memory.c "Populate")
+ *     against mmap(MAP_POPULATE), and both reservation times.
  *
  * Usage: bench_memory [--sizes MiB,MiB,...] [--runs N] [--touch-size MiB]
  * Defaults: sizes 4,64,512; 7 runs (best and median shown); touch region 256 MiB.
@@ -17,6 +22,8 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -151,6 +158,78 @@ static void bench_first_touch(size_t size, int runs) {
     printf("%-40s   (speedup = cold median / reserved median, >= 50x wanted)\n", "");
 }
 
+/* ---- (3) the stall other threads see ---- */
+
+#define MAX_PROBES 100000
+typedef struct prober {
+    atomic_int stop;
+    int n;
+    double lat[MAX_PROBES];
+} prober_t;
+
+static void *probe_main(void *arg) {
+    prober_t *pr = arg;
+    while (!atomic_load(&pr->stop) && pr->n < MAX_PROBES) {
+        double t0 = now_s();
+        void *p = mmap(NULL, MiB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p != MAP_FAILED) munmap(p, MiB);
+        pr->lat[pr->n++] = now_s() - t0;
+        struct timespec gap = {0, 200000};
+        nanosleep(&gap, NULL);
+    }
+    return NULL;
+}
+
+/* One reservation of size by ours (1) or the baseline (0) while a prober runs: the
+ * reservation's time, and the prober's worst and median stall during it. */
+static void stall_run(size_t size, int ours, double *reserve_s, double *worst_s, double *median_s) {
+    static prober_t pr;
+    memset(&pr, 0, sizeof pr);
+    pthread_t th;
+    if (pthread_create(&th, NULL, probe_main, &pr) != 0) exit(1);
+    struct timespec settle = {0, 20000000};
+    nanosleep(&settle, NULL);
+    int first = pr.n; /* probes before the reservation are not counted */
+    pa_memory_t mem;
+    void *p = NULL;
+    *reserve_s = ours ? ours_reserve(size, PA_MEM_POPULATE, &mem) : baseline_reserve(size, false, &p);
+    atomic_store(&pr.stop, 1);
+    pthread_join(th, NULL);
+    if (ours) {
+        pa_memory_release(&mem);
+    } else {
+        munmap(p, size);
+    }
+    int n = pr.n - first;
+    double *lat = pr.lat + first;
+    if (n <= 0) {
+        *worst_s = *median_s = 0;
+        return;
+    }
+    double worst = 0;
+    for (int i = 0; i < n; i++)
+        if (lat[i] > worst) worst = lat[i];
+    *worst_s = worst;
+    *median_s = median(lat, n);
+}
+
+static void bench_stall(size_t size, int runs) {
+    printf("\n(3) another thread's 1 MiB mmap + munmap while %zu MiB is reserved, %d runs each\n", size / MiB, runs);
+    printf("%-26s %14s %14s %14s\n", "reservation", "reserve med ms", "stall max ms", "stall med ms");
+    double res[2][MAX_RUNS], worst[2][MAX_RUNS], med[2][MAX_RUNS];
+    for (int r = 0; r < runs; r++)
+        for (int k = 0; k < 2; k++) {
+            int ours = (r + k) % 2; /* alternate which goes first */
+            stall_run(size, ours, &res[ours][r], &worst[ours][r], &med[ours][r]);
+        }
+    static const char *names[2] = {"mmap(MAP_POPULATE)", "ours (POPULATE)"};
+    for (int k = 0; k < 2; k++)
+        printf("%-26s %14.1f %14.2f %14.3f\n", names[k], median(res[k], runs) * 1e3, median(worst[k], runs) * 1e3,
+               median(med[k], runs) * 1e3);
+    printf("%-26s   (medians over runs; worst stall ratio base / ours: %.0fx, reserve time ratio: %.2fx)\n", "",
+           median(worst[0], runs) / median(worst[1], runs), median(res[0], runs) / median(res[1], runs));
+}
+
 int main(int argc, char **argv) {
     size_t sizes[MAX_SIZES] = {4 * MiB, 64 * MiB, 512 * MiB};
     int n_sizes = 3, runs = 7;
@@ -181,5 +260,6 @@ int main(int argc, char **argv) {
         }
     bench_reserve(sizes, n_sizes, runs);
     bench_first_touch(touch_size, runs);
+    bench_stall(sizes[n_sizes - 1], runs);
     return 0;
 }

@@ -25,6 +25,18 @@
  * byte per page instead; populate_error then records that EINVAL (the reason the method
  * is TOUCH), and the reservation succeeds. PA_POPULATE_MAP is never chosen: MAP_POPULATE
  * cannot report failure and would fault pages in before MADV_HUGEPAGE is in place.
+ * The kernel holds the process's mmap lock for reading through one madvise call, and a
+ * thread that maps or unmaps anything meanwhile (malloc of a large block, a Python arena,
+ * a thread stack) waits for it: a 1 GiB populate in one call (or MAP_POPULATE) stalled
+ * another thread's 1 MiB mmap + munmap for the whole 320-420 ms here. So the calls go in
+ * chunks of PA_POPULATE_CHUNK (2 MiB, aligned, so a huge page is never split between
+ * calls) — which alone is not enough: the rwsem lets a reader (our next call) take the
+ * lock ahead of a waiting writer until the writer has waited a few milliseconds (15 ms
+ * measured). So every PA_POPULATE_PAUSE_EVERY (8 MiB) we also sleep 10 us, long enough
+ * for the woken writer to take the lock. Measured (benchmarks/c/bench_memory.c, 1 GiB):
+ * the other thread's worst stall falls to ~2-5 ms, the populate time stays within noise
+ * of one call. (Faulting pages by touch takes per-VMA locks on Linux >= 6.4 and stalls
+ * nobody, but costs about twice the time and cannot report an out-of-memory.)
  *
  * Lock. mlock after populating, so that a lack of memory (populate's -ENOMEM) is told
  * apart from a refused lock (RLIMIT_MEMLOCK, CAP_IPC_LOCK), which best-effort LOCK
@@ -63,7 +75,12 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
+
+#define PA_POPULATE_CHUNK ((uintptr_t)2 << 20)       /* a power of two, >= the huge page size */
+#define PA_POPULATE_PAUSE_EVERY ((uintptr_t)8 << 20) /* a power of two, multiple of the chunk */
+#define PA_POPULATE_PAUSE_NS 10000
 
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23 /* Linux 5.14; older libc headers lack it */
@@ -204,18 +221,31 @@ static int pa__map_aligned(size_t len, size_t align, int fd, void **out) {
  * -ENOMEM (or another -errno from the kernel) when the pages cannot be had. fresh says
  * the range holds no data yet (see the touch fallback). */
 static int pa__populate(pa_memory_t *mem, void *start, size_t len, bool fresh) {
-    for (;;) {
-        if (madvise(start, len, MADV_POPULATE_WRITE) == 0) {
-            mem->populate_method = PA_POPULATE_MADVISE;
-            return 0;
+    uintptr_t at = (uintptr_t)start, end = at + len;
+    while (at < end) {
+        /* up to the next chunk boundary (see "Populate" above) */
+        uintptr_t stop = (at & ~(uintptr_t)(PA_POPULATE_CHUNK - 1)) + PA_POPULATE_CHUNK;
+        if (stop > end) stop = end;
+        if (madvise((void *)at, stop - at, MADV_POPULATE_WRITE) == 0) {
+            at = stop;
+            if (at < end && (at & (PA_POPULATE_PAUSE_EVERY - 1)) == 0) {
+                /* let a thread waiting for the mmap lock have it (see "Populate") */
+                struct timespec pause = {0, PA_POPULATE_PAUSE_NS};
+                nanosleep(&pause, NULL);
+            }
+            continue;
         }
         int err = errno;
         if (err == EINTR) continue; /* a signal arrived: populating again is idempotent */
-        if (err == EINVAL) break;   /* kernel older than 5.14: fall back to touching */
+        if (err == EINVAL && at == (uintptr_t)start) break; /* kernel older than 5.14: touch */
         mem->populate_error = err;
         /* EFAULT: a page could not be faulted in (no memory for it, or a memfd page past
          * its size) — to the caller that is running out of memory. */
         return (err == ENOMEM || err == EFAULT) ? -ENOMEM : -err;
+    }
+    if (at == end) {
+        mem->populate_method = PA_POPULATE_MADVISE;
+        return 0;
     }
     /* Fresh memory: one write per page. A write fault gives a private, writable page (a
      * read fault would only map the shared zero page), and zero is the fresh value.

@@ -82,6 +82,12 @@ class PreallocatorConfig:
     metrics: MetricsCollector | None = None
     logger: logging.Logger | None = None
     predictor: Any | None = None  # has .on(event, fn); may have .update_model(id, feedback)
+    # Threads that allocate queued requests. With one, requests start strictly in queue
+    # order and one slow allocation (populating a large region) delays every request
+    # behind it; with more, each takes the next request as it comes free, so a small
+    # request is not stuck behind a large one (they still start in queue order, but may
+    # finish in any order).
+    allocation_workers: int = 1
 
     def validate(self) -> PreallocatorConfig:
         self.min_confidence = check_confidence(self.min_confidence)
@@ -89,6 +95,9 @@ class PreallocatorConfig:
             raise ValueError(f"capacity must be an int in 1..2**30, not {self.capacity!r}")
         if not (isinstance(self.tick, (int, float)) and 1e-6 <= self.tick <= 1.0):
             raise ValueError(f"tick must be between 1 us and 1 s, not {self.tick!r}")
+        if isinstance(self.allocation_workers, bool) or not isinstance(self.allocation_workers, int) \
+                or not 1 <= self.allocation_workers <= 64:
+            raise ValueError(f"allocation_workers must be an int in 1..64, not {self.allocation_workers!r}")
         check_amount("pending_timeout", self.pending_timeout)
         if self.default_duration is not None:
             check_amount("default_duration", self.default_duration)
@@ -198,12 +207,18 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
         # The worker sleeps in select() on two eventfds: the ticker's (expiries) and
         # this one (work from callers). No polling interval anywhere.
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Written once at close and never read, so it stays readable and every worker
+        # sees it (a wake on _wake_fd is consumed by whichever worker reads it first).
+        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stopping = False
-        self._worker = threading.Thread(target=self._work, name=f"prealloc-worker-{self.id[:8]}",
-                                        daemon=True)
+        self._workers = [threading.Thread(target=self._work, name=f"prealloc-worker-{self.id[:8]}-{i}", daemon=True)
+                         for i in range(config.allocation_workers)]
+        self._worker = self._workers[0]
         self._init_state()
-        self.log.info("initialized %s %s (capacity %d)", type(self).__name__, self.id, config.capacity)
-        self._worker.start()
+        self.log.info("initialized %s %s (capacity %d, %d worker(s))", type(self).__name__, self.id,
+                      config.capacity, len(self._workers))
+        for worker in self._workers:
+            worker.start()
 
     # ------------------------------------------------------------------ defaults
     def _default_monitors(self) -> dict[ResourceType, Any]:
@@ -428,6 +443,7 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
         selector = selectors.DefaultSelector()
         selector.register(self._wake_fd, selectors.EVENT_READ)
         selector.register(self._ticker.fileno(), selectors.EVENT_READ)
+        selector.register(self._stop_fd, selectors.EVENT_READ)
         try:
             while not self._stopping:
                 selector.select()  # blocks until the core or a caller has something
@@ -445,12 +461,17 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
         finally:
             selector.close()
 
+    def _on_worker(self) -> bool:
+        return threading.current_thread() in self._workers
+
     def _stop_threads(self) -> None:
         self._stopping = True
-        self._wake()
-        if threading.current_thread() is not self._worker:
-            self._worker.join()
+        os.eventfd_write(self._stop_fd, 1)
+        for worker in self._workers:
+            if worker is not threading.current_thread():
+                worker.join()
         os.close(self._wake_fd)
+        os.close(self._stop_fd)
 
     # ------------------------------------------------------------------ hooks of subclasses
     def _init_state(self) -> None:
@@ -672,7 +693,7 @@ class ResourcePreallocator(ResourceAllocator):
 
     def _availability_changed(self) -> None:
         self._retry.set()
-        if threading.current_thread() is not self._worker:
+        if not self._on_worker():
             self._wake()
 
     def _on_wake(self) -> None:
@@ -682,8 +703,11 @@ class ResourcePreallocator(ResourceAllocator):
         self._process_queue()
 
     def _process_queue(self) -> None:
+        # One worker takes requests in batches; several take one at a time, so that a
+        # request is never held by a worker busy with a slow allocation.
+        batch = 64 if len(self._workers) == 1 else 1
         while True:
-            ids = self._queue.pop_many(64)
+            ids = self._queue.pop_many(batch)
             if ids.size == 0:
                 return
             for rid in ids.tolist():
