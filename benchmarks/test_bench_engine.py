@@ -66,6 +66,44 @@ def test_pair_pure_python(benchmark, timers):
         engine.close()
 
 
+@pytest.mark.benchmark(group="engine: request+release pair, interleaved with the heapq engine")
+def test_pair_interleaved_ratio(benchmark):
+    """Ours and the heapq engine in alternating rounds of the same work, so that the load
+    of this shared machine hits both alike; extra_info gets the median of the per-round
+    ratios (heapq time / our time). The per-item time covers both engines' rounds."""
+    ours = _ours()
+    theirs = PurePythonPreallocator({CUSTOM: NullAllocationStrategy()}, timers="heapq")
+    n, rounds = 5_000, 15
+    ratios: list[float] = []
+    ours_s: list[float] = []
+
+    def timed(engine) -> float:
+        start = time.perf_counter()
+        _pairs(engine, n)
+        return time.perf_counter() - start
+
+    def run() -> None:
+        for r in range(rounds):
+            if r % 2:
+                a, b = timed(ours), timed(theirs)
+            else:
+                b, a = timed(theirs), timed(ours)
+            ours_s.append(a)
+            ratios.append(b / a)
+
+    try:
+        _pairs(ours, n)
+        _pairs(theirs, n)  # warm both
+        per_item(benchmark, n * rounds)
+        benchmark.pedantic(run, rounds=1)
+        benchmark.extra_info["ratio_vs_heapq_median"] = round(float(np.median(ratios)), 2)
+        benchmark.extra_info["ratio_min_max"] = f"{min(ratios):.2f}-{max(ratios):.2f}"
+        benchmark.extra_info["ours_ns_per_pair_median"] = round(float(np.median(ours_s)) / n * 1e9)
+    finally:
+        ours.close()
+        theirs.close()
+
+
 def _percentiles(samples_ns: list[int]) -> tuple[float, float]:
     a = np.array(samples_ns, dtype=np.float64) / 1e6
     return float(np.percentile(a, 50)), float(np.percentile(a, 99))

@@ -710,6 +710,10 @@ class ResourcePreallocator(ResourceAllocator):
             ids = self._queue.pop_many(batch)
             if ids.size == 0:
                 return
+            if batch == 1 and len(self._queue):
+                # One read of the wake fd may have consumed several callers' wakes; pass
+                # one on, so an idle worker takes what is left while this one allocates.
+                self._wake()
             for rid in ids.tolist():
                 with self._lock:
                     request = self._queued.pop(rid, None)
