@@ -203,3 +203,30 @@ def test_the_recover_command(child, journal_dir, capsys):
     assert cli.main(["recover", "--dir", str(journal_dir), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out[0]["target_pid"] == child.pid and len(out[0]["restored_threads"]) == len(thread_ids(child.pid))
+
+
+def test_a_host_that_exits_without_closing_still_unpins(child, journal_dir):
+    """Normal interpreter exit closes open allocators (an atexit hook), so a pin of
+    another process does not outlive the host even when it never called close()."""
+    before = all_threads_on(child.pid)
+    script = textwrap.dedent("""
+        import sys
+        from prealloc import CpuAllocationStrategy, ResourcePreallocator, ResourceRequest, ResourceType
+        from prealloc.types import RequestMetadata
+        pre = ResourcePreallocator(allocation_strategies={ResourceType.CPU: CpuAllocationStrategy()},
+                                   resource_monitors={})
+        a = pre.request_preallocation(ResourceRequest(ResourceType.CPU, 100.0,
+                                      metadata=RequestMetadata(target_process_id=int(sys.argv[1]))))
+        assert a.status.name == "ALLOCATED", a
+        print(" ".join(map(str, a.details["cores"])), flush=True)
+        sys.stdin.readline()  # the parent looks at the pin, then lets us exit (no close)
+    """)
+    host = subprocess.Popen([sys.executable, "-c", script, str(child.pid)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    cores = {int(c) for c in host.stdout.readline().split()}
+    assert cores and all(m == cores for m in all_threads_on(child.pid).values())
+    assert len(entries(journal_dir)) == 1
+    host.communicate("\n", timeout=60)
+    assert host.returncode == 0
+    assert all_threads_on(child.pid) == before
+    assert entries(journal_dir) == []

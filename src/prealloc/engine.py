@@ -24,6 +24,7 @@ One owner for each piece of state:
 from __future__ import annotations
 
 import abc
+import atexit
 import logging
 import os
 import selectors
@@ -107,6 +108,22 @@ class PreallocatorConfig:
             if v >= 1:
                 raise ValueError(f"headroom[{t.name}] is a fraction of the total, below 1, not {v}")
         return self
+
+
+# Allocators not closed yet. At a normal interpreter exit they are closed (an atexit
+# hook): memory would go with the process anyway, but a CPU pin of *another* process
+# would not, and neither would anything a custom strategy holds outside the process.
+# (A crash skips this; the affinity journal covers pins then — see prealloc.journal.)
+_open_allocators: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_allocators() -> None:
+    for allocator in list(_open_allocators):
+        try:
+            allocator.close()
+        except Exception:  # one failure must not keep the others open
+            logging.getLogger(__name__).exception("closing %s at exit failed", allocator.id)
 
 
 class Claim:
@@ -219,6 +236,7 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
                       config.capacity, len(self._workers))
         for worker in self._workers:
             worker.start()
+        _open_allocators.add(self)
 
     # ------------------------------------------------------------------ defaults
     def _default_monitors(self) -> dict[ResourceType, Any]:
@@ -410,6 +428,7 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
             return
         self.reset()
         self._closed = True
+        _open_allocators.discard(self)
         self._stop_threads()
         self._drain_expired()
         self._ticker.close()
