@@ -11,6 +11,10 @@
  * implementations take turns, so background load hits both sides of each ratio). Both the unindexed queue (what the engine
  * uses) and the indexed one (values indexed for cancel) are measured.
  *
+ * Then, one thread: fill an empty queue with `size` random items and drain it, per item —
+ * the mutex heap item by item, our queue item by item and with the batch calls
+ * (pa_pq_push_many / pa_pq_pop_many, the path of the Python batch calls).
+ *
  * Usage: bench_pq [--threads 1,2,4] [--sizes 1000,1000000] [--ops N] [--reps R] [--only TEXT]
  * (--only runs the mutex heap and the implementations whose name contains TEXT)
  * Defaults: threads 1, 2 and powers of two up to twice the online CPUs; sizes 1e3 and 1e6;
@@ -274,6 +278,73 @@ static double run_once(const impl_t *im, void *q, int threads, long ops, long *f
     return (double)ops * threads / dt / 1e6;
 }
 
+/* ---- fill then drain, one thread ---- */
+
+typedef struct batch_items {
+    uint64_t *values;
+    double *p, *c, *d;
+} batch_items_t;
+
+/* ns per item to push all n items and pop them again: mode 0 = im item by item, mode 1 =
+ * our batch calls (im must be a pq) */
+static double fill_drain_ns(const impl_t *im, const batch_items_t *it, long n, int mode, long *failures) {
+    void *q = im->create();
+    uint64_t *out = malloc((size_t)n * sizeof *out);
+    if (!q || !out) exit(1);
+    double t0 = now_s();
+    if (mode == 0) {
+        for (long i = 0; i < n; i++)
+            if (im->push(q, it->values[i], it->p[i], it->c[i], it->d[i]) != 0) (*failures)++;
+        for (long i = 0; i < n; i++)
+            if (!im->pop(q, &out[i])) (*failures)++;
+    } else {
+        size_t pushed = 0;
+        if (pa_pq_push_many(q, (size_t)n, it->values, it->p, it->c, it->d, &pushed) != 0) (*failures)++;
+        if (pa_pq_pop_many(q, out, (size_t)n) != (size_t)n) (*failures)++;
+    }
+    double dt = now_s() - t0;
+    im->destroy(q);
+    free(out);
+    return dt * 1e9 / (double)n;
+}
+
+static void bench_fill_drain(const long *sizes, int nsizes, long reps, long *failures) {
+    printf("\nfill an empty queue with N random items, then drain it; one thread, ns per item (push + pop)\n");
+    printf("%-9s %-30s %9s %9s\n", "N", "implementation", "ns/item", "vs mutex");
+    static const struct {
+        const char *name;
+        int impl, mode;
+    } kinds[] = {{"mutex heap, per item", 0, 0}, {"pq (unindexed), per item", 2, 0},
+                 {"pq (unindexed), batch calls", 2, 1}, {"pq (indexed), batch calls", 3, 1}};
+    enum { KINDS = sizeof kinds / sizeof kinds[0], MAX_REPS = 64 };
+    for (int si = 0; si < nsizes; si++) {
+        long n = sizes[si];
+        batch_items_t it = {malloc((size_t)n * 8), malloc((size_t)n * 8), malloc((size_t)n * 8), malloc((size_t)n * 8)};
+        if (!it.values || !it.p || !it.c || !it.d) exit(1);
+        uint64_t rng = 777;
+        for (long i = 0; i < n; i++) {
+            it.values[i] = (uint64_t)i + 1;
+            random_key(&rng, &it.p[i], &it.c[i], &it.d[i]);
+        }
+        long nr = reps < MAX_REPS ? reps : MAX_REPS;
+        double ns[KINDS][MAX_REPS], ratio[KINDS][MAX_REPS];
+        for (long r = 0; r < nr; r++) /* the kinds take turns: load hits all of them alike */
+            for (int k = 0; k < KINDS; k++) {
+                ns[k][r] = fill_drain_ns(&impls[kinds[k].impl], &it, n, kinds[k].mode, failures);
+                ratio[k][r] = ns[0][r] / ns[k][r];
+            }
+        for (int k = 0; k < KINDS; k++) {
+            qsort(ns[k], (size_t)nr, sizeof(double), compare_double);
+            qsort(ratio[k], (size_t)nr, sizeof(double), compare_double);
+            printf("%-9ld %-30s %9.1f %8.2fx\n", n, kinds[k].name, ns[k][nr / 2], ratio[k][nr / 2]);
+        }
+        free(it.values);
+        free(it.p);
+        free(it.c);
+        free(it.d);
+    }
+}
+
 static int parse_list(const char *s, long *out, int max) {
     int n = 0;
     while (*s && n < max) {
@@ -360,6 +431,7 @@ int main(int argc, char **argv) {
         }
         for (size_t k = 0; k < NIMPL; k++) impls[k].destroy(qs[k]);
     }
+    bench_fill_drain(sizes, nsizes, reps, &failures);
     if (failures) printf("\n%ld operations failed (pop found the queue empty or push errored)\n", failures);
     printf("\ntargets: pq >= 1.0x the mutex heap at 2 threads, >= 0.6x at 1 thread\n");
     return failures ? 1 : 0;
