@@ -127,7 +127,7 @@ def test_push_many_validates_before_pushing_anything():
     q = core.PriorityQueue()
     ids = np.arange(1, 6, dtype=np.uint64)
     bad = np.array([1, 2, math.nan, 4, 5], dtype=np.float64)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="element 2"):
         q.push_many(ids, bad, np.zeros(5), np.full(5, math.nan))
     assert len(q) == 0
     q.push(3, 0.0)

@@ -807,6 +807,7 @@ int pa_pq_push(pa_pq_t *pq, uint64_t value, double priority, double confidence, 
 /* Items per operation in the batch calls: one operation holds back reclamation (EBR)
  * while it runs, so a large batch is served in operations of this many. */
 #define PQ_BATCH_CHUNK 256
+static inline size_t batch_chunk(size_t left) { return left < PQ_BATCH_CHUNK ? left : PQ_BATCH_CHUNK; }
 
 int pa_pq_push_many(pa_pq_t *pq, size_t n, const uint64_t *values, const double *priorities,
                     const double *confidences, const double *deadlines, size_t *pushed) {
@@ -823,7 +824,7 @@ int pa_pq_push_many(pa_pq_t *pq, size_t n, const uint64_t *values, const double 
             rc = -ENOMEM;
             break;
         }
-        size_t chunk = n - done < PQ_BATCH_CHUNK ? n - done : PQ_BATCH_CHUNK;
+        size_t chunk = batch_chunk(n - done);
         /* Unindexed: one counter update reserves the chunk's arrival numbers, in input
          * order (so equal keys keep it). Indexed pushes may fail (-EEXIST) and take theirs
          * one by one. */
@@ -853,7 +854,7 @@ static size_t pop_batch(pa_pq_t *pq, size_t max, pa_pq_item_t *items, uint64_t *
     while (got < max) {
         pq_op_t op;
         if (!op_begin(&op, pq)) break;
-        size_t want = max - got < PQ_BATCH_CHUNK ? max - got : PQ_BATCH_CHUNK;
+        size_t want = batch_chunk(max - got);
         size_t n = skiplist_take(&op, want, items ? items + got : NULL, values ? values + got : NULL);
         op_end(&op);
         got += n;

@@ -114,14 +114,14 @@ cdef bint _snapshot_direct = False
 
 cdef bint _find_snapshot_offsets() except -1:
     import dataclasses
+    import types
     names = [f.name for f in dataclasses.fields(_ResourceAllocation)]
     if len(names) != _SNAPSHOT_FIELDS or getattr(_ResourceAllocation, "__dictoffset__", 0) \
             or _ResourceAllocation.__init__ is object.__init__:
         return False
-    member_type = type(_ResourceAllocation.__dict__[names[0]])
     for i, name in enumerate(names):
         descr = _ResourceAllocation.__dict__.get(name)
-        if type(descr) is not member_type or type(descr).__name__ != "member_descriptor":
+        if type(descr) is not types.MemberDescriptorType:
             return False
         if (<PyMemberDescrObject *><PyObject *>descr).d_member.type != T_OBJECT_EX:
             return False

@@ -812,16 +812,18 @@ cdef class PriorityQueue:
             raise ValueError("all arrays must have the same length")
         if n == 0:
             return
-        for i in range(n):
-            if isnan(priorities[i]) or isnan(confidences[i]) or deadlines[i] == -float("inf"):
-                raise ValueError(f"element {i}: priority and confidence must be numbers and the"
-                                 " deadline not -inf")
         with nogil:
+            # the core checks every key before pushing any (-EINVAL: nothing pushed)
             rc = pa_pq_push_many(self._pq, <size_t>n, &request_ids[0], &priorities[0],
                                  &confidences[0], &deadlines[0], &done)
-            if rc != 0 and self.indexed:
+            if rc != 0 and rc != -EINVAL and self.indexed:
                 for i in range(<Py_ssize_t>done):
                     pa_pq_cancel(self._pq, request_ids[i])
+        if rc == -EINVAL:
+            for i in range(n):  # only to name the element in the message
+                if isnan(priorities[i]) or isnan(confidences[i]) or deadlines[i] == -float("inf"):
+                    raise ValueError(f"element {i}: priority and confidence must be numbers and the"
+                                     " deadline not -inf")
         if rc == -EEXIST:
             raise ValueError(f"request {request_ids[done]} is already queued")
         _check(rc, "pa_pq_push")

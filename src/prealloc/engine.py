@@ -221,8 +221,8 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
                                    expire_from=[core.PENDING, core.ALLOCATED])
         self._closed = False
         self._core_setup(table, ticker)
-        # The worker sleeps in select() on two eventfds: the ticker's (expiries) and
-        # this one (work from callers). No polling interval anywhere.
+        # The workers sleep in select() on eventfds: the ticker's (expiries), this one
+        # (work from callers) and the stop fd below. No polling interval anywhere.
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # Written once at close and never read, so it stays readable and every worker
         # sees it (a wake on _wake_fd is consumed by whichever worker reads it first).
@@ -230,7 +230,6 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
         self._stopping = False
         self._workers = [threading.Thread(target=self._work, name=f"prealloc-worker-{self.id[:8]}-{i}", daemon=True)
                          for i in range(config.allocation_workers)]
-        self._worker = self._workers[0]
         self._init_state()
         self.log.info("initialized %s %s (capacity %d, %d worker(s))", type(self).__name__, self.id,
                       config.capacity, len(self._workers))

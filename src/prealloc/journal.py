@@ -5,7 +5,8 @@ process does not. A host killed by SIGKILL (or crashing) between pinning a targe
 releasing it would leave the target confined to the reserved cores for the rest of its
 life. So before the CPU strategy pins another process it writes an entry here: who pinned
 (our pid and start time), whom (the target's pid and start time, so a reused pid is never
-touched), the masks applied (one more per resize), and each thread's previous mask. Release deletes the entry.
+touched), the masks applied (one more per resize), and each thread's previous mask.
+Release deletes the entry.
 
 `recover()` — run when a CPU strategy is created and by `prealloc recover` — looks at
 every entry whose owner is dead and puts the target back: each thread of the target whose
@@ -21,6 +22,7 @@ renaming it, so two recoverers never restore the same target.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -85,6 +87,37 @@ class JournalEntry:
                 "applied": self.applied, "previous": {str(t): m for t, m in self.previous.items()},
                 "default": self.default}
 
+    def save(self) -> None:
+        """Writes the entry under a temporary name and renames it into place."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_json(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    def add_applied(self, applied: Iterable[int]) -> None:
+        """The pin now applies `applied` as well (after a resize: threads may hold either)."""
+        mask = sorted(applied)
+        if mask not in self.applied:
+            self.applied.append(mask)
+            self.save()
+
+    def forget(self) -> None:
+        """The pin was undone by its owner."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
 
 @dataclass
 class RecoveredTarget:
@@ -97,12 +130,13 @@ class RecoveredTarget:
 
 
 class AffinityJournal:
-    """Writes, updates and deletes the entries of this process's pins (see the module)."""
+    """Makes the entries of this process's pins (see the module); each entry then keeps
+    its own file up to date."""
 
     def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
         self.directory = Path(directory) if directory is not None else default_directory()
         self._owner = {"pid": os.getpid(), "start": process_start_time(os.getpid())}
-        self._sequence = 0
+        self._sequence = itertools.count(1)  # next() is atomic: workers record concurrently
 
     def record(self, target_pid: int, applied: Iterable[int]) -> JournalEntry:
         """Writes the entry for pinning target_pid to `applied`; call it *before* the pin,
@@ -119,41 +153,10 @@ class AffinityJournal:
             except ProcessLookupError:
                 continue  # the thread ended meanwhile
         main = previous.get(target_pid) or next(iter(previous.values()), [])
-        self._sequence += 1
-        path = self.directory / f"{self._owner['pid']}-{self._owner['start']}-{self._sequence}{_SUFFIX}"
-        entry = JournalEntry(path, self._owner, target_pid, start, [sorted(applied)], previous, main)
-        self._write(entry)
+        name = f"{self._owner['pid']}-{self._owner['start']}-{next(self._sequence)}{_SUFFIX}"
+        entry = JournalEntry(self.directory / name, self._owner, target_pid, start, [sorted(applied)], previous, main)
+        entry.save()
         return entry
-
-    def add_applied(self, entry: JournalEntry, applied: Iterable[int]) -> None:
-        """The pin now applies `applied` as well (after a resize: threads may hold either)."""
-        mask = sorted(applied)
-        if mask not in entry.applied:
-            entry.applied.append(mask)
-            self._write(entry)
-
-    def forget(self, entry: JournalEntry) -> None:
-        """The pin was undone by its owner."""
-        try:
-            entry.path.unlink()
-        except FileNotFoundError:
-            pass
-
-    def _write(self, entry: JournalEntry) -> None:
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(entry.to_json(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, entry.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
 
 
 def _owner_alive(owner: dict) -> bool:
@@ -201,6 +204,8 @@ def recover(directory: str | os.PathLike[str] | None = None) -> list[RecoveredTa
         try:
             data = json.loads(path.read_text())
             owner = data["owner"]
+            if not isinstance(owner, dict):
+                raise TypeError(f"owner is {type(owner).__name__}, not an object")
         except FileNotFoundError:
             continue  # released or claimed meanwhile
         except (ValueError, KeyError, TypeError) as exc:

@@ -170,20 +170,31 @@ static void check_exactly_once(consumer_t *cons, int nc, int producers, long per
     free(seen);
 }
 
+/* Start the threads of a run; the odd-numbered ones of each kind work in batches.
+ * Producers push VALUE(p, 0 .. per-1); each consumer has room for every value. */
+static void start_producers(shared_t *sh, producer_t *prods, pthread_t *pt, int np) {
+    for (int p = 0; p < np; p++) {
+        prods[p] = (producer_t){.sh = sh, .id = p, .batches = p % 2 == 1};
+        pthread_create(&pt[p], NULL, producer_main, &prods[p]);
+    }
+}
+
+static void start_consumers(shared_t *sh, consumer_t *cons, pthread_t *ct, int nc, void *(*consumer_fn)(void *)) {
+    for (int c = 0; c < nc; c++) {
+        cons[c] = (consumer_t){.sh = sh, .got = malloc((size_t)sh->producers * (size_t)sh->per_producer * sizeof(uint64_t)),
+                               .batches = c % 2 == 1};
+        pthread_create(&ct[c], NULL, consumer_fn, &cons[c]);
+    }
+}
+
 static void run_conservation(unsigned flags, int np, int nc, long per) {
     shared_t sh = {.per_producer = per, .producers = np};
     REQUIRE(pa_pq_create(flags, &sh.pq) == 0);
     producer_t prods[8];
     consumer_t cons[8];
     pthread_t pt[8], ct[8];
-    for (int c = 0; c < nc; c++) {
-        cons[c] = (consumer_t){.sh = &sh, .got = malloc((size_t)(np * per) * sizeof(uint64_t)), .batches = c % 2 == 1};
-        pthread_create(&ct[c], NULL, consumer_main, &cons[c]);
-    }
-    for (int p = 0; p < np; p++) {
-        prods[p] = (producer_t){.sh = &sh, .id = p, .batches = p % 2 == 1};
-        pthread_create(&pt[p], NULL, producer_main, &prods[p]);
-    }
+    start_consumers(&sh, cons, ct, nc, consumer_main);
+    start_producers(&sh, prods, pt, np);
     atomic_store_explicit(&sh.start, 1, memory_order_release);
     for (int p = 0; p < np; p++) pthread_join(pt[p], NULL);
     for (int c = 0; c < nc; c++) pthread_join(ct[c], NULL);
@@ -234,19 +245,13 @@ static void run_ordered_phase(unsigned flags, int np, int nc, long per) {
     consumer_t cons[8];
     pthread_t pt[8], ct[8];
     /* phase 1: concurrent pushes, all finished (joined) before any pop */
-    for (int p = 0; p < np; p++) {
-        prods[p] = (producer_t){.sh = &sh, .id = p, .batches = p % 2 == 1};
-        pthread_create(&pt[p], NULL, producer_main, &prods[p]);
-    }
+    start_producers(&sh, prods, pt, np);
     atomic_store_explicit(&sh.start, 1, memory_order_release);
     for (int p = 0; p < np; p++) pthread_join(pt[p], NULL);
     CHECK_EQ_INT(pa_pq_size(sh.pq), np * per);
     atomic_store_explicit(&sh.start, 0, memory_order_relaxed);
     /* phase 2: concurrent pops */
-    for (int c = 0; c < nc; c++) {
-        cons[c] = (consumer_t){.sh = &sh, .got = malloc((size_t)(np * per) * sizeof(uint64_t)), .batches = c % 2 == 1};
-        pthread_create(&ct[c], NULL, ordered_consumer_main, &cons[c]);
-    }
+    start_consumers(&sh, cons, ct, nc, ordered_consumer_main);
     atomic_store_explicit(&sh.start, 1, memory_order_release);
     long ooo = 0, bad = 0;
     for (int c = 0; c < nc; c++) {

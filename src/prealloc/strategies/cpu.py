@@ -78,7 +78,7 @@ class CpuAllocationStrategy(AllocationStrategy):
             except OSError as exc:
                 reservation.release()
                 if entry is not None:
-                    self.journal.forget(entry)  # type: ignore[union-attr]
+                    entry.forget()
                 raise AllocationError(f"cpu: cannot pin process {pid}: {exc}") from exc
         return Grant(100.0 * count, CoreGrant(reservation, pid or None, entry))
 
@@ -89,8 +89,8 @@ class CpuAllocationStrategy(AllocationStrategy):
 
     def release(self, handle: CoreGrant) -> None:
         handle.reservation.release()  # restores every pinned thread's previous mask
-        if handle.journal_entry is not None and self.journal is not None:
-            self.journal.forget(handle.journal_entry)
+        if handle.journal_entry is not None:
+            handle.journal_entry.forget()
             handle.journal_entry = None
 
     def adjust(self, handle: CoreGrant, new_amount: float) -> float:
@@ -99,10 +99,10 @@ class CpuAllocationStrategy(AllocationStrategy):
             handle.reservation.resize(count)
         except BlockingIOError as exc:
             raise InsufficientResources(f"cpu: {exc.strerror}") from exc
-        if handle.journal_entry is not None and self.journal is not None:
+        if handle.journal_entry is not None:
             # (a crash between the resize and this write leaves threads on a mask the
             # entry does not know yet: recovery then leaves them alone)
-            self.journal.add_applied(handle.journal_entry, handle.reservation.cores)
+            handle.journal_entry.add_applied(handle.reservation.cores)
         return 100.0 * count
 
     def describe(self, handle: CoreGrant) -> dict[str, Any]:
