@@ -222,12 +222,28 @@ class ResourceAvailability:
 
 @dataclass(slots=True)
 class PreallocatorStatistics:
+    """The allocator's tally. The counts add up:
+
+        total_requests == successful_allocations + failed_allocations + cancelled
+                          + queued_requests + in_flight
+        successful_allocations == finished + active_allocations (+ adjustments never
+                                  add allocations)
+
+    ``resource_hit_rate`` is the spec's: the share of *finished* preallocations that were
+    used (claimed, or released with ``used_successfully=True``). ``need_hit_rate`` is the
+    consumer's view: the share of needs (``acquire`` calls) served by an allocation that
+    was ready before the need. Waste is kept per resource type, because the units differ
+    (MiB x s is not % of a core x s): ``waste_rate_by_type[t]`` is unused amount x time over
+    held amount x time for type t, and ``resource_waste_rate`` is the mean of those
+    unit-free ratios over the types that held anything (equal to the one type's rate when
+    only one type was used)."""
+
     total_requests: int = 0
     successful_allocations: int = 0
     failed_allocations: int = 0
     average_allocation_time: float = 0.0  # seconds, request to ALLOCATED
-    resource_hit_rate: float = 0.0  # share of finished preallocations claimed / used
-    resource_waste_rate: float = 0.0  # unused amount x time over allocated amount x time
+    resource_hit_rate: float = 0.0  # share of finished preallocations that were used
+    resource_waste_rate: float = 0.0  # mean over types of waste_rate_by_type
     allocations_by_type: dict[ResourceType, int] = field(default_factory=dict)
     skipped_low_confidence: int = 0
     expired: int = 0
@@ -235,6 +251,14 @@ class PreallocatorStatistics:
     released: int = 0
     active_allocations: int = 0
     queued_requests: int = 0
+    cancelled: int = 0  # requests withdrawn before allocation (cancel_request, reset, release)
+    in_flight: int = 0  # requests being allocated right now (PENDING, taken by a worker)
+    finished: int = 0  # allocations that ended (released or expired)
+    used: int = 0  # finished allocations that were used (the hit rate's numerator)
+    needs: int = 0  # acquire() calls
+    needs_preallocated: int = 0  # ... served by an allocation ready before the need
+    need_hit_rate: float = 0.0  # needs_preallocated / needs
+    waste_rate_by_type: dict[ResourceType, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
