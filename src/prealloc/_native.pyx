@@ -831,19 +831,21 @@ cdef class PriorityQueue:
     def pop(self):
         """The first id in the order, or None when empty."""
         cdef pa_pq_item_t item
-        cdef bint got
+        cdef int got
         with nogil:
             got = pa_pq_pop(self._pq, &item)
-        return item.value if got else None
+        _check(got, "pa_pq_pop")  # -ENOMEM: no reclamation record, not "empty"
+        return item.value if got == 1 else None
 
     def pop_item(self):
         """(id, priority, confidence, deadline or None, arrival) of the first item, removed;
         None when empty."""
         cdef pa_pq_item_t item
-        cdef bint got
+        cdef int got
         with nogil:
             got = pa_pq_pop(self._pq, &item)
-        if not got:
+        _check(got, "pa_pq_pop")
+        if got != 1:
             return None
         return (item.value, item.priority, item.confidence,
                 None if isnan(item.deadline) or item.deadline == float("inf") else item.deadline,
@@ -851,7 +853,9 @@ cdef class PriorityQueue:
 
     def peek(self):
         cdef pa_pq_item_t item
-        if not pa_pq_peek(self._pq, &item):
+        cdef int got = pa_pq_peek(self._pq, &item)
+        _check(got, "pa_pq_peek")
+        if got != 1:
             return None
         return item.value
 
@@ -861,11 +865,12 @@ cdef class PriorityQueue:
             raise ValueError(f"n must be >= 0, not {n}")
         out = np.empty(n, dtype=np.uint64)
         cdef uint64_t[::1] values = out
-        cdef size_t got = 0
+        cdef Py_ssize_t got = 0
         if n:
             with nogil:
                 got = pa_pq_pop_many(self._pq, &values[0], <size_t>n)
-        return out[:got].copy() if <Py_ssize_t>got < n else out
+            _check(<int>got if got < 0 else 0, "pa_pq_pop_many")
+        return out[:got].copy() if got < n else out
 
     def cancel(self, uint64_t request_id):
         """True when the id was queued and is now withdrawn."""
@@ -896,6 +901,7 @@ cdef class MemoryReservation:
     cdef Py_ssize_t _exports
     cdef bint _release_pending
     cdef bint _busy
+    cdef object _on_unmap  # callable run once by _unmap (see on_unmap), or None
 
     def __cinit__(self):
         pa_memory_init_empty(&self._mem)
@@ -953,10 +959,26 @@ cdef class MemoryReservation:
         cdef pa_memory_t mem = self._mem
         pa_memory_init_empty(&self._mem)
         self._release_pending = False
+        callback, self._on_unmap = self._on_unmap, None
         cdef int rc
         with nogil:
             rc = pa_memory_release(&mem)
+        if callback is not None:
+            callback()  # the region is gone even if the release reports an error
         _check(rc, "pa_memory_release")
+
+    def on_unmap(self, callback):
+        """Calls callback() once, with no arguments, when the region is unmapped: by
+        release(), or by the release of the last view after a deferred release(); at
+        once when it is unmapped already. It may run inside a buffer release (on any
+        thread, in a garbage-collector pass), so it must take no lock and not raise.
+        One callback per reservation: a second call replaces the first."""
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+        if self._mem.addr is NULL:
+            callback()
+            return
+        self._on_unmap = callback
 
     def release(self):
         """Unlocks and unmaps now, or — while views are alive — as soon as the last one is

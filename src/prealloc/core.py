@@ -13,6 +13,7 @@ fail before anything is changed.
 from __future__ import annotations
 
 import errno
+import operator
 import os
 from typing import Iterable
 
@@ -101,27 +102,50 @@ def reserve_memory(
     return _native._reserve_memory(nbytes, flags)
 
 
+_PID_MAX = (1 << 31) - 1  # pid_t
+
+
 def _valid_cores(cores: Iterable[int]) -> set[int]:
+    """The cpu ids of cores, each an int naming an online cpu; TypeError / ValueError
+    naming the argument (and listing the valid cpus) before anything changes."""
+    if isinstance(cores, (str, bytes, bytearray, memoryview)):
+        # "01" is not {0, 1}: a string of digits is not a set of cpu ids
+        raise TypeError(f"cores must be an iterable of int cpu ids, not {type(cores).__name__}")
     try:
-        wanted = {int(c) for c in cores}
+        items = list(cores)
     except TypeError:
-        raise TypeError(f"cores must be an iterable of ints, not {type(cores).__name__}") from None
+        raise TypeError(f"cores must be an iterable of int cpu ids, not {type(cores).__name__}") from None
+    wanted: set[int] = set()
+    for item in items:
+        if isinstance(item, bool):
+            raise TypeError(f"cores must hold int cpu ids, not bool ({item!r})")
+        try:
+            wanted.add(operator.index(item))  # ints and numpy integers, never a float
+        except TypeError:
+            raise TypeError(f"cores must hold int cpu ids, not {type(item).__name__} ({item!r})") from None
     online = online_cpus()
     if not wanted:
-        raise ValueError(f"no cores given; valid cpus are {sorted(online)}")
+        raise ValueError(f"cores is empty; valid cpus are {sorted(online)}")
     bad = sorted(wanted - online)
     if bad:
-        raise ValueError(f"cpus {bad} are not online; valid cpus are {sorted(online)}")
+        shown = [c if abs(c) < 1 << 20 else f"{c:#x}" for c in bad]
+        raise ValueError(f"cores {shown} are not online cpus; valid cpus are {sorted(online)}")
     return wanted
 
 
-def _check_pid(pid: int) -> int:
-    if isinstance(pid, bool) or not isinstance(pid, int):
-        raise TypeError(f"pid must be an int, not {type(pid).__name__}")
+def _check_pid(pid: int, name: str = "pid") -> int:
+    if isinstance(pid, bool):
+        raise TypeError(f"{name} must be an int, not bool")
+    try:
+        pid = operator.index(pid)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, not {type(pid).__name__}") from None
     if pid < 0:
-        raise ValueError(f"pid must be >= 0, not {pid}")
+        raise ValueError(f"{name} must be >= 0, not {pid}")
+    if pid > _PID_MAX:
+        raise ValueError(f"{name} {pid} is beyond the largest process id ({_PID_MAX})")
     if pid and not os.path.isdir(f"/proc/{pid}"):
-        raise ProcessLookupError(errno.ESRCH, f"no process {pid}")
+        raise ProcessLookupError(errno.ESRCH, f"no process {pid} ({name})")
     return pid
 
 
@@ -141,9 +165,9 @@ def set_affinity(pid: int, cores: Iterable[int]) -> AffinityChange:
 
 def get_thread_affinity(tid: int = 0) -> set[int]:
     """The mask of one thread (0 = the calling thread)."""
-    return _native.thread_affinity(_check_pid(tid))
+    return _native.thread_affinity(_check_pid(tid, "tid"))
 
 
 def set_thread_affinity(tid: int, cores: Iterable[int]) -> None:
     """Pins one thread (0 = the calling thread)."""
-    _native.set_thread_affinity(_check_pid(tid), _valid_cores(cores))
+    _native.set_thread_affinity(_check_pid(tid, "tid"), _valid_cores(cores))
