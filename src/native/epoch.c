@@ -66,7 +66,6 @@
 #include "epoch.h"
 
 #include <errno.h>
-#include <linux/membarrier.h>
 #include <pthread.h>
 #include <sched.h>
 #include <sys/syscall.h>
@@ -77,6 +76,29 @@
 #include <string.h>
 
 #include "atomics.h"
+
+/* <linux/membarrier.h> is missing from old kernel headers (manylinux2014's are 3.10) and
+ * lacks the expedited commands before 4.14. The command numbers are kernel ABI, so they
+ * are spelled out where the header does not give them; the runtime query below decides
+ * whether the running kernel has them. */
+#if defined(__has_include)
+#if __has_include(<linux/membarrier.h>)
+#include <linux/membarrier.h>
+#endif
+#endif
+#ifndef MEMBARRIER_CMD_QUERY
+#define MEMBARRIER_CMD_QUERY 0
+#endif
+#ifndef MEMBARRIER_CMD_PRIVATE_EXPEDITED
+#define MEMBARRIER_CMD_PRIVATE_EXPEDITED (1 << 3)
+#define MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED (1 << 4)
+#endif
+
+/* Test hooks (tests/c/test_epoch.c compiles this file with them defined): one runs in
+ * enter between the first load of the epoch and the announcement. */
+#ifndef EBR_ENTER_HOOK
+#define EBR_ENTER_HOOK() ((void)0)
+#endif
 
 /* ---- asymmetric fences ----
  *
@@ -89,21 +111,28 @@
  * The proof above holds with F_T placed, for each reader, at the point where the
  * membarrier's barrier ran on its thread. ThreadSanitizer cannot see that pairing, so
  * TSan builds keep the symmetric fences. */
-static int ebr_asymmetric; /* written once under pthread_once, then read only */
-static pthread_once_t ebr_asymmetric_once = PTHREAD_ONCE_INIT;
+/* Written once inside ebr_once_init (pthread_once), read by every thread only after it
+ * passed that pthread_once itself (ebr_init: registration, flush, barrier), which orders the
+ * write before the read; relaxed atomic, so a read is never a data race either. Every reader
+ * must agree: an advancer that used a plain fence while readers use compiler barriers only
+ * would let a free through early. */
+static _Atomic int ebr_asymmetric;
 
-static void ebr_asymmetric_init(void) {
+static bool ebr_register_membarrier(void) {
 #if !defined(PA_UNDER_TSAN) && defined(SYS_membarrier)
     long commands = syscall(SYS_membarrier, MEMBARRIER_CMD_QUERY, 0, 0);
-    if (commands > 0 && (commands & MEMBARRIER_CMD_PRIVATE_EXPEDITED) &&
-        syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0)
-        ebr_asymmetric = 1;
+    return commands > 0 && (commands & MEMBARRIER_CMD_PRIVATE_EXPEDITED) &&
+           syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0;
+#else
+    return false;
 #endif
 }
 
+static inline bool asymmetric(void) { return pa__load_relaxed(&ebr_asymmetric) != 0; }
+
 /* F_T: the readers' half. */
 static inline void fence_reader(void) {
-    if (ebr_asymmetric)
+    if (asymmetric())
         atomic_signal_fence(memory_order_seq_cst); /* the compiler may not move loads up */
     else
         pa__fence_seq_cst();
@@ -113,7 +142,7 @@ static inline void fence_reader(void) {
  * must not happen). */
 static inline bool fence_advancer(void) {
 #if defined(SYS_membarrier)
-    if (ebr_asymmetric)
+    if (asymmetric())
         return syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) == 0;
 #endif
     pa__fence_seq_cst();
@@ -160,7 +189,7 @@ static struct {
 
 static ebr_record_t ebr_static_records[EBR_STATIC_RECORDS];
 
-static pthread_once_t ebr_key_once = PTHREAD_ONCE_INIT;
+static pthread_once_t ebr_once = PTHREAD_ONCE_INIT;
 static pthread_key_t ebr_key;
 static bool ebr_key_ok;
 static _Thread_local ebr_record_t *tls_record;
@@ -285,15 +314,61 @@ static void ebr_thread_exit(void *arg) {
     pa__store_release(&rec->in_use, 0);
 }
 
-static void ebr_make_key(void) {
-    ebr_key_ok = pthread_key_create(&ebr_key, ebr_thread_exit) == 0;
+/* ---- fork ----
+ *
+ * Contract: the child gets a fresh working state. fork() copies the records but only the
+ * calling thread; a thread of the parent that was inside a critical section at the fork
+ * would stay "active" in the child forever and no epoch would ever advance there again
+ * (nothing freed: 2 M push+pop held 214 MiB). This handler runs in the child before fork()
+ * returns, on the only thread there is, so plain accesses are safe; it does only what an
+ * async-signal-safe context allows (memory writes and one system call). Every record
+ * except the forking thread's is made free: its announcement is cleared and its garbage
+ * goes to the orphan list, to be freed by the usual epoch rule (e + 3). The forking thread
+ * keeps its record (it may even be inside a section: fork from a free function).
+ * What the child does not get back: the pq node caches of the parent's other threads
+ * (their thread-local storage; bounded, see pq.c) and any garbage a thread was moving
+ * at the moment of the fork (a list it had detached but not yet freed). Data structures
+ * that another thread was modifying at the fork are that structure's contract (pq.h). */
+static void ebr_fork_child(void) {
+    ebr_record_t *self = tls_record;
+    for (ebr_record_t *r = pa__load_relaxed(&ebr.records); r; r = r->next) {
+        if (r == self) continue;
+        pa__store_relaxed(&r->state, pa__load_relaxed(&r->state) & ~(uint64_t)EBR_ACTIVE);
+        r->nesting = 0;
+        for (int i = 0; i < 3; i++) {
+            limbo_t *l = &r->limbo[i];
+            if (!l->head) continue;
+            pa__ebr_link_t *last = l->head;
+            while (last->next) last = last->next;
+            orphan_push(l->head, last, l->count);
+            l->head = NULL;
+            l->count = 0;
+        }
+        r->retires_since_advance = 0;
+        pa__store_relaxed(&r->in_use, 0);
+    }
+    /* The kernel drops a membarrier registration with the old address space (the child
+     * gets a new mm); register again so that the advancer's barrier keeps working. If that
+     * fails, fall back to symmetric fences: no thread is inside a section but (maybe) this
+     * one, whose compiler-barrier announcement is ordered before its own later fences. */
+    if (asymmetric() && !ebr_register_membarrier()) pa__store_relaxed(&ebr_asymmetric, 0);
 }
 
+static void ebr_once_init(void) {
+    ebr_key_ok = pthread_key_create(&ebr_key, ebr_thread_exit) == 0;
+    if (ebr_register_membarrier()) pa__store_relaxed(&ebr_asymmetric, 1);
+    /* Failure (ENOMEM) leaves a child as before this handler existed: a thread that was in
+     * a section at the fork holds back reclamation there. */
+    (void)pthread_atfork(NULL, NULL, ebr_fork_child);
+}
+
+/* Every entry point that may reach a fence passes this first: ebr_asymmetric is settled
+ * (and the process registered for membarrier) before anyone relies on it, and the
+ * pthread_once orders its write before this thread's reads. */
+static inline void ebr_init(void) { pthread_once(&ebr_once, ebr_once_init); }
+
 static ebr_record_t *ebr_register(void) {
-    pthread_once(&ebr_key_once, ebr_make_key);
-    /* every thread passes this once before its first section: ebr_asymmetric is settled
-     * (and the process registered for membarrier) before anyone relies on it */
-    pthread_once(&ebr_asymmetric_once, ebr_asymmetric_init);
+    ebr_init();
     ebr_record_t *rec;
     /* acquire: pairs with the release CAS below (another thread's registration) */
     for (rec = pa__load_acquire(&ebr.records); rec; rec = rec->next) {
@@ -340,6 +415,7 @@ pa__ebr_thread_t *pa__ebr_enter(void) {
     /* acquire: pairs with try_advance's CAS; needed by step 2(b) of the proof and so that
      * frees triggered by this value come after the readers the advancer saw leave */
     uint64_t g = pa__load_acquire(&ebr.epoch);
+    EBR_ENTER_HOOK();
     for (;;) {
         if (g != rec->seen_epoch) reclaim_local(rec, g);
         /* release: pairs with try_advance's acquire load (the previous section's reads
@@ -362,7 +438,8 @@ void pa__ebr_exit(pa__ebr_thread_t *rec) {
     /* release: pairs with try_advance's acquire load; our reads of shared nodes happen
      * before any free an advancer enables after seeing us outside */
     pa__store_release(&rec->state, pa__load_relaxed(&rec->state) & ~(uint64_t)EBR_ACTIVE);
-    unsigned every = ebr_asymmetric ? EBR_ADVANCE_EVERY_ASYMMETRIC : EBR_ADVANCE_EVERY;
+    const bool asym = asymmetric();
+    unsigned every = asym ? EBR_ADVANCE_EVERY_ASYMMETRIC : EBR_ADVANCE_EVERY;
     if (rec->retires_since_advance >= every) {
         uint64_t g;
         if (try_advance(&g)) {
@@ -373,7 +450,7 @@ void pa__ebr_exit(pa__ebr_thread_t *rec) {
             /* a thread lags one epoch behind, typically only for the rest of its current
              * operation: try again soon rather than let garbage pile up for a whole period */
             rec->retires_since_advance =
-                every - (ebr_asymmetric ? EBR_RETRY_AFTER_ASYMMETRIC : EBR_RETRY_AFTER);
+                every - (asym ? EBR_RETRY_AFTER_ASYMMETRIC : EBR_RETRY_AFTER);
         }
     }
 }
@@ -408,6 +485,7 @@ void pa__ebr_retire(pa__ebr_thread_t *rec, pa__ebr_link_t *link, pa__ebr_free_fn
 }
 
 void pa__ebr_flush(void) {
+    ebr_init(); /* a thread that never entered a section may call this (pa_pq_destroy) */
     uint64_t g = 0;
     for (int i = 0; i < EBR_FLUSH_ATTEMPTS; i++) {
         if (!try_advance(&g)) break;
@@ -419,6 +497,7 @@ void pa__ebr_flush(void) {
 }
 
 void pa__ebr_barrier(void) {
+    ebr_init();
     uint64_t start = pa__load_acquire(&ebr.epoch); /* acquire: pairs with try_advance's CAS */
     uint64_t g = start;
     while (g < start + 3) {

@@ -92,6 +92,7 @@
 #define _GNU_SOURCE
 #include "prealloc/pq.h"
 
+#include <limits.h>
 #include <math.h>
 #include <pthread.h>
 #include <stddef.h>
@@ -840,42 +841,48 @@ int pa_pq_push_many(pa_pq_t *pq, size_t n, const uint64_t *values, const double 
     return rc;
 }
 
-bool pa_pq_pop(pa_pq_t *pq, pa_pq_item_t *item) {
+int pa_pq_pop(pa_pq_t *pq, pa_pq_item_t *item) {
+    if (!pq) return -EINVAL;
     pq_op_t op;
-    if (!pq || !op_begin(&op, pq)) return false;
+    if (!op_begin(&op, pq)) return -ENOMEM; /* no reclaimer record: not "empty" */
     size_t got = skiplist_take(&op, 1, item, NULL);
     op_end(&op);
-    return got == 1;
+    return got == 1 ? 1 : 0;
 }
 
-
-static size_t pop_batch(pa_pq_t *pq, size_t max, pa_pq_item_t *items, uint64_t *values) {
+/* Items popped, or -ENOMEM when not even the first operation could begin (items popped by
+ * earlier chunks are reported; the next call reports the error). */
+static ssize_t pop_batch(pa_pq_t *pq, size_t max, pa_pq_item_t *items, uint64_t *values) {
     size_t got = 0;
     while (got < max) {
         pq_op_t op;
-        if (!op_begin(&op, pq)) break;
+        if (!op_begin(&op, pq)) {
+            if (got == 0) return -ENOMEM;
+            break;
+        }
         size_t want = batch_chunk(max - got);
         size_t n = skiplist_take(&op, want, items ? items + got : NULL, values ? values + got : NULL);
         op_end(&op);
         got += n;
         if (n < want) break; /* empty */
     }
-    return got;
+    return (ssize_t)got;
 }
 
-size_t pa_pq_pop_many(pa_pq_t *pq, uint64_t *values, size_t max) {
-    if (!pq || !values) return 0;
+ssize_t pa_pq_pop_many(pa_pq_t *pq, uint64_t *values, size_t max) {
+    if (!pq || (!values && max) || max > (size_t)SSIZE_MAX) return -EINVAL;
     return pop_batch(pq, max, NULL, values);
 }
 
-size_t pa_pq_pop_items(pa_pq_t *pq, pa_pq_item_t *items, size_t max) {
-    if (!pq || !items) return 0;
+ssize_t pa_pq_pop_items(pa_pq_t *pq, pa_pq_item_t *items, size_t max) {
+    if (!pq || (!items && max) || max > (size_t)SSIZE_MAX) return -EINVAL;
     return pop_batch(pq, max, items, NULL);
 }
 
-bool pa_pq_peek(pa_pq_t *pq, pa_pq_item_t *item) {
+int pa_pq_peek(pa_pq_t *pq, pa_pq_item_t *item) {
+    if (!pq) return -EINVAL;
     pq_op_t op;
-    if (!pq || !op_begin(&op, pq)) return false;
+    if (!op_begin(&op, pq)) return -ENOMEM;
     pq_node_t *x = pq->head;
     bool found = false;
     for (;;) {
@@ -903,7 +910,7 @@ bool pa_pq_peek(pa_pq_t *pq, pa_pq_item_t *item) {
         break;
     }
     op_end(&op);
-    return found;
+    return found ? 1 : 0;
 }
 
 int pa_pq_cancel(pa_pq_t *pq, uint64_t value) {

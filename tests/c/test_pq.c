@@ -100,7 +100,7 @@ static void order_against_reference(unsigned flags, uint64_t seed, long ops) {
         } else {
             pa_pq_item_t got;
             ref_item_t want;
-            bool g = pa_pq_pop(pq, &got), w = ref_pop(&ref, &want);
+            bool g = pa_pq_pop(pq, &got) == 1, w = ref_pop(&ref, &want);
             CHECK_EQ_INT(g, w);
             if (g && w) check_same(&got, &want);
         }
@@ -109,10 +109,10 @@ static void order_against_reference(unsigned flags, uint64_t seed, long ops) {
     pa_pq_item_t got;
     ref_item_t want;
     while (ref_pop(&ref, &want)) {
-        REQUIRE(pa_pq_pop(pq, &got));
+        REQUIRE(pa_pq_pop(pq, &got) == 1);
         check_same(&got, &want);
     }
-    CHECK(!pa_pq_pop(pq, &got));
+    CHECK(pa_pq_pop(pq, &got) == 0);
     CHECK_EQ_INT(pa_pq_size(pq), 0);
     free(ref.items);
     pa_pq_destroy(pq);
@@ -134,10 +134,10 @@ static void test_fifo_among_equals(void) {
     for (long i = 0; i < n; i++) REQUIRE(pa_pq_push(pq, (uint64_t)i, 1.0, 0.5, NAN) == 0);
     pa_pq_item_t it;
     for (long i = 0; i < n; i++) {
-        REQUIRE(pa_pq_pop(pq, &it));
+        REQUIRE(pa_pq_pop(pq, &it) == 1);
         CHECK_EQ_INT(it.value, i);
     }
-    CHECK(!pa_pq_pop(pq, &it));
+    CHECK(pa_pq_pop(pq, &it) == 0);
     pa_pq_destroy(pq);
 }
 
@@ -164,11 +164,11 @@ static void test_bulk_sorted(void) {
     pa_pq_item_t it;
     long bad = 0;
     for (long i = 0; i < n; i++) {
-        REQUIRE(pa_pq_pop(pq, &it));
+        REQUIRE(pa_pq_pop(pq, &it) == 1);
         if (it.value != want[i].value) bad++;
     }
     CHECK_EQ_INT(bad, 0);
-    CHECK(!pa_pq_pop(pq, &it));
+    CHECK(pa_pq_pop(pq, &it) == 0);
     free(want);
     pa_pq_destroy(pq);
 }
@@ -189,14 +189,14 @@ static void test_bad_input(void) {
         CHECK_EQ_INT(pa_pq_size(pq), 1);
         if (indexed) CHECK_EQ_INT(pa_pq_cancel(pq, 8), -ENOENT);
         pa_pq_item_t it;
-        REQUIRE(pa_pq_pop(pq, &it));
+        REQUIRE(pa_pq_pop(pq, &it) == 1);
         CHECK_EQ_INT(it.value, 7);
         /* the failed pushes spent no arrival number */
         REQUIRE(pa_pq_push(pq, 9, 1.0, 1.0, 5.0) == 0);
-        REQUIRE(pa_pq_peek(pq, &it));
+        REQUIRE(pa_pq_peek(pq, &it) == 1);
         CHECK_EQ_INT(it.arrival, 1);
-        CHECK(!pa_pq_pop(NULL, &it));
-        CHECK(!pa_pq_peek(NULL, &it));
+        CHECK_EQ_INT(pa_pq_pop(NULL, &it), -EINVAL);
+        CHECK_EQ_INT(pa_pq_peek(NULL, &it), -EINVAL);
         CHECK_EQ_INT(pa_pq_cancel(NULL, 9), -EINVAL);
         CHECK_EQ_INT(pa_pq_size(NULL), 0);
         pa_pq_destroy(pq);
@@ -214,18 +214,18 @@ static void test_indexed_cancel(void) {
     CHECK_EQ_INT(pa_pq_cancel(pq, 5), 0);
     CHECK_EQ_INT(pa_pq_cancel(pq, 5), -ENOENT);
     CHECK_EQ_INT(pa_pq_size(pq), 0);
-    CHECK(!pa_pq_peek(pq, &it));
-    CHECK(!pa_pq_pop(pq, &it));
+    CHECK(pa_pq_peek(pq, &it) == 0);
+    CHECK(pa_pq_pop(pq, &it) == 0);
     /* re-push after cancel, then after pop */
     CHECK_EQ_INT(pa_pq_push(pq, 5, 2.0, 1.0, NAN), 0);
-    REQUIRE(pa_pq_pop(pq, &it));
+    REQUIRE(pa_pq_pop(pq, &it) == 1);
     CHECK_EQ_INT(it.value, 5);
     CHECK(it.priority == 2.0);
     CHECK_EQ_INT(pa_pq_cancel(pq, 5), -ENOENT);
     CHECK_EQ_INT(pa_pq_push(pq, 5, 3.0, 1.0, NAN), 0);
     CHECK_EQ_INT(pa_pq_push(pq, 5, 3.0, 1.0, NAN), -EEXIST);
     CHECK_EQ_INT(pa_pq_cancel(pq, 6), -ENOENT);
-    REQUIRE(pa_pq_pop(pq, &it));
+    REQUIRE(pa_pq_pop(pq, &it) == 1);
     CHECK(it.value == 5 && it.priority == 3.0);
 
     /* cancel every third of many items spread over the order; the rest pop in order */
@@ -250,10 +250,10 @@ static void test_indexed_cancel(void) {
     ref.items[ref.n - 1].arrival = 3 + (uint64_t)n;
     ref_item_t want;
     while (ref_pop(&ref, &want)) {
-        REQUIRE(pa_pq_pop(pq, &it));
+        REQUIRE(pa_pq_pop(pq, &it) == 1);
         check_same(&it, &want);
     }
-    CHECK(!pa_pq_pop(pq, &it));
+    CHECK(pa_pq_pop(pq, &it) == 0);
     CHECK_EQ_INT(pa_pq_size(pq), 0);
     free(ref.items);
     pa_pq_destroy(pq);
@@ -267,8 +267,8 @@ static void test_unindexed_duplicates_and_enotsup(void) {
     CHECK_EQ_INT(pa_pq_cancel(pq, 3), -ENOTSUP);
     CHECK_EQ_INT(pa_pq_size(pq), 2);
     pa_pq_item_t a, b;
-    REQUIRE(pa_pq_pop(pq, &a));
-    REQUIRE(pa_pq_pop(pq, &b));
+    REQUIRE(pa_pq_pop(pq, &a) == 1);
+    REQUIRE(pa_pq_pop(pq, &b) == 1);
     CHECK(a.value == 3 && b.value == 3 && a.arrival < b.arrival);
     pa_pq_destroy(pq);
 }
@@ -278,27 +278,27 @@ static void test_peek(void) {
         pa_pq_t *pq;
         REQUIRE(pa_pq_create(indexed ? PA_PQ_INDEXED : 0, &pq) == 0);
         pa_pq_item_t p, q;
-        CHECK(!pa_pq_peek(pq, &p));
-        CHECK(!pa_pq_peek(pq, NULL));
+        CHECK(pa_pq_peek(pq, &p) == 0);
+        CHECK(pa_pq_peek(pq, NULL) == 0);
         uint64_t rng = 5;
         for (int i = 0; i < 500; i++) {
             REQUIRE(pa_pq_push(pq, (uint64_t)i, (double)(pa_rand_next(&rng) % 10), 0.5, 1.0) == 0);
         }
         for (int i = 0; i < 500; i++) {
-            REQUIRE(pa_pq_peek(pq, &p));
-            CHECK(pa_pq_peek(pq, NULL));
+            REQUIRE(pa_pq_peek(pq, &p) == 1);
+            CHECK(pa_pq_peek(pq, NULL) == 1);
             CHECK_EQ_INT(pa_pq_size(pq), 500 - i); /* peek removes nothing */
             if (indexed && i % 7 == 0 && i + 1 < 500) {
                 /* cancelling the front makes peek show the next one */
                 CHECK_EQ_INT(pa_pq_cancel(pq, p.value), 0);
                 CHECK_EQ_INT(pa_pq_push(pq, p.value, p.priority, p.confidence, p.deadline), 0);
-                REQUIRE(pa_pq_peek(pq, &p)); /* the re-push is behind its equals now */
+                REQUIRE(pa_pq_peek(pq, &p) == 1); /* the re-push is behind its equals now */
             }
-            REQUIRE(pa_pq_pop(pq, &q));
+            REQUIRE(pa_pq_pop(pq, &q) == 1);
             CHECK_EQ_INT(p.value, q.value);
             CHECK_EQ_INT(p.arrival, q.arrival);
         }
-        CHECK(!pa_pq_peek(pq, &p));
+        CHECK(pa_pq_peek(pq, &p) == 0);
         pa_pq_destroy(pq);
     }
 }
@@ -315,7 +315,8 @@ static void test_pop_many(void) {
     CHECK_EQ_INT(pa_pq_pop_many(pq, vals, 16), 6);
     for (int i = 0; i < 6; i++) CHECK_EQ_INT(vals[i], 105 - i);
     CHECK_EQ_INT(pa_pq_pop_many(pq, vals, 16), 0);
-    CHECK_EQ_INT(pa_pq_pop_many(NULL, vals, 16), 0);
+    CHECK_EQ_INT(pa_pq_pop_many(NULL, vals, 16), -EINVAL);
+    CHECK_EQ_INT(pa_pq_pop_many(pq, NULL, 16), -EINVAL);
     pa_pq_destroy(pq);
 }
 
@@ -402,8 +403,8 @@ static void test_pop_items(void) {
         }
         CHECK_EQ_INT(pa_pq_size(pq), 0);
         CHECK_EQ_INT(pa_pq_pop_items(pq, items, N), 0);
-        CHECK_EQ_INT(pa_pq_pop_items(NULL, items, N), 0);
-        CHECK_EQ_INT(pa_pq_pop_items(pq, NULL, N), 0);
+        CHECK_EQ_INT(pa_pq_pop_items(NULL, items, N), -EINVAL);
+        CHECK_EQ_INT(pa_pq_pop_items(pq, NULL, N), -EINVAL);
         pa_pq_destroy(pq);
     }
 }
@@ -417,7 +418,7 @@ static void test_destroy_with_items(void) {
             REQUIRE(pa_pq_create(indexed ? PA_PQ_INDEXED : 0, &pq) == 0);
             for (int i = 0; i < 200; i++) REQUIRE(pa_pq_push(pq, (uint64_t)i, (double)(i % 13), 0.0, NAN) == 0);
             pa_pq_item_t it;
-            for (int i = 0; i < pops; i++) REQUIRE(pa_pq_pop(pq, &it));
+            for (int i = 0; i < pops; i++) REQUIRE(pa_pq_pop(pq, &it) == 1);
             if (indexed)
                 for (int i = 0; i < 200; i += 5) (void)pa_pq_cancel(pq, (uint64_t)i);
             pa_pq_destroy(pq);

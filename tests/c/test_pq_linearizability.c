@@ -63,7 +63,7 @@ static atomic_int ready;
 static void run_op(op_t *o) {
     switch (o->kind) {
     case OP_PUSH: o->rc = pa_pq_push(the_round.pq, o->value, o->priority, o->confidence, o->deadline); break;
-    case OP_POP: o->got = pa_pq_pop(the_round.pq, &o->item); break;
+    case OP_POP: o->got = pa_pq_pop(the_round.pq, &o->item) == 1; break;
     default: o->rc = pa_pq_cancel(the_round.pq, o->value); break;
     }
 }

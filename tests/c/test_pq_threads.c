@@ -81,8 +81,9 @@ typedef struct consumer {
 
 /* Pops one batch into items (one item unless c->batches); returns how many. */
 static size_t consumer_pop(consumer_t *c, pa_pq_item_t *items, uint64_t *rng) {
-    if (!c->batches) return pa_pq_pop(c->sh->pq, &items[0]) ? 1 : 0;
-    return pa_pq_pop_items(c->sh->pq, items, 1 + pa_rand_next(rng) % PQ_TEST_BATCH);
+    if (!c->batches) return pa_pq_pop(c->sh->pq, &items[0]) == 1 ? 1 : 0;
+    ssize_t n = pa_pq_pop_items(c->sh->pq, items, 1 + pa_rand_next(rng) % PQ_TEST_BATCH);
+    return n > 0 ? (size_t)n : 0;
 }
 
 typedef struct producer {
@@ -206,7 +207,7 @@ static void run_conservation(unsigned flags, int np, int nc, long per) {
     check_exactly_once(cons, nc, np, per);
     CHECK_EQ_INT(pa_pq_size(sh.pq), 0);
     pa_pq_item_t it;
-    CHECK(!pa_pq_pop(sh.pq, &it));
+    CHECK(pa_pq_pop(sh.pq, &it) == 0);
     for (int c = 0; c < nc; c++) free(cons[c].got);
     pa_pq_destroy(sh.pq);
 }
@@ -288,7 +289,7 @@ static void *racer_main(void *arg) {
     while (!atomic_load_explicit(r->start, memory_order_acquire)) sched_yield();
     if (r->mode == 0) {
         pa_pq_item_t it;
-        while (pa_pq_pop(r->pq, &it)) {
+        while (pa_pq_pop(r->pq, &it) == 1) {
             if (it.value < (uint64_t)r->n) r->mark[it.value]++;
             r->ok++;
         }
@@ -338,7 +339,7 @@ static void test_cancel_vs_pop(void) {
         CHECK_EQ_INT(total, n);
         CHECK_EQ_INT(pa_pq_size(pq), 0);
         pa_pq_item_t it;
-        CHECK(!pa_pq_pop(pq, &it));
+        CHECK(pa_pq_pop(pq, &it) == 0);
         for (int t = 0; t < 4; t++) free(rs[t].mark);
         pa_pq_destroy(pq);
     }
@@ -373,7 +374,7 @@ static void *churner_main(void *arg) {
             else if (rc != -EEXIST) c->weird++;
             break;
         case 1:
-            if (pa_pq_pop(c->pq, &it)) {
+            if (pa_pq_pop(c->pq, &it) == 1) {
                 if (it.value < CHURN_VALUES) c->popped[it.value]++;
                 else c->weird++;
             }
@@ -407,7 +408,7 @@ static void test_index_churn(void) {
     size_t size_before = pa_pq_size(pq);
     size_t drained = 0;
     pa_pq_item_t it;
-    while (pa_pq_pop(pq, &it)) {
+    while (pa_pq_pop(pq, &it) == 1) {
         REQUIRE(it.value < CHURN_VALUES);
         left[it.value]++;
         drained++;

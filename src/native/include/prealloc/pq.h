@@ -20,9 +20,17 @@
  * record's status.
  *
  * Capacity: unbounded (nodes are malloc'ed); push answers -ENOMEM only when malloc does.
+ *
+ * Fork: a child may keep using a queue it inherited, provided no other thread of the parent
+ * was inside a call on that queue at the fork (a push caught half-linked would stay half
+ * linked: the node stays reachable and poppable, but the prefix cut stops before it, so
+ * pops there walk a growing deleted prefix). Memory reclamation itself restarts clean in
+ * the child whatever the parent's threads were doing (src/native/epoch.c, "fork").
  */
 #ifndef PREALLOC_PQ_H
 #define PREALLOC_PQ_H
+
+#include <sys/types.h> /* ssize_t */
 
 #include "common.h"
 
@@ -60,20 +68,25 @@ PA_API int pa_pq_push(pa_pq_t *pq, uint64_t value, double priority, double confi
 PA_API int pa_pq_push_many(pa_pq_t *pq, size_t n, const uint64_t *values, const double *priorities,
                            const double *confidences, const double *deadlines, size_t *pushed);
 
-/* Removes the first item in the order; false when the queue is empty. item (nullable)
- * receives its key. */
-PA_API bool pa_pq_pop(pa_pq_t *pq, pa_pq_item_t *item);
+/* Removes the first item in the order: 1 when an item was removed (item, nullable,
+ * receives its key), 0 when the queue is empty, -EINVAL (pq NULL), -ENOMEM (this thread
+ * could not get its memory-reclamation record: more live threads than the static records
+ * and malloc failed; the queue is unchanged, and "empty" would be a lie). Test with
+ * `== 1`, not as a truth value. */
+PA_API int pa_pq_pop(pa_pq_t *pq, pa_pq_item_t *item);
 
 /* Pops up to max items into values (in order); returns how many (fewer when the queue ran
- * empty). Each item is a separate pop (linearizable on its own), but the batch walks the
- * front of the queue once instead of once per item. */
-PA_API size_t pa_pq_pop_many(pa_pq_t *pq, uint64_t *values, size_t max);
+ * empty), -EINVAL (pq NULL, values NULL with max > 0, max > SSIZE_MAX) or -ENOMEM (as
+ * pa_pq_pop, nothing popped). Each item is a separate pop (linearizable on its own), but
+ * the batch walks the front of the queue once instead of once per item. */
+PA_API ssize_t pa_pq_pop_many(pa_pq_t *pq, uint64_t *values, size_t max);
 /* As pa_pq_pop_many, with each item's key. */
-PA_API size_t pa_pq_pop_items(pa_pq_t *pq, pa_pq_item_t *items, size_t max);
+PA_API ssize_t pa_pq_pop_items(pa_pq_t *pq, pa_pq_item_t *items, size_t max);
 
-/* Copies the first item without removing it; false when empty. Under concurrent pops the
- * item may be gone by the time the caller looks at it. */
-PA_API bool pa_pq_peek(pa_pq_t *pq, pa_pq_item_t *item);
+/* Copies the first item without removing it: 1 found, 0 empty, -EINVAL, -ENOMEM (as
+ * pa_pq_pop). Under concurrent pops the item may be gone by the time the caller looks at
+ * it. */
+PA_API int pa_pq_peek(pa_pq_t *pq, pa_pq_item_t *item);
 
 /* Withdraws a queued value (indexed queues). 0 done, -ENOENT not queued (never pushed,
  * already popped or cancelled), -ENOTSUP (queue not indexed). Exactly one of a racing
