@@ -48,22 +48,49 @@
  * it, and its write follows the clear: whenever ids are queued the eventfd is readable or
  * about to be. Protocol for consumers: wait for readability, then drain until drain
  * returns fewer than asked; never rely on one wakeup per id.
+ *
+ * fork
+ * ----
+ * The ticker records the fork generation (fork.h) at create. The first call in a child
+ * "adopts" the inherited ticker: it try-locks the four locks; if all were free, no thread
+ * of the parent was inside the ticker at the fork, so its state is whole. Then it
+ * re-initialises the condvar (the parent's sleeping thread is a phantom waiter on it),
+ * marks the thread not running (there is none here) and puts a fresh eventfd on the same
+ * descriptor number with dup3 (the inherited descriptor names the parent's eventfd, so a
+ * drain here would swallow the parent's wakeups). The child then has a stopped ticker
+ * with the parent's timers and queue. If a lock was held, the state may be torn: the
+ * ticker is "orphaned" and every call answers -EOWNERDEAD (size_t calls 0), and destroy
+ * closes the descriptor and frees the struct but leaks the wheel and ring, which a
+ * half-done change may have left inconsistent. Adoption is claimed by a CAS on fork_gen,
+ * so concurrent first calls in the child do it once.
+ *
+ * Signals: the thread starts with every signal blocked (pthread_sigmask around
+ * pthread_create), so a process-directed signal is never delivered on it: a host's
+ * handler (and Python's, which must run on the main thread) never runs there.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "atomics.h"
+#include "fork.h"
 #include "prealloc/wheel.h"
 
 #define PA__QUEUE_INITIAL 64u
 #define PA__PUBLISH_BATCH 64u
-#define PA__DEFAULT_EXPIRE_FROM \
-    (PA_STATUS_BIT(PA_STATUS_PENDING) | PA_STATUS_BIT(PA_STATUS_ALLOCATED) | PA_STATUS_BIT(PA_STATUS_ACTIVE))
+/* Not ACTIVE: a claimed resource is the consumer's until it releases it (the engine's
+ * rule too); a host that wants claimed records to expire says so. */
+#define PA__DEFAULT_EXPIRE_FROM (PA_STATUS_BIT(PA_STATUS_PENDING) | PA_STATUS_BIT(PA_STATUS_ALLOCATED))
+#define PA__ADOPTING UINT32_MAX /* fork_gen while a child adopts the ticker */
+#define PA__ORPHANED (UINT32_MAX - 1) /* fork_gen of a ticker a child could not adopt */
 
 typedef struct pa__expired {
     pa_id_t record;
@@ -77,6 +104,7 @@ struct pa_ticker {
     void *on_expired_ctx;
     uint64_t tick_ns;
     int event_fd;
+    _Atomic uint32_t fork_gen; /* the fork generation it belongs to, or ADOPTING/ORPHANED */
 
     pthread_mutex_t control_lock;
     pthread_t thread; /* control_lock */
@@ -184,6 +212,48 @@ static struct timespec timespec_from_ns(uint64_t ns) {
     return ts;
 }
 
+/* The ticker's state in this process: 0 (usable), or -EOWNERDEAD (orphaned by a fork,
+ * see "fork" above). Adopts an inherited ticker on first use in a child. */
+static int ticker_usable(pa_ticker_t *t) {
+    uint32_t now = pa__fork_generation();
+    /* acquire: pairs with the release store that ends an adoption, so its writes are seen */
+    uint32_t gen = pa__load_acquire(&t->fork_gen);
+    for (;;) {
+        if (gen == now) return 0;
+        if (gen == PA__ORPHANED) return -EOWNERDEAD;
+        if (gen == PA__ADOPTING) {
+            pa__cpu_relax();
+            gen = pa__load_acquire(&t->fork_gen);
+            continue;
+        }
+        /* acq_rel: one adopter; the losers wait for its release store above */
+        if (pa__cas_strong_acq_rel(&t->fork_gen, &gen, PA__ADOPTING)) break;
+    }
+    pthread_mutex_t *locks[] = {&t->control_lock, &t->advance_lock, &t->wheel_lock, &t->queue_lock};
+    size_t held = 0;
+    while (held < 4 && pthread_mutex_trylock(locks[held]) == 0) held++;
+    int fresh = -1;
+    if (held == 4) fresh = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    bool adopted = fresh >= 0 && dup3(fresh, t->event_fd, O_CLOEXEC) >= 0;
+    if (fresh >= 0) close(fresh);
+    if (adopted) {
+        pthread_condattr_t attr;
+        pthread_condattr_init(&attr);
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+        /* over the inherited one: its waiter (the parent's thread) does not exist here */
+        pthread_cond_init(&t->wake, &attr);
+        pthread_condattr_destroy(&attr);
+        t->running = false;
+        t->sleep_until = 0;
+        t->stop_requested = false;
+        if (t->published != t->head) signal_eventfd(t); /* queued ids keep it readable */
+    }
+    while (held > 0) pthread_mutex_unlock(locks[--held]);
+    /* release: publishes the adopted state to the waiting callers */
+    pa__store_release(&t->fork_gen, adopted ? now : PA__ORPHANED);
+    return adopted ? 0 : -EOWNERDEAD;
+}
+
 static void *ticker_main(void *arg) {
     pa_ticker_t *t = arg;
     pthread_mutex_lock(&t->wheel_lock);
@@ -229,6 +299,7 @@ int pa_ticker_create(pa_table_t *table, const pa_ticker_options_t *options, pa_t
     t->on_expired_ctx = opts.on_expired_ctx;
     t->tick_ns = opts.tick_ns;
     t->event_fd = -1;
+    pa__store_relaxed(&t->fork_gen, pa__fork_generation());
 
     int rc = pa_wheel_create(opts.tick_ns, pa_clock_now_ns(), opts.timer_capacity, &t->wheel);
     if (rc != 0) goto fail_wheel;
@@ -271,6 +342,13 @@ fail_wheel:
 
 void pa_ticker_destroy(pa_ticker_t *t) {
     if (!t) return;
+    if (ticker_usable(t) != 0) {
+        /* orphaned by a fork: its locks are held by threads that do not exist here and
+         * its wheel and ring may be half changed; free only what is known whole */
+        close(t->event_fd);
+        free(t);
+        return;
+    }
     pa_ticker_stop(t);
     pthread_cond_destroy(&t->wake);
     pthread_mutex_destroy(&t->control_lock);
@@ -285,15 +363,21 @@ void pa_ticker_destroy(pa_ticker_t *t) {
 
 int pa_ticker_start(pa_ticker_t *t) {
     if (!t) return -EINVAL;
+    int rc = ticker_usable(t);
+    if (rc != 0) return rc;
     pthread_mutex_lock(&t->control_lock);
-    int rc = 0;
     if (t->running) {
         rc = -EALREADY;
     } else {
         pthread_mutex_lock(&t->wheel_lock);
         t->stop_requested = false;
         pthread_mutex_unlock(&t->wheel_lock);
+        /* the thread inherits the caller's signal mask: block everything for it */
+        sigset_t all, previous;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &previous);
         rc = -pthread_create(&t->thread, NULL, ticker_main, t);
+        pthread_sigmask(SIG_SETMASK, &previous, NULL);
         t->running = rc == 0;
     }
     pthread_mutex_unlock(&t->control_lock);
@@ -302,6 +386,8 @@ int pa_ticker_start(pa_ticker_t *t) {
 
 int pa_ticker_stop(pa_ticker_t *t) {
     if (!t) return -EINVAL;
+    /* orphaned: there is no thread here to stop */
+    if (ticker_usable(t) != 0) return 0;
     pthread_mutex_lock(&t->control_lock);
     if (t->running) {
         pthread_mutex_lock(&t->wheel_lock);
@@ -315,33 +401,75 @@ int pa_ticker_stop(pa_ticker_t *t) {
     return 0;
 }
 
-int pa_ticker_schedule(pa_ticker_t *t, pa_id_t record, uint64_t deadline_ns, pa_timer_id_t *out) {
-    if (!t) return -EINVAL;
-    pa_timer_id_t timer = 0;
-    pthread_mutex_lock(&t->wheel_lock);
+/* Files a timer for record at deadline_ns and stores it in the record, replacing the
+ * record's earlier timer if one is still pending. wheel_lock held. */
+static int schedule_locked(pa_ticker_t *t, pa_id_t record, uint64_t deadline_ns, pa_timer_id_t *out) {
+    pa_record_t current;
+    int rc = pa_table_get(t->table, record, &current);
+    if (rc != 0) return rc;
     /* Reserve the queue entry this timer may become (see the file comment). */
     pthread_mutex_lock(&t->queue_lock);
-    int rc = ring_reserve(t, (t->tail - t->head) + pa_wheel_pending(t->wheel) + 1);
+    rc = ring_reserve(t, (t->tail - t->head) + pa_wheel_pending(t->wheel) + 1);
     pthread_mutex_unlock(&t->queue_lock);
+    pa_timer_id_t timer = 0;
     if (rc == 0) rc = pa_wheel_schedule(t->wheel, deadline_ns, record, &timer);
-    if (rc == 0) {
-        /* Inside wheel_lock, so the record names its timer before the timer can fire. */
-        rc = pa_table_set_expiry(t->table, record, deadline_ns, timer);
-        if (rc != 0) {
-            pa_wheel_cancel(t->wheel, timer);
-        } else {
-            uint64_t wakeup;
-            if (pa_wheel_next_wakeup(t->wheel, &wakeup) == 0 && wakeup < t->sleep_until)
-                pthread_cond_signal(&t->wake);
-        }
+    if (rc != 0) return rc;
+    /* Inside wheel_lock, so the record names its timer before the timer can fire. */
+    rc = pa_table_set_expiry(t->table, record, deadline_ns, timer);
+    if (rc != 0) {
+        pa_wheel_cancel(t->wheel, timer);
+        return rc;
     }
+    /* Replace: the old deadline must not fire too. Only a timer that is still pending
+     * and still carries this record is ours to cancel (the value check keeps a stale
+     * handle from cancelling another record's timer). */
+    uint64_t value;
+    if (current.timer != 0 && pa_wheel_timer_value(t->wheel, current.timer, &value) == 0 && value == record)
+        pa_wheel_cancel(t->wheel, current.timer);
+    uint64_t wakeup;
+    if (pa_wheel_next_wakeup(t->wheel, &wakeup) == 0 && wakeup < t->sleep_until) pthread_cond_signal(&t->wake);
+    *out = timer;
+    return 0;
+}
+
+int pa_ticker_schedule(pa_ticker_t *t, pa_id_t record, uint64_t deadline_ns, pa_timer_id_t *out) {
+    if (!t) return -EINVAL;
+    int rc = ticker_usable(t);
+    if (rc != 0) return rc;
+    pa_timer_id_t timer = 0;
+    pthread_mutex_lock(&t->wheel_lock);
+    rc = schedule_locked(t, record, deadline_ns, &timer);
     pthread_mutex_unlock(&t->wheel_lock);
     if (rc == 0 && out) *out = timer;
     return rc;
 }
 
+int pa_ticker_revert(pa_ticker_t *t, pa_id_t record, pa_status_t to) {
+    if (!t) return -EINVAL;
+    if (to != PA_STATUS_ALLOCATED && to != PA_STATUS_ACTIVE) return -EINVAL;
+    int rc = ticker_usable(t);
+    if (rc != 0) return rc;
+    /* Under wheel_lock, which every firing holds: the timer either fired before this
+     * (it found RELEASING and did nothing, so it is gone and is re-armed below) or fires
+     * after (it finds the reverted status). */
+    pthread_mutex_lock(&t->wheel_lock);
+    rc = pa_table_transition(t->table, record, PA_STATUS_BIT(PA_STATUS_RELEASING), to, NULL);
+    pa_record_t r;
+    if (rc == 0 && pa_table_get(t->table, record, &r) == 0 && r.expires_ns != 0) {
+        uint64_t value;
+        bool pending = r.timer != 0 && pa_wheel_timer_value(t->wheel, r.timer, &value) == 0 && value == record;
+        pa_timer_id_t timer;
+        /* A failure to re-arm (-ENOSPC/-ENOMEM) is reported; the revert itself stands. */
+        if (!pending) rc = schedule_locked(t, record, r.expires_ns, &timer);
+    }
+    pthread_mutex_unlock(&t->wheel_lock);
+    return rc;
+}
+
 int pa_ticker_cancel(pa_ticker_t *t, pa_timer_id_t timer) {
     if (!t) return -EINVAL;
+    int usable = ticker_usable(t);
+    if (usable != 0) return usable;
     pthread_mutex_lock(&t->wheel_lock);
     int rc = pa_wheel_cancel(t->wheel, timer);
     pthread_mutex_unlock(&t->wheel_lock);
@@ -349,13 +477,18 @@ int pa_ticker_cancel(pa_ticker_t *t, pa_timer_id_t timer) {
 }
 
 size_t pa_ticker_advance(pa_ticker_t *t, uint64_t now_ns) {
-    return t ? advance_to(t, now_ns) : 0;
+    return t && ticker_usable(t) == 0 ? advance_to(t, now_ns) : 0;
 }
 
-int pa_ticker_eventfd(const pa_ticker_t *t) { return t ? t->event_fd : -EINVAL; }
+int pa_ticker_eventfd(const pa_ticker_t *t) {
+    if (!t) return -EINVAL;
+    /* adoption replaces the descriptor (same number) but never mutates the answer */
+    int usable = ticker_usable((pa_ticker_t *)t);
+    return usable != 0 ? usable : t->event_fd;
+}
 
 size_t pa_ticker_drain(pa_ticker_t *t, pa_id_t *out, size_t max) {
-    if (!t || (!out && max > 0)) return 0;
+    if (!t || (!out && max > 0) || ticker_usable(t) != 0) return 0;
     pthread_mutex_lock(&t->queue_lock);
     size_t n = 0;
     while (n < max && t->head != t->published) out[n++] = ring_at(t, t->head++)->record;
@@ -371,7 +504,7 @@ size_t pa_ticker_drain(pa_ticker_t *t, pa_id_t *out, size_t max) {
 }
 
 size_t pa_ticker_pending(pa_ticker_t *t) {
-    if (!t) return 0;
+    if (!t || ticker_usable(t) != 0) return 0;
     pthread_mutex_lock(&t->wheel_lock);
     size_t n = pa_wheel_pending(t->wheel);
     pthread_mutex_unlock(&t->wheel_lock);
@@ -379,7 +512,7 @@ size_t pa_ticker_pending(pa_ticker_t *t) {
 }
 
 size_t pa_ticker_queued(pa_ticker_t *t) {
-    if (!t) return 0;
+    if (!t || ticker_usable(t) != 0) return 0;
     pthread_mutex_lock(&t->queue_lock);
     size_t n = (size_t)(t->published - t->head);
     pthread_mutex_unlock(&t->queue_lock);

@@ -417,6 +417,17 @@ int pa_wheel_next_wakeup(const pa_wheel_t *w, uint64_t *wakeup_ns) {
     return 0;
 }
 
+int pa_wheel_timer_value(const pa_wheel_t *w, pa_timer_id_t timer, uint64_t *value) {
+    if (!w || !value) return -EINVAL;
+    uint32_t index = (uint32_t)timer;
+    uint32_t generation = (uint32_t)(timer >> 32);
+    if (index >= w->pool_used || generation == 0) return -ENOENT;
+    const pa__timer_node_t *n = &w->nodes[index];
+    if (n->generation != generation || n->list == PA__LIST_NONE) return -ENOENT;
+    *value = n->value;
+    return 0;
+}
+
 size_t pa_wheel_pending(const pa_wheel_t *w) { return w ? w->pending : 0; }
 uint64_t pa_wheel_now(const pa_wheel_t *w) { return w ? w->now_ns : 0; }
 uint64_t pa_wheel_tick_ns(const pa_wheel_t *w) { return w ? w->tick_ns : 0; }

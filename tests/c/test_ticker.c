@@ -383,7 +383,11 @@ static void test_threaded_race(void) {
     if (r.per_thread < 32) r.per_thread = 32;
     r.capacity = (uint32_t)(RACE_THREADS * r.per_thread);
     REQUIRE(pa_table_create(r.capacity, &r.table) == 0);
-    pa_ticker_options_t opts = {.tick_ns = MS / 4, .on_expired = race_on_expired, .on_expired_ctx = &r};
+    /* the race's records are claimed (ACTIVE) before they expire: ask for that edge */
+    pa_ticker_options_t opts = {.tick_ns = MS / 4,
+                                .expire_from_mask = PA_STATUS_BIT(PA_STATUS_ALLOCATED) | PA_STATUS_BIT(PA_STATUS_ACTIVE),
+                                .on_expired = race_on_expired,
+                                .on_expired_ctx = &r};
     REQUIRE(pa_ticker_create(r.table, &opts, &r.ticker) == 0);
     r.expired_calls = calloc(r.capacity, sizeof(*r.expired_calls));
     r.fired_at = calloc(r.capacity, sizeof(*r.fired_at));

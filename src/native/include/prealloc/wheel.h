@@ -79,6 +79,10 @@ PA_API int pa_wheel_schedule(pa_wheel_t *wheel, uint64_t deadline_ns, uint64_t v
 /* Cancels a pending timer. -ENOENT if it already fired, was cancelled, or never existed. */
 PA_API int pa_wheel_cancel(pa_wheel_t *wheel, pa_timer_id_t timer);
 
+/* The value of a pending timer. -ENOENT if it already fired, was cancelled, or never
+ * existed. */
+PA_API int pa_wheel_timer_value(const pa_wheel_t *wheel, pa_timer_id_t timer, uint64_t *value);
+
 /* Advances the wheel to now_ns (a now_ns before the current time is treated as the
  * current time) and calls fire for every timer whose deadline tick has been reached.
  * fire must not call back into this wheel. Returns the number of timers fired. */
@@ -102,14 +106,34 @@ PA_API uint64_t pa_wheel_tick_ns(const pa_wheel_t *wheel);
  * waits on the eventfd (poll/select/epoll/asyncio) and drains the queue — no polling.
  *
  * The ticker thread sleeps (pthread_cond_timedwait on CLOCK_MONOTONIC) until the next
- * wakeup the wheel reports; a schedule earlier than that wakes it.
+ * wakeup the wheel reports; a schedule earlier than that wakes it. It runs with every
+ * signal blocked, so no signal handler of the host ever runs on it.
+ *
+ * NULL: every pa_ticker_* call given a NULL ticker answers -EINVAL (size_t calls 0;
+ * destroy is a no-op), as every module of the core does.
+ *
+ * fork contract
+ * -------------
+ * A child of fork() never hangs on a ticker it inherited, and never shares its wakeups:
+ *   - If no thread of the parent was inside the ticker at the fork (the usual case: its
+ *     thread asleep), the child's first call adopts it: the child has a STOPPED ticker
+ *     holding the parent's timers and queue as of the fork, with a fresh eventfd of its
+ *     own at the same descriptor number. pa_ticker_stop answers 0 (nothing runs here),
+ *     pa_ticker_destroy frees it, pa_ticker_start starts a new thread in the child.
+ *   - If a thread of the parent held one of its locks at the fork (mid-advance,
+ *     mid-schedule), its state may be torn: every call answers -EOWNERDEAD (size_t calls
+ *     0); pa_ticker_stop answers 0 and pa_ticker_destroy frees what is safe to free and
+ *     never blocks.
+ * The parent's ticker is untouched by its children.
  */
 typedef void (*pa_expiry_fn)(void *ctx, pa_id_t record, uint64_t deadline_ns);
 
 typedef struct pa_ticker_options {
     uint64_t tick_ns;          /* 0 = PA_WHEEL_DEFAULT_TICK_NS */
     uint32_t timer_capacity;   /* 0 = the table's capacity */
-    uint32_t expire_from_mask; /* 0 = PENDING | ALLOCATED | ACTIVE; bits >= PA_STATUS_COUNT: -EINVAL */
+    uint32_t expire_from_mask; /* 0 = PENDING | ALLOCATED (a claimed, ACTIVE resource is
+                                  the consumer's: add ACTIVE to expire it too);
+                                  bits >= PA_STATUS_COUNT: -EINVAL */
     /* nullable; runs on the advancing thread (the ticker's, or pa_ticker_advance's caller)
      * with no ticker lock held, before the id is queued; must not block long and must not
      * call pa_ticker_advance, pa_ticker_stop or pa_ticker_destroy (schedule, cancel,
@@ -134,8 +158,19 @@ PA_API int pa_ticker_stop(pa_ticker_t *ticker);
 /* Schedules the record's expiry and stores the timer handle and deadline in the record
  * (pa_table_set_expiry). -ENOENT if the record is stale or final, -ENOSPC, -ENOMEM (the
  * expired queue reserves room for every pending timer, so an expiry is never dropped).
- * out is nullable. */
+ * out is nullable.
+ * Scheduling a record twice REPLACES: the record's earlier timer, if still pending, is
+ * cancelled, so only the latest deadline fires. */
 PA_API int pa_ticker_schedule(pa_ticker_t *ticker, pa_id_t record, uint64_t deadline_ns, pa_timer_id_t *out);
+
+/* Reverts a failed release: moves the record RELEASING -> to (ALLOCATED or ACTIVE) and,
+ * when it has an expiry whose timer is no longer pending (it fired while the record was
+ * RELEASING and so did nothing), re-arms it at the same deadline (already passed: it
+ * fires on the next advance). Hosts revert through this call, not pa_table_transition,
+ * or a deadline that passed during the release is lost. Returns what
+ * pa_table_transition returns (-EAGAIN when the record is not RELEASING), -EINVAL for
+ * another `to`, or the re-arm's -ENOSPC/-ENOMEM (the revert itself then stands). */
+PA_API int pa_ticker_revert(pa_ticker_t *ticker, pa_id_t record, pa_status_t to);
 /* -ENOENT if the timer already fired or was cancelled. */
 PA_API int pa_ticker_cancel(pa_ticker_t *ticker, pa_timer_id_t timer);
 
