@@ -1,0 +1,175 @@
+/*
+ * prealloc/pagecache.h — page-cache warming: make a set of file ranges resident ahead of
+ * a predicted start, prove it through the kernel, optionally pin it, give it back.
+ *
+ * Design
+ * ------
+ * A cold program start mostly waits for the disk; the files it will read are known (given
+ * by a rule or recorded once), so they can be read into the page cache before it starts.
+ * One pa_pagecache_file_t describes one range [offset, offset + length) of one regular
+ * file. The steps, each batched over an array of files (one call, one GIL release):
+ *
+ *   1. open: O_RDONLY | O_NOATIME | O_NONBLOCK | O_CLOEXEC (O_NOATIME is refused with
+ *      EPERM for a file the caller does not own; then the open is retried without it, and
+ *      `noatime` says which). O_NONBLOCK keeps a FIFO from blocking the open. The path
+ *      the kernel really opened (readlink of /proc/self/fd/N, so every symlink and ".."
+ *      is already resolved and there is no check-then-open race) must lie inside one of
+ *      the allowed roots (each realpath'd, compared on a '/' boundary): a symlink that
+ *      points out of the roots is refused with -EACCES. Only regular files are accepted
+ *      (-EINVAL otherwise). The range is clamped to the file size.
+ *   2. warm, asynchronously: POSIX_FADV_WILLNEED in chunks. One call reads at most
+ *      max(read_ahead_kb, max_sectors_kb) of the device (the kernel's
+ *      force_page_cache_ra clamps it), so a single WILLNEED of a 200 MB file reads only the
+ *      first few hundred KiB to MiB; the chunk is read from /sys/class/bdi/M:m
+ *      (pa_pagecache_chunk_bytes), 128 KiB when unknown. Issued for all files before any
+ *      synchronous step, so the device sees a deep queue.
+ *   3. warm, certainly: MADV_POPULATE_READ (Linux >= 5.14) on a read-only MAP_SHARED
+ *      mapping of the range waits until every page is in the page cache and reports an I/O
+ *      error instead of a later SIGBUS. Where the kernel does not know it (EINVAL), the
+ *      range is pread() into a bounce buffer, which also leaves it cached. The mapping
+ *      is dropped afterwards unless the file is pinned.
+ *   4. pin (optional): mlock of the mapping, bounded by a byte budget the caller computes
+ *      from RLIMIT_MEMLOCK (requested vs effective: pinned_bytes and pin_error). Locked,
+ *      mapped pages survive POSIX_FADV_DONTNEED and reclaim until unpinned.
+ *   5. count: cachestat(2) (Linux >= 6.5, syscall 451 on every architecture that has the
+ *      unified syscall table) counts cached, dirty, writeback and evicted pages of a range
+ *      from the page-cache xarray without touching page tables. Where it is missing
+ *      (ENOSYS) — or refused (EPERM: since 6.14 the kernel lets only the file's owner, a
+ *      writer or CAP_SYS_ADMIN count) — mincore(2) over a temporary mapping is the
+ *      fallback, with the same permission rule (mincore then reports only pages mapped in
+ *      this process), so `method` says how a count was obtained.
+ *   6. mark / evict: mark records a per-page residency bitmap (mincore) before warming;
+ *      evict issues POSIX_FADV_DONTNEED only over the runs of pages that were not resident
+ *      at mark time, so pages other programs had cached stay.
+ *   7. close: unpin, unmap, close the fd, free the bitmap; leaves the file "empty".
+ *
+ * The warmer never hands file contents to anyone: it only asks the kernel to cache them.
+ *
+ * Complexity: O(pages) of kernel work for populate, pin, mincore; O(range / chunk)
+ * syscalls for WILLNEED; O(1) syscalls for cachestat. All calls block (disk I/O); none
+ * takes a lock of ours. Thread safety: a pa_pagecache_file_t is owned by one thread at a
+ * time; distinct files are independent.
+ * Limits: a file's range must fit in the address space (mapping it); names in the roots
+ * and paths are at most PATH_MAX. What a file list cannot warm: directory entries and
+ * failed lookups (a compiler's search path probes), which only running the program does.
+ */
+#ifndef PREALLOC_PAGECACHE_H
+#define PREALLOC_PAGECACHE_H
+
+#include "common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Warm flags. */
+#define PA_PAGECACHE_WILLNEED (1u << 0) /* chunked POSIX_FADV_WILLNEED (asynchronous) */
+#define PA_PAGECACHE_POPULATE (1u << 1) /* MADV_POPULATE_READ / pread: resident on return */
+#define PA_PAGECACHE_ALL_FLAGS 0x3u
+
+/* How a range was made resident (warm_method). */
+typedef enum pa_pagecache_warm_method {
+    PA_PAGECACHE_WARM_NONE = 0,
+    PA_PAGECACHE_WARM_WILLNEED = 1, /* advised only: residency not certain */
+    PA_PAGECACHE_WARM_POPULATE = 2, /* MADV_POPULATE_READ */
+    PA_PAGECACHE_WARM_READ = 3      /* pread into a bounce buffer (no MADV_POPULATE_READ) */
+} pa_pagecache_warm_method_t;
+
+/* How a residency count was obtained. */
+typedef enum pa_pagecache_count_method {
+    PA_PAGECACHE_COUNT_NONE = 0,
+    PA_PAGECACHE_COUNT_CACHESTAT = 1,
+    PA_PAGECACHE_COUNT_MINCORE = 2
+} pa_pagecache_count_method_t;
+
+/* Pages of a range (cachestat's fields; mincore fills `cached` only). */
+typedef struct pa_pagecache_count {
+    uint64_t cached;
+    uint64_t dirty;
+    uint64_t writeback;
+    uint64_t evicted;          /* evicted since they were cached (shadow entries) */
+    uint64_t recently_evicted; /* ... of those, recently enough to count as thrashing */
+    int method;                /* pa_pagecache_count_method_t */
+    bool restricted;           /* cachestat said EPERM: the mincore fallback saw only the
+                                  pages mapped in this process (a lower bound) */
+} pa_pagecache_count_t;
+
+typedef struct pa_pagecache_file {
+    int fd;                /* -1 when not open */
+    int open_error;        /* 0, or the errno that kept the file from opening */
+    bool noatime;          /* opened with O_NOATIME */
+    uint64_t size;         /* file size at open */
+    uint64_t offset;       /* the range, clamped to the file (offset page aligned down) */
+    uint64_t length;
+    int warm_method;       /* pa_pagecache_warm_method_t of the last warm */
+    int warm_error;        /* 0, or the errno of the last warm */
+    uint64_t pinned_bytes; /* bytes mlocked now */
+    int pin_error;         /* 0, or why fewer bytes than asked are pinned */
+    /* private */
+    void *map;             /* the pinned mapping, NULL when not pinned */
+    size_t map_len;
+    uint8_t *marked;       /* per-page residency at mark time (1 = resident), or NULL */
+    size_t marked_pages;
+} pa_pagecache_file_t;
+
+/* Fills *f as an empty (closed) file. */
+PA_API void pa_pagecache_file_init(pa_pagecache_file_t *f);
+
+/* Opens path (see the design: O_NOATIME, roots, regular files) and sets the range
+ * [offset, offset + length) clamped to the file; length 0 means "to the end". nroots 0
+ * allows every path. Records the errno in f->open_error too. -EACCES (outside the roots),
+ * -EINVAL (not a regular file, bad root), -ENAMETOOLONG, or open's errno. */
+PA_API int pa_pagecache_open(pa_pagecache_file_t *f, const char *path, uint64_t offset, uint64_t length,
+                             const char *const *roots, size_t nroots);
+
+/* Warms the range with flags (PA_PAGECACHE_*); chunk_bytes 0 = pa_pagecache_chunk_bytes.
+ * -EBADF when not open, -EINVAL for unknown flags, -EIO/-ENOMEM from populate. */
+PA_API int pa_pagecache_warm(pa_pagecache_file_t *f, unsigned flags, uint64_t chunk_bytes);
+
+/* Counts the range's pages in the page cache (cachestat, else mincore). */
+PA_API int pa_pagecache_count(const pa_pagecache_file_t *f, pa_pagecache_count_t *out);
+
+/* Pins (mlock) at most max_bytes of the range, from its start, page granular. A refused
+ * mlock is not an error: pinned_bytes stays 0 and pin_error records the errno; a budget
+ * smaller than the range records ENOMEM with the part that fits pinned. Returns 0, or
+ * -EBADF / the errno of mmap. Pinning again first unpins. */
+PA_API int pa_pagecache_pin(pa_pagecache_file_t *f, uint64_t max_bytes);
+
+/* Unlocks and unmaps the pinned mapping. No-op when not pinned. */
+PA_API int pa_pagecache_unpin(pa_pagecache_file_t *f);
+
+/* Records which pages of the range are resident now (for pa_pagecache_evict). */
+PA_API int pa_pagecache_mark(pa_pagecache_file_t *f);
+
+/* POSIX_FADV_DONTNEED over the range; with only_unmarked, only the runs of pages that
+ * were not resident at the last mark (-EINVAL when never marked). Pinned pages stay.
+ * *evicted_bytes (may be NULL): the bytes advised. */
+PA_API int pa_pagecache_evict(pa_pagecache_file_t *f, bool only_unmarked, uint64_t *evicted_bytes);
+
+/* Unpins, unmaps, closes, frees; leaves *f empty. Closing an empty file returns 0. */
+PA_API int pa_pagecache_close(pa_pagecache_file_t *f);
+
+/* Batches: one call over n files. open_many opens files[i] from paths[i] and the range
+ * offsets[i]/lengths[i] (NULL arrays: whole files) and returns how many opened (each
+ * failure in its open_error). warm_many first issues WILLNEED for every open file (when
+ * asked), then populates each; returns the number warmed without error (errors in
+ * warm_error). count_many fills out[i] (zeroed, method NONE, for a closed file). */
+PA_API int pa_pagecache_open_many(pa_pagecache_file_t *files, size_t n, const char *const *paths,
+                                  const uint64_t *offsets, const uint64_t *lengths,
+                                  const char *const *roots, size_t nroots);
+PA_API int pa_pagecache_warm_many(pa_pagecache_file_t *files, size_t n, unsigned flags, uint64_t chunk_bytes);
+PA_API int pa_pagecache_count_many(const pa_pagecache_file_t *files, size_t n, pa_pagecache_count_t *out);
+
+/* Raw counters on any fd: cachestat(2) (-ENOSYS where the kernel lacks it, -EPERM where
+ * it refuses) and mincore over a temporary mapping. */
+PA_API int pa_pagecache_cachestat(int fd, uint64_t offset, uint64_t length, pa_pagecache_count_t *out);
+PA_API int pa_pagecache_mincore(int fd, uint64_t offset, uint64_t length, pa_pagecache_count_t *out);
+
+/* The most bytes one POSIX_FADV_WILLNEED of fd's device reads: max(read_ahead_kb,
+ * max_sectors_kb) of its bdi, 128 KiB when unknown. */
+PA_API uint64_t pa_pagecache_chunk_bytes(int fd);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* PREALLOC_PAGECACHE_H */

@@ -1,0 +1,425 @@
+/*
+ * pagecache.c — page-cache warming: open within roots, chunked WILLNEED, populate,
+ * pin, count (cachestat / mincore), mark and evict.
+ *
+ * The design lives in prealloc/pagecache.h; this comment adds what the header leaves to
+ * the implementation.
+ *
+ * Mappings. Populate, mincore and pin need a mapping of the range; the mapping starts at
+ * the range's offset aligned down to a page (the range's offset is stored aligned), and
+ * only a pinned file keeps one. A PROT_READ MAP_SHARED mapping of a file we opened
+ * O_RDONLY can never write to it. Mappings are made in windows of PA__WINDOW (64 MiB) for
+ * populate and mincore so a huge file costs bounded address space and the mmap lock is
+ * released between windows (another thread's mmap waits one window, not the whole file).
+ *
+ * cachestat is called through syscall(2) with its number: glibc has no wrapper, and the
+ * number (451) is the same on every architecture with the unified table (x86_64 and
+ * aarch64 included). A build on an architecture without it gets -ENOSYS and the mincore
+ * fallback.
+ */
+#define _GNU_SOURCE
+#include "prealloc/pagecache.h"
+
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+#ifndef __NR_cachestat
+#if defined(__x86_64__) || defined(__aarch64__) || defined(__riscv) || defined(__i386__) || \
+    defined(__arm__) || defined(__powerpc__) || defined(__s390__) || defined(__loongarch__)
+#define __NR_cachestat 451
+#endif
+#endif
+
+#define PA__WINDOW ((uint64_t)64 << 20)
+#define PA__READ_BOUNCE ((size_t)1 << 20)
+#define PA__DEFAULT_CHUNK ((uint64_t)128 << 10)
+
+static uint64_t pa__page(void) {
+    static long page = 0;
+    if (page == 0) page = sysconf(_SC_PAGESIZE);
+    return (uint64_t)page;
+}
+
+void pa_pagecache_file_init(pa_pagecache_file_t *f) {
+    memset(f, 0, sizeof(*f));
+    f->fd = -1;
+}
+
+/* path lies inside root (both canonical): equal, or root is a prefix ending on '/'. */
+static bool pa__inside(const char *path, const char *root) {
+    size_t n = strlen(root);
+    while (n > 1 && root[n - 1] == '/') n--; /* "/usr/" == "/usr"; "/" stays "/" */
+    if (n == 1 && root[0] == '/') return path[0] == '/';
+    return strncmp(path, root, n) == 0 && (path[n] == '\0' || path[n] == '/');
+}
+
+static int pa__check_roots(int fd, const char *const *roots, size_t nroots) {
+    if (nroots == 0) return 0;
+    char proc[64], real[PATH_MAX + 1], root_real[PATH_MAX];
+    snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
+    ssize_t len = readlink(proc, real, sizeof(real) - 1);
+    if (len < 0) return -errno;
+    if ((size_t)len >= sizeof(real) - 1) return -ENAMETOOLONG;
+    real[len] = '\0';
+    for (size_t i = 0; i < nroots; i++) {
+        if (roots[i] == NULL || roots[i][0] != '/') return -EINVAL;
+        /* A root that does not exist contains nothing. */
+        if (realpath(roots[i], root_real) == NULL) continue;
+        if (pa__inside(real, root_real)) return 0;
+    }
+    return -EACCES;
+}
+
+int pa_pagecache_open(pa_pagecache_file_t *f, const char *path, uint64_t offset, uint64_t length,
+                      const char *const *roots, size_t nroots) {
+    pa_pagecache_file_init(f);
+    int rc = 0;
+    if (path == NULL || path[0] == '\0') {
+        rc = -EINVAL;
+        goto fail;
+    }
+    if (strlen(path) >= PATH_MAX) {
+        rc = -ENAMETOOLONG;
+        goto fail;
+    }
+    const int base = O_RDONLY | O_NONBLOCK | O_CLOEXEC;
+    int fd = open(path, base | O_NOATIME);
+    f->noatime = fd >= 0;
+    if (fd < 0 && errno == EPERM) fd = open(path, base); /* not our file: no O_NOATIME */
+    if (fd < 0) {
+        rc = -errno;
+        goto fail;
+    }
+    f->fd = fd;
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        rc = -errno;
+        goto fail;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        rc = -EINVAL;
+        goto fail;
+    }
+    if ((rc = pa__check_roots(fd, roots, nroots)) != 0) goto fail;
+    f->size = (uint64_t)st.st_size;
+    uint64_t start = offset & ~(pa__page() - 1);
+    if (start > f->size) start = f->size;
+    uint64_t end = (length == 0 || length > UINT64_MAX - offset) ? f->size : offset + length;
+    if (end > f->size) end = f->size;
+    if (end < start) end = start;
+    f->offset = start;
+    f->length = end - start;
+    return 0;
+fail:
+    if (f->fd >= 0) close(f->fd);
+    f->fd = -1;
+    f->open_error = -rc;
+    return rc;
+}
+
+uint64_t pa_pagecache_chunk_bytes(int fd) {
+    struct stat st;
+    if (fstat(fd, &st) != 0) return PA__DEFAULT_CHUNK;
+    static const char *const dirs[] = {"/sys/dev/block/%u:%u/queue/%s", "/sys/dev/block/%u:%u/../queue/%s"};
+    static const char *const keys[] = {"read_ahead_kb", "max_sectors_kb"};
+    uint64_t best = 0;
+    for (size_t d = 0; d < 2 && best == 0; d++) {
+        for (size_t k = 0; k < 2; k++) {
+            char path[128];
+            snprintf(path, sizeof(path), dirs[d], major(st.st_dev), minor(st.st_dev), keys[k]);
+            FILE *in = fopen(path, "re");
+            if (!in) continue;
+            unsigned long long kb = 0;
+            if (fscanf(in, "%llu", &kb) == 1 && kb * 1024 > best) best = kb * 1024;
+            fclose(in);
+        }
+    }
+    return best ? best : PA__DEFAULT_CHUNK;
+}
+
+static int pa__willneed(pa_pagecache_file_t *f, uint64_t chunk) {
+    for (uint64_t done = 0; done < f->length; done += chunk) {
+        uint64_t n = f->length - done < chunk ? f->length - done : chunk;
+        int err = posix_fadvise(f->fd, (off_t)(f->offset + done), (off_t)n, POSIX_FADV_WILLNEED);
+        if (err) return -err;
+    }
+    return 0;
+}
+
+static int pa__read_range(pa_pagecache_file_t *f) {
+    char *buf = malloc(PA__READ_BOUNCE);
+    if (!buf) return -ENOMEM;
+    int rc = 0;
+    for (uint64_t done = 0; done < f->length;) {
+        size_t want = f->length - done < PA__READ_BOUNCE ? (size_t)(f->length - done) : PA__READ_BOUNCE;
+        ssize_t got = pread(f->fd, buf, want, (off_t)(f->offset + done));
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            rc = -errno;
+            break;
+        }
+        if (got == 0) break; /* truncated meanwhile: nothing more to cache */
+        done += (uint64_t)got;
+    }
+    free(buf);
+    return rc;
+}
+
+/* Populates the range window by window; -EINVAL when the kernel lacks
+ * MADV_POPULATE_READ (nothing has been populated then). */
+static int pa__populate(pa_pagecache_file_t *f) {
+    for (uint64_t done = 0; done < f->length; done += PA__WINDOW) {
+        size_t n = (size_t)(f->length - done < PA__WINDOW ? f->length - done : PA__WINDOW);
+        void *map = mmap(NULL, n, PROT_READ, MAP_SHARED, f->fd, (off_t)(f->offset + done));
+        if (map == MAP_FAILED) return -errno;
+        int rc = madvise(map, n, MADV_POPULATE_READ) == 0 ? 0 : -errno;
+        munmap(map, n);
+        /* EFAULT: a page past EOF (the file shrank under us) — what exists is cached. */
+        if (rc == -EFAULT) return 0;
+        if (rc != 0) return rc;
+    }
+    return 0;
+}
+
+int pa_pagecache_warm(pa_pagecache_file_t *f, unsigned flags, uint64_t chunk_bytes) {
+    if (f->fd < 0) return -EBADF;
+    if (flags & ~PA_PAGECACHE_ALL_FLAGS) return -EINVAL;
+    f->warm_error = 0;
+    if (f->length == 0) {
+        f->warm_method = PA_PAGECACHE_WARM_NONE;
+        return 0;
+    }
+    int rc = 0;
+    if (flags & PA_PAGECACHE_WILLNEED) {
+        uint64_t chunk = chunk_bytes ? chunk_bytes : pa_pagecache_chunk_bytes(f->fd);
+        rc = pa__willneed(f, chunk);
+        f->warm_method = PA_PAGECACHE_WARM_WILLNEED;
+    }
+    if (rc == 0 && (flags & PA_PAGECACHE_POPULATE)) {
+        rc = pa__populate(f);
+        f->warm_method = PA_PAGECACHE_WARM_POPULATE;
+        if (rc == -EINVAL) {
+            rc = pa__read_range(f);
+            f->warm_method = PA_PAGECACHE_WARM_READ;
+        }
+    }
+    f->warm_error = -rc;
+    return rc;
+}
+
+int pa_pagecache_cachestat(int fd, uint64_t offset, uint64_t length, pa_pagecache_count_t *out) {
+    memset(out, 0, sizeof(*out));
+#ifdef __NR_cachestat
+    struct {
+        uint64_t off, len;
+    } range = {offset, length};
+    struct {
+        uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+    } cs;
+    if (length == 0) { /* cachestat's len 0 means "to the end of the file" */
+        out->method = PA_PAGECACHE_COUNT_CACHESTAT;
+        return 0;
+    }
+    if (syscall(__NR_cachestat, fd, &range, &cs, 0) != 0) return -errno;
+    out->cached = cs.nr_cache;
+    out->dirty = cs.nr_dirty;
+    out->writeback = cs.nr_writeback;
+    out->evicted = cs.nr_evicted;
+    out->recently_evicted = cs.nr_recently_evicted;
+    out->method = PA_PAGECACHE_COUNT_CACHESTAT;
+    return 0;
+#else
+    (void)fd, (void)offset, (void)length;
+    return -ENOSYS;
+#endif
+}
+
+/* mincore of one window into vec (one byte per page); the window's offset is page
+ * aligned. */
+static int pa__mincore_window(int fd, uint64_t offset, size_t n, unsigned char *vec) {
+    void *map = mmap(NULL, n, PROT_READ, MAP_SHARED, fd, (off_t)offset);
+    if (map == MAP_FAILED) return -errno;
+    int rc = mincore(map, n, vec) == 0 ? 0 : -errno;
+    munmap(map, n);
+    return rc;
+}
+
+int pa_pagecache_mincore(int fd, uint64_t offset, uint64_t length, pa_pagecache_count_t *out) {
+    memset(out, 0, sizeof(*out));
+    out->method = PA_PAGECACHE_COUNT_MINCORE;
+    uint64_t page = pa__page();
+    uint64_t start = offset & ~(page - 1);
+    uint64_t end = offset + length;
+    if (length == 0) return 0;
+    unsigned char *vec = malloc((size_t)(PA__WINDOW / page));
+    if (!vec) return -ENOMEM;
+    int rc = 0;
+    for (uint64_t at = start; at < end; at += PA__WINDOW) {
+        size_t n = (size_t)(end - at < PA__WINDOW ? end - at : PA__WINDOW);
+        if ((rc = pa__mincore_window(fd, at, n, vec)) != 0) break;
+        size_t pages = (n + page - 1) / page;
+        for (size_t i = 0; i < pages; i++) out->cached += vec[i] & 1;
+    }
+    free(vec);
+    return rc;
+}
+
+int pa_pagecache_count(const pa_pagecache_file_t *f, pa_pagecache_count_t *out) {
+    if (f->fd < 0) {
+        memset(out, 0, sizeof(*out));
+        return -EBADF;
+    }
+    int rc = pa_pagecache_cachestat(f->fd, f->offset, f->length, out);
+    if (rc == -ENOSYS || rc == -EPERM) {
+        bool restricted = rc == -EPERM;
+        rc = pa_pagecache_mincore(f->fd, f->offset, f->length, out);
+        out->restricted = restricted;
+    }
+    return rc;
+}
+
+int pa_pagecache_unpin(pa_pagecache_file_t *f) {
+    if (f->map == NULL) return 0;
+    int rc = munmap(f->map, f->map_len) == 0 ? 0 : -errno; /* munmap drops the locks */
+    f->map = NULL;
+    f->map_len = 0;
+    f->pinned_bytes = 0;
+    return rc;
+}
+
+int pa_pagecache_pin(pa_pagecache_file_t *f, uint64_t max_bytes) {
+    if (f->fd < 0) return -EBADF;
+    pa_pagecache_unpin(f);
+    f->pin_error = 0;
+    uint64_t page = pa__page();
+    uint64_t want = (f->length + page - 1) & ~(page - 1);
+    uint64_t budget = max_bytes & ~(page - 1);
+    uint64_t n = want < budget ? want : budget;
+    if (n < want) f->pin_error = ENOMEM;
+    if (n == 0) return 0;
+    void *map = mmap(NULL, (size_t)n, PROT_READ, MAP_SHARED, f->fd, (off_t)f->offset);
+    if (map == MAP_FAILED) return -errno;
+    if (mlock(map, (size_t)n) != 0) {
+        f->pin_error = errno;
+        munmap(map, (size_t)n);
+        return 0;
+    }
+    f->map = map;
+    f->map_len = (size_t)n;
+    f->pinned_bytes = n;
+    return 0;
+}
+
+int pa_pagecache_mark(pa_pagecache_file_t *f) {
+    if (f->fd < 0) return -EBADF;
+    uint64_t page = pa__page();
+    size_t pages = (size_t)((f->length + page - 1) / page);
+    uint8_t *marked = calloc(pages ? pages : 1, 1);
+    if (!marked) return -ENOMEM;
+    for (uint64_t at = 0; at < f->length; at += PA__WINDOW) {
+        size_t n = (size_t)(f->length - at < PA__WINDOW ? f->length - at : PA__WINDOW);
+        int rc = pa__mincore_window(f->fd, f->offset + at, n, marked + at / page);
+        if (rc != 0) {
+            free(marked);
+            return rc;
+        }
+    }
+    for (size_t i = 0; i < pages; i++) marked[i] &= 1;
+    free(f->marked);
+    f->marked = marked;
+    f->marked_pages = pages;
+    return 0;
+}
+
+int pa_pagecache_evict(pa_pagecache_file_t *f, bool only_unmarked, uint64_t *evicted_bytes) {
+    if (evicted_bytes) *evicted_bytes = 0;
+    if (f->fd < 0) return -EBADF;
+    if (!only_unmarked) {
+        int err = f->length ? posix_fadvise(f->fd, (off_t)f->offset, (off_t)f->length, POSIX_FADV_DONTNEED) : 0;
+        if (err) return -err;
+        if (evicted_bytes) *evicted_bytes = f->length;
+        return 0;
+    }
+    if (f->marked == NULL) return -EINVAL;
+    uint64_t page = pa__page(), total = 0;
+    for (size_t i = 0; i < f->marked_pages;) {
+        if (f->marked[i]) {
+            i++;
+            continue;
+        }
+        size_t run = i;
+        while (run < f->marked_pages && !f->marked[run]) run++;
+        uint64_t from = (uint64_t)i * page, to = (uint64_t)run * page;
+        if (to > f->length) to = f->length;
+        int err = posix_fadvise(f->fd, (off_t)(f->offset + from), (off_t)(to - from), POSIX_FADV_DONTNEED);
+        if (err) return -err;
+        total += to - from;
+        i = run;
+    }
+    if (evicted_bytes) *evicted_bytes = total;
+    return 0;
+}
+
+int pa_pagecache_close(pa_pagecache_file_t *f) {
+    int rc = pa_pagecache_unpin(f);
+    if (f->fd >= 0 && close(f->fd) != 0 && rc == 0) rc = -errno;
+    free(f->marked);
+    pa_pagecache_file_init(f);
+    return rc;
+}
+
+int pa_pagecache_open_many(pa_pagecache_file_t *files, size_t n, const char *const *paths,
+                           const uint64_t *offsets, const uint64_t *lengths,
+                           const char *const *roots, size_t nroots) {
+    int opened = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (pa_pagecache_open(&files[i], paths[i], offsets ? offsets[i] : 0, lengths ? lengths[i] : 0, roots,
+                              nroots) == 0)
+            opened++;
+    }
+    return opened;
+}
+
+int pa_pagecache_warm_many(pa_pagecache_file_t *files, size_t n, unsigned flags, uint64_t chunk_bytes) {
+    if (flags & ~PA_PAGECACHE_ALL_FLAGS) return -EINVAL;
+    int ok = 0;
+    /* Every WILLNEED first: the device gets the whole set queued before we wait on any. */
+    if (flags & PA_PAGECACHE_WILLNEED)
+        for (size_t i = 0; i < n; i++)
+            if (files[i].fd >= 0) pa_pagecache_warm(&files[i], PA_PAGECACHE_WILLNEED, chunk_bytes);
+    for (size_t i = 0; i < n; i++) {
+        if (files[i].fd < 0) continue;
+        if (flags & PA_PAGECACHE_POPULATE) {
+            int prior = files[i].warm_error;
+            if (pa_pagecache_warm(&files[i], PA_PAGECACHE_POPULATE, chunk_bytes) == 0 && prior == 0) ok++;
+            else if (files[i].warm_error == 0) files[i].warm_error = prior;
+        } else if (files[i].warm_error == 0) {
+            ok++;
+        }
+    }
+    return ok;
+}
+
+int pa_pagecache_count_many(const pa_pagecache_file_t *files, size_t n, pa_pagecache_count_t *out) {
+    int counted = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (files[i].fd < 0) {
+            memset(&out[i], 0, sizeof(out[i]));
+            continue;
+        }
+        if (pa_pagecache_count(&files[i], &out[i]) == 0) counted++;
+        else out[i].method = PA_PAGECACHE_COUNT_NONE;
+    }
+    return counted;
+}
