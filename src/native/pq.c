@@ -114,7 +114,38 @@
 #define PQ_SIZE_SHARDS 16          /* size counter stripes (one line each) */
 #define PQ_CACHE_PER_LEVEL 1024    /* free nodes a thread keeps per tower height */
 
-enum { ST_PENDING = 0, ST_QUEUED = 1, ST_TAKEN = 2, ST_CANCELLED = 3, ST_DEAD = 4 };
+enum { ST_PENDING = 0, ST_QUEUED = 1, ST_TAKEN = 2, ST_CANCELLED = 3, ST_DEAD = 4, ST_POISON = 0xDEADu };
+
+/* Debug builds. Under AddressSanitizer the node cache is off: a node that EBR frees goes
+ * back to malloc at once, so a reader that reaches freed memory is a reported
+ * use-after-free instead of a silent read of a recycled node. With PA_PQ_DEBUG defined
+ * (the white-box tests define it), a node is poisoned when EBR frees it (state ST_POISON,
+ * keys overwritten) and every traversal checks each node it reaches: reaching a poisoned
+ * one — a node freed while still linked — aborts with a message. Neither costs anything
+ * in a normal build. */
+#if defined(__SANITIZE_ADDRESS__)
+#define PQ_NO_CACHE 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define PQ_NO_CACHE 1
+#endif
+#endif
+#ifdef PA_PQ_DEBUG
+#include <stdio.h>
+#define PQ_ASSERT_LIVE(n) pq_assert_live((n), __func__)
+#else
+#define PQ_ASSERT_LIVE(n) ((void)0)
+#endif
+
+/* Test hooks (white-box tests compile this file with them defined): PQ_INSERT_HOOK runs
+ * in an insert just before the CAS that links level i >= 1; PQ_TEST_LEVEL(cap), when it
+ * yields a non-zero height, replaces the random tower height. */
+#ifndef PQ_INSERT_HOOK
+#define PQ_INSERT_HOOK(pq, n, i) ((void)0)
+#endif
+#ifndef PQ_TEST_LEVEL
+#define PQ_TEST_LEVEL(cap) 0u
+#endif
 
 typedef struct pq_node {
     /* The fields a consumer walking the prefix reads come first, on one line. */
@@ -155,6 +186,15 @@ struct pa_pq {
 #define MARK ((uintptr_t)1)
 static inline bool is_marked(uintptr_t p) { return (p & MARK) != 0; }
 static inline pq_node_t *unmark(uintptr_t p) { return (pq_node_t *)(p & ~MARK); }
+
+#ifdef PA_PQ_DEBUG
+static void pq_assert_live(pq_node_t *n, const char *where) {
+    if (pa__load_relaxed(&n->state) == ST_POISON) {
+        fprintf(stderr, "pq: %s reached node %p after it was freed\n", where, (void *)n);
+        abort();
+    }
+}
+#endif
 
 static inline _Atomic uintptr_t *next_at(pq_node_t *n, int i) {
     return i == 0 ? &n->next0 : &n->up[i - 1];
@@ -263,6 +303,8 @@ static unsigned random_level(pq_thread_t *t, unsigned cap) {
     t->rng = x;
     uint64_t r = x * 0x2545F4914F6CDD1Dull;
     unsigned level = 1u + (unsigned)__builtin_ctzll(r | (1ull << 63)) / PQ_LEVEL_LOG2P;
+    unsigned forced = PQ_TEST_LEVEL(cap);
+    if (forced) return forced;
     return level < cap ? level : cap;
 }
 
@@ -290,6 +332,14 @@ static pq_node_t *node_alloc(pq_thread_t *t, unsigned level) {
 
 /* Gives a node nobody can reach any more to the calling thread's cache (or to free). */
 static void node_recycle(pq_node_t *n) {
+#ifdef PA_PQ_DEBUG
+    pa__store_relaxed(&n->state, ST_POISON);
+    for (int k = 0; k < 4; k++) n->key[k] = 0xDEADDEADDEADDEADull;
+#endif
+#ifdef PQ_NO_CACHE
+    free(n);
+    return;
+#endif
     pq_thread_t *t = &tls_pq;
     unsigned l = n->level - 1u;
     if (t->cached[l] >= PQ_CACHE_PER_LEVEL) {
@@ -465,6 +515,7 @@ static pq_node_t *locate_preds(pa_pq_t *pq, const uint64_t *key, int top, pq_nod
         bool d = i == 0 && is_marked(raw); /* cur is deleted: its predecessor is marked */
         pq_node_t *cur = unmark(raw);
         for (;;) {
+            PQ_ASSERT_LIVE(cur);
             uintptr_t cur_next0 = pa__load_acquire(&cur->next0);
             if (!(is_marked(cur_next0) || d || key_less(cur->key, key))) break;
             if (d) del = cur;
@@ -493,7 +544,7 @@ static bool walk_past_deleted(const uint64_t *key, int i, pq_node_t *del, pq_nod
     uintptr_t raw = pa__load_acquire(&del->up[i - 1]);
     if (is_marked(raw)) return false;
     pq_node_t *pred = del, *cur = unmark(raw);
-    while (is_marked(pa__load_acquire(&cur->next0)) || key_less(cur->key, key)) {
+    while ((PQ_ASSERT_LIVE(cur), is_marked(pa__load_acquire(&cur->next0))) || key_less(cur->key, key)) {
         pred = cur;
         raw = pa__load_acquire(&cur->up[i - 1]);
         cur = unmark(raw);
@@ -550,6 +601,7 @@ static void skiplist_insert(pa_pq_t *pq, pq_node_t *n, unsigned levels) {
         if (is_marked(pa__load_acquire(&n->next0)) || is_marked(pa__load_acquire(&succs[i]->next0)))
             break;
         uintptr_t expected = (uintptr_t)succs[i];
+        PQ_INSERT_HOOK(pq, n, i);
         /* release: as for level 0 (publishes n->up[i-1]) */
         if (pa__cas_strong_acq_rel(&preds[i]->up[i - 1], &expected, (uintptr_t)n)) {
             i++;
@@ -586,6 +638,7 @@ static void restructure(pa_pq_t *pq) {
             continue;
         }
         do {
+            PQ_ASSERT_LIVE(cur);
             /* acq_rel: freezes cur's link at this level (an insert's CAS that expects an
              * unmarked link now fails); acquire pairs with the CAS that linked the next */
             cur = unmark(pa__fetch_or_acq_rel(&cur->up[i - 1], MARK));
@@ -611,6 +664,7 @@ static size_t skiplist_take(pq_op_t *op, size_t max, pa_pq_item_t *items, uint64
     unsigned offset = 0;
     for (;;) {
         offset++;
+        PQ_ASSERT_LIVE(x);
         /* acquire: pairs with the CAS / fetch-or that wrote x's link */
         uintptr_t nxt = pa__load_acquire(&x->next0);
         /* acquire: pairs with the inserter's release store; a node still linking its

@@ -1,0 +1,103 @@
+/*
+ * test_pq_inserting.c — white-box test of the "push still in progress" guard: this file
+ * compiles src/native/pq.c itself (public functions renamed, as test_pq_retire.c does)
+ * with PA_PQ_DEBUG (freed nodes are poisoned, traversals check what they reach) and two
+ * hooks: one runs inside an insert just before it links an upper level, one fixes tower
+ * heights.
+ *
+ * The rule it defends (pq.c, delete-min): the prefix cut never passes a node whose insert
+ * is still linking upper levels. Deterministic scenario, one thread: a queue of 12 level-1
+ * nodes; a push of a higher-priority level-2 node N links level 0, passes its "is n
+ * deleted?" check, and — in the hook, right before its level-1 CAS — the queue is drained
+ * (one pop claims N from head, then pop_many walks the rest: a cut). With the guard, the
+ * cut stops at N; without it, the cut passes N and retires it, and the insert then links
+ * the retired N under head at level 1: after the grace period N is freed while reachable.
+ * The test walks every level after a barrier and checks that no reachable node is
+ * poisoned, then pushes (a search from head) and pops through the whole queue.
+ */
+#define _GNU_SOURCE
+#include <math.h>
+#include <stdbool.h>
+
+struct pa_pq;
+struct pq_node;
+static void insert_hook(struct pa_pq *pq, struct pq_node *n, int i);
+static unsigned forced_level;
+#define PA_PQ_DEBUG 1
+#define PQ_INSERT_HOOK(pq, n, i) insert_hook((pq), (n), (i))
+#define PQ_TEST_LEVEL(cap) forced_level
+
+#define pa_pq_create wi_pq_create
+#define pa_pq_destroy wi_pq_destroy
+#define pa_pq_push wi_pq_push
+#define pa_pq_push_many wi_pq_push_many
+#define pa_pq_pop wi_pq_pop
+#define pa_pq_pop_many wi_pq_pop_many
+#define pa_pq_pop_items wi_pq_pop_items
+#define pa_pq_peek wi_pq_peek
+#define pa_pq_cancel wi_pq_cancel
+#define pa_pq_size wi_pq_size
+#include "../../src/native/pq.c"
+
+#include "pa_test.h"
+
+static bool hook_armed;
+static pq_node_t *hooked;
+static long hook_popped;
+
+static void insert_hook(struct pa_pq *pq, struct pq_node *n, int i) {
+    if (!hook_armed || i != 1) return;
+    hook_armed = false;
+    hooked = n;
+    pa_pq_item_t it;
+    /* claims N from head (head's link is now marked), then a walk over the rest that
+     * starts at a marked head link and passes >= PQ_BOUND_OFFSET nodes: it cuts */
+    if (wi_pq_pop(pq, &it) == 1) hook_popped++;
+    uint64_t vals[64];
+    ssize_t got = wi_pq_pop_many(pq, vals, 64);
+    if (got > 0) hook_popped += got;
+}
+
+/* Nodes reachable from head at level i that EBR has freed (poisoned). Single-threaded. */
+static long poisoned_reachable(pa_pq_t *pq, int i) {
+    long bad = 0, steps = 0;
+    for (pq_node_t *x = unmark(pa__load_acquire(next_at(pq->head, i))); x != pq->tail && steps < 100000;
+         x = unmark(pa__load_acquire(next_at(x, i))), steps++) {
+        if (pa__load_relaxed(&x->state) == ST_POISON) bad++;
+        if (bad) break; /* a poisoned node's links are garbage: do not follow them */
+    }
+    return bad;
+}
+
+static void test_cut_stops_before_a_push_in_progress(void) {
+    pa_pq_t *pq;
+    REQUIRE(wi_pq_create(0, &pq) == 0);
+    forced_level = 1;
+    for (int i = 0; i < 12; i++) REQUIRE(wi_pq_push(pq, 100 + (uint64_t)i, 1.0, 0.5, NAN) == 0);
+    forced_level = 2;
+    hook_armed = true;
+    REQUIRE(wi_pq_push(pq, 1, 9.0, 0.5, NAN) == 0); /* N: first in the order */
+    forced_level = 0;
+    CHECK(!hook_armed);
+    CHECK(hooked != NULL);
+    CHECK_EQ_INT(hook_popped, 13); /* N and the 12 */
+    CHECK_EQ_INT(wi_pq_size(pq), 0);
+
+    pa__ebr_barrier(); /* whatever the cut retired is freed (and poisoned) now */
+    for (int i = 0; i < PQ_MAX_LEVEL; i++) CHECK_EQ_INT(poisoned_reachable(pq, i), 0);
+
+    /* the queue still works: a search from head (asserts on every node it reaches) */
+    for (int i = 0; i < 20; i++) REQUIRE(wi_pq_push(pq, 200 + (uint64_t)i, (double)i, 0.5, NAN) == 0);
+    pa_pq_item_t it;
+    for (int i = 19; i >= 0; i--) {
+        REQUIRE(wi_pq_pop(pq, &it) == 1);
+        CHECK_EQ_INT(it.value, 200 + (uint64_t)i);
+    }
+    CHECK(wi_pq_pop(pq, &it) == 0);
+    wi_pq_destroy(pq);
+}
+
+int main(void) {
+    RUN_TEST(test_cut_stops_before_a_push_in_progress);
+    TEST_MAIN_END();
+}
