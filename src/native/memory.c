@@ -6,7 +6,7 @@
  *
  * Layout of a reservation. `addr` is the usable start and `size` the request rounded up
  * to a page. The mapping itself is [map_base, map_base + map_size): the same range, except
- * with PA_MEM_HUGE_PAGES, where map_size is `size` rounded up to PA_HUGE_PAGE_SIZE and the
+ * with PA_MEM_HUGE_PAGES, where map_size is `size` rounded up to pa_huge_page_size() and the
  * start is 2 MiB aligned (we over-map by one huge page and trim head and tail, the
  * technique jemalloc and mimalloc use for aligned chunks). Populate and lock then cover
  * the whole mapping, not only `size`: a transparent huge page is all-or-nothing per 2 MiB
@@ -71,19 +71,26 @@
 #include "prealloc/memory.h"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
-#define PA_POPULATE_CHUNK ((uintptr_t)2 << 20)       /* a power of two, >= the huge page size */
+/* a power of two; a call never splits a huge page: pa__populate_chunk() takes the larger
+ * of this and the huge page size */
+#define PA_POPULATE_CHUNK ((uintptr_t)2 << 20)
 #define PA_POPULATE_PAUSE_EVERY ((uintptr_t)8 << 20) /* a power of two, multiple of the chunk */
 #define PA_POPULATE_PAUSE_NS 10000
 
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23 /* Linux 5.14; older libc headers lack it */
+#endif
+#ifndef MADV_WIPEONFORK
+#define MADV_WIPEONFORK 18 /* Linux 4.14 */
 #endif
 #ifndef MFD_CLOEXEC
 #define MFD_CLOEXEC 0x0001U
@@ -102,6 +109,36 @@
 /* mincore vector entries checked per call: bounds the stack buffer, not the region. */
 #define PA__MINCORE_CHUNK 4096
 
+static size_t pa__huge_size = 0;
+static pthread_once_t pa__huge_once = PTHREAD_ONCE_INIT;
+
+/* The PMD size the kernel's transparent huge pages use: 2 MiB on x86-64 and on arm64
+ * with 4 KiB pages, 32 MiB with 16 KiB pages, 512 MiB with 64 KiB pages. */
+static void pa__huge_size_read(void) {
+    size_t size = (size_t)2 << 20;
+    FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size", "re");
+    if (f) {
+        unsigned long long value = 0;
+        /* only a power of two above the page size is a page size */
+        if (fscanf(f, "%llu", &value) == 1 && value > pa_page_size() && (value & (value - 1)) == 0 &&
+            value <= (unsigned long long)SIZE_MAX / 4)
+            size = (size_t)value;
+        fclose(f);
+    }
+    pa__huge_size = size;
+}
+
+size_t pa_huge_page_size(void) {
+    /* pthread_once orders the store in pa__huge_size_read before every return here */
+    pthread_once(&pa__huge_once, pa__huge_size_read);
+    return pa__huge_size;
+}
+
+static uintptr_t pa__populate_chunk(void) {
+    size_t huge = pa_huge_page_size();
+    return huge > PA_POPULATE_CHUNK ? (uintptr_t)huge : PA_POPULATE_CHUNK;
+}
+
 size_t pa_page_size(void) {
     long page = sysconf(_SC_PAGESIZE);
     return page > 0 ? (size_t)page : 4096;
@@ -114,6 +151,7 @@ uint64_t pa_physical_memory(void) {
 }
 
 void pa_memory_init_empty(pa_memory_t *mem) {
+    if (!mem) return;
     memset(mem, 0, sizeof(*mem));
     mem->addr = NULL;
     mem->map_base = NULL;
@@ -176,8 +214,9 @@ static int pa__thp_policy_never(const char *path) {
  * The per-size file (Linux >= 6.8 for anonymous, 6.11 for shmem) wins unless it says
  * "inherit"; unknown counts as allowed, madvise having succeeded. */
 static bool pa__thp_policy_allows(bool shmem) {
-    const char *per_size = shmem ? "/sys/kernel/mm/transparent_hugepage/hugepages-2048kB/shmem_enabled"
-                                 : "/sys/kernel/mm/transparent_hugepage/hugepages-2048kB/enabled";
+    char per_size[128];
+    snprintf(per_size, sizeof(per_size), "/sys/kernel/mm/transparent_hugepage/hugepages-%zukB/%s",
+             pa_huge_page_size() >> 10, shmem ? "shmem_enabled" : "enabled");
     const char *global = shmem ? "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
                                : "/sys/kernel/mm/transparent_hugepage/enabled";
     int never = pa__thp_policy_never(per_size);
@@ -189,11 +228,21 @@ static bool pa__thp_policy_allows(bool shmem) {
  * writable: anonymous private memory, or the memfd fd from offset 0 when fd >= 0. For
  * align > page the range comes from an over-sized PROT_NONE placeholder that the real
  * mapping replaces, and the placeholder's unused head and tail are unmapped. */
+/* A private mapping is not inherited as copy-on-write (see "fork" in memory.h):
+ * MADV_WIPEONFORK gives a child an empty mapping of its own at the same address, so the
+ * parent's pages stay its own and its next write does not fault; kernels before 4.14
+ * get MADV_DONTFORK (the child has no mapping there). Neither fails on a private
+ * anonymous mapping, so errors are ignored. */
+static void pa__private_on_fork(void *addr, size_t len) {
+    if (madvise(addr, len, MADV_WIPEONFORK) != 0) (void)madvise(addr, len, MADV_DONTFORK);
+}
+
 static int pa__map_aligned(size_t len, size_t align, int fd, void **out) {
     int share = fd >= 0 ? MAP_SHARED : (MAP_PRIVATE | MAP_ANONYMOUS);
     if (align <= pa_page_size()) {
         void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, share, fd, 0);
         if (p == MAP_FAILED) return -errno;
+        if (fd < 0) pa__private_on_fork(p, len);
         *out = p;
         return 0;
     }
@@ -213,6 +262,7 @@ static int pa__map_aligned(size_t len, size_t align, int fd, void **out) {
     size_t tail = over - head - len;
     if (head) munmap(placeholder, head);
     if (tail) munmap((void *)(aligned + len), tail);
+    if (fd < 0) pa__private_on_fork(p, len);
     *out = p;
     return 0;
 }
@@ -224,7 +274,8 @@ static int pa__populate(pa_memory_t *mem, void *start, size_t len, bool fresh) {
     uintptr_t at = (uintptr_t)start, end = at + len;
     while (at < end) {
         /* up to the next chunk boundary (see "Populate" above) */
-        uintptr_t stop = (at & ~(uintptr_t)(PA_POPULATE_CHUNK - 1)) + PA_POPULATE_CHUNK;
+        const uintptr_t chunk = pa__populate_chunk();
+        uintptr_t stop = (at & ~(chunk - 1)) + chunk;
         if (stop > end) stop = end;
         if (madvise((void *)at, stop - at, MADV_POPULATE_WRITE) == 0) {
             at = stop;
@@ -272,6 +323,7 @@ static void pa__undo(pa_memory_t *mem) {
 }
 
 int pa_memory_reserve(pa_memory_t *mem, size_t size, unsigned flags) {
+    if (!mem) return -EINVAL;
     pa_memory_init_empty(mem);
     if (size == 0 || (flags & ~PA_MEM_ALL_FLAGS) != 0) return -EINVAL;
     if (flags & PA_MEM_LOCK_REQUIRED) flags |= PA_MEM_LOCK; /* required implies asked */
@@ -281,8 +333,8 @@ int pa_memory_reserve(pa_memory_t *mem, size_t size, unsigned flags) {
     size_t rounded, map_size;
     if (!pa__round_up(size, pa_page_size(), &rounded)) return -EINVAL;
     map_size = rounded;
-    if (huge && !pa__round_up(rounded, PA_HUGE_PAGE_SIZE, &map_size)) return -EINVAL;
-    if (huge && map_size > SIZE_MAX - PA_HUGE_PAGE_SIZE) return -EINVAL; /* the over-map */
+    if (huge && !pa__round_up(rounded, pa_huge_page_size(), &map_size)) return -EINVAL;
+    if (huge && map_size > SIZE_MAX - pa_huge_page_size()) return -EINVAL; /* the over-map */
     /* mmap takes lengths up to PTRDIFF_MAX; anything larger is a bad size, not a lack of
      * memory. */
     if (map_size > (size_t)PTRDIFF_MAX) return -EINVAL;
@@ -306,7 +358,7 @@ int pa_memory_reserve(pa_memory_t *mem, size_t size, unsigned flags) {
     }
 
     void *base;
-    rc = pa__map_aligned(map_size, huge ? PA_HUGE_PAGE_SIZE : pa_page_size(), mem->fd, &base);
+    rc = pa__map_aligned(map_size, huge ? pa_huge_page_size() : pa_page_size(), mem->fd, &base);
     if (rc != 0) {
         pa__undo(mem);
         return rc;
@@ -390,6 +442,7 @@ static int pa__grow_in_place(pa_memory_t *mem, size_t new_map_size) {
         munmap(tail, delta);
         return -EEXIST;
     }
+    if (mem->fd < 0) pa__private_on_fork(tail, delta);
     int rc = pa__prepare_growth(mem, tail, delta, true);
     if (rc != 0) munmap(tail, delta);
     return rc;
@@ -400,7 +453,7 @@ static int pa__grow_moving(pa_memory_t *mem, size_t new_map_size) {
     const bool huge = (mem->requested_flags & PA_MEM_HUGE_PAGES) != 0;
     const size_t old_map_size = mem->map_size;
     void *fresh;
-    int rc = pa__map_aligned(new_map_size, huge ? PA_HUGE_PAGE_SIZE : pa_page_size(), mem->fd, &fresh);
+    int rc = pa__map_aligned(new_map_size, huge ? pa_huge_page_size() : pa_page_size(), mem->fd, &fresh);
     if (rc != 0) return rc;
     char *fresh_tail = (char *)fresh + old_map_size;
     rc = pa__prepare_growth(mem, fresh_tail, new_map_size - old_map_size, true);
@@ -432,13 +485,13 @@ static int pa__grow_moving(pa_memory_t *mem, size_t new_map_size) {
 }
 
 int pa_memory_resize(pa_memory_t *mem, size_t new_size, bool may_move) {
-    if (!mem->addr || new_size == 0) return -EINVAL;
+    if (!mem || !mem->addr || new_size == 0) return -EINVAL;
     const bool huge = (mem->requested_flags & PA_MEM_HUGE_PAGES) != 0;
     size_t rounded, new_map_size;
     if (!pa__round_up(new_size, pa_page_size(), &rounded)) return -EINVAL;
     new_map_size = rounded;
-    if (huge && !pa__round_up(rounded, PA_HUGE_PAGE_SIZE, &new_map_size)) return -EINVAL;
-    if (huge && new_map_size > SIZE_MAX - PA_HUGE_PAGE_SIZE) return -EINVAL;
+    if (huge && !pa__round_up(rounded, pa_huge_page_size(), &new_map_size)) return -EINVAL;
+    if (huge && new_map_size > SIZE_MAX - pa_huge_page_size()) return -EINVAL;
     if (new_map_size > (size_t)PTRDIFF_MAX) return -EINVAL;
 
     const size_t old_map_size = mem->map_size;
@@ -470,6 +523,7 @@ int pa_memory_resize(pa_memory_t *mem, size_t new_size, bool may_move) {
 }
 
 int pa_memory_release(pa_memory_t *mem) {
+    if (!mem) return -EINVAL;
     int rc = 0;
     /* munmap drops the locks with the pages; no munlock needed. */
     if (mem->map_base && munmap(mem->map_base, mem->map_size) != 0) rc = -errno;
@@ -479,7 +533,7 @@ int pa_memory_release(pa_memory_t *mem) {
 }
 
 int pa_memory_resident(const pa_memory_t *mem, size_t *resident_bytes) {
-    if (!mem->addr) return -EINVAL;
+    if (!mem || !resident_bytes || !mem->addr) return -EINVAL;
     const size_t page = pa_page_size();
     const size_t pages = mem->size / page;
     unsigned char vec[PA__MINCORE_CHUNK];

@@ -10,8 +10,8 @@
  *      trim head and tail), its length rounded up to PA_HUGE_PAGE_SIZE, and advised
  *      MADV_HUGEPAGE before any page is touched, so the first faults can be served by
  *      transparent huge pages. Populate and lock then cover that whole mapping (a huge
- *      page is all-or-nothing per 2 MiB block), so a huge-page reservation may hold up to
- *      2 MiB - 1 page more than `size`.
+ *      page is all-or-nothing per block), so a huge-page reservation may hold up to
+ *      one huge page - 1 page more than `size`.
  *   2. populate: MADV_POPULATE_WRITE (Linux >= 5.14) faults every page in writable and
  *      reports failure (-ENOMEM instead of a later SIGBUS or OOM kill); where the kernel
  *      does not know it (EINVAL), each page is written once ("touch"), which cannot
@@ -29,6 +29,15 @@
  * simply mapped again).
  * Growth is populated and locked like the original. Release unlocks (munmap drops the
  * locks) and unmaps, and closes the memfd.
+ *
+ * fork: a private reservation is advised MADV_WIPEONFORK (MADV_DONTFORK before Linux
+ * 4.14): a child sees the range as fresh, zero-filled, unpopulated and unlocked memory of
+ * its own (releasing it there is fine), and the parent keeps its pages — without it they
+ * would turn copy-on-write and the parent would fault every page again on its next
+ * write. A shareable (memfd) reservation stays shared with the child: the same pages.
+ *
+ * NULL: every pa_memory_* call given a NULL reservation (or out pointer) answers -EINVAL;
+ * pa_memory_init_empty(NULL) does nothing.
  *
  * Complexity: O(pages) for populate/lock (the kernel's work); everything else O(1)
  * syscalls. Thread safety: a pa_memory_t is owned by one thread at a time; distinct
@@ -48,11 +57,15 @@ extern "C" {
 #define PA_MEM_LOCK (1u << 1)          /* mlock; best effort unless LOCK_REQUIRED */
 #define PA_MEM_LOCK_REQUIRED (1u << 2) /* fail instead of returning an unlocked region;
                                           implies PA_MEM_LOCK (requested_flags shows both) */
-#define PA_MEM_HUGE_PAGES (1u << 3)    /* 2 MiB-aligned mapping advised MADV_HUGEPAGE */
+#define PA_MEM_HUGE_PAGES (1u << 3)    /* huge-page-aligned mapping advised MADV_HUGEPAGE */
 #define PA_MEM_SHAREABLE (1u << 4)     /* memfd-backed MAP_SHARED mapping */
 #define PA_MEM_ALL_FLAGS 0x1fu
 
-#define PA_HUGE_PAGE_SIZE ((size_t)2 * 1024 * 1024)
+/* The transparent huge page size of this machine: read once from
+ * /sys/kernel/mm/transparent_hugepage/hpage_pmd_size (2 MiB on x86-64 and 4 KiB-page
+ * arm64, 32 MiB or 512 MiB on arm64 with 16 or 64 KiB pages); 2 MiB when unreadable. */
+PA_API size_t pa_huge_page_size(void);
+#define PA_HUGE_PAGE_SIZE (pa_huge_page_size())
 
 typedef enum pa_populate_method {
     PA_POPULATE_NONE = 0,     /* not populated */
@@ -79,7 +92,7 @@ typedef struct pa_memory {
                                  kernel, the pages were written instead */
     /* private */
     void *map_base;           /* the mapping (== addr; map_size >= size, larger only with
-                                 HUGE_PAGES, where it is size rounded up to 2 MiB) */
+                                 HUGE_PAGES, where it is size rounded up to the huge page size) */
     size_t map_size;
 } pa_memory_t;
 
