@@ -135,11 +135,11 @@ cdef extern from "prealloc/prealloc.h" nogil:
     int pa_pq_create(unsigned flags, pa_pq_t **out)
     void pa_pq_destroy(pa_pq_t *pq)
     int pa_pq_push(pa_pq_t *pq, uint64_t value, double priority, double confidence, double deadline)
-    bint pa_pq_pop(pa_pq_t *pq, pa_pq_item_t *item)
+    int pa_pq_pop(pa_pq_t *pq, pa_pq_item_t *item)
     int pa_pq_push_many(pa_pq_t *pq, size_t n, const uint64_t *values, const double *priorities,
                         const double *confidences, const double *deadlines, size_t *pushed)
-    size_t pa_pq_pop_many(pa_pq_t *pq, uint64_t *values, size_t max)
-    bint pa_pq_peek(pa_pq_t *pq, pa_pq_item_t *item)
+    Py_ssize_t pa_pq_pop_many(pa_pq_t *pq, uint64_t *values, size_t max)
+    int pa_pq_peek(pa_pq_t *pq, pa_pq_item_t *item)
     int pa_pq_cancel(pa_pq_t *pq, uint64_t value)
     size_t pa_pq_size(const pa_pq_t *pq)
 
