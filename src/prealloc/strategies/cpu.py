@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import core
@@ -20,14 +21,37 @@ def cores_for(percent: float) -> int:
     return max(1, math.ceil(percent / 100.0 - 1e-9))
 
 
+def _checked_percent(percent: Any, what: str) -> float:
+    if isinstance(percent, bool) or not isinstance(percent, numbers.Real):
+        raise TypeError(f"cpu: {what} must be a percent of one core, not {type(percent).__name__}")
+    value = float(percent)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"cpu: {what} must be a finite percent of one core > 0, not {percent!r}")
+    return value
+
+
+def check_target_process_id(pid: Any) -> int:
+    """A target process id as given at acquire: a positive int naming a live process."""
+    if isinstance(pid, bool) or not isinstance(pid, numbers.Integral):
+        raise TypeError(f"target_process_id must be an int, not {type(pid).__name__}")
+    pid = int(pid)
+    if pid <= 0:
+        raise ValueError(f"target_process_id must be a positive process id, not {pid}")
+    if pid >= 1 << 31 or not os.path.isdir(f"/proc/{pid}"):
+        raise ValueError(f"target_process_id {pid}: no such process")
+    return pid
+
+
 @dataclass(slots=True)
 class CoreGrant:
-    """The handle of one CPU allocation: its reservation and the process it pinned at
-    allocation (None: the claim pins the claiming thread)."""
+    """The handle of one CPU allocation: its reservation, the process it pinned at
+    allocation (None: the claim pins the claiming thread, or the claim's target) and
+    the journal entries of the other processes it pinned."""
 
     reservation: core.CoreReservation
     pinned_process: int | None
-    journal_entry: JournalEntry | None = None
+    journal_entry: JournalEntry | None = None  # of pinned_process
+    claimed_processes: dict[int, JournalEntry | None] = field(default_factory=dict)
 
 
 class CpuAllocationStrategy(AllocationStrategy):
@@ -59,9 +83,29 @@ class CpuAllocationStrategy(AllocationStrategy):
             except OSError as exc:  # an unreadable directory must not stop the host
                 log.warning("prealloc: affinity journal recovery failed: %s", exc)
 
+    def max_cores(self) -> int:
+        """The most cores one allocation can ever hold: the registry's allowed set."""
+        return len(self.registry.allowed())
+
+    def _count_for(self, percent: Any, what: str = "amount") -> int:
+        count = cores_for(_checked_percent(percent, what))
+        allowed = self.registry.allowed()
+        if count > len(allowed):
+            raise ValueError(f"cpu: {what} {percent!r} % needs {count} whole cores; this process may "
+                             f"use {len(allowed)} (cpus {sorted(allowed)})")
+        return count
+
+    def planned_amount(self, request: ResourceRequest, amount: float) -> float:
+        """100 x the whole cores allocate would reserve (250 % -> 300). ValueError when
+        that is more cores than this process may use."""
+        return 100.0 * self._count_for(amount)
+
     def allocate(self, request: ResourceRequest, amount: float,
                  availability: ResourceAvailability | None) -> Grant:
-        count = cores_for(amount)
+        try:
+            count = self._count_for(amount)
+        except (TypeError, ValueError) as exc:
+            raise AllocationError(str(exc)) from exc
         try:
             reservation = self.registry.reserve(count, exclusive=self.exclusive)
         except BlockingIOError as exc:
@@ -72,19 +116,43 @@ class CpuAllocationStrategy(AllocationStrategy):
         entry = None
         if pid:
             try:
-                if self.journal is not None and pid != os.getpid():
-                    entry = self.journal.record(pid, reservation.cores)
-                reservation.apply(pid, whole_process=True)
+                entry = self._pin_process(reservation, pid)
             except OSError as exc:
                 reservation.release()
-                if entry is not None:
-                    entry.forget()
                 raise AllocationError(f"cpu: cannot pin process {pid}: {exc}") from exc
         return Grant(100.0 * count, CoreGrant(reservation, pid or None, entry))
 
-    def claim(self, handle: CoreGrant) -> frozenset[int]:
-        if handle.pinned_process is None:
-            handle.reservation.apply(0, whole_process=False)  # the consumer's own thread
+    def _pin_process(self, reservation: core.CoreReservation, pid: int) -> JournalEntry | None:
+        """Pins every thread of pid, journaled first when pid is another process."""
+        entry = None
+        if self.journal is not None and pid != os.getpid():
+            entry = self.journal.record(pid, reservation.cores)
+        try:
+            reservation.apply(pid, whole_process=True)
+        except BaseException:
+            if entry is not None:
+                entry.forget()
+            raise
+        return entry
+
+    def claim(self, handle: CoreGrant, target_process_id: int | None = None) -> frozenset[int]:
+        """Pins the consumer to the allocation's cores and returns them: every thread of
+        target_process_id when given (unless the allocation pinned it already), else
+        the calling thread when the allocation pinned no process. TypeError/ValueError
+        for a target that is not a positive int naming a live process; AllocationError
+        when the pin fails."""
+        if target_process_id is not None:
+            pid = check_target_process_id(target_process_id)
+            if pid != handle.pinned_process and pid not in handle.claimed_processes:
+                try:
+                    handle.claimed_processes[pid] = self._pin_process(handle.reservation, pid)
+                except (OSError, ValueError) as exc:
+                    raise AllocationError(f"cpu: cannot pin process {pid}: {exc}") from exc
+        elif handle.pinned_process is None:
+            try:
+                handle.reservation.apply(0, whole_process=False)  # the consumer's own thread
+            except (OSError, ValueError) as exc:
+                raise AllocationError(f"cpu: cannot pin the calling thread: {exc}") from exc
         return handle.reservation.cores
 
     def release(self, handle: CoreGrant) -> None:
@@ -92,22 +160,37 @@ class CpuAllocationStrategy(AllocationStrategy):
         if handle.journal_entry is not None:
             handle.journal_entry.forget()
             handle.journal_entry = None
+        for pid, entry in list(handle.claimed_processes.items()):
+            if entry is not None:
+                entry.forget()
+            del handle.claimed_processes[pid]
 
     def adjust(self, handle: CoreGrant, new_amount: float) -> float:
-        count = cores_for(new_amount)
+        """Grows or shrinks to whole cores; returns 100 x the cores now held. Beyond the
+        cores this process may use: AllocationError (nothing changes); TypeError /
+        ValueError for an amount that is no positive finite percent."""
+        _checked_percent(new_amount, "new amount")
+        try:
+            count = self._count_for(new_amount, "new amount")
+        except ValueError as exc:
+            raise AllocationError(str(exc)) from exc
         try:
             handle.reservation.resize(count)
         except BlockingIOError as exc:
             raise InsufficientResources(f"cpu: {exc.strerror}") from exc
-        if handle.journal_entry is not None:
-            # (a crash between the resize and this write leaves threads on a mask the
-            # entry does not know yet: recovery then leaves them alone)
-            handle.journal_entry.add_applied(handle.reservation.cores)
+        except (OSError, ValueError) as exc:
+            raise AllocationError(f"cpu: cannot resize to {count} cores: {exc}") from exc
+        # (a crash between the resize and this write leaves threads on a mask the entry
+        # does not know yet: recovery then leaves them alone)
+        for entry in (handle.journal_entry, *handle.claimed_processes.values()):
+            if entry is not None:
+                entry.add_applied(handle.reservation.cores)
         return 100.0 * count
 
     def describe(self, handle: CoreGrant) -> dict[str, Any]:
         return {"cores": sorted(handle.reservation.cores), "exclusive": handle.reservation.exclusive,
-                "pinned_process": handle.pinned_process}
+                "pinned_process": handle.pinned_process,
+                "claimed_processes": sorted(handle.claimed_processes)}
 
     def available_cores(self) -> int:
         return len(self.registry.available())
