@@ -210,3 +210,40 @@ cdef extern from "prealloc/prealloc.h" nogil:
     int pa_cores_release(pa_cores_t *cores, pa_core_reservation_t reservation)
     int pa_cores_available(pa_cores_t *cores, pa_cpumask_t *free_exclusive, pa_cpumask_t *allowed)
     size_t pa_cores_live(pa_cores_t *cores)
+
+
+cdef extern from "prealloc/disk.h" nogil:
+    enum: PA_DISK_PATH_MAX
+    enum: PA_DISK_KEEP_SIZE
+    enum: PA_DISK_TMPFILE
+    enum: PA_IOPRIO_CLASS_NONE
+    enum: PA_IOPRIO_CLASS_RT
+    enum: PA_IOPRIO_CLASS_BE
+    enum: PA_IOPRIO_CLASS_IDLE
+    enum: PA_IOPRIO_LEVELS
+
+    ctypedef struct pa_disk_reservation_t:
+        int fd
+        uint64_t bytes
+        unsigned flags
+        bint named
+        char path[4096]
+
+    ctypedef struct pa_disk_space_t:
+        uint64_t total
+        uint64_t free
+        uint64_t available
+        uint64_t block_size
+        uint64_t device
+
+    int pa_disk_reserve(const char *directory, const char *name, uint64_t bytes, unsigned flags,
+                        pa_disk_reservation_t *out)
+    int pa_disk_resize(pa_disk_reservation_t *r, uint64_t bytes)
+    int pa_disk_link(pa_disk_reservation_t *r, const char *path)
+    int pa_disk_detach(pa_disk_reservation_t *r, int *fd_out)
+    int pa_disk_release(pa_disk_reservation_t *r)
+    int pa_disk_allocated(int fd, uint64_t *out)
+    int pa_disk_fallocate(int fd, int mode, uint64_t offset, uint64_t len)
+    int pa_disk_space(const char *path, pa_disk_space_t *out)
+    int pa_ioprio_get(pid_t tid, int *out)
+    int pa_ioprio_set(pid_t tid, int value)

@@ -1372,3 +1372,5 @@ cdef class CoreReservations:
 # the allocators' compiled half
 
 include "_engine_core.pxi"
+
+include "_disk.pxi"
