@@ -758,3 +758,108 @@ def test_watcher_holds_a_psi_trigger_only_while_subscribed(monitor: SystemResour
     assert pressure_fds() == ["/proc/pressure/memory"]
     monitor.unsubscribe(handle)
     assert pressure_fds() == []
+
+
+# ---------------------------------------------------------------------------------------
+# cached availability: the watcher's view, or at most one sample per max_age
+
+
+class GatedMonitor(ScriptedMonitor):
+    """A ScriptedMonitor that records which threads sampled and can hold a sample open."""
+
+    def __init__(self, **kwargs: float) -> None:
+        super().__init__(**kwargs)
+        self.sampled_by: list[str] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.inside = threading.Event()
+
+    def _sample(self, resource_type: ResourceType) -> ResourceAvailability:
+        self.sampled_by.append(threading.current_thread().name)
+        self.inside.set()
+        assert self.gate.wait(WAIT)
+        return super()._sample(resource_type)
+
+
+def test_cached_availability_unsubscribed_samples_once_per_max_age() -> None:
+    with GatedMonitor(sample_interval=3600.0) as gated:
+        first = gated.cached_availability(ResourceType.CUSTOM)
+        assert gated.samples == 1 and first.available == 500.0
+        gated.available = 100.0
+        for _ in range(100):  # within max_age (the default: sample_interval): no sample
+            assert gated.cached_availability("custom") is first
+        assert gated.samples == 1
+        fresh = gated.cached_availability(ResourceType.CUSTOM, max_age=0)  # always stale
+        assert gated.samples == 2 and fresh.available == 100.0
+        assert gated.cached_availability(ResourceType.CUSTOM) is fresh
+        gated.available = 200.0
+        assert gated.get_resource_availability(ResourceType.CUSTOM).available == 200.0
+        assert gated.cached_availability(ResourceType.CUSTOM).available == 200.0  # a fresh sample is kept
+        assert gated.samples == 3
+
+
+def test_cached_availability_subscribed_is_the_watchers_sample_not_the_callers() -> None:
+    with GatedMonitor(sample_interval=0.05) as gated:
+        gated.subscribe_to_resource_changes(ResourceType.CUSTOM, Collector())
+        assert gated.wait_for_samples(1)  # the watcher's baseline
+        caller = threading.current_thread().name
+        gated.sampled_by.clear()
+        for _ in range(200):
+            assert gated.cached_availability(ResourceType.CUSTOM).resource_type is ResourceType.CUSTOM
+        assert caller not in gated.sampled_by
+        # a notification makes the watcher re-sample: the cache follows without a caller sample
+        gated.available = 42.0
+        gated.notify_changed(ResourceType.CUSTOM)
+        deadline = time.monotonic() + WAIT
+        while gated.cached_availability(ResourceType.CUSTOM).available != 42.0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert gated.cached_availability(ResourceType.CUSTOM).available == 42.0
+        assert caller not in gated.sampled_by
+
+
+def test_cached_availability_holds_no_lock_while_sampling_and_samples_once_at_a_time() -> None:
+    with GatedMonitor(sample_interval=3600.0) as gated:
+        stale = gated.cached_availability(ResourceType.CUSTOM)
+        gated.gate.clear()
+        gated.inside.clear()
+        sampler = threading.Thread(target=gated.cached_availability, args=(ResourceType.CUSTOM,),
+                                   kwargs={"max_age": 0})
+        sampler.start()
+        try:
+            assert gated.inside.wait(WAIT)  # a sample is in progress, held open
+            # no lock is held: subscribing (which takes the monitor's lock) goes through
+            handle = gated.subscribe_to_resource_changes(ResourceType.CUSTOM, Collector())
+            # a second stale caller does not sample again: it gets the previous sample
+            results = []
+            others = [threading.Thread(target=lambda: results.append(
+                gated.cached_availability(ResourceType.CUSTOM, max_age=0))) for _ in range(8)]
+            for thread in others:
+                thread.start()
+            for thread in others:
+                thread.join(WAIT)
+            assert results == [stale] * 8
+            assert gated.sampled_by.count(sampler.name) == 1
+            assert len([name for name in gated.sampled_by if name.startswith("Thread")]) == 1
+        finally:
+            gated.gate.set()
+            sampler.join(WAIT)
+        assert gated.unsubscribe(handle)
+
+
+def test_cached_availability_refuses_bad_arguments() -> None:
+    with GatedMonitor() as gated:
+        for bad in (-1.0, float("nan"), "1", True):
+            with pytest.raises(ValueError, match="max_age"):
+                gated.cached_availability(ResourceType.CUSTOM, max_age=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="supported types"):
+            gated.cached_availability(ResourceType.MEMORY)
+        assert gated.samples == 0
+
+
+def test_cached_memory_availability_of_the_system_monitor(monitor: SystemResourceMonitor) -> None:
+    fresh = monitor.get_resource_availability(ResourceType.MEMORY)
+    cached = monitor.cached_availability(ResourceType.MEMORY)
+    assert cached is fresh  # the fresh sample was kept
+    assert monitor.cached_availability(ResourceType.MEMORY, max_age=0) is not fresh
+    assert cached.total == pytest.approx(min(meminfo_kib("MemTotal") * 1024, cgroup_limit_and_headroom()[0])
+                                         / MIB, abs=1.0)

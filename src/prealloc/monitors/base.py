@@ -26,6 +26,13 @@ said something happened, and the availability carries the current pressure.
 Subscribers get no initial callback; they can call ``get_resource_availability``.
 Callbacks run on the watcher thread, one at a time, and should be quick; one that
 raises is logged and the others still run.
+
+Cached availability. A fresh sample costs what the subclass's ``_sample`` costs (the
+system monitor's MEMORY: psutil's /proc/meminfo parse plus the cgroup files, hundreds
+of microseconds), too much for a check made at every need. Every sample taken — by the
+watcher (baseline, timed, forced by an event or a notification) or by a caller — is
+kept with the instant it was started, and :meth:`ResourceMonitor.cached_availability`
+answers from it while it is young enough (see there for how stale that can be).
 """
 from __future__ import annotations
 
@@ -89,6 +96,14 @@ class ResourceMonitor(abc.ABC):
         self._watcher: _Watcher | None = None
         self._closed = False
         self._event_source_status: dict[str, str] = {}
+        # the types the watcher samples (a frozenset replaced whole under _lock, read
+        # without it: cached_availability's fast path takes no lock)
+        self._watched_types: frozenset[ResourceType] = frozenset()
+        # type -> (monotonic instant the sample was started, the sample); replaced whole
+        # under _cache_lock, read without it (a dict lookup is atomic)
+        self._latest: dict[ResourceType, tuple[float, ResourceAvailability]] = {}
+        self._refreshing: set[ResourceType] = set()  # types a caller is sampling now
+        self._cache_lock = threading.Lock()  # guards _latest's writers and _refreshing; never held while sampling
 
     # -- the contract ------------------------------------------------------------------
 
@@ -98,8 +113,63 @@ class ResourceMonitor(abc.ABC):
         """The resource types this monitor can report."""
 
     def get_resource_availability(self, resource_type: ResourceType | str | int) -> ResourceAvailability:
-        """The availability of resource_type now. Works after close (it holds nothing)."""
-        return self._sample(self._check_type(resource_type))
+        """The availability of resource_type now: a fresh sample (which also refreshes
+        what cached_availability answers). Works after close (it holds nothing)."""
+        checked = self._check_type(resource_type)
+        started = time.monotonic()
+        availability = self._sample(checked)
+        self._keep_sample(checked, started, availability)
+        return availability
+
+    def cached_availability(self, resource_type: ResourceType | str | int, *,
+                            max_age: float | None = None) -> ResourceAvailability:
+        """The latest sample of resource_type if it is at most max_age seconds old, else
+        a fresh one — for checks made so often that a sample per call would cost more
+        than the check (the engine's headroom check at every need).
+
+        How stale it can be. With max_age given: at most max_age seconds plus the
+        duration of one sample (a sample's age counts from its start), except that while
+        another thread is already taking a fresh sample the previous one is returned
+        instead of sampling twice (stale by up to that sample's duration more).
+        With max_age None (the default): while resource_type is subscribed, the
+        watcher's latest sample, up to 2 x sample_interval old — the watcher re-samples
+        every sample_interval, and at once after notify_changed or a kernel event, so a
+        caller samples only when the watcher is late; unsubscribed, at most
+        sample_interval old (a caller samples at most once per sample_interval).
+        Either way a change the caller itself made (an allocation) shows only from the
+        next sample: after notify_changed, typically within a millisecond, when the
+        watcher's forced re-sample lands; the caller must count what it allocated since.
+
+        Thread-safe; no lock is held while sampling. ValueError for an unsupported type
+        or a max_age that is not a number of seconds >= 0."""
+        if type(resource_type) is ResourceType and resource_type in self._latest:
+            checked = resource_type  # known and supported: skip the parse
+        else:
+            checked = self._check_type(resource_type)
+        if max_age is None:
+            limit = 2.0 * self.sample_interval if checked in self._watched_types else self.sample_interval
+        else:
+            if isinstance(max_age, bool) or not isinstance(max_age, (int, float)) or not max_age >= 0:
+                raise ValueError(f"max_age must be a number of seconds >= 0, not {max_age!r}")
+            limit = float(max_age)
+        entry = self._latest.get(checked)
+        if entry is not None and time.monotonic() - entry[0] <= limit:
+            return entry[1]
+        with self._cache_lock:
+            someone_else = checked in self._refreshing
+            if not someone_else:
+                self._refreshing.add(checked)
+        if someone_else and entry is not None:
+            return entry[1]  # one fresh sample at a time: it lands in the cache shortly
+        try:
+            started = time.monotonic()
+            availability = self._sample(checked)
+        finally:
+            if not someone_else:
+                with self._cache_lock:
+                    self._refreshing.discard(checked)
+        self._keep_sample(checked, started, availability)
+        return availability
 
     def subscribe_to_resource_changes(self, resource_type: ResourceType | str | int,
                                       callback: AvailabilityCallback) -> SubscriptionHandle:
@@ -121,6 +191,7 @@ class ResourceMonitor(abc.ABC):
                 self._watcher = watcher
             self._subscriptions[handle.id] = (handle, callback)
             self._generation += 1
+            self._watched_types = self._watched_types | {checked}
             # a running watcher opens event sources for a newly watched type now, not
             # after its current sleep (a new one blocks on self._lock until we are done)
             self._watcher.wake()
@@ -135,6 +206,7 @@ class ResourceMonitor(abc.ABC):
                 return False
             del self._subscriptions[handle.id]
             self._generation += 1
+            self._watched_types = frozenset(h.resource_type for h, _ in self._subscriptions.values())
             watcher = self._detach_watcher_if_idle()
         if watcher is not None:
             watcher.stop_and_join()
@@ -165,6 +237,7 @@ class ResourceMonitor(abc.ABC):
             self._closed = True
             self._subscriptions.clear()
             self._generation += 1
+            self._watched_types = frozenset()
             watcher, self._watcher = self._watcher, None
         if watcher is not None:
             watcher.stop_and_join()
@@ -232,6 +305,15 @@ class ResourceMonitor(abc.ABC):
         with self._lock:
             return [callback for handle, callback in self._subscriptions.values()
                     if handle.resource_type == resource_type]
+
+    def _keep_sample(self, resource_type: ResourceType, started: float,
+                     availability: ResourceAvailability) -> None:
+        """Keeps availability (sampled from started on) for cached_availability, unless
+        a sample started later is kept already."""
+        with self._cache_lock:
+            kept = self._latest.get(resource_type)
+            if kept is None or kept[0] <= started:
+                self._latest[resource_type] = (started, availability)
 
     def _record_event_source_status(self, name: str, status: str) -> None:
         with self._lock:
@@ -405,11 +487,14 @@ class _Watcher:
         return True
 
     def _sample(self, resource_type: ResourceType) -> ResourceAvailability | None:
+        started = time.monotonic()
         try:
-            return self._monitor._sample(resource_type)
+            availability = self._monitor._sample(resource_type)
         except Exception:
             log.exception("sampling %s failed; trying again at the next wake-up", resource_type.name)
             return None
+        self._monitor._keep_sample(resource_type, started, availability)
+        return availability
 
     def _drain_wake_pipe(self) -> None:
         try:
