@@ -8,6 +8,12 @@
   memory  reserve + populate 64 MiB: reserve_memory vs a plain mmap(MAP_POPULATE) made
           through libc (the limit) and vs Python's mmap module + touching every page
   touch   first write to every page of 64 MiB: a reserved region vs a cold mmap
+  first pass  a full first pass of writes over 256 MiB and 1 GiB, interleaved rounds: the
+          MEMORY strategy's default reservation made ahead (a prealloc hit: only the pass
+          is timed) vs np.empty + the pass and a plain mmap + the pass (what a user does
+          instead), and vs the strategy on base pages (what the huge-page default buys)
+  monitor MEMORY availability per call: a fresh sample vs cached_availability, with and
+          without a subscription (the engine's headroom check at every need)
 """
 from __future__ import annotations
 
@@ -25,6 +31,9 @@ import pytest
 
 from conftest import per_item
 from prealloc import core
+from prealloc.monitors import SystemResourceMonitor
+from prealloc.strategies.memory import MemoryAllocationStrategy
+from prealloc.types import ResourceRequest, ResourceType
 
 N = 10_000
 TICK = 1_000_000
@@ -269,3 +278,121 @@ def test_first_touch_baseline_cold_mmap(benchmark):
 
     per_item(benchmark, SIZE // PAGE, baseline=True)
     benchmark.pedantic(run, setup=setup, rounds=15)
+
+
+# ---------------------------------------------------------------- first pass of writes
+
+def _first_pass_prealloc(strategy: MemoryAllocationStrategy, nbytes: int) -> tuple[float, float]:
+    """(seconds to reserve ahead of need, seconds of the first pass at the hit)."""
+    mib = nbytes / MiB
+    start = time.perf_counter()
+    grant = strategy.allocate(ResourceRequest(ResourceType.MEMORY, mib), mib, None)
+    reserved = time.perf_counter()
+    try:
+        np.frombuffer(grant.handle, dtype=np.uint8).fill(1)
+        return reserved - start, time.perf_counter() - reserved
+    finally:
+        strategy.release(grant.handle)
+
+
+def _first_pass_np_empty(nbytes: int) -> tuple[float, float]:
+    start = time.perf_counter()
+    array = np.empty(nbytes, dtype=np.uint8)
+    array.fill(1)
+    elapsed = time.perf_counter() - start
+    del array
+    return 0.0, elapsed
+
+
+def _first_pass_mmap(nbytes: int) -> tuple[float, float]:
+    start = time.perf_counter()
+    # MAP_PRIVATE: Python's default for an anonymous mmap is MAP_SHARED (shmem, slower faults)
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    np.frombuffer(m, dtype=np.uint8).fill(1)
+    elapsed = time.perf_counter() - start
+    m.close()
+    return 0.0, elapsed
+
+
+@pytest.mark.parametrize("size_mib, rounds", [(256, 9), (1024, 5)])
+@pytest.mark.benchmark(group="first pass of writes, interleaved rounds")
+def test_first_pass_interleaved_ratio(benchmark, size_mib, rounds):
+    """Each round runs every variant once, in an order that rotates from round to round,
+    so the load of this shared machine hits them alike. extra_info: each variant's
+    median pass time (for np.empty and mmap the allocation is in it: that is what the
+    user waits for), the prealloc variants' median time to reserve ahead of need, and
+    the median of the per-round ratios (variant pass / prealloc pass; > 1: the prealloc
+    hit is faster). The per-item time is one variant's round, setup included."""
+    nbytes = size_mib * MiB
+    default = MemoryAllocationStrategy()  # the engine's default MEMORY strategy
+    base_pages = MemoryAllocationStrategy(huge_pages=False)
+    variants = {
+        "prealloc": lambda: _first_pass_prealloc(default, nbytes),
+        "prealloc_base_pages": lambda: _first_pass_prealloc(base_pages, nbytes),
+        "np_empty": lambda: _first_pass_np_empty(nbytes),
+        "mmap": lambda: _first_pass_mmap(nbytes),
+    }
+    names = list(variants)
+    reserve: dict[str, list[float]] = {name: [] for name in names}
+    passes: dict[str, list[float]] = {name: [] for name in names}
+
+    def run() -> None:
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                ahead, at_need = variants[name]()
+                reserve[name].append(ahead)
+                passes[name].append(at_need)
+
+    for name in names:  # warm: page tables, numpy's and glibc's first-call costs
+        variants[name]()
+    per_item(benchmark, rounds * len(names))
+    benchmark.pedantic(run, rounds=1)
+    benchmark.extra_info["huge_pages_default"] = default.uses_huge_pages(nbytes)
+    for name in names:
+        benchmark.extra_info[f"{name}_pass_ms"] = round(float(np.median(passes[name])) * 1e3, 2)
+    for name in ("prealloc", "prealloc_base_pages"):
+        benchmark.extra_info[f"{name}_reserve_ms"] = round(float(np.median(reserve[name])) * 1e3, 2)
+    for name in names[1:]:
+        ratios = [t / p for t, p in zip(passes[name], passes["prealloc"])]
+        benchmark.extra_info[f"{name}_over_prealloc"] = round(float(np.median(ratios)), 2)
+
+
+# ---------------------------------------------------------------- monitor availability
+
+AVAILABILITY_CALLS = 2_000
+
+
+@pytest.mark.benchmark(group="monitor: MEMORY availability per call")
+def test_availability_baseline_fresh_sample(benchmark):
+    with SystemResourceMonitor() as monitor:
+        def run():
+            for _ in range(AVAILABILITY_CALLS // 10):
+                monitor.get_resource_availability(ResourceType.MEMORY)
+
+        per_item(benchmark, AVAILABILITY_CALLS // 10, baseline=True)
+        benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.benchmark(group="monitor: MEMORY availability per call")
+def test_availability_cached_unsubscribed(benchmark):
+    with SystemResourceMonitor() as monitor:
+        def run():
+            for _ in range(AVAILABILITY_CALLS):
+                monitor.cached_availability(ResourceType.MEMORY)
+
+        per_item(benchmark, AVAILABILITY_CALLS)
+        benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.benchmark(group="monitor: MEMORY availability per call")
+def test_availability_cached_subscribed(benchmark):
+    with SystemResourceMonitor() as monitor:
+        monitor.subscribe_to_resource_changes(ResourceType.MEMORY, lambda availability: None)
+        monitor.cached_availability(ResourceType.MEMORY)
+
+        def run():
+            for _ in range(AVAILABILITY_CALLS):
+                monitor.cached_availability(ResourceType.MEMORY)
+
+        per_item(benchmark, AVAILABILITY_CALLS)
+        benchmark.pedantic(run, rounds=5, warmup_rounds=1)
