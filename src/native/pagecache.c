@@ -124,6 +124,7 @@ int pa_pagecache_open(pa_pagecache_file_t *f, const char *path, uint64_t offset,
 fail:
     if (f->fd >= 0) close(f->fd);
     f->fd = -1;
+    f->noatime = false;
     f->open_error = -rc;
     return rc;
 }

@@ -247,3 +247,49 @@ cdef extern from "prealloc/disk.h" nogil:
     int pa_disk_space(const char *path, pa_disk_space_t *out)
     int pa_ioprio_get(pid_t tid, int *out)
     int pa_ioprio_set(pid_t tid, int value)
+
+
+cdef extern from "prealloc/pagecache.h" nogil:
+    enum: PA_PAGECACHE_WILLNEED
+    enum: PA_PAGECACHE_POPULATE
+    enum: PA_PAGECACHE_ALL_FLAGS
+
+    ctypedef struct pa_pagecache_count_t:
+        uint64_t cached
+        uint64_t dirty
+        uint64_t writeback
+        uint64_t evicted
+        uint64_t recently_evicted
+        int method
+        bint restricted
+
+    ctypedef struct pa_pagecache_file_t:
+        int fd
+        int open_error
+        bint noatime
+        uint64_t size
+        uint64_t offset
+        uint64_t length
+        int warm_method
+        int warm_error
+        uint64_t pinned_bytes
+        int pin_error
+
+    void pa_pagecache_file_init(pa_pagecache_file_t *f)
+    int pa_pagecache_open(pa_pagecache_file_t *f, const char *path, uint64_t offset, uint64_t length,
+                          const char *const *roots, size_t nroots)
+    int pa_pagecache_warm(pa_pagecache_file_t *f, unsigned flags, uint64_t chunk_bytes)
+    int pa_pagecache_count(const pa_pagecache_file_t *f, pa_pagecache_count_t *out)
+    int pa_pagecache_pin(pa_pagecache_file_t *f, uint64_t max_bytes)
+    int pa_pagecache_unpin(pa_pagecache_file_t *f)
+    int pa_pagecache_mark(pa_pagecache_file_t *f)
+    int pa_pagecache_evict(pa_pagecache_file_t *f, bint only_unmarked, uint64_t *evicted_bytes)
+    int pa_pagecache_close(pa_pagecache_file_t *f)
+    int pa_pagecache_open_many(pa_pagecache_file_t *files, size_t n, const char *const *paths,
+                               const uint64_t *offsets, const uint64_t *lengths,
+                               const char *const *roots, size_t nroots)
+    int pa_pagecache_warm_many(pa_pagecache_file_t *files, size_t n, unsigned flags, uint64_t chunk_bytes)
+    int pa_pagecache_count_many(const pa_pagecache_file_t *files, size_t n, pa_pagecache_count_t *out)
+    int pa_pagecache_cachestat(int fd, uint64_t offset, uint64_t length, pa_pagecache_count_t *out)
+    int pa_pagecache_mincore(int fd, uint64_t offset, uint64_t length, pa_pagecache_count_t *out)
+    uint64_t pa_pagecache_chunk_bytes(int fd)

@@ -1374,3 +1374,5 @@ cdef class CoreReservations:
 include "_engine_core.pxi"
 
 include "_disk.pxi"
+
+include "_pagecache.pxi"

@@ -7,6 +7,7 @@
 - :mod:`.pressure` — Linux PSI readings and triggers, the kernel's change events.
 """
 from .base import AvailabilityCallback, EventSource, ResourceMonitor
+from .pagecache import PageCacheMonitor
 from .pressure import (
     PressureLine,
     PressureReading,
@@ -22,6 +23,7 @@ __all__ = [
     "CgroupCpu",
     "CgroupMemory",
     "EventSource",
+    "PageCacheMonitor",
     "PressureLine",
     "PressureReading",
     "PressureTrigger",

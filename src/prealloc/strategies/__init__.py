@@ -1,8 +1,9 @@
 """Allocation strategies, one per resource type."""
 from .base import AllocationError, AllocationStrategy, Grant, InsufficientResources
+from .cache import CacheSpaceStrategy
 from .cpu import CpuAllocationStrategy
 from .memory import MemoryAllocationStrategy
 from .null import NullAllocationStrategy
 
-__all__ = ["AllocationError", "AllocationStrategy", "CpuAllocationStrategy", "Grant", "InsufficientResources",
+__all__ = ["AllocationError", "AllocationStrategy", "CacheSpaceStrategy", "CpuAllocationStrategy", "Grant", "InsufficientResources",
            "MemoryAllocationStrategy", "NullAllocationStrategy"]

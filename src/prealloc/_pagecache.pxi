@@ -1,0 +1,307 @@
+# ---------------------------------------------------------------------------------------
+# page-cache warming (prealloc/pagecache.h); included from _native.pyx
+#
+# A PageCacheFiles owns an array of pa_pagecache_file_t, one per file range. Every call
+# loops over the whole set in C without the GIL (one release per batch, not per file).
+# The engine's worker, a claiming thread and a releasing thread may call the same set, so
+# a mutex makes each call see the array whole: close() can never free what warm() reads.
+
+PAGECACHE_WILLNEED = PA_PAGECACHE_WILLNEED
+PAGECACHE_POPULATE = PA_PAGECACHE_POPULATE
+
+_WARM_METHODS = {0: "none", 1: "willneed", 2: "populate_read", 3: "read"}
+_COUNT_METHODS = {0: "none", 1: "cachestat", 2: "mincore"}
+
+
+@cython.final
+cdef class PageCacheFiles:
+    """Ranges of files opened for warming (O_NOATIME where permitted, refused outside
+    `roots`). Files that cannot be opened stay in the set, closed, with their errno in
+    open_errors. Nothing here reads file contents into Python."""
+
+    cdef pa_pagecache_file_t *_files
+    cdef size_t _n
+    cdef pthread_mutex_t _lock
+    cdef readonly tuple paths
+
+    def __cinit__(self):
+        self._files = NULL
+        self._n = 0
+        pthread_mutex_init(&self._lock, NULL)
+
+    def __init__(self, paths, offsets=None, lengths=None, roots=None):
+        encoded = [os.fsencode(p) for p in paths]
+        encoded_roots = [os.fsencode(r) for r in (roots or ())]
+        cdef size_t n = len(encoded), nroots = len(encoded_roots), i
+        if self._files is not NULL:
+            raise TypeError("PageCacheFiles is already initialised")
+        off = _u64(offsets if offsets is not None else np.zeros(n, dtype=np.uint64))
+        lens = _u64(lengths if lengths is not None else np.zeros(n, dtype=np.uint64))
+        if len(off) != n or len(lens) != n:
+            raise ValueError(f"offsets and lengths must have {n} entries like paths")
+        cdef const uint64_t[::1] off_view = off
+        cdef const uint64_t[::1] len_view = lens
+        cdef const char **c_paths = <const char **>PyMem_Malloc((n + 1) * sizeof(char *))
+        cdef const char **c_roots = <const char **>PyMem_Malloc((nroots + 1) * sizeof(char *))
+        cdef pa_pagecache_file_t *files = <pa_pagecache_file_t *>PyMem_Malloc((n + 1) * sizeof(pa_pagecache_file_t))
+        if c_paths is NULL or c_roots is NULL or files is NULL:
+            PyMem_Free(c_paths)
+            PyMem_Free(c_roots)
+            PyMem_Free(files)
+            raise MemoryError()
+        for i in range(n):
+            if b"\0" in encoded[i]:
+                PyMem_Free(c_paths)
+                PyMem_Free(c_roots)
+                PyMem_Free(files)
+                raise ValueError(f"path {paths[i]!r} contains a NUL byte")
+            c_paths[i] = <const char *>encoded[i]
+        for i in range(nroots):
+            c_roots[i] = <const char *>encoded_roots[i]
+        with nogil:
+            pa_pagecache_open_many(files, n, c_paths, &off_view[0] if n else NULL,
+                                   &len_view[0] if n else NULL, c_roots, nroots)
+        PyMem_Free(c_paths)
+        PyMem_Free(c_roots)
+        self._files = files
+        self._n = n
+        self.paths = tuple(os.fsdecode(p) for p in encoded)
+
+    def __dealloc__(self):
+        cdef size_t i
+        if self._files is not NULL:
+            for i in range(self._n):
+                pa_pagecache_close(&self._files[i])
+            PyMem_Free(self._files)
+            self._files = NULL
+        pthread_mutex_destroy(&self._lock)
+
+    def __len__(self):
+        return self._n
+
+    def warm(self, *, bint willneed=True, bint populate=True, uint64_t chunk_bytes=0):
+        """Warms every open file: WILLNEED for all first (asynchronous, chunked), then
+        populate each (resident on return). Returns how many warmed without error."""
+        cdef unsigned flags = (PA_PAGECACHE_WILLNEED if willneed else 0) | (PA_PAGECACHE_POPULATE if populate else 0)
+        cdef int rc
+        with nogil:
+            pthread_mutex_lock(&self._lock)
+            rc = pa_pagecache_warm_many(self._files, self._n, flags, chunk_bytes)
+            pthread_mutex_unlock(&self._lock)
+        return _check(rc, "pa_pagecache_warm_many")
+
+    def counts(self):
+        """(pages, methods, restricted): pages is an (n, 5) uint64 array of cached, dirty,
+        writeback, evicted, recently_evicted pages per file; methods the counting method
+        of each ("cachestat", "mincore", "none" for a closed file); restricted[i] True where
+        the kernel refused cachestat and mincore saw only pages mapped here."""
+        pages = np.zeros((self._n, 5), dtype=np.uint64)
+        cdef uint64_t[:, ::1] view = pages
+        cdef pa_pagecache_count_t *out = <pa_pagecache_count_t *>PyMem_Malloc((self._n + 1) * sizeof(pa_pagecache_count_t))
+        if out is NULL:
+            raise MemoryError()
+        cdef size_t i
+        with nogil:
+            pthread_mutex_lock(&self._lock)
+            pa_pagecache_count_many(self._files, self._n, out)
+            pthread_mutex_unlock(&self._lock)
+            for i in range(self._n):
+                view[i, 0] = out[i].cached
+                view[i, 1] = out[i].dirty
+                view[i, 2] = out[i].writeback
+                view[i, 3] = out[i].evicted
+                view[i, 4] = out[i].recently_evicted
+        methods = [_COUNT_METHODS.get(out[i].method, str(out[i].method)) for i in range(self._n)]
+        restricted = [bool(out[i].restricted) for i in range(self._n)]
+        PyMem_Free(out)
+        return pages, methods, restricted
+
+    def pin(self, uint64_t budget_bytes):
+        """Pins (mlock) files in order while budget_bytes lasts; a file that does not fit
+        whole is pinned in part. Returns the bytes pinned; pin_errors says why less."""
+        cdef size_t i
+        cdef uint64_t left = budget_bytes, total = 0
+        cdef int rc = 0
+        with nogil:
+            pthread_mutex_lock(&self._lock)
+            for i in range(self._n):
+                if self._files[i].fd < 0:
+                    continue
+                rc = pa_pagecache_pin(&self._files[i], left)
+                if rc != 0:
+                    break
+                left -= self._files[i].pinned_bytes
+                total += self._files[i].pinned_bytes
+            pthread_mutex_unlock(&self._lock)
+        _check(rc, "pa_pagecache_pin")
+        return total
+
+    def unpin(self):
+        cdef size_t i
+        cdef int rc = 0, one
+        with nogil:
+            pthread_mutex_lock(&self._lock)
+            for i in range(self._n):
+                one = pa_pagecache_unpin(&self._files[i])
+                if rc == 0:
+                    rc = one
+            pthread_mutex_unlock(&self._lock)
+        _check(rc, "pa_pagecache_unpin")
+
+    def mark(self):
+        """Records each open file's per-page residency now (for evict(only_unmarked))."""
+        cdef size_t i
+        cdef int rc = 0
+        with nogil:
+            pthread_mutex_lock(&self._lock)
+            for i in range(self._n):
+                if self._files[i].fd >= 0:
+                    rc = pa_pagecache_mark(&self._files[i])
+                    if rc != 0:
+                        break
+            pthread_mutex_unlock(&self._lock)
+        _check(rc, "pa_pagecache_mark")
+
+    def evict(self, *, bint only_unmarked=True):
+        """POSIX_FADV_DONTNEED over every open file (only the pages not resident at
+        mark time by default). Returns the bytes advised."""
+        cdef size_t i
+        cdef int rc = 0
+        cdef uint64_t one = 0, total = 0
+        with nogil:
+            pthread_mutex_lock(&self._lock)
+            for i in range(self._n):
+                if self._files[i].fd >= 0:
+                    rc = pa_pagecache_evict(&self._files[i], only_unmarked, &one)
+                    if rc != 0:
+                        break
+                    total += one
+            pthread_mutex_unlock(&self._lock)
+        _check(rc, "pa_pagecache_evict")
+        return total
+
+    def close(self):
+        """Unpins, unmaps and closes every file. Idempotent."""
+        cdef size_t i
+        with nogil:
+            pthread_mutex_lock(&self._lock)
+            for i in range(self._n):
+                pa_pagecache_close(&self._files[i])
+            pthread_mutex_unlock(&self._lock)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    cdef list _field(self, int which):
+        cdef size_t i
+        cdef pa_pagecache_file_t *f
+        out = []
+        with nogil:
+            pthread_mutex_lock(&self._lock)
+        try:
+            for i in range(self._n):
+                f = &self._files[i]
+                if which == 0:
+                    out.append(f.size)
+                elif which == 1:
+                    out.append(f.offset)
+                elif which == 2:
+                    out.append(f.length)
+                elif which == 3:
+                    out.append(f.open_error)
+                elif which == 4:
+                    out.append(bool(f.noatime))
+                elif which == 5:
+                    out.append(_WARM_METHODS.get(f.warm_method, str(f.warm_method)))
+                elif which == 6:
+                    out.append(f.warm_error)
+                elif which == 7:
+                    out.append(f.pinned_bytes)
+                elif which == 8:
+                    out.append(f.pin_error)
+                else:
+                    out.append(f.fd >= 0)
+        finally:
+            pthread_mutex_unlock(&self._lock)
+        return out
+
+    @property
+    def sizes(self):
+        """File sizes at open (0 for a file that did not open)."""
+        return self._field(0)
+
+    @property
+    def offsets(self):
+        return self._field(1)
+
+    @property
+    def lengths(self):
+        """Bytes of each range (clamped to the file)."""
+        return self._field(2)
+
+    @property
+    def open_errors(self):
+        return self._field(3)
+
+    @property
+    def noatime(self):
+        return self._field(4)
+
+    @property
+    def warm_methods(self):
+        return self._field(5)
+
+    @property
+    def warm_errors(self):
+        return self._field(6)
+
+    @property
+    def pinned_bytes(self):
+        return self._field(7)
+
+    @property
+    def pin_errors(self):
+        return self._field(8)
+
+    @property
+    def is_open(self):
+        return self._field(9)
+
+
+def pagecache_cachestat(int fd, uint64_t offset=0, uint64_t length=0):
+    """cachestat(2) of a range of fd: (cached, dirty, writeback, evicted,
+    recently_evicted) pages. OSError ENOSYS where the kernel lacks it, EPERM where it
+    refuses; length 0 = to the end of the file."""
+    cdef pa_pagecache_count_t c
+    cdef int rc
+    cdef uint64_t end = length
+    if length == 0:
+        size = os.fstat(fd).st_size
+        end = size - offset if size > offset else 0
+    with nogil:
+        rc = pa_pagecache_cachestat(fd, offset, end, &c)
+    _check(rc, "pa_pagecache_cachestat")
+    return (c.cached, c.dirty, c.writeback, c.evicted, c.recently_evicted)
+
+
+def pagecache_mincore(int fd, uint64_t offset=0, uint64_t length=0):
+    """Pages of a range of fd in the page cache by mincore(2) over a temporary mapping
+    (length 0 = to the end of the file)."""
+    cdef pa_pagecache_count_t c
+    cdef int rc
+    cdef uint64_t end = length
+    if length == 0:
+        size = os.fstat(fd).st_size
+        end = size - offset if size > offset else 0
+    with nogil:
+        rc = pa_pagecache_mincore(fd, offset, end, &c)
+    _check(rc, "pa_pagecache_mincore")
+    return c.cached
+
+
+def pagecache_chunk_bytes(int fd):
+    """The most bytes one POSIX_FADV_WILLNEED on fd's device reads."""
+    return pa_pagecache_chunk_bytes(fd)
