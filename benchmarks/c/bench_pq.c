@@ -15,8 +15,13 @@
  * the mutex heap item by item, our queue item by item and with the batch calls
  * (pa_pq_push_many / pa_pq_pop_many, the path of the Python batch calls).
  *
+ * Then the engine's shape: one producer thread pushes, one consumer thread pops (split).
+ *
  * Usage: bench_pq [--threads 1,2,4] [--sizes 1000,1000000] [--ops N] [--reps R] [--only TEXT]
- * (--only runs the mutex heap and the implementations whose name contains TEXT)
+ *                 [--parts mixed,split,fill]
+ * (--only runs the mutex heap and the implementations whose name contains TEXT; --parts
+ * picks the workloads, all three by default; --parts profile runs one fill-then-drain of one
+ * implementation for valgrind)
  * Defaults: threads 1, 2 and powers of two up to twice the online CPUs; sizes 1e3 and 1e6;
  * ops 200000 per thread; reps 5.
  */
@@ -278,6 +283,103 @@ static double run_once(const impl_t *im, void *q, int threads, long ops, long *f
     return (double)ops * threads / dt / 1e6;
 }
 
+/* ---- the engine's shape: one thread pushes, another pops ---- */
+
+typedef struct split_run {
+    const impl_t *impl;
+    void *q;
+    long items;
+    _Atomic int ready;
+    _Atomic int go;
+    long empty_pops; /* consumer polls that found the queue empty */
+    long failures;
+} split_run_t;
+
+static void split_wait_go(split_run_t *r) {
+    pa__fetch_add_acq_rel(&r->ready, 1);
+    while (!pa__load_acquire(&r->go)) pa__cpu_relax(); /* pairs with the release in split_once */
+}
+
+static void *split_producer(void *arg) {
+    split_run_t *r = arg;
+    uint64_t rng = 0xC0FFEEull ^ (uint64_t)r->items;
+    split_wait_go(r);
+    for (long i = 0; i < r->items; i++) {
+        double p, c, d;
+        random_key(&rng, &p, &c, &d);
+        if (r->impl->push(r->q, (uint64_t)i | (1ull << 62), p, c, d) != 0) r->failures++;
+    }
+    return NULL;
+}
+
+static void *split_consumer(void *arg) {
+    split_run_t *r = arg;
+    split_wait_go(r);
+    long got = 0, empty = 0;
+    while (got < r->items) {
+        uint64_t v;
+        if (r->impl->pop(r->q, &v)) got++;
+        else empty++;
+    }
+    r->empty_pops = empty;
+    return NULL;
+}
+
+/* Million items moved per second from the producer to the consumer (the queue holds its
+ * prefill throughout, plus whatever the producer is ahead). */
+static double split_once(const impl_t *im, void *q, long items, long *failures, long *empty) {
+    split_run_t r = {.impl = im, .q = q, .items = items};
+    pthread_t prod, cons;
+    pthread_create(&prod, NULL, split_producer, &r);
+    pthread_create(&cons, NULL, split_consumer, &r);
+    while (pa__load_acquire(&r.ready) < 2) sched_yield(); /* pairs with split_wait_go */
+    double t0 = now_s();
+    pa__store_release(&r.go, 1);
+    pthread_join(prod, NULL);
+    pthread_join(cons, NULL);
+    double dt = now_s() - t0;
+    *failures += r.failures;
+    *empty += r.empty_pops;
+    return (double)items / dt / 1e6;
+}
+
+static void bench_split(const long *sizes, int nsizes, long ops, long reps, long *failures) {
+    printf("\nproducer/consumer split (the engine's shape): one thread pushes ops random items, another pops\n"
+           "ops items, on a queue prefilled with N; million items moved per second\n");
+    printf("%-9s %-16s %9s %9s %12s\n", "N", "implementation", "Mitems/s", "vs mutex", "empty polls");
+    static const int kinds[] = {0, 1, 2};
+    enum { KINDS = 3, MAX_REPS = 64 };
+    for (int si = 0; si < nsizes; si++) {
+        void *qs[KINDS];
+        for (int k = 0; k < KINDS; k++) {
+            qs[k] = impls[kinds[k]].create();
+            if (!qs[k]) exit(1);
+            uint64_t rng = 4242;
+            for (long i = 0; i < sizes[si]; i++) {
+                double p, c, d;
+                random_key(&rng, &p, &c, &d);
+                if (impls[kinds[k]].push(qs[k], (uint64_t)i, p, c, d) != 0) (*failures)++;
+            }
+        }
+        long nr = reps < MAX_REPS ? reps : MAX_REPS;
+        double rate[KINDS][MAX_REPS], ratio[KINDS][MAX_REPS];
+        long empty[KINDS] = {0};
+        for (long r = 0; r < nr; r++)
+            for (int k = 0; k < KINDS; k++) {
+                rate[k][r] = split_once(&impls[kinds[k]], qs[k], ops, failures, &empty[k]);
+                ratio[k][r] = rate[k][r] / rate[0][r];
+            }
+        for (int k = 0; k < KINDS; k++) {
+            qsort(rate[k], (size_t)nr, sizeof(double), compare_double);
+            qsort(ratio[k], (size_t)nr, sizeof(double), compare_double);
+            printf("%-9ld %-16s %9.2f %8.2fx %12ld\n", sizes[si], impls[kinds[k]].name, rate[k][nr / 2],
+                   ratio[k][nr / 2], empty[k] / nr);
+            impls[kinds[k]].destroy(qs[k]);
+        }
+        fflush(stdout);
+    }
+}
+
 /* ---- fill then drain, one thread ---- */
 
 typedef struct batch_items {
@@ -306,6 +408,34 @@ static double fill_drain_ns(const impl_t *im, const batch_items_t *it, long n, i
     im->destroy(q);
     free(out);
     return dt * 1e9 / (double)n;
+}
+
+/* For valgrind (cachegrind / callgrind): one fill-then-drain, item by item, of the first
+ * implementation whose name contains `only` (default the unindexed pq), per size; nothing
+ * else runs, so the counts divide by 2N into per-operation figures. */
+static void profile_fill_drain(const long *sizes, int nsizes, const char *only, long *failures) {
+    const impl_t *im = &impls[2];
+    for (size_t k = 0; only && k < NIMPL; k++)
+        if (strstr(impls[k].name, only)) {
+            im = &impls[k];
+            break;
+        }
+    for (int si = 0; si < nsizes; si++) {
+        long n = sizes[si];
+        batch_items_t it = {malloc((size_t)n * 8), malloc((size_t)n * 8), malloc((size_t)n * 8), malloc((size_t)n * 8)};
+        if (!it.values || !it.p || !it.c || !it.d) exit(1);
+        uint64_t rng = 777;
+        for (long i = 0; i < n; i++) {
+            it.values[i] = (uint64_t)i + 1;
+            random_key(&rng, &it.p[i], &it.c[i], &it.d[i]);
+        }
+        printf("profile: %s, fill then drain %ld items: %.1f ns/item\n", im->name, n,
+               fill_drain_ns(im, &it, n, 0, failures));
+        free(it.values);
+        free(it.p);
+        free(it.c);
+        free(it.d);
+    }
 }
 
 static void bench_fill_drain(const long *sizes, int nsizes, long reps, long *failures) {
@@ -361,15 +491,16 @@ int main(int argc, char **argv) {
     long threads[16], sizes[8];
     int nthreads = 0, nsizes = 0;
     long ops = 200000, reps = 5;
-    const char *only = NULL;
+    const char *only = NULL, *parts = "mixed,split,fill";
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--threads")) nthreads = parse_list(argv[i + 1], threads, 16);
         else if (!strcmp(argv[i], "--sizes")) nsizes = parse_list(argv[i + 1], sizes, 8);
         else if (!strcmp(argv[i], "--ops")) ops = (long)strtod(argv[i + 1], NULL);
         else if (!strcmp(argv[i], "--reps")) reps = atol(argv[i + 1]);
         else if (!strcmp(argv[i], "--only")) only = argv[i + 1];
+        else if (!strcmp(argv[i], "--parts")) parts = argv[i + 1];
         else {
-            fprintf(stderr, "usage: %s [--threads 1,2,4] [--sizes 1000,1e6] [--ops N] [--reps R] [--only TEXT]\n",
+            fprintf(stderr, "usage: %s [--threads 1,2,4] [--sizes 1000,1e6] [--ops N] [--reps R] [--only TEXT] [--parts mixed,split,fill]\n",
                     argv[0]);
             return 2;
         }
@@ -391,7 +522,7 @@ int main(int argc, char **argv) {
            reps, cpus);
     printf("%-9s %-7s %-16s %9s %9s\n", "size", "threads", "implementation", "Mops/s", "vs mutex");
     long failures = 0;
-    for (int si = 0; si < nsizes; si++) {
+    for (int si = 0; si < nsizes && strstr(parts, "mixed"); si++) {
         void *qs[NIMPL];
         for (size_t k = 0; k < NIMPL; k++) {
             qs[k] = impls[k].create();
@@ -431,7 +562,9 @@ int main(int argc, char **argv) {
         }
         for (size_t k = 0; k < NIMPL; k++) impls[k].destroy(qs[k]);
     }
-    bench_fill_drain(sizes, nsizes, reps, &failures);
+    if (strstr(parts, "profile")) profile_fill_drain(sizes, nsizes, only, &failures);
+    if (strstr(parts, "split")) bench_split(sizes, nsizes, ops, reps, &failures);
+    if (strstr(parts, "fill")) bench_fill_drain(sizes, nsizes, reps, &failures);
     if (failures) printf("\n%ld operations failed (pop found the queue empty or push errored)\n", failures);
     printf("\ntargets: pq >= 1.0x the mutex heap at 2 threads, >= 0.6x at 1 thread\n");
     return failures ? 1 : 0;

@@ -87,7 +87,9 @@
  * Limits: a cancelled node stays in the skiplist until delete-min reaches it (it costs
  * memory and search length until then); a thread stalled inside an operation delays every
  * reclamation (EBR); a consumer stalled mid-walk may hold back the prefix cut. Each thread
- * keeps up to PQ_CACHE_PER_LEVEL free nodes per tower height until it exits.
+ * keeps up to PQ_CACHE_PER_LEVEL free nodes per tower height until it exits; beyond that
+ * they go to a shared depot (up to PQ_DEPOT_MAX per height) where other threads' pushes
+ * take them (see "The depot").
  */
 #define _GNU_SOURCE
 #include "prealloc/pq.h"
@@ -113,6 +115,8 @@
 #define PQ_INDEX_BUCKETS (1u << PQ_INDEX_BITS)
 #define PQ_SIZE_SHARDS 16          /* size counter stripes (one line each) */
 #define PQ_CACHE_PER_LEVEL 1024    /* free nodes a thread keeps per tower height */
+#define PQ_DEPOT_BATCH 64          /* nodes a full cache hands to the depot at once */
+#define PQ_DEPOT_MAX 65536         /* nodes of one height the depot holds at most */
 
 enum { ST_PENDING = 0, ST_QUEUED = 1, ST_TAKEN = 2, ST_CANCELLED = 3, ST_DEAD = 4, ST_POISON = 0xDEADu };
 
@@ -240,7 +244,7 @@ typedef struct pq_thread {
     unsigned shard;
     bool registered;
     pq_node_t *cache[PQ_MAX_LEVEL];
-    uint16_t cached[PQ_MAX_LEVEL];
+    uint32_t cached[PQ_MAX_LEVEL];
 } pq_thread_t;
 
 static _Thread_local pq_thread_t tls_pq;
@@ -308,8 +312,67 @@ static unsigned random_level(pq_thread_t *t, unsigned cap) {
     return level < cap ? level : cap;
 }
 
+/* The depot: free nodes travelling between threads, one stack per tower height. In the
+ * engine's shape (callers push, workers pop) the nodes are freed by the consumers' EBR and
+ * would fill only the consumers' caches while every push mallocs; so a thread whose cache
+ * of a height is full hands PQ_DEPOT_BATCH nodes over as one batch, and a thread whose
+ * cache is empty takes the whole depot of that height. Batches are pushed with a CAS and
+ * taken all at once with an exchange (as EBR's orphan list), so there is no ABA. A batch
+ * is a chain through next0; its first node keeps the chain's length in `value` and the
+ * next batch in key[0]. Bounded by PQ_DEPOT_MAX nodes per height (then nodes are freed);
+ * nodes in the depot are not freed at exit (still reachable, reused by the next pushes). */
+typedef struct pq_depot {
+    PA_CACHE_ALIGNED _Atomic(pq_node_t *) batches;
+    _Atomic size_t count;
+} pq_depot_t;
+static pq_depot_t pq_depot[PQ_MAX_LEVEL];
+
+/* So that pq_thread_exit empties the cache when this thread ends. False: cannot. */
+static bool cache_register(pq_thread_t *t) {
+    if (t->registered) return true;
+    pthread_once(&pq_key_once, pq_make_key);
+    if (!pq_key_ok || pthread_setspecific(pq_key, t) != 0) return false;
+    t->registered = true;
+    return true;
+}
+
+static void depot_give(unsigned l, pq_node_t *first, size_t count) {
+    pq_depot_t *d = &pq_depot[l];
+    first->value = count;
+    pq_node_t *head = pa__load_relaxed(&d->batches);
+    do {
+        first->key[0] = (uint64_t)(uintptr_t)head;
+        /* release: publishes the batch (its links and fields) to depot_take's acquire */
+    } while (!atomic_compare_exchange_weak_explicit(&d->batches, &head, first, memory_order_release,
+                                                    memory_order_relaxed));
+    pa__fetch_add_relaxed(&d->count, count);
+}
+
+/* Moves every batch of height l+1 into t's cache; true when it got any. */
+static bool depot_take(pq_thread_t *t, unsigned l) {
+    pq_depot_t *d = &pq_depot[l];
+    if (!pa__load_relaxed(&d->batches) || !cache_register(t)) return false;
+    /* acquire: pairs with depot_give's release CAS */
+    pq_node_t *b = atomic_exchange_explicit(&d->batches, NULL, memory_order_acquire);
+    size_t taken = 0;
+    while (b) {
+        pq_node_t *next_batch = (pq_node_t *)(uintptr_t)b->key[0];
+        size_t count = (size_t)b->value;
+        pq_node_t *last = b;
+        while (pa__load_relaxed(&last->next0)) last = (pq_node_t *)pa__load_relaxed(&last->next0);
+        pa__store_relaxed(&last->next0, (uintptr_t)t->cache[l]);
+        t->cache[l] = b;
+        t->cached[l] += (uint32_t)count;
+        taken += count;
+        b = next_batch;
+    }
+    if (taken) pa__fetch_sub_relaxed(&d->count, taken);
+    return taken != 0;
+}
+
 static pq_node_t *node_alloc(pq_thread_t *t, unsigned level) {
     pq_node_t *n = t ? t->cache[level - 1] : NULL;
+    if (!n && t && depot_take(t, level - 1)) n = t->cache[level - 1];
     if (n) {
         t->cache[level - 1] = (pq_node_t *)pa__load_relaxed(&n->next0);
         t->cached[level - 1]--;
@@ -342,18 +405,29 @@ static void node_recycle(pq_node_t *n) {
 #endif
     pq_thread_t *t = &tls_pq;
     unsigned l = n->level - 1u;
-    if (t->cached[l] >= PQ_CACHE_PER_LEVEL) {
+    if (!cache_register(t)) {
         free(n);
         return;
     }
-    if (!t->registered) {
-        /* so that pq_thread_exit empties the cache when this thread ends */
-        pthread_once(&pq_key_once, pq_make_key);
-        if (!pq_key_ok || pthread_setspecific(pq_key, t) != 0) {
-            free(n);
-            return;
+    if (t->cached[l] >= PQ_CACHE_PER_LEVEL) {
+        /* full: hand a batch (n and the PQ_DEPOT_BATCH - 1 newest cached) to the depot,
+         * where the pushing threads find it; free it when the depot is full too */
+        pq_node_t *first = n, *last = t->cache[l];
+        pa__store_relaxed(&n->next0, (uintptr_t)last);
+        for (int k = 2; k < PQ_DEPOT_BATCH; k++) last = (pq_node_t *)pa__load_relaxed(&last->next0);
+        t->cache[l] = (pq_node_t *)pa__load_relaxed(&last->next0);
+        t->cached[l] -= PQ_DEPOT_BATCH - 1;
+        pa__store_relaxed(&last->next0, 0);
+        if (pa__load_relaxed(&pq_depot[l].count) < PQ_DEPOT_MAX) {
+            depot_give(l, first, PQ_DEPOT_BATCH);
+        } else {
+            while (first) {
+                pq_node_t *next = (pq_node_t *)pa__load_relaxed(&first->next0);
+                free(first);
+                first = next;
+            }
         }
-        t->registered = true;
+        return;
     }
     pa__store_relaxed(&n->next0, (uintptr_t)t->cache[l]);
     t->cache[l] = n;
