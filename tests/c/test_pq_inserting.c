@@ -44,10 +44,16 @@ static unsigned forced_level;
 static bool hook_armed;
 static pq_node_t *hooked;
 static long hook_popped;
+static void (*hook_body)(pa_pq_t *pq); /* NULL: the cut scenario below */
 
 static void insert_hook(struct pa_pq *pq, struct pq_node *n, int i) {
     if (!hook_armed || i != 1) return;
     hook_armed = false;
+    if (hook_body) {
+        hooked = n;
+        hook_body(pq);
+        return;
+    }
     hooked = n;
     pa_pq_item_t it;
     /* claims N from head (head's link is now marked), then a walk over the rest that
@@ -97,7 +103,70 @@ static void test_cut_stops_before_a_push_in_progress(void) {
     wi_pq_destroy(pq);
 }
 
+/* Nodes of the deleted prefix: marked level-0 links from head. Single-threaded. */
+static long prefix_length(pa_pq_t *pq) {
+    long n = 0;
+    for (uintptr_t l = pa__load_acquire(&pq->head->next0); is_marked(l); l = pa__load_acquire(&unmark(l)->next0))
+        n++;
+    return n;
+}
+
+/* The real limit (pq.c, "Limits"): a producer stalled between linking level 0 and
+ * finishing its tower holds the prefix cut before its node once that node is popped, so
+ * every later pop walks every node popped since — O(pops since the stall), not
+ * O(PQ_BOUND_OFFSET). Measured as the prefix length (nodes), not as time. */
+static long STALL_POPS; /* pa_stress(20000): fewer under TSan (the walks are quadratic) */
+static long prefix_during_stall, prefix_without_stall;
+
+static void stalled_body(pa_pq_t *pq) {
+    pa_pq_item_t it;
+    if (wi_pq_pop(pq, &it) == 1) hook_popped++; /* the stalled push's node, claimed */
+    for (long i = 0; i < STALL_POPS; i++) {
+        if (wi_pq_push(pq, 1000 + (uint64_t)i, 1.0, 0.5, NAN) != 0) return;
+        if (wi_pq_pop(pq, &it) == 1) hook_popped++;
+    }
+    prefix_during_stall = prefix_length(pq);
+}
+
+static void test_stalled_push_holds_the_prefix(void) {
+    pa_pq_t *pq;
+    REQUIRE(wi_pq_create(0, &pq) == 0);
+    pa_pq_item_t it;
+    STALL_POPS = pa_stress(20000);
+    /* the same churn without a stall: the cut keeps the prefix within PQ_BOUND_OFFSET */
+    for (long i = 0; i < STALL_POPS; i++) {
+        REQUIRE(wi_pq_push(pq, 1000 + (uint64_t)i, 1.0, 0.5, NAN) == 0);
+        REQUIRE(wi_pq_pop(pq, &it) == 1);
+    }
+    prefix_without_stall = prefix_length(pq);
+    CHECK(prefix_without_stall <= PQ_BOUND_OFFSET);
+
+    hook_body = stalled_body;
+    hook_popped = 0;
+    forced_level = 2;
+    hook_armed = true;
+    REQUIRE(wi_pq_push(pq, 1, 9.0, 0.5, NAN) == 0);
+    forced_level = 0;
+    hook_body = NULL;
+    CHECK(!hook_armed);
+    CHECK_EQ_INT(hook_popped, STALL_POPS + 1);
+    fprintf(stderr, "deleted prefix after %ld pops: %ld nodes with a push stalled, %ld without\n", STALL_POPS,
+            prefix_during_stall, prefix_without_stall);
+    /* every pop during the stall walked this far; the cut could not pass the stalled node */
+    CHECK(prefix_during_stall >= STALL_POPS);
+    CHECK(prefix_during_stall <= STALL_POPS + 1 + PQ_BOUND_OFFSET);
+
+    /* the push finished: the next pop that walks far enough cuts the whole prefix */
+    REQUIRE(wi_pq_push(pq, 2, 1.0, 0.5, NAN) == 0);
+    REQUIRE(wi_pq_pop(pq, &it) == 1);
+    CHECK(prefix_length(pq) <= PQ_BOUND_OFFSET);
+    pa__ebr_barrier();
+    for (int i = 0; i < PQ_MAX_LEVEL; i++) CHECK_EQ_INT(poisoned_reachable(pq, i), 0);
+    wi_pq_destroy(pq);
+}
+
 int main(void) {
     RUN_TEST(test_cut_stops_before_a_push_in_progress);
+    RUN_TEST(test_stalled_push_holds_the_prefix);
     TEST_MAIN_END();
 }
