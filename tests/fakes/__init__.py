@@ -93,13 +93,9 @@ class FakeGpuMachine:
 
     def __init__(self, library_dir: Path, state_path: Path, *, devices: int = 1, total_mib: int = 1024,
                  reserved_mib: int = 64, base_used_mib: int = 100, granularity: int = 2 * MiB) -> None:
-        self.library_dir = library_dir
-        self.state_path = state_path
         with open(state_path, "wb") as file:
             file.write(b"\0" * ctypes.sizeof(State))
-        self._file = open(state_path, "r+b")
-        self._map = mmap.mmap(self._file.fileno(), ctypes.sizeof(State))
-        self.state = State.from_buffer(self._map)
+        self._open(library_dir, state_path)
         self.state.magic, self.state.version = MAGIC, VERSION
         self.state.device_count = devices
         self.state.driver_version = 12040
@@ -113,6 +109,20 @@ class FakeGpuMachine:
             device.base_used = base_used_mib * MiB
             device.vmm_supported = 1
             device.posix_fd_supported = 1
+
+    def _open(self, library_dir: Path, state_path: Path) -> None:
+        self.library_dir = library_dir
+        self.state_path = state_path
+        self._file = open(state_path, "r+b")
+        self._map = mmap.mmap(self._file.fileno(), ctypes.sizeof(State))
+        self.state = State.from_buffer(self._map)
+
+    @classmethod
+    def attach(cls, state_path: str | Path) -> FakeGpuMachine:
+        """The machine another process set up (a test's subprocess changing it)."""
+        machine = cls.__new__(cls)
+        machine._open(Path(), Path(state_path))
+        return machine
 
     def device(self, index: int) -> Device:
         return self.state.dev[index]
@@ -129,6 +139,7 @@ class FakeGpuMachine:
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = str(self.library_dir)
         env["PREALLOC_FAKE_GPU_STATE"] = str(self.state_path)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
         env.update(extra)
         return env
 
@@ -146,5 +157,8 @@ class FakeGpuMachine:
 
     def close(self) -> None:
         del self.state
-        self._map.close()
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # a test still holds a ctypes view of the state; the map goes with it
         self._file.close()
