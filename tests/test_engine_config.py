@@ -64,7 +64,7 @@ def test_a_waiting_request_is_retried_when_the_monitor_reports_a_change():
     with ResourcePreallocator(translator=None, headroom={CUSTOM: 0.1}, resource_monitors={CUSTOM: monitor},
                               allocation_strategies={CUSTOM: NullAllocationStrategy()}) as pre:
         rid = pre.submit(ResourceRequest(CUSTOM, 40))
-        wait_until(lambda: pre.queue_size == 0 and pre._waiting)
+        wait_until(lambda: pre.queue_size == 0 and pre._has_waiting())
         assert pre.get_allocation(rid).status is AllocationStatus.PENDING
         monitor.available = 80
         monitor.notify_changed(CUSTOM)  # what the watcher thread does on a real change

@@ -1,29 +1,58 @@
-# The allocators' hot paths, compiled (included into _native.pyx, so it shares the one copy
-# of the C core linked into this module).
+# The allocation lifecycle, written once (included into _native.pyx, so it shares the one
+# copy of the C core linked into this module). prealloc.engine holds the public face, the
+# configuration and the worker threads; everything an allocation goes through from its
+# admission to its end is here, in EngineCore, as transitions over the native table's CAS
+# statuses. The ledger (quotas), the tally (statistics), the events, the learning
+# (sizer, predictor) and the owner index change only inside these transitions.
 #
-# EngineCore is the base class of prealloc.engine.ResourceAllocator. It owns the
-# bookkeeping every allocation goes through — admit, allocate, finish (release or
-# expiry), fail, cancel, hand over — and the running tally. Policy stays in Python:
-# strategies, quotas, headroom, events, learning, the worker; EngineCore calls back into
-# them only where the policy is configured.
+#              admit                 allocate                 claim
+#   request ─────────► PENDING ───────────────► ALLOCATED ───────────► ACTIVE
+#                       │ │ │  (strategy)          │   │                  │
+#     wait: no room ────┘ │ │                      │   │ expire           │
+#     (queued again when  │ │ fail                 │   │ (ticker)         │
+#      availability       │ └──────► FAILED        │   └──────► EXPIRED   │
+#      changes)           │ deadline (ticker)      │                      │
+#                         ├────────► EXPIRED       │ release              │ release
+#                         │  = failed, never held  └──────► RELEASING ◄───┘
+#                         │ cancel / reset                   │       │ strategy refused:
+#                         └────────► RELEASED                ▼       └─ back to ALLOCATED
+#                                                        RELEASED      (expiry re-armed) or
+#                                                                      ACTIVE
+# Every final status removes the record. A resource that outlives its release (memory a
+# consumer's view keeps mapped: the strategy's DeferredRelease) stays charged to its
+# quotas until the strategy says it is gone; the worker books that refund.
 #
-# Atomicity: each method below runs with the GIL held and calls no Python code between
-# the table transition and the dict updates that must go with it (dict operations on int
-# keys run no Python code), so no other Python thread can observe one without the other.
-# Python code of the subclass that touches the same dicts takes self._lock. This module
-# is built for the GIL interpreter (freethreading_compatible=False).
+# Who runs what:
+#   admit, allocate (sync), claim, adjust, release, cancel, reset: the caller's thread
+#   allocate (queued), wait/retry, finish of an expiry or deadline, release of a dropped
+#     claim, refund of a deferred release: a worker thread (prealloc.engine)
+#   ALLOCATED/PENDING -> EXPIRED: the native ticker thread, without the GIL; the worker
+#     finishes it (_drain_expired)
+#   garbage-collector finalizers (a dropped Claim, a DeferredRelease done in a buffer
+#     release) only queue an id and wake the worker: they take no lock, call no strategy.
+#
+# Atomicity: a transition's CAS and the dict and counter updates that go with it run in
+# one stretch with the GIL held and no Python code in between (dict operations on int
+# keys run none), so no thread sees one without the other; that stretch is marked
+# "no Python code" below. Strategies, the ledger, monitors and listeners are called
+# outside those stretches. The one wait: a release or expiry of an allocation that is
+# being adjusted waits for that adjust (a per-allocation event), never on the adjusting
+# thread itself. Built for the GIL interpreter (freethreading_compatible=False).
 
 from cpython.object cimport PyObject, PyTypeObject
+from posix.unistd cimport write
 from cpython.ref cimport Py_INCREF
 
 from .types import AllocationStatus as _AllocationStatus
 from .types import ResourceAllocation as _ResourceAllocation
 from .types import ResourceType as _ResourceType
+from .types import RequestMetadata as _RequestMetadata
+from .types import ResourceRequest as _ResourceRequest
+from .types import AllocationFeedback as _AllocationFeedback
+from .types import PreallocatorStatistics as _PreallocatorStatistics
 
 cdef tuple _TYPE_OF = tuple(_ResourceType)
 cdef tuple _STATUS_OF = tuple(_AllocationStatus)
-cdef object _STATUS_RELEASED = _AllocationStatus.RELEASED
-cdef object _STATUS_EXPIRED = _AllocationStatus.EXPIRED
 cdef double _NS = 1e-9
 
 # the answer _allocate gives when a queued request must wait for resources
@@ -32,7 +61,11 @@ WAIT = object()
 cdef uint32_t _BIT_PENDING = 1u << PA_STATUS_PENDING
 cdef uint32_t _BIT_ALLOCATED = 1u << PA_STATUS_ALLOCATED
 cdef uint32_t _BIT_RELEASING = 1u << PA_STATUS_RELEASING
+cdef uint32_t _BIT_ACTIVE = 1u << PA_STATUS_ACTIVE
 cdef uint32_t _BIT_RELEASABLE = (1u << PA_STATUS_ALLOCATED) | (1u << PA_STATUS_ACTIVE)
+
+# record.user_data flags
+cdef uint64_t _AT_NEED = 1  # allocated at the moment of need (acquire's miss): not a preallocation
 
 cdef enum:
     _TYPES = 8  # ResourceType values are 0..6; one spare
@@ -41,14 +74,23 @@ cdef enum:
 cdef double _INF = float("inf")
 
 
+# The longest duration and the latest instant accepted (seconds): ~31.7 years. Beyond
+# it a deadline in nanoseconds would near the wheel's 64-bit range; types.MAX_SECONDS
+# is the same bound, checked by validate() with the message.
+cdef double _MAX_SECONDS = 1e9
+
+
 cdef inline bint _finite_seconds(x):
-    return x is None or (type(x) is float and 0.0 <= <double>x < _INF)
+    return x is None or (type(x) is float and 0.0 <= <double>x <= _MAX_SECONDS)
 
 
 cdef bint _already_valid(request) except -1:
     """The common case of ResourceRequest.validate() — every field already of its exact
     type and in range — checked without a Python call. Anything else goes through
     validate(), which coerces or raises with the message."""
+    metadata = request.metadata
+    if type(metadata) is not _RequestMetadata:
+        return False
     need = request.predicted_need
     confidence = request.confidence
     priority = request.priority
@@ -59,7 +101,7 @@ cdef bint _already_valid(request) except -1:
             and type(priority) is float and -_INF < <double>priority < _INF
             and _finite_seconds(request.duration) and _finite_seconds(request.deadline)
             and type(request_id) is int and 0 < request_id < 0xFFFFFFFFFFFFFFFF
-            and request.metadata.target_process_id is None)
+            and metadata.target_process_id is None)
 
 
 @cython.final
@@ -166,125 +208,282 @@ cdef object _new_snapshot(allocation_id, request_id, rtype, requested, allocated
     return obj
 
 
+
 cdef inline object _ready_key(uint32_t rtype, uint64_t owner):
     return (<uint64_t>rtype << 32) | owner
 
 
+import threading as _threading
+cdef object _get_ident = _threading.get_ident
+
+cdef object _EXPIRED_FEEDBACK = _AllocationFeedback(used_successfully=False, reason_for_release="Expired")
+cdef object _DROPPED_FEEDBACK = _AllocationFeedback(used_successfully=True,
+                                                    reason_for_release="claim dropped without release")
+cdef object _RESET_FEEDBACK = _AllocationFeedback(used_successfully=False, reason_for_release="reset")
+cdef object _CLOSE_FEEDBACK = _AllocationFeedback(used_successfully=False, reason_for_release="allocator closed")
+
+
 cdef class EngineCore:
-    """The compiled half of every allocator (see this file's header)."""
+    """The lifecycle of every allocation (see this file's header). prealloc.engine's
+    ResourceAllocator subclasses it and calls only the methods below; it never writes
+    the state here."""
 
-    # shared with the Python layer, which reads them on its slower paths
-    cdef public AllocationTable _table
-    cdef public ExpiryTicker _ticker
-    cdef public dict _handles       # allocation id -> strategy handle (only those with one)
-    cdef public dict _ready         # (type << 32 | owner) -> {allocation id: None}, ALLOCATED ones
-    cdef public dict _origins       # allocation id -> (prediction id, sizer key)
-    cdef public dict _amount_seconds_before_adjust  # allocation id -> (amount x s, since ns)
-    cdef public dict _owner_keys    # target application -> owner key
-    cdef public list _owners        # owner key -> target application (0: None)
-    cdef public dict strategies
-    cdef public object events
-    cdef public object log
-    cdef public object quotas
-    cdef public object _lock
-    cdef public object _resize_lock
-    cdef public bint _quotas_active
-    cdef public frozenset _headroom_types
-    cdef public object _default_duration
-    cdef public bint _closed
-    cdef public list _waiting       # queued requests waiting for resources (preallocator)
-    cdef list _strategy_of          # indexed by type number
-    cdef dict _listeners            # the EventEmitter's own map, read without a call
+    # read (never written) by the Python layer
+    cdef readonly AllocationTable _table
+    cdef readonly ExpiryTicker _ticker
+    cdef readonly bint _closed
+    # what allocations go through, set once by _core_setup (strategies) or by
+    # _core_configure (the live options); the Python layer reads them
+    cdef readonly dict _strategies       # ResourceType -> AllocationStrategy (the only copy)
+    cdef list _strategy_of               # the same, indexed by type number
+    cdef readonly object _ledger         # quotas.QuotaLedger
+    cdef bint _quotas_active
+    cdef readonly object events
+    cdef object _metrics
+    cdef object _log
+    cdef dict _monitors                  # ResourceType -> monitor
+    cdef dict _headroom                  # ResourceType -> fraction (only types with a monitor)
+    cdef object _default_duration
+    cdef object _sizer
+    cdef object _predictor_update
+    cdef object _claim_class
+    cdef dict _listeners                 # the EventEmitter's own map, when it is one
+    # per allocation, keyed by allocation id
+    cdef dict _requests                  # PENDING: the request
+    cdef dict _handles                   # the strategy's handle (only those with one)
+    cdef dict _ready                     # (type << 32 | owner) -> {id: None}: ALLOCATED ones
+    cdef dict _origins                   # (prediction id, sizer key)
+    cdef dict _usage                     # (amount x s before the last adjust, since ns)
+    cdef dict _charges                   # what the ledger holds for it (quotas active only)
+    cdef dict _busy                      # (Event, thread ident) of an adjust in flight
+    cdef dict _waiters                   # PENDING ids someone waits on: [Event, ...]
+    # owners: target application <-> the small key stored in the record, dropped with
+    # the owner's last record
+    cdef dict _owner_keys
+    cdef dict _owners                    # key -> [application, records]
+    cdef uint64_t _next_owner
+    # the queue (preallocators)
+    cdef readonly object _queue
+    cdef list _waiting                   # PENDING ids that wait for resources
+    # handed from finalizers to the worker (deque.append is atomic and takes no lock)
+    cdef object _dropped                 # ids of claims dropped unreleased
+    cdef object _returned                # (type, application, amount) of deferred releases done
+    cdef int _wake_fd
     # the tally
-    cdef long long _total_requests, _successful, _failed, _skipped_low_confidence
-    cdef long long _expired, _claimed, _released, _finished, _hits
-    cdef double _allocation_seconds, _amount_seconds, _unused_amount_seconds
+    cdef long long _total_requests, _successful, _failed, _cancelled, _skipped_low_confidence
+    cdef long long _pending, _in_flight, _live
+    cdef long long _expired, _claimed, _released, _finished, _prealloc_finished, _used
+    cdef long long _needs, _needs_preallocated
+    cdef double _allocation_seconds
     cdef long long _by_type[_TYPES]
+    cdef double _amount_seconds[_TYPES]
+    cdef double _unused_amount_seconds[_TYPES]
 
-    def _core_setup(self, AllocationTable table not None, ExpiryTicker ticker not None):
+    def _core_setup(self, AllocationTable table not None, ExpiryTicker ticker not None, dict strategies,
+                    ledger, events, metrics, log, claim_class, queue=None):
+        from collections import deque
+
         self._table = table
         self._ticker = ticker
+        self._strategies = dict(strategies)
+        self._strategy_of = [self._strategies.get(t) for t in _TYPE_OF] + [None]
+        self._ledger = ledger
+        q = ledger.quotas
+        self._quotas_active = bool(q.per_request or q.per_type or q.per_application)
+        self.events = events
+        # The fast path reads the EventEmitter's map (it swaps tuples in a dict it keeps
+        # for life); any other emitter is called for every event.
+        from .events import EventEmitter
+        self._listeners = events._listeners if type(events) is EventEmitter else None
+        self._metrics = metrics
+        self._log = log
+        self._claim_class = claim_class
+        self._monitors = {}
+        self._headroom = {}
+        self._requests = {}
         self._handles = {}
         self._ready = {}
         self._origins = {}
-        self._amount_seconds_before_adjust = {}
+        self._usage = {}
+        self._charges = {}
+        self._busy = {}
+        self._waiters = {}
         self._owner_keys = {}
-        self._owners = [None]
-        self._strategy_of = [self.strategies.get(t) for t in _TYPE_OF] + [None]
+        self._owners = {}
+        self._next_owner = 1
+        self._queue = queue
         self._waiting = []
-        # EventEmitter keeps this dict for its life and swaps the tuples in it, so an
-        # empty-or-missing entry here means nobody listens (see events.py)
-        self._listeners = self.events._listeners
+        self._dropped = deque()
+        self._returned = deque()
+        self._wake_fd = -1
+
+    def _core_configure(self, dict monitors, dict headroom, default_duration, translator, predictor):
+        """The live options (initialize()); each is read once per use, so a change takes
+        effect for the next transition."""
+        self._monitors = dict(monitors)
+        self._headroom = {t: f for t, f in headroom.items() if t in self._monitors}
+        self._default_duration = default_duration
+        self._sizer = getattr(translator, "sizer", None)
+        update = getattr(predictor, "update_model", None)
+        self._predictor_update = update if callable(update) else None
+
+    def _set_wake_fd(self, int fd):
+        self._wake_fd = fd
 
     cdef inline bint _listened(self, str event):
+        if self._listeners is None:
+            return True
         return bool(self._listeners.get(event))
 
-    # ------------------------------------------------------------------ tally
-    def _count(self, str what, long long n=1):
-        """Adds to one of the counters the Python layer owns the events of."""
-        if what == "failed":
-            self._failed += n
-        elif what == "claimed":
-            self._claimed += n
-        elif what == "skipped_low_confidence":
-            self._skipped_low_confidence += n
-        else:
-            raise ValueError(what)
+    cdef void _emit(self, str event, payload):
+        try:
+            self.events.emit(event, payload)
+        except Exception:  # an emitter's own failure must not undo the transition
+            self._log.exception("emitting %r failed", event)
 
-    def _tally(self):
-        """The counters, read in one go (the GIL makes it a consistent snapshot)."""
-        return {
-            "total_requests": self._total_requests, "successful": self._successful,
-            "failed": self._failed, "skipped_low_confidence": self._skipped_low_confidence,
-            "expired": self._expired, "claimed": self._claimed, "released": self._released,
-            "finished": self._finished, "hits": self._hits,
-            "allocation_seconds": self._allocation_seconds, "amount_seconds": self._amount_seconds,
-            "unused_amount_seconds": self._unused_amount_seconds,
-            "by_type": {_TYPE_OF[i]: self._by_type[i] for i in range(len(_TYPE_OF)) if self._by_type[i]},
-        }
+    # ------------------------------------------------------------------ waking the worker
+    cpdef void _wake(self):
+        """One wake of a worker. The write happens with the GIL held, so it can never hit
+        the fd after close() gave it up (close sets _wake_fd to -1, with the GIL, before
+        it closes the descriptor) — and it is safe in a finalizer: no lock."""
+        cdef uint64_t one = 1
+        if self._wake_fd >= 0:
+            write(self._wake_fd, &one, sizeof(one))  # EAGAIN: saturated, a worker is awake anyway
+
+    def _queue_dropped(self, uint64_t allocation_id):
+        """A Claim's finalizer: the worker releases it (never the finalizer's thread, which
+        may be inside an adjust or hold any lock)."""
+        self._dropped.append(allocation_id)
+        self._wake()
+
+    def _deferred_done(self, rtype, application, double amount):
+        """A DeferredRelease's callback: the worker refunds the charge it kept."""
+        self._returned.append((rtype, application, amount))
+        self._wake()
+
+    def _drain_returns(self):
+        """The worker's share of the two queues above. Returns how many it handled."""
+        cdef long n = 0
+        while self._dropped:
+            try:
+                rid = self._dropped.popleft()
+            except IndexError:
+                break
+            self._release(rid, _DROPPED_FEEDBACK)
+            n += 1
+        while self._returned:
+            try:
+                rtype, application, amount = self._returned.popleft()
+            except IndexError:
+                break
+            self._ledger.refund(rtype, application, amount)
+            n += 1
+            if self._waiting:
+                self._availability_changed()
+        return n
+
+    def _mark_closed(self):
+        self._closed = True
+
+    def _give_up_wake_fd(self):
+        """close(): from now on nobody writes the fd; returns it for closing."""
+        cdef int fd = self._wake_fd
+        self._wake_fd = -1
+        return fd
 
     # ------------------------------------------------------------------ owners
-    cpdef uint64_t _owner_key(self, application) except? 0xFFFFFFFFFFFFFFFF:
-        """A small int for a target application (0 for None), stored in the record."""
+    cdef uint64_t _owner_ref(self, application) except? 0xFFFFFFFFFFFFFFFF:
+        """The key of a target application (0 for None), counting one more record."""
+        cdef uint64_t key
         if application is None:
             return 0
-        key = self._owner_keys.get(application)
-        if key is None:
-            # new application: the GIL makes this check-and-insert atomic
-            key = len(self._owners)
-            self._owners.append(application)
+        k = self._owner_keys.get(application)
+        if k is None:
+            key = self._next_owner
+            self._next_owner += 1
             self._owner_keys[application] = key
-        return key
+            self._owners[key] = [application, 1]
+            return key
+        entry = self._owners[k]
+        entry[1] += 1
+        return <uint64_t>k
+
+    cdef object _owner_unref(self, uint64_t key):
+        """One record of the owner ended; drops the owner with its last. Returns the
+        application."""
+        if key == 0:
+            return None
+        entry = self._owners.get(key)
+        if entry is None:
+            return None
+        application = entry[0]
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self._owners[key]
+            del self._owner_keys[application]
+        return application
+
+    cdef object _application_of(self, uint64_t key):
+        if key == 0:
+            return None
+        entry = self._owners.get(key)
+        return entry[0] if entry is not None else None
+
+    def _owner_count(self):
+        return len(self._owners)
 
     # ------------------------------------------------------------------ public hot paths
     def request_preallocation(self, request):
         """Allocates now, on the calling thread. Returns the allocation: ALLOCATED, or
         FAILED with failure_reason (no strategy, over quota, below headroom, refused by
-        the machine). Bad input raises ValueError and changes nothing."""
+        the machine), or RELEASED with failure_reason when a reset, cancel or close
+        withdrew it while it was being allocated. Bad input raises ValueError/TypeError
+        and changes nothing; after close(), RuntimeError."""
+        cdef uint64_t rid
         if self._closed:
             self._check_open()
-        if not _already_valid(request):
+        if type(request) is not _ResourceRequest:
+            if not isinstance(request, _ResourceRequest):
+                raise TypeError(f"request must be a ResourceRequest, not {type(request).__name__}")
             request.validate()
-        return self._allocate(self._admit(request), request, False)
+        elif not _already_valid(request):
+            request.validate()
+        rid = self._admit(request, 0)
+        result = self._allocate(rid, request, False)
+        if result is None:
+            return self._withdrawn_snapshot(rid, request)
+        return result
 
-    def release_allocation(self, uint64_t allocation_id, feedback=None):
+    def release_allocation(self, allocation_id, feedback=None):
         """Gives an allocation back (or withdraws a request still queued). False when
-        the id is unknown, already finished, or another release or the expiry won."""
-        cdef pa_status_t prev = <pa_status_t>PA_STATUS_COUNT
-        cdef int rc
+        the id is unknown, already finished, or another release or the expiry won.
+        TypeError for an id that is not an int, or feedback that is not an
+        AllocationFeedback; after close(), RuntimeError."""
+        if self._closed:
+            self._check_open()
+        if type(allocation_id) is not int:
+            _check_id(allocation_id)
         if feedback is not None:
+            if type(feedback) is not _AllocationFeedback:
+                raise TypeError(f"feedback must be an AllocationFeedback, not {type(feedback).__name__}")
             feedback.validate()
-        rc = pa_table_transition(self._table._table, allocation_id, _BIT_RELEASABLE,
-                                 PA_STATUS_RELEASING, &prev)
+        if not 0 < allocation_id <= 0xFFFFFFFFFFFFFFFF:
+            return False
+        return self._release(<uint64_t>allocation_id, feedback)
+
+    cdef bint _release(self, uint64_t allocation_id, feedback) except -1:
+        cdef pa_status_t prev = <pa_status_t>PA_STATUS_COUNT
+        cdef int rc = pa_table_transition(self._table._table, allocation_id, _BIT_RELEASABLE,
+                                          PA_STATUS_RELEASING, &prev)
         if rc == 0:
             return self._finish(allocation_id, True, feedback)
         if rc == -EAGAIN and prev == PA_STATUS_PENDING:
-            return self._cancel_pending(allocation_id)
+            return self._cancel(allocation_id)
         return False
 
-    # ------------------------------------------------------------------ the flow
-    cpdef uint64_t _admit(self, request) except 0:
-        """The request's PENDING record."""
+    # ------------------------------------------------------------------ admit
+    cdef uint64_t _admit(self, request, uint64_t flags) except 0:
+        """The request's PENDING record, with its request kept until it leaves PENDING."""
         cdef pa_record_init_t init
         cdef pa_id_t rid = 0
         cdef int rc
@@ -293,103 +492,165 @@ cdef class EngineCore:
         init.resource_type = <uint32_t>request.resource_type
         init.requested = request.predicted_need
         init.request_id = request.request_id
-        init.owner = self._owner_key(request.metadata.target_application)
+        init.user_data = flags
+        init.owner = self._owner_ref(request.metadata.target_application)
         rc = pa_table_insert(self._table._table, &init, &rid)
-        if rc == -EINVAL:
-            raise ValueError(f"bad request amount {init.requested!r}")
-        if rc == -ENOSPC:
-            raise OSError(ENOSPC, f"pa_table_insert: the allocation table is full "
-                                  f"({pa_table_capacity(self._table._table)} live records); "
-                                  "raise PreallocatorConfig.capacity")
-        _check(rc, "pa_table_insert")
+        if rc != 0:
+            self._owner_unref(init.owner)
+            if rc == -EINVAL:
+                raise ValueError(f"bad request amount {init.requested!r}")
+            if rc == -ENOSPC:
+                raise OSError(ENOSPC, f"pa_table_insert: the allocation table is full "
+                                      f"({pa_table_capacity(self._table._table)} live records); "
+                                      "raise PreallocatorConfig.capacity")
+            _check(rc, "pa_table_insert")
+        # no Python code from the insert to here
+        self._requests[rid] = request
         self._total_requests += 1
+        self._pending += 1
         return rid
 
-    cpdef object _allocate(self, uint64_t record_id, request, bint may_wait):
+    def _submit(self, request, double deadline):
+        """Admits a request for the worker: its deadline timer, then the queue. Returns
+        its id; a reset or cancel may withdraw it at any moment after the admit (the id
+        then reads as finished)."""
+        cdef uint64_t rid = self._admit(request, 0)
+        cdef int rc = pa_ticker_schedule(self._ticker._ticker, rid, _seconds_to_ns(deadline), NULL)
+        if rc != 0 and rc != -ENOENT:  # ENOENT: withdrawn already
+            self._cancel(rid)
+            _check(rc, "pa_ticker_schedule")
+        self._queue.push(rid, request.priority, request.confidence, request.deadline)
+        return rid
+
+    # ------------------------------------------------------------------ allocate
+    cdef object _allocate(self, uint64_t record_id, request, bint may_wait):
         """PENDING -> ALLOCATED through the strategy. Returns the allocation snapshot
         (ALLOCATED or FAILED), None when the request was withdrawn or dropped meanwhile,
         or WAIT when it must wait for resources and may_wait."""
+        self._in_flight += 1
+        try:
+            return self._allocate_now(record_id, request, may_wait)
+        finally:
+            self._in_flight -= 1
+
+    cdef object _allocate_now(self, uint64_t record_id, request, bint may_wait):
         cdef uint32_t rtype = <uint32_t>request.resource_type
         cdef double amount = request.predicted_need
-        cdef double granted
+        cdef double granted, charged = 0.0, fraction
         cdef pa_record_t rec
-        cdef pa_timer_id_t timer
-        cdef uint64_t owner
-        cdef bint quotas = self._quotas_active
+        cdef uint64_t expires_ns
         cdef int rc
         strategy = self._strategy_of[rtype] if rtype < _TYPES else None
         if strategy is None:
             return self._fail(record_id, f"no strategy for {_TYPE_OF[rtype].name}")
+        rtype_obj = _TYPE_OF[rtype]
         metadata = request.metadata
         application = metadata.target_application
-        if quotas:
-            reason = self._charge(_TYPE_OF[rtype], application, amount)
+        if self._quotas_active:
+            # charge what the strategy will really hold (whole cores, whole huge pages)
+            try:
+                planned = float(strategy.planned_amount(request, amount))
+            except ValueError as exc:
+                return self._fail(record_id, str(exc))
+            except Exception as exc:
+                self._log.error("%s.planned_amount raised", type(strategy).__name__, exc_info=exc)
+                return self._fail(record_id, f"planned_amount failed: {exc}")
+            reason = self._charge(rtype_obj, application, planned, planned)
             if reason is not None:
                 return self._fail(record_id, reason)
-        if self._headroom_types and _TYPE_OF[rtype] in self._headroom_types \
-                and not self._within_headroom(_TYPE_OF[rtype], amount):
-            if quotas:
-                self.quotas.refund(_TYPE_OF[rtype], application, amount)
-            if may_wait:
-                return WAIT
-            return self._fail(record_id, self._headroom_reason(_TYPE_OF[rtype], amount))
+            charged = planned
+        availability = None
         try:
-            grant = strategy.allocate(request, amount, None)
-        except Exception as exc:  # a strategy's bug must not kill the worker
-            if quotas:
-                self.quotas.refund(_TYPE_OF[rtype], application, amount)
+            if self._headroom and rtype_obj in self._headroom:
+                availability = self._availability(rtype_obj)
+                fraction = self._headroom[rtype_obj]
+                if availability.available - amount < fraction * availability.total:
+                    if charged:
+                        self._ledger.refund(rtype_obj, application, charged)
+                    if may_wait:
+                        return WAIT
+                    return self._fail(record_id, f"insufficient {rtype_obj.name}: {amount:g} would leave less "
+                                                 f"than the {fraction:.0%} headroom")
+            grant = strategy.allocate(request, amount, availability)
+            if type(grant) is Grant:
+                granted = (<Grant>grant).amount
+                handle = (<Grant>grant).handle
+            else:  # any object with these two attributes will do
+                granted = grant.amount
+                handle = grant.handle
+        except Exception as exc:  # a strategy's or monitor's failure must not leak the charge
+            if charged:
+                self._ledger.refund(rtype_obj, application, charged)
             return self._allocation_refused(record_id, strategy, exc, may_wait)
-        if type(grant) is Grant:
-            granted = (<Grant>grant).amount
-            handle = (<Grant>grant).handle
-        else:  # any object with these two attributes will do
-            granted = grant.amount
-            handle = grant.handle
-        if quotas and granted != amount:
-            self._rebook(_TYPE_OF[rtype], application, amount, granted)
+        except BaseException:
+            if charged:
+                self._ledger.refund(rtype_obj, application, charged)
+            self._fail(record_id, "interrupted")
+            raise
+        if self._quotas_active and granted != charged:
+            self._rebook(rtype_obj, application, charged, granted)
+            charged = granted
 
-        # the transition and its bookkeeping, with no Python code in between
-        owner = self._owner_key(application)
-        pattern = metadata.triggering_pattern_id
         prediction_id = request.associated_prediction_id
+        pattern = metadata.triggering_pattern_id
+        # the transition and its bookkeeping: no Python code from here ...
         if pa_table_set_allocated(self._table._table, record_id, granted) != 0 or \
                 pa_table_transition(self._table._table, record_id, _BIT_PENDING, PA_STATUS_ALLOCATED,
                                     NULL) != 0:
-            # withdrawn or dropped at its deadline while the strategy worked
-            self._give_back(strategy, handle)
-            if quotas:
-                self.quotas.refund(_TYPE_OF[rtype], application, granted)
+            # withdrawn (cancel, reset) or dropped at its deadline while the strategy worked
+            self._give_back_unowned(strategy, handle, rtype_obj, application, charged)
             return None
+        del self._requests[record_id]
+        self._pending -= 1
+        self._live += 1
         if handle is not None:
             self._handles[record_id] = handle
-        key = _ready_key(rtype, owner)
+        if self._quotas_active:
+            self._charges[record_id] = charged
+        pa_table_get(self._table._table, record_id, &rec)
+        key = _ready_key(rtype, rec.owner)
         ready = self._ready.get(key)
         if ready is None:
             ready = self._ready[key] = {}
         ready[record_id] = None
         if prediction_id is not None or pattern is not None:
-            self._origins[record_id] = (prediction_id, (pattern, _TYPE_OF[rtype]) if pattern is not None else None)
-        pa_table_get(self._table._table, record_id, &rec)
+            self._origins[record_id] = (prediction_id, (pattern, rtype_obj) if pattern is not None else None)
         self._successful += 1
         self._allocation_seconds += (rec.allocated_ns - rec.created_ns) * _NS
         self._by_type[rtype] += 1
-
         if rec.timer:  # the deadline timer of a queued request: its job is done
             pa_ticker_cancel(self._ticker._ticker, rec.timer)
+        closed = self._closed
+        # ... to here
+        if closed:  # close() raced this allocation: it collected the live ids before it existed
+            self._release(record_id, _CLOSE_FEEDBACK)
+            return self._withdrawn_snapshot(record_id, request)
         duration = request.duration
         if duration is None:
             duration = self._default_duration
         if duration is not None:
-            rc = pa_ticker_schedule(self._ticker._ticker, record_id,
-                                    rec.allocated_ns + <uint64_t>(<double>duration * 1e9), &timer)
+            expires_ns = rec.allocated_ns + <uint64_t>(<double>duration * 1e9)
+            rc = pa_ticker_schedule(self._ticker._ticker, record_id, expires_ns, NULL)
             if rc == 0:
-                rec.expires_ns = rec.allocated_ns + <uint64_t>(<double>duration * 1e9)
+                rec.expires_ns = expires_ns
             elif rc != -ENOENT:  # ENOENT: released already
                 _check(rc, "pa_ticker_schedule")
-        snapshot = self._snapshot_of(&rec, handle, None, None)
+        if self._waiters:
+            self._notify_waiters(record_id)
         if self._listened("allocated"):
-            self.events.emit("allocated", snapshot)
-        return snapshot
+            snapshot = self._snapshot_of(&rec, handle, None, None)
+            self._emit("allocated", snapshot)
+            return snapshot
+        return self._snapshot_of(&rec, handle, None, None)
+
+    cdef object _availability(self, rtype):
+        """The monitor's view for the headroom check: its cached, subscribed view where it
+        keeps one (a fresh sample costs ~0.35 ms), a fresh sample otherwise."""
+        monitor = self._monitors[rtype]
+        cached = getattr(monitor, "cached_availability", None)
+        if cached is not None:
+            return cached(rtype)
+        return monitor.get_resource_availability(rtype)
 
     cdef object _allocation_refused(self, uint64_t record_id, strategy, exc, bint may_wait):
         from .strategies import AllocationError, InsufficientResources
@@ -398,79 +659,335 @@ cdef class EngineCore:
             if may_wait:
                 return WAIT
         elif not isinstance(exc, AllocationError):
-            self.log.error("strategy %s raised", type(strategy).__name__, exc_info=exc)
+            self._log.error("%s raised while allocating", type(strategy).__name__, exc_info=exc)
         return self._fail(record_id, str(exc) or type(exc).__name__)
 
-    cpdef object _fail(self, uint64_t record_id, str reason):
+    cdef void _give_back_unowned(self, strategy, handle, rtype, application, double charged):
+        """A resource the strategy reserved for a request that ended meanwhile."""
+        deferred = None
+        if handle is not None:
+            try:
+                deferred = strategy.release(handle)
+            except Exception:
+                self._log.exception("%s failed to release %r", type(strategy).__name__, handle)
+        self._refund_after(deferred, rtype, application, charged)
+
+    cdef void _refund_after(self, deferred, rtype, application, double charged):
+        if not charged:
+            return
+        if deferred is not None and getattr(deferred, "is_done", True) is False:
+            deferred.add_done_callback(_DeferredRefund(self, rtype, application, charged))
+        else:
+            self._ledger.refund(rtype, application, charged)
+
+    # ------------------------------------------------------------------ fail / cancel
+    cdef object _fail(self, uint64_t record_id, str reason):
         """PENDING -> FAILED with a reason; the snapshot, or None if it was not PENDING."""
         cdef pa_record_t rec
         if pa_table_transition(self._table._table, record_id, _BIT_PENDING, PA_STATUS_FAILED, NULL) != 0:
             return None
         pa_table_get(self._table._table, record_id, &rec)
-        if rec.timer:
-            pa_ticker_cancel(self._ticker._ticker, rec.timer)
-        pa_table_remove(self._table._table, record_id)
+        self._end_pending(&rec)
         self._failed += 1
-        self._forget_pending(record_id)
         snapshot = self._snapshot_of(&rec, None, reason, None)
         self._note_failure(snapshot, reason)
         return snapshot
 
-    cpdef bint _cancel_pending(self, uint64_t record_id) except -1:
-        """Withdraws a request still PENDING (queued or waiting)."""
+    cdef bint _cancel(self, uint64_t record_id) except -1:
+        """PENDING -> RELEASED: a request withdrawn before it was allocated."""
         cdef pa_record_t rec
         if pa_table_transition(self._table._table, record_id, _BIT_PENDING, PA_STATUS_RELEASED, NULL) != 0:
             return False
         pa_table_get(self._table._table, record_id, &rec)
-        if rec.timer:
-            pa_ticker_cancel(self._ticker._ticker, rec.timer)
-        pa_table_remove(self._table._table, record_id)
-        self._forget_pending(record_id)
-        self._note_cancelled(_TYPE_OF[rec.resource_type])
+        self._end_pending(&rec)
+        self._cancelled += 1
+        self._metrics.record_metric("request_cancelled", resource_type=_TYPE_OF[rec.resource_type].name)
         return True
 
-    cpdef bint _finish(self, uint64_t record_id, bint released, feedback) except -1:
-        """The end of an allocation, run by whoever won the transition out of it
-        (RELEASING for a release, EXPIRED for the ticker): give the resource back, book
-        hit and waste, feed the sizer and the predictor, emit, remove the record."""
-        cdef pa_record_t rec
-        cdef pa_table_t *table = self._table._table
-        cdef uint64_t now
-        cdef double held, unused, used, before = 0.0
-        cdef uint64_t since
-        cdef bint hit
-        if pa_table_get(table, record_id, &rec) != 0:
-            return False
-        rtype_obj = _TYPE_OF[rec.resource_type]
-        if rec.timer and released:
+    cdef void _end_pending(self, pa_record_t *rec):
+        """A PENDING record's end (failed, cancelled, dropped at its deadline): no Python
+        code until the waiters are told."""
+        if rec.timer:
             pa_ticker_cancel(self._ticker._ticker, rec.timer)
-        handle = self._handles.get(record_id)
-        if handle is not None:
-            # _give_back waits for an adjust in flight on this handle, so what is read
-            # after it (amounts, the adjust history) is final.
-            if not self._give_back(self.strategies[rtype_obj], handle) and released:
-                # the spec's revert: a release that failed leaves the allocation as it was
-                pa_table_transition(table, record_id, _BIT_RELEASING,
-                                    PA_STATUS_ACTIVE if rec.active_ns else PA_STATUS_ALLOCATED, NULL)
-                self._note_release_failed(rtype_obj)
-                return False
-            pa_table_get(table, record_id, &rec)
-        now = pa_clock_now_ns()
-        # the bookkeeping, with no Python code in between
-        if handle is not None:
-            del self._handles[record_id]
+        pa_table_remove(self._table._table, rec.id)
+        self._requests.pop(rec.id, None)
+        self._pending -= 1
+        self._owner_unref(rec.owner)
+        if self._waiters:
+            self._notify_waiters(rec.id)
+
+    cdef void _note_failure(self, snapshot, str reason):
+        self._metrics.record_metric("preallocation_failed", resource_type=snapshot.resource_type.name)
+        self._log.warning("request %d for %g of %s failed: %s", snapshot.request_id,
+                          snapshot.requested_amount, snapshot.resource_type.name, reason)
+        if self._listened("failed"):
+            self._emit("failed", snapshot)
+
+    def _withdraw(self, allocation_id):
+        """cancel_request(): PENDING -> RELEASED, nothing else (an allocation that is
+        ALLOCATED by now stays)."""
+        if type(allocation_id) is not int:
+            _check_id(allocation_id)
+        if not 0 < allocation_id <= 0xFFFFFFFFFFFFFFFF:
+            return False
+        return self._cancel(<uint64_t>allocation_id)
+
+    # ------------------------------------------------------------------ claim
+    cdef bint _to_active(self, uint64_t allocation_id) except -1:
+        """ALLOCATED -> ACTIVE, the one place it happens: the consumer owns it now, so its
+        expiry stops and it leaves the ready index."""
+        cdef pa_record_t rec
+        if pa_table_transition(self._table._table, allocation_id, _BIT_ALLOCATED, PA_STATUS_ACTIVE, NULL) != 0:
+            return False
+        pa_table_get(self._table._table, allocation_id, &rec)
+        if rec.timer:
+            pa_ticker_cancel(self._ticker._ticker, rec.timer)
         ready = self._ready.get(_ready_key(rec.resource_type, rec.owner))
         if ready is not None:
+            ready.pop(allocation_id, None)
+            if not ready:
+                del self._ready[_ready_key(rec.resource_type, rec.owner)]
+        self._claimed += 1
+        return True
+
+    def _claim(self, allocation_id, target_process_id=None):
+        """claim(): the consumer takes a ready allocation by id."""
+        cdef int status
+        if type(allocation_id) is not int:
+            _check_id(allocation_id)
+        if not 0 < allocation_id <= 0xFFFFFFFFFFFFFFFF or \
+                pa_table_status(self._table._table, <uint64_t>allocation_id) < 0:
+            raise KeyError(f"no allocation {allocation_id}")
+        if not self._to_active(<uint64_t>allocation_id):
+            status = pa_table_status(self._table._table, <uint64_t>allocation_id)
+            if status < 0:
+                raise KeyError(f"no allocation {allocation_id}")
+            raise ValueError(f"allocation {allocation_id} is {_STATUS_OF[status].name}, not ALLOCATED")
+        return self._hand_over(allocation_id, True, target_process_id)
+
+    def _claim_ready(self, rtype, application, double amount, target_process_id=None):
+        """acquire()'s hit: claims the first ready allocation of rtype for application
+        holding at least amount; the Claim, or None when none is ready (a miss). Counts
+        the need either way."""
+        cdef pa_record_t rec
+        cdef uint64_t owner = 0
+        self._needs += 1
+        if application is not None:
+            k = self._owner_keys.get(application)
+            if k is None:
+                return None
+            owner = k
+        ready = self._ready.get(_ready_key(<uint32_t>rtype, owner))
+        if not ready:
+            return None
+        for rid in list(ready):
+            if pa_table_get(self._table._table, rid, &rec) != 0 or rec.status != PA_STATUS_ALLOCATED \
+                    or rec.allocated < amount:
+                continue
+            if self._to_active(rid):
+                self._needs_preallocated += 1
+                return self._hand_over(rid, True, target_process_id)
+        return None
+
+    def _acquire_at_need(self, rtype, double amount, application, target_process_id):
+        """acquire()'s miss (and the reactive allocator's every need): allocate now, on
+        the caller's thread, and hand over at once. Not a preallocation: it stays out of
+        the hit rate."""
+        from .strategies import AllocationError
+
+        request = _ResourceRequest(rtype, amount, 1.0, metadata=_RequestMetadata(
+            target_application=application, target_process_id=target_process_id))
+        cdef uint64_t rid = self._admit(request, _AT_NEED)
+        allocation = self._allocate(rid, request, False)
+        if allocation is None:
+            raise AllocationError(f"{rtype.name} allocation was withdrawn (reset or close) before the claim")
+        if allocation.status is not _AllocationStatus.ALLOCATED:
+            raise AllocationError(allocation.failure_reason or f"{rtype.name} allocation failed")
+        if not self._to_active(rid):
+            raise AllocationError(f"allocation {rid} was released (reset or close) before the claim")
+        return self._hand_over(rid, False, target_process_id)
+
+    cdef object _hand_over(self, uint64_t allocation_id, bint preallocated, target_process_id):
+        """After this thread won ALLOCATED -> ACTIVE: the strategy's claim, on the
+        consumer's thread, then the Claim."""
+        cdef pa_record_t rec
+        if pa_table_get(self._table._table, allocation_id, &rec) != 0:
+            from .strategies import AllocationError
+            raise AllocationError(f"allocation {allocation_id} ended before the claim")
+        rtype = _TYPE_OF[rec.resource_type]
+        handle = self._handles.get(allocation_id)
+        resource = None
+        if handle is not None:
+            strategy = self._strategy_of[rec.resource_type]
+            try:
+                if target_process_id is None:
+                    resource = strategy.claim(handle)
+                else:
+                    resource = strategy.claim(handle, target_process_id)
+            except Exception as exc:
+                from .strategies import AllocationError
+                self._release(allocation_id, _AllocationFeedback(
+                    used_successfully=False, reason_for_release=f"claim failed: {exc}"))
+                if isinstance(exc, (ValueError, TypeError)):
+                    raise
+                raise AllocationError(f"claim of {allocation_id} failed: {exc}") from exc
+        return self._claim_class(self, allocation_id, rtype, resource, preallocated)
+
+    # ------------------------------------------------------------------ adjust
+    def _adjust(self, allocation_id, double new_amount):
+        """adjust_allocation(): grows or shrinks a live allocation through its strategy.
+        False (nothing changed, nothing charged) when the id is not live, the strategy
+        cannot, a quota or the machine says no. One adjust of an allocation at a time; a
+        release or expiry of it waits for the adjust in flight (see _finish)."""
+        cdef pa_record_t rec
+        cdef double charged, planned, delta, effective, before
+        cdef uint64_t now, since
+        import threading
+        from .quotas import QuotaExceeded
+        from .strategies import AllocationError
+
+        if type(allocation_id) is not int:
+            _check_id(allocation_id)
+        if not 0 < allocation_id <= 0xFFFFFFFFFFFFFFFF:
+            return False
+        rid = allocation_id
+        mine = (threading.Event(), threading.get_ident())
+        while True:
+            if pa_table_get(self._table._table, rid, &rec) != 0 or \
+                    rec.status not in (PA_STATUS_ALLOCATED, PA_STATUS_ACTIVE):
+                return False
+            other = self._busy.get(rid)
+            if other is None:
+                self._busy[rid] = mine  # no Python code since the status check
+                break
+            if other[1] == mine[1]:
+                return False  # an adjust of this allocation from inside its own adjust
+            other[0].wait()
+        try:
+            rtype = _TYPE_OF[rec.resource_type]
+            strategy = self._strategy_of[rec.resource_type]
+            handle = self._handles.get(rid)
+            if strategy is None:
+                return False
+            application = self._application_of(rec.owner)
+            charged = self._charges.get(rid, 0.0)
+            planned = new_amount
+            extra = 0.0
+            if self._quotas_active:
+                planned = float(strategy.planned_amount(None, new_amount))  # ValueError: absurd
+                if planned > charged:
+                    try:
+                        self._ledger.charge(rtype, application, planned - charged, request_amount=planned)
+                    except QuotaExceeded as exc:
+                        self._log.warning("adjust of %d refused: %s", rid, exc)
+                        return False
+                    extra = planned - charged
+            try:
+                delta = new_amount - rec.allocated
+                if delta > 0 and self._headroom and rtype in self._headroom:
+                    availability = self._availability(rtype)
+                    if availability.available - delta < self._headroom[rtype] * availability.total:
+                        raise AllocationError(f"{rtype.name}: growth by {delta:g} would eat the headroom")
+                effective = float(strategy.adjust(handle, new_amount))
+            except BaseException as exc:
+                if extra:
+                    self._ledger.refund(rtype, application, extra)
+                if isinstance(exc, ValueError):
+                    raise
+                if not isinstance(exc, Exception):
+                    raise
+                if not isinstance(exc, AllocationError):
+                    self._log.error("%s.adjust raised", type(strategy).__name__, exc_info=exc)
+                else:
+                    self._log.warning("adjust of %d refused: %s", rid, exc)
+                return False
+            if self._quotas_active:
+                if effective != charged + extra:
+                    self._rebook(rtype, application, charged + extra, effective)
+                self._charges[rid] = effective
+            now = pa_clock_now_ns()
+            # the usage history and the new amount: no Python code from here ...
+            pa_table_get(self._table._table, rid, &rec)
+            history = self._usage.get(rid)
+            before, since = (history[0], history[1]) if history is not None else (0.0, rec.allocated_ns)
+            self._usage[rid] = (before + rec.allocated * (now - since if now > since else 0) * _NS, now)
+            pa_table_set_allocated(self._table._table, rid, effective)
+            # ... to here
+        finally:
+            del self._busy[rid]
+            mine[0].set()
+        self._metrics.record_metric("resource_adjusted", resource_type=rtype.name)
+        self._log.info("adjusted allocation %d of %s: %g -> %g", rid, rtype.name, rec.allocated, effective)
+        if self._waiting and effective < rec.allocated:
+            self._availability_changed()
+        return True
+
+    # ------------------------------------------------------------------ the end
+    cdef bint _finish(self, uint64_t record_id, bint released, feedback) except -1:
+        """The end of an allocation, run by whoever won the transition out of it
+        (RELEASING for a release, EXPIRED for the ticker): give the resource back, book
+        hit and waste, refund the ledger, feed the sizer and the predictor, emit, remove
+        the record."""
+        cdef pa_record_t rec
+        cdef pa_table_t *table = self._table._table
+        cdef uint64_t now, since, start
+        cdef double held, unused, used, before = 0.0, charged
+        cdef bint hit
+        cdef pa_status_t back
+        cdef int rc
+
+        if self._busy:
+            busy = self._busy.get(record_id)
+            if busy is not None and busy[1] != _get_ident():
+                busy[0].wait()  # the adjust in flight finishes first; what is read below is final
+        if pa_table_get(table, record_id, &rec) != 0:
+            return False
+        rtype = _TYPE_OF[rec.resource_type]
+        handle = self._handles.get(record_id)
+        deferred = None
+        if handle is not None:
+            try:
+                deferred = self._strategy_of[rec.resource_type].release(handle)
+            except Exception:
+                self._log.exception("%s failed to release %r", type(self._strategy_of[rec.resource_type]).__name__,
+                                    handle)
+                if released:
+                    # the spec's revert: a release that failed leaves the allocation as it was,
+                    # with its expiry (a timer that fired meanwhile found it RELEASING)
+                    back = PA_STATUS_ACTIVE if rec.active_ns else PA_STATUS_ALLOCATED
+                    pa_table_transition(table, record_id, _BIT_RELEASING, back, NULL)
+                    if back == PA_STATUS_ALLOCATED and rec.expires_ns:
+                        if rec.timer:
+                            pa_ticker_cancel(self._ticker._ticker, rec.timer)
+                        rc = pa_ticker_schedule(self._ticker._ticker, record_id, rec.expires_ns, NULL)
+                        if rc != 0 and rc != -ENOENT and rc != -EEXIST:
+                            _check(rc, "pa_ticker_schedule")
+                    self._metrics.record_metric("release_failed", resource_type=rtype.name)
+                    return False
+                # an expiry cannot be undone: the strategy keeps what it could not give back
+            pa_table_get(table, record_id, &rec)
+        if released and rec.timer:
+            pa_ticker_cancel(self._ticker._ticker, rec.timer)
+        now = pa_clock_now_ns()
+        # the bookkeeping: no Python code from here ...
+        if handle is not None:
+            del self._handles[record_id]
+        key = _ready_key(rec.resource_type, rec.owner)
+        ready = self._ready.get(key)
+        if ready is not None:
             ready.pop(record_id, None)
+            if not ready:
+                del self._ready[key]
         origin = self._origins.pop(record_id, None) if self._origins else None
-        adjusted = self._amount_seconds_before_adjust.pop(record_id, None) \
-            if self._amount_seconds_before_adjust else None
+        history = self._usage.pop(record_id, None) if self._usage else None
+        charge = self._charges.pop(record_id, None) if self._quotas_active else None
+        application = self._owner_unref(rec.owner)
 
         # usage: the whole amount is unused while it waited unclaimed; after a claim,
         # amount minus the reported use (use not reported after a claim counts as all used)
         since = rec.allocated_ns
-        if adjusted is not None:
-            before, since = adjusted
+        if history is not None:
+            before, since = history
         held = before + rec.allocated * (now - since if now > since else 0) * _NS
         hit = rec.active_ns != 0 or (feedback is not None and feedback.used_successfully)
         if not hit:
@@ -480,14 +997,17 @@ cdef class EngineCore:
             if feedback is not None and feedback.actual_amount_used is not None:
                 used = min(<double>feedback.actual_amount_used, rec.allocated)
             start = rec.active_ns if rec.active_ns else rec.allocated_ns
-            unused = rec.allocated * (start - rec.allocated_ns) * _NS \
-                + (rec.allocated - used) * (now - start if now > start else 0) * _NS
+            unused = rec.allocated * ((start - rec.allocated_ns) * _NS) \
+                + (rec.allocated - used) * ((now - start if now > start else 0) * _NS)
             if unused > held:
                 unused = held
         self._finished += 1
-        self._hits += hit
-        self._amount_seconds += held
-        self._unused_amount_seconds += unused
+        if not (rec.user_data & _AT_NEED):
+            self._prealloc_finished += 1
+            self._used += hit
+        self._amount_seconds[rec.resource_type] += held
+        self._unused_amount_seconds[rec.resource_type] += unused
+        self._live -= 1
         if released:
             self._released += 1
             pa_table_transition(table, record_id, _BIT_RELEASING, PA_STATUS_RELEASED, NULL)
@@ -495,19 +1015,36 @@ cdef class EngineCore:
         else:
             self._expired += 1
         pa_table_remove(table, record_id)
-
-        if self._quotas_active:
-            self.quotas.refund(rtype_obj, self._owners[rec.owner], rec.allocated)
+        # ... to here
+        if self._waiters:
+            self._notify_waiters(record_id)
+        if charge is not None:
+            self._refund_after(deferred, rtype, application, <double>charge)
         if origin is not None and feedback is not None:
             self._learn(origin, feedback)
         name = "released" if released else "expired"
         if self._listened(name):
             snapshot = self._snapshot_of(&rec, handle, None, feedback)
             snapshot.actual_usage = feedback.actual_amount_used if feedback is not None else None
-            self.events.emit(name, snapshot)
+            self._emit(name, snapshot)
         if self._waiting:
             self._availability_changed()
         return True
+
+    cdef void _learn(self, origin, feedback):
+        """Feeds the outcome back: the adaptive sizer learns real use, and the predictor
+        (the spec's predictor.updateModel) hears how its prediction turned out."""
+        prediction_id, sizer_key = origin
+        if self._sizer is not None and sizer_key is not None and feedback.actual_amount_used is not None:
+            try:
+                self._sizer.observe(sizer_key, feedback.actual_amount_used)
+            except Exception:
+                self._log.exception("the sizer failed to learn from %s", sizer_key)
+        if prediction_id is not None and self._predictor_update is not None:
+            try:
+                self._predictor_update(prediction_id, feedback)
+            except Exception:
+                self._log.exception("predictor.update_model raised for prediction %s", prediction_id)
 
     def _drain_expired(self):
         """Finishes what the ticker expired: allocations past their duration, and queued
@@ -523,45 +1060,181 @@ cdef class EngineCore:
                     continue
                 done += 1
                 if rec.allocated_ns == 0:  # never allocated: a request dropped at its deadline
-                    pa_table_remove(self._table._table, ids[i])
+                    self._end_pending(&rec)
                     self._failed += 1
-                    self._forget_pending(ids[i])
                     reason = "deadline passed before the resource was available"
                     self._note_failure(self._snapshot_of(&rec, None, reason, None), reason)
                 else:
-                    self._finish(ids[i], False, None)
+                    self._finish(ids[i], False, _EXPIRED_FEEDBACK)
             if n < 256:
                 break
         return done
 
-    def _take_for_claim(self, uint64_t allocation_id):
-        """After the caller won ALLOCATED -> ACTIVE: stops the expiry, leaves the ready
-        index, counts the claim; returns (resource type, handle)."""
-        cdef pa_record_t rec
-        if pa_table_get(self._table._table, allocation_id, &rec) != 0:
-            raise KeyError(allocation_id)
-        if rec.timer:
-            pa_ticker_cancel(self._ticker._ticker, rec.timer)  # the consumer owns it: no expiry
-        ready = self._ready.get(_ready_key(rec.resource_type, rec.owner))
-        if ready is not None:
-            ready.pop(allocation_id, None)
-        self._claimed += 1
-        return _TYPE_OF[rec.resource_type], self._handles.get(allocation_id)
+    # ------------------------------------------------------------------ the queue (worker)
+    def _process_queue(self, Py_ssize_t batch, bint pass_wake):
+        """Allocates queued requests in priority order. Returns True when a request had
+        to wait (the caller subscribes to the monitors then)."""
+        cdef bint waited = False
+        cdef uint64_t rid
+        while True:
+            ids = self._queue.pop_many(batch)
+            if ids.size == 0:
+                return waited
+            if pass_wake and len(self._queue):
+                # one read of the wake fd may have consumed several callers' wakes; pass
+                # one on, so an idle worker takes what is left while this one allocates
+                self._wake()
+            for r in ids.tolist():
+                rid = r
+                request = self._requests.get(rid)
+                if request is None:
+                    continue  # withdrawn or dropped at its deadline
+                try:
+                    result = self._allocate(rid, request, True)
+                except Exception:
+                    self._log.exception("allocation of request %d failed", request.request_id)
+                    self._fail(rid, "internal error; see the log")
+                    continue
+                if result is WAIT:
+                    # the status check and the append with no Python code between: a deadline
+                    # expiry either happened before (not PENDING: dropped) or finds it here
+                    if pa_table_status(self._table._table, rid) == PA_STATUS_PENDING:
+                        self._waiting.append(rid)
+                        waited = True
 
-    def _claim_ready(self, uint32_t rtype, uint64_t owner, double amount):
-        """Claims (ALLOCATED -> ACTIVE) the first ready allocation of rtype for owner holding
-        at least amount; its id, or 0 when none is ready."""
-        cdef pa_record_t rec
-        ready = self._ready.get(_ready_key(rtype, owner))
-        if not ready:
-            return 0
-        for rid in list(ready):
-            if pa_table_get(self._table._table, rid, &rec) != 0 or rec.status != PA_STATUS_ALLOCATED \
-                    or rec.allocated < amount:
+    def _requeue_waiting(self):
+        """Availability changed: the waiting requests go back into the queue."""
+        waiting, self._waiting = self._waiting, []
+        for rid in waiting:
+            request = self._requests.get(rid)
+            if request is not None:
+                self._queue.push(rid, request.priority, request.confidence, request.deadline)
+        return len(waiting)
+
+    def _has_waiting(self):
+        return bool(self._waiting)
+
+    def _availability_changed(self):
+        """Something was given back while requests wait (the preallocator retries them)."""
+
+    # ------------------------------------------------------------------ reset
+    def _release_all(self, feedback):
+        """reset() and close(): withdraws every queued request and releases every
+        allocation (claimed memory stays mapped, and charged, until the consumer's last
+        view is gone). Returns how many ended here."""
+        cdef long n = 0
+        self._waiting = []
+        for rid in self._table.collect(mask=LIVE_MASK).tolist():
+            n += self._release(rid, feedback)
+        return n
+
+    # ------------------------------------------------------------------ waiting for readiness
+    def _wait_ready(self, ids, timeout):
+        """True once every id has left PENDING (ALLOCATED, claimed, or finished in any
+        way), False at the timeout."""
+        import threading
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for allocation_id in ids:
+            if type(allocation_id) is not int:
+                _check_id(allocation_id)
+            if not 0 < allocation_id <= 0xFFFFFFFFFFFFFFFF:
                 continue
-            if pa_table_transition(self._table._table, rid, _BIT_ALLOCATED, PA_STATUS_ACTIVE, NULL) == 0:
-                return rid
-        return 0
+            event = threading.Event()
+            # the status check and the registration with no Python code between: a
+            # transition out of PENDING either came first or finds the event
+            if pa_table_status(self._table._table, <uint64_t>allocation_id) != PA_STATUS_PENDING:
+                continue
+            self._waiters.setdefault(allocation_id, []).append(event)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not event.wait(remaining):
+                events = self._waiters.get(allocation_id)
+                if events is not None and event in events:
+                    events.remove(event)
+                    if not events:
+                        self._waiters.pop(allocation_id, None)
+                return False
+        return True
+
+    cdef void _notify_waiters(self, uint64_t record_id):
+        events = self._waiters.pop(record_id, None)
+        if events:
+            for event in events:
+                event.set()
+
+    # ------------------------------------------------------------------ the tally
+    def _count_skipped(self):
+        self._skipped_low_confidence += 1
+
+    def _statistics(self, Py_ssize_t queued_in_queue=0):
+        """The counters, read in one go (the GIL makes it one consistent snapshot)."""
+        cdef int i
+        by_type = {}
+        waste = {}
+        rates = []
+        for i in range(len(_TYPE_OF)):
+            if self._by_type[i]:
+                by_type[_TYPE_OF[i]] = self._by_type[i]
+            if self._amount_seconds[i] > 0:
+                waste[_TYPE_OF[i]] = self._unused_amount_seconds[i] / self._amount_seconds[i]
+                rates.append(waste[_TYPE_OF[i]])
+        return _PreallocatorStatistics(
+            total_requests=self._total_requests,
+            successful_allocations=self._successful,
+            failed_allocations=self._failed,
+            average_allocation_time=self._allocation_seconds / self._successful if self._successful else 0.0,
+            resource_hit_rate=self._used / self._prealloc_finished if self._prealloc_finished else 0.0,
+            resource_waste_rate=sum(rates) / len(rates) if rates else 0.0,
+            allocations_by_type=by_type,
+            skipped_low_confidence=self._skipped_low_confidence,
+            expired=self._expired,
+            claimed=self._claimed,
+            released=self._released,
+            active_allocations=self._live,
+            queued_requests=self._pending - self._in_flight,
+            cancelled=self._cancelled,
+            in_flight=self._in_flight,
+            finished=self._finished,
+            used=self._used,
+            needs=self._needs,
+            needs_preallocated=self._needs_preallocated,
+            need_hit_rate=self._needs_preallocated / self._needs if self._needs else 0.0,
+            waste_rate_by_type=waste,
+            preallocations_finished=self._prealloc_finished,
+        )
+
+    def _holdings(self):
+        """What the ledger should hold, from the per-allocation charges (tests compare it
+        with the ledger): {(type, application): amount} of the live allocations."""
+        cdef pa_record_t rec
+        out = {}
+        for rid, amount in self._charges.items():
+            if pa_table_get(self._table._table, rid, &rec) != 0:
+                continue
+            key = (_TYPE_OF[rec.resource_type], self._application_of(rec.owner))
+            out[key] = out.get(key, 0.0) + amount
+        return out
+
+    # ------------------------------------------------------------------ ledger helpers
+    cdef object _charge(self, rtype, application, double amount, double request_amount):
+        """Books amount against the quotas; the reason when a quota refuses."""
+        try:
+            self._ledger.charge(rtype, application, amount, request_amount=request_amount)
+        except Exception as exc:
+            from .quotas import QuotaExceeded  # here, not per call: the refusal is the rare path
+
+            if isinstance(exc, QuotaExceeded):
+                return str(exc)
+            raise
+        return None
+
+    cdef void _rebook(self, rtype, application, double booked, double actual):
+        """The ledger holds what was really reserved (a CPU request of 250 holds 300)."""
+        if actual > booked:
+            self._ledger.force(rtype, application, actual - booked)
+        elif actual < booked:
+            self._ledger.refund(rtype, application, booked - actual)
 
     # ------------------------------------------------------------------ snapshots
     def _snapshot(self, Record rec, handle=None, failure_reason=None, feedback=None):
@@ -576,6 +1249,21 @@ cdef class EngineCore:
         r.request_id = rec.request_id
         return self._snapshot_of(&r, handle, failure_reason, feedback)
 
+    def _get(self, allocation_id):
+        """get_allocation(): a snapshot of a live allocation or queued request, or None."""
+        cdef pa_record_t rec
+        if type(allocation_id) is not int:
+            _check_id(allocation_id)
+        if not 0 < allocation_id <= 0xFFFFFFFFFFFFFFFF or \
+                pa_table_get(self._table._table, <uint64_t>allocation_id, &rec) != 0:
+            return None
+        return self._snapshot_of(&rec, None, None, None)
+
+    cdef object _withdrawn_snapshot(self, uint64_t record_id, request):
+        return _new_snapshot(record_id, request.request_id, request.resource_type, request.predicted_need,
+                             0.0, _AllocationStatus.RELEASED, None, None, None, None,
+                             "withdrawn (reset, cancel, deadline or close) before it was allocated", {})
+
     cdef object _snapshot_of(self, const pa_record_t *rec, handle, failure_reason, feedback):
         rtype = _TYPE_OF[rec.resource_type]
         if handle is None and self._handles:
@@ -583,7 +1271,7 @@ cdef class EngineCore:
         details = {}
         if handle is not None:
             try:
-                details = self.strategies[rtype].describe(handle)
+                details = self._strategy_of[rec.resource_type].describe(handle)
             except Exception:  # a released handle may not describe itself
                 pass
         return _new_snapshot(
@@ -592,39 +1280,34 @@ cdef class EngineCore:
             rec.expires_ns * _NS if rec.expires_ns and rec.allocated_ns else None,
             None, feedback, failure_reason, details)
 
-    # ------------------------------------------------------------------ policy hooks (Python)
+    # ------------------------------------------------------------------ the Python layer's
     def _check_open(self):
-        pass
+        raise RuntimeError("the allocator is closed")
 
-    def _give_back(self, strategy, handle):
-        return True
 
-    def _charge(self, rtype, application, double amount):
-        return None
+cdef class _DeferredRefund:
+    """The callback a DeferredRelease runs when the resource is really gone: it only
+    queues the refund for the worker (it may run in a finalizer)."""
 
-    def _rebook(self, rtype, application, double booked, double actual):
-        pass
+    cdef EngineCore core
+    cdef object rtype, application
+    cdef double amount
 
-    def _within_headroom(self, rtype, double amount):
-        return True
+    def __cinit__(self, EngineCore core, rtype, application, double amount):
+        self.core = core
+        self.rtype = rtype
+        self.application = application
+        self.amount = amount
 
-    def _headroom_reason(self, rtype, double amount):
-        return f"insufficient {rtype.name}"
+    def __call__(self):
+        self.core._returned.append((self.rtype, self.application, self.amount))
+        self.core._wake()
 
-    def _learn(self, origin, feedback):
-        pass
 
-    def _forget_pending(self, record_id):
-        pass
-
-    def _note_failure(self, snapshot, reason):
-        pass
-
-    def _note_cancelled(self, rtype):
-        pass
-
-    def _note_release_failed(self, rtype):
-        pass
-
-    def _availability_changed(self):
-        pass
+cdef int _check_id(allocation_id) except -1:
+    """An allocation id is an int (not a bool, not a float that happens to be whole)."""
+    if type(allocation_id) is int:
+        return 0
+    if isinstance(allocation_id, int) and not isinstance(allocation_id, bool):
+        return 0
+    raise TypeError(f"allocation_id must be an int, not {type(allocation_id).__name__} ({allocation_id!r})")

@@ -6,20 +6,18 @@ One owner for each piece of state:
 
 * the native ``AllocationTable`` owns every allocation's status, amounts, times and
   expiry timer; a status changes only by CAS, so a release racing an expiry (or a
-  claim, or a cancel) has exactly one winner, and the winner alone finishes the
-  allocation (gives the resource back, books statistics, removes the record);
+  claim, or a cancel) has exactly one winner, and the winner alone finishes it;
 * the native ``ExpiryTicker`` owns time: it expires allocations past their duration and
-  requests past their deadline on its own thread and wakes the worker through an
-  eventfd;
+  requests past their deadline on its own thread and wakes a worker through an eventfd;
 * the native ``PriorityQueue`` owns the order of queued requests;
-* ``core.EngineCore`` (compiled, the base class of the allocators) owns what the table
-  cannot hold: the strategy's handle of each allocation that has one, the index the
-  consumer's ``acquire`` uses to find a ready allocation, and the running tally; it runs
-  every allocation's hot path (admit, allocate, finish, fail, cancel). Each transition
-  into or out of ALLOCATED happens there together with its dict updates, with the GIL
-  held and no Python code in between, so no thread sees one without the other;
-* this module holds the policy EngineCore calls back into (strategies, quotas, headroom,
-  events, learning), the queued request objects, and the worker.
+* ``core.EngineCore`` (compiled, ``_engine_core.pxi``, the base class of the allocators)
+  owns each allocation's lifecycle — admit, allocate, wait, claim, adjust, release,
+  expire, fail, cancel, reset — and everything attached to its transitions: the
+  strategy handles, the ready index, the owners, the quota ledger's charges, the tally,
+  the events and the feedback to the sizer and the predictor. Its header draws the state
+  machine and says which thread runs which transition;
+* this module holds the public face (argument checks, then one call into EngineCore),
+  the configuration, and the worker threads that run the queued transitions.
 """
 from __future__ import annotations
 
@@ -30,41 +28,46 @@ import os
 import selectors
 import threading
 import time
+import types
 import uuid
 import weakref
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Iterable, Mapping
 
 from . import core
 from .events import EventEmitter
 from .metrics import MetricsCollector
-from .quotas import QuotaExceeded, QuotaLedger, Quotas
-from .strategies import AllocationError, AllocationStrategy, InsufficientResources
+from .quotas import QuotaLedger, Quotas
+from .strategies import AllocationError, AllocationStrategy
 from .types import (
     AllocationFeedback,
     AllocationStatus,
     Prediction,
     PreallocatorStatistics,
-    RequestMetadata,
     ResourceAllocation,
     ResourceAvailability,
     ResourceRequest,
     ResourceType,
     check_amount,
     check_confidence,
+    check_seconds,
 )
 
-NS = 1e-9
 EVENTS = ("allocated", "released", "expired", "failed", "reset")
+# How long close() waits for each worker to finish the allocation it is in (a populate
+# of gigabytes takes seconds); a worker still busy then is left to finish on its own, and
+# the native objects it uses stay alive until it does.
+WORKER_JOIN_TIMEOUT = 10.0
 
 
 @dataclass
 class PreallocatorConfig:
     """Everything an allocator can be told. Unset monitors and strategies get the
-    defaults: the psutil system monitor, and the MEMORY and CPU strategies."""
+    defaults: the psutil system monitor, and the MEMORY and CPU strategies. An
+    allocator works on its own copy: the caller's config is never changed."""
 
     id: str | None = None
-    name: str = "ResourcePreallocator"
+    name: str | None = None  # None: the allocator class's own name
     description: str = "Proactively allocates system resources based on predictions."
     immediate_processing: bool = False
     min_confidence: float = 0.0
@@ -91,29 +94,44 @@ class PreallocatorConfig:
     allocation_workers: int = 1
 
     def validate(self) -> PreallocatorConfig:
+        if self.id is not None and (not isinstance(self.id, str) or not self.id):
+            raise ValueError(f"id must be a non-empty string or None, not {self.id!r}")
+        if self.name is not None and not isinstance(self.name, str):
+            raise ValueError(f"name must be a string, not {type(self.name).__name__}")
+        if not isinstance(self.immediate_processing, bool):
+            raise ValueError(f"immediate_processing must be a bool, not {self.immediate_processing!r}")
         self.min_confidence = check_confidence(self.min_confidence)
-        if not isinstance(self.capacity, int) or not 1 <= self.capacity <= (1 << 30):
+        if isinstance(self.capacity, bool) or not isinstance(self.capacity, int) \
+                or not 1 <= self.capacity <= (1 << 30):
             raise ValueError(f"capacity must be an int in 1..2**30, not {self.capacity!r}")
-        if not (isinstance(self.tick, (int, float)) and 1e-6 <= self.tick <= 1.0):
+        if isinstance(self.tick, bool) or not (isinstance(self.tick, (int, float)) and 1e-6 <= self.tick <= 1.0):
             raise ValueError(f"tick must be between 1 us and 1 s, not {self.tick!r}")
         if isinstance(self.allocation_workers, bool) or not isinstance(self.allocation_workers, int) \
                 or not 1 <= self.allocation_workers <= 64:
             raise ValueError(f"allocation_workers must be an int in 1..64, not {self.allocation_workers!r}")
-        check_amount("pending_timeout", self.pending_timeout)
+        self.pending_timeout = check_seconds("pending_timeout", self.pending_timeout)
         if self.default_duration is not None:
-            check_amount("default_duration", self.default_duration)
+            self.default_duration = check_seconds("default_duration", self.default_duration)
+        if not isinstance(self.headroom, Mapping):
+            raise ValueError(f"headroom must be a mapping of type -> fraction, not {type(self.headroom).__name__}")
         self.headroom = {ResourceType.parse(t): check_amount(f"headroom[{t}]", v)
                          for t, v in self.headroom.items()}
         for t, v in self.headroom.items():
             if v >= 1:
                 raise ValueError(f"headroom[{t.name}] is a fraction of the total, below 1, not {v}")
+        if self.quotas is not None and not isinstance(self.quotas, Quotas):
+            raise ValueError(f"quotas must be a Quotas, not {type(self.quotas).__name__}")
+        for name in ("resource_monitors", "allocation_strategies"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Mapping):
+                raise ValueError(f"{name} must be a mapping of resource type -> object, not {type(value).__name__}")
         return self
 
 
 # Allocators not closed yet. At a normal interpreter exit they are closed (an atexit
 # hook): memory would go with the process anyway, but a CPU pin of *another* process
 # would not, and neither would anything a custom strategy holds outside the process.
-# (A crash skips this; the affinity journal covers pins then — see prealloc.journal.)
+# (A crash skips this; the journal covers pins then — see prealloc.journal.)
 _open_allocators: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
@@ -126,12 +144,27 @@ def _close_open_allocators() -> None:
             logging.getLogger(__name__).exception("closing %s at exit failed", allocator.id)
 
 
+def _forget_inherited_allocators() -> None:
+    """In a child of fork(): the allocators it inherited are the parent's. Their worker
+    and ticker threads do not exist here and their resources are the parent's to give
+    back, so the child never touches them: every method raises, and close() (also the
+    one at exit) does nothing."""
+    for allocator in list(_open_allocators):
+        allocator._inherited = True
+        allocator._mark_closed()
+    _open_allocators.clear()
+
+
+os.register_at_fork(after_in_child=_forget_inherited_allocators)
+
+
 class Claim:
     """A resource in the consumer's hands. ``resource`` is what the strategy handed over:
     a writable zero-copy buffer (MemoryReservation) for MEMORY, the frozenset of cores
     for CPU, None for strategies that hand over nothing. ``release()`` gives it back; so
     does the end of a with-block, and so does garbage collection of a claim never
-    released (a claim never leaks its resource)."""
+    released: its finalizer only hands the id to the allocator's worker (a finalizer may
+    run on any thread, inside any lock), so the release happens there, soon after."""
 
     __slots__ = ("allocation_id", "resource_type", "resource", "preallocated", "_allocator_ref",
                  "_finalizer", "__weakref__")
@@ -143,11 +176,11 @@ class Claim:
         self.resource = resource
         self.preallocated = preallocated  # True: it was ready before the need (a hit)
         self._allocator_ref = weakref.ref(allocator)
-        self._finalizer = weakref.finalize(self, _release_dropped_claim, self._allocator_ref,
-                                           allocation_id)
+        self._finalizer = weakref.finalize(self, _queue_dropped_claim, self._allocator_ref, allocation_id)
 
     def release(self, feedback: AllocationFeedback | None = None) -> bool:
-        """Gives the resource back; False if it was already released (or expired)."""
+        """Gives the resource back; False if it was already released (or expired), or
+        the allocator is closed (which released it)."""
         if self._finalizer.detach() is None:
             return False
         allocator = self._allocator_ref()
@@ -171,66 +204,93 @@ class Claim:
                 f" preallocated={self.preallocated}{' released' if self.released else ''}>")
 
 
-def _release_dropped_claim(allocator_ref: Callable[[], ResourceAllocator | None], allocation_id: int) -> None:
+def _queue_dropped_claim(allocator_ref: Callable[[], ResourceAllocator | None], allocation_id: int) -> None:
+    # No lock, no strategy: the worker releases it (see Claim).
     allocator = allocator_ref()
     if allocator is not None and not allocator.closed:
-        allocator.release_allocation(allocation_id, AllocationFeedback(
-            used_successfully=True, reason_for_release="claim dropped without release"))
+        allocator._queue_dropped(allocation_id)
+
+
+def _check_target_pid(target_process_id: object) -> int | None:
+    if target_process_id is None:
+        return None
+    if type(target_process_id) is not int or target_process_id <= 0:
+        raise ValueError(f"target_process_id must be a positive int, not {target_process_id!r}")
+    return target_process_id
+
+
+def _check_application(target_application: object) -> str | None:
+    if target_application is not None and not isinstance(target_application, str):
+        raise TypeError(f"target_application must be a str or None, not {type(target_application).__name__}")
+    return target_application
 
 
 class ResourceAllocator(core.EngineCore, abc.ABC):
     """The engine both allocators share: the native table, expiry, strategies, quotas,
-    statistics, claims and events. Thread-safe. The hot paths (request_preallocation,
-    release_allocation, allocation, expiry) are compiled in ``core.EngineCore``; this
-    class holds the policy they call back into. Subclasses decide *when* to allocate:
-    ahead of need (ResourcePreallocator) or at need (ReactiveResourceAllocator)."""
+    statistics, claims and events. Thread-safe. The lifecycle is compiled in
+    ``core.EngineCore``; this class checks arguments and runs the workers. Subclasses
+    decide *when* to allocate: ahead of need (ResourcePreallocator) or at need
+    (ReactiveResourceAllocator)."""
+
+    DEFAULT_NAME = "ResourceAllocator"
 
     def __init__(self, config: PreallocatorConfig | None = None, **overrides: Any) -> None:
-        config = config if config is not None else PreallocatorConfig()
+        if config is not None and not isinstance(config, PreallocatorConfig):
+            raise TypeError(f"config must be a PreallocatorConfig, not {type(config).__name__}")
+        config = replace(config) if config is not None else PreallocatorConfig()  # ours, not the caller's
+        known = {f.name for f in fields(PreallocatorConfig)}
         for key, value in overrides.items():
-            if not hasattr(config, key):
+            if key not in known:
                 raise TypeError(f"unknown configuration option {key!r}")
             setattr(config, key, value)
+        if config.name is None:
+            config.name = self.DEFAULT_NAME
         self.config = config.validate()
         self.id = config.id or uuid.uuid4().hex
         self.name = config.name
         self.description = config.description
         self.log = config.logger or logging.getLogger(f"prealloc.{type(self).__name__}")
-        self.events = config.event_emitter or EventEmitter()
-        self.metrics = config.metrics or MetricsCollector()
-        self.quotas = QuotaLedger(config.quotas)
-        q = self.quotas.quotas
-        self._quotas_active = bool(q.per_request or q.per_type or q.per_application)
-        self.monitors = config.resource_monitors if config.resource_monitors is not None \
-            else self._default_monitors()
-        self.strategies = config.allocation_strategies if config.allocation_strategies is not None \
-            else self._default_strategies()
-        for t, strategy in self.strategies.items():
+        self._inherited = False
+        self._close_lock = threading.Lock()
+        self._close_done = threading.Event()
+        self._closing = False
+        # What close() closes: only what this allocator made itself, never the caller's.
+        self._owned: list[Any] = []
+        if config.resource_monitors is not None:
+            monitors = {ResourceType.parse(t): m for t, m in config.resource_monitors.items()}
+        else:
+            monitors = self._default_monitors()
+            self._owned.extend({id(m): m for m in monitors.values()}.values())
+        if config.allocation_strategies is not None:
+            strategies = {ResourceType.parse(t): s for t, s in config.allocation_strategies.items()}
+        else:
+            strategies = self._default_strategies()
+            self._owned.extend(strategies.values())
+        for t, strategy in strategies.items():
             if not isinstance(strategy, AllocationStrategy):
-                raise TypeError(f"strategy for {t} must be an AllocationStrategy, not {type(strategy).__name__}")
-        self.strategies = {ResourceType.parse(t): s for t, s in self.strategies.items()}
-        # types checked against their monitor before allocating (headroom configured)
-        self._headroom_types = frozenset(t for t in self.config.headroom if t in self.monitors)
-        self._default_duration = config.default_duration
-        self._lock = threading.Lock()
-        self._resize_lock = threading.Lock()  # a strategy never resizes and releases one handle at once
+                raise TypeError(f"strategy for {t.name} must be an AllocationStrategy, not {type(strategy).__name__}")
+        self.monitors: Mapping[ResourceType, Any] = types.MappingProxyType(monitors)
+        events = config.event_emitter if config.event_emitter is not None else EventEmitter()
+        self.metrics = config.metrics if config.metrics is not None else MetricsCollector()
+        self.quotas = QuotaLedger(config.quotas)
         table = core.AllocationTable(config.capacity)
         # PENDING records expire at their deadline, ALLOCATED ones after their duration;
         # a claimed (ACTIVE) allocation belongs to its consumer and never expires.
         ticker = core.ExpiryTicker(table, tick_ns=int(config.tick * 1e9),
                                    expire_from=[core.PENDING, core.ALLOCATED])
-        self._closed = False
-        self._core_setup(table, ticker)
+        self._core_setup(table, ticker, strategies, self.quotas, events, self.metrics, self.log, Claim,
+                         self._make_queue())
+        self._apply_live_config()
         # The workers sleep in select() on eventfds: the ticker's (expiries), this one
-        # (work from callers) and the stop fd below. No polling interval anywhere.
+        # (work from callers and finalizers) and the stop fd below. No polling interval.
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # Written once at close and never read, so it stays readable and every worker
         # sees it (a wake on _wake_fd is consumed by whichever worker reads it first).
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._set_wake_fd(self._wake_fd)
         self._stopping = False
         self._workers = [threading.Thread(target=self._work, name=f"prealloc-worker-{self.id[:8]}-{i}", daemon=True)
                          for i in range(config.allocation_workers)]
-        self._init_state()
         self.log.info("initialized %s %s (capacity %d, %d worker(s))", type(self).__name__, self.id,
                       config.capacity, len(self._workers))
         for worker in self._workers:
@@ -249,13 +309,23 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
 
         return {ResourceType.MEMORY: MemoryAllocationStrategy(), ResourceType.CPU: CpuAllocationStrategy()}
 
-    # ------------------------------------------------------------------ the public face
-    # request_preallocation and release_allocation are EngineCore's (compiled).
+    def _make_queue(self) -> Any:
+        return None
 
+    # ------------------------------------------------------------------ configuration
     # What initialize() may change on a running allocator; the rest shapes native
     # structures or threads made at construction.
     LIVE_OPTIONS = frozenset({"name", "description", "translator", "min_confidence", "immediate_processing",
                               "pending_timeout", "default_duration", "headroom", "predictor"})
+
+    @property
+    def strategies(self) -> Mapping[ResourceType, AllocationStrategy]:
+        """The strategies, read-only: the one set every transition uses."""
+        return types.MappingProxyType(self._strategies)
+
+    @property
+    def translator(self) -> Any:
+        return self.config.translator
 
     def initialize(self, config: PreallocatorConfig | None = None, **changes: Any) -> None:
         """The spec's initialize(config): applies configuration to the running allocator
@@ -265,57 +335,63 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
         self._check_open()
         wanted = dict(changes)
         if config is not None:
-            for name in PreallocatorConfig.__dataclass_fields__:
-                value = getattr(config, name)
-                if name in self.LIVE_OPTIONS or value is not getattr(self.config, name) \
-                        and value != getattr(self.config, name):
-                    wanted.setdefault(name, value)
-        fixed = sorted(n for n in wanted if n not in self.LIVE_OPTIONS)
-        unknown = sorted(n for n in wanted if n not in PreallocatorConfig.__dataclass_fields__)
+            if not isinstance(config, PreallocatorConfig):
+                raise TypeError(f"config must be a PreallocatorConfig, not {type(config).__name__}")
+            for f in fields(PreallocatorConfig):
+                value = getattr(config, f.name)
+                current = getattr(self.config, f.name)
+                if f.name in self.LIVE_OPTIONS or value is not current and value != current:
+                    wanted.setdefault(f.name, value)
+            if wanted.get("name") is None:
+                wanted["name"] = self.config.name
+        unknown = sorted(n for n in wanted if n not in {f.name for f in fields(PreallocatorConfig)})
         if unknown:
             raise TypeError(f"unknown configuration options {unknown}")
+        fixed = sorted(n for n in wanted if n not in self.LIVE_OPTIONS)
         if fixed:
             raise ValueError(f"{fixed} are fixed at construction; make a new allocator to change them")
-        candidate = PreallocatorConfig(**{**self.config.__dict__, **wanted}).validate()
+        candidate = replace(self.config, **wanted).validate()
         old_predictor = self.config.predictor
         self.config = candidate
         self.name, self.description = candidate.name, candidate.description
-        self._default_duration = candidate.default_duration
-        self._headroom_types = frozenset(t for t in candidate.headroom if t in self.monitors)
         self._apply_live_config(old_predictor)
         self.log.info("reconfigured %s: %s", self.id, sorted(wanted))
 
-    def _apply_live_config(self, old_predictor: Any) -> None:
-        """A subclass's share of initialize()."""
+    def _apply_live_config(self, old_predictor: Any = None) -> None:
+        c = self.config
+        self._core_configure(dict(self.monitors), c.headroom, c.default_duration, c.translator, c.predictor)
 
+    # ------------------------------------------------------------------ the public face
     @property
     def closed(self) -> bool:
         return self._closed
 
+    def _check_open(self) -> None:
+        if self._inherited:
+            raise RuntimeError(f"{type(self).__name__} {self.id} was inherited across fork(); it belongs "
+                               "to the parent process: make a new allocator in the child")
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} {self.id} is closed")
+
     def on(self, event: str, listener: Callable[..., Any]) -> Callable[..., Any]:
         """Listens to 'allocated', 'released', 'expired', 'failed' (each with a
         ResourceAllocation) or 'reset' (with the allocator's id)."""
+        self._check_open()
         if event not in EVENTS:
             raise ValueError(f"unknown event {event!r}; events are {EVENTS}")
         return self.events.on(event, listener)
 
     def off(self, event: str, listener: Callable[..., Any]) -> bool:
+        self._check_open()
         return self.events.off(event, listener)
 
-    def claim(self, allocation_id: int) -> Claim:
+    def claim(self, allocation_id: int, *, target_process_id: int | None = None) -> Claim:
         """The consumer takes a ready allocation: MEMORY gives its writable zero-copy
-        buffer, CPU pins the calling thread (or the target process, already pinned).
-        KeyError for an unknown id; ValueError when it is not ALLOCATED (claimed,
-        released or expired already)."""
+        buffer, CPU pins the calling thread (or target_process_id). KeyError for an
+        unknown id; ValueError when it is not ALLOCATED (claimed, released or expired
+        already); TypeError for an id that is not an int."""
         self._check_open()
-        try:
-            won = self._table.transition_mask(allocation_id, _ALLOCATED, core.ACTIVE)
-        except KeyError:
-            raise KeyError(f"no allocation {allocation_id}") from None
-        if not won:
-            status = AllocationStatus(self._table.status(allocation_id))
-            raise ValueError(f"allocation {allocation_id} is {status.name}, not ALLOCATED")
-        return self._hand_over(allocation_id, preallocated=True)
+        return self._claim(allocation_id, _check_target_pid(target_process_id))
 
     @abc.abstractmethod
     def acquire(self, resource_type: ResourceType | str, amount: float, *,
@@ -325,120 +401,102 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
     def adjust_allocation(self, allocation_id: int, new_amount: float) -> bool:
         """Grows or shrinks a live allocation in place (memory by mremap, cores added or
         given back). False when the id is not live, the strategy cannot, a quota or the
-        machine says no; nothing changes then."""
+        machine says no: nothing changes then. ValueError for an absurd amount (more
+        than the machine could ever hold), TypeError for an id that is not an int."""
+        self._check_open()
         new_amount = check_amount("new_amount", new_amount)
         if new_amount == 0:
             raise ValueError("new_amount must be > 0; release the allocation instead")
-        # One resize at a time, and never during the release of the same handle (which
-        # takes this lock too), so the record read here stays current.
-        with self._resize_lock:
-            try:
-                rec = self._table.get(allocation_id)
-            except KeyError:
-                return False
-            if rec.status not in (core.ALLOCATED, core.ACTIVE):
-                return False
-            rtype = ResourceType(rec.resource_type)
-            strategy = self.strategies.get(rtype)
-            if strategy is None:
-                return False
-            application = self._owners[rec.owner]
-            delta = new_amount - rec.allocated
-            charge = delta if delta > 0 and self._quotas_active else 0.0
-            if charge:
-                try:
-                    self.quotas.charge(rtype, application, charge, is_new_request=False)
-                except QuotaExceeded as exc:
-                    self.log.warning("adjust of %d refused: %s", allocation_id, exc)
-                    return False
-            try:
-                if delta > 0 and rtype in self._headroom_types and not self._within_headroom(rtype, delta):
-                    raise InsufficientResources(f"{rtype.name}: growth by {delta:g} would eat the headroom")
-                effective = strategy.adjust(self._handles.get(allocation_id), new_amount)
-            except AllocationError as exc:
-                if charge:
-                    self.quotas.refund(rtype, application, charge)
-                self.log.warning("adjust of %d refused: %s", allocation_id, exc)
-                return False
-            if self._quotas_active:
-                self._rebook(rtype, application, rec.allocated + charge, effective)
-            now = core.monotonic_ns()
-            with self._lock:
-                before, since = self._amount_seconds_before_adjust.get(
-                    allocation_id, (0.0, rec.allocated_ns))
-                self._amount_seconds_before_adjust[allocation_id] = (
-                    before + rec.allocated * (now - since) * NS, now)
-            self._table.set_allocated(allocation_id, effective)
-        self.metrics.record_metric("resource_adjusted", resource_type=rtype.name)
-        self.log.info("adjusted allocation %d of %s: %g -> %g", allocation_id, rtype.name,
-                      rec.allocated, effective)
-        return True
+        return self._adjust(allocation_id, new_amount)
 
     def get_allocation(self, allocation_id: int) -> ResourceAllocation | None:
         """A snapshot of a live allocation (or queued request), None if unknown."""
-        try:
-            return self._snapshot(self._table.get(allocation_id))
-        except KeyError:
-            return None
+        self._check_open()
+        return self._get(allocation_id)
 
     def allocations(self, *statuses: AllocationStatus) -> list[ResourceAllocation]:
         """Snapshots of live allocations, optionally only those in statuses."""
+        self._check_open()
         mask = core.status_mask(statuses) if statuses else core.LIVE_MASK
         out = []
         for rid in self._table.collect(mask=mask).tolist():
-            snap = self.get_allocation(rid)
+            snap = self._get(rid)
             if snap is not None:
                 out.append(snap)
         return out
 
+    def wait_ready(self, allocation_ids: int | Iterable[int], timeout: float | None = None) -> bool:
+        """Blocks until every id has left PENDING — ALLOCATED (ready to claim), or ended
+        in any way (failed, cancelled, released, expired) — or the timeout passes (False
+        then). An unknown id counts as ended."""
+        self._check_open()
+        if timeout is not None:
+            timeout = check_seconds("timeout", timeout)
+        ids = [allocation_ids] if isinstance(allocation_ids, int) and not isinstance(allocation_ids, bool) \
+            else list(allocation_ids)
+        return self._wait_ready(ids, timeout)
+
     def get_statistics(self) -> PreallocatorStatistics:
-        t = self._tally()
-        counts = self._table.counts()
-        return PreallocatorStatistics(
-            total_requests=t["total_requests"],
-            successful_allocations=t["successful"],
-            failed_allocations=t["failed"],
-            average_allocation_time=t["allocation_seconds"] / t["successful"] if t["successful"] else 0.0,
-            resource_hit_rate=t["hits"] / t["finished"] if t["finished"] else 0.0,
-            resource_waste_rate=t["unused_amount_seconds"] / t["amount_seconds"] if t["amount_seconds"] else 0.0,
-            allocations_by_type=t["by_type"],
-            skipped_low_confidence=t["skipped_low_confidence"],
-            expired=t["expired"],
-            claimed=t["claimed"],
-            released=t["released"],
-            active_allocations=counts[core.ALLOCATED] + counts[core.ACTIVE],
-            queued_requests=counts[core.PENDING],
-        )
+        """The tally (see PreallocatorStatistics for what each figure means)."""
+        self._check_open()
+        return self._statistics()
 
     def reset(self) -> None:
         """Withdraws every queued request and releases every allocation (claimed memory
-        stays mapped until the consumer's last view is gone: nothing is pulled out from
-        under a live buffer), then emits 'reset'."""
+        stays mapped — and charged — until the consumer's last view is gone: nothing is
+        pulled out from under a live buffer), then emits 'reset'."""
+        self._check_open()
         self.log.info("resetting %s", self.id)
-        self._before_reset()
-        for rid in self._table.collect(mask=core.LIVE_MASK).tolist():
-            self.release_allocation(rid, AllocationFeedback(used_successfully=False,
-                                                            reason_for_release="reset"))
+        self._release_all(_RESET_FEEDBACK)
         self.events.emit("reset", self.id)
 
     def close(self) -> None:
-        """Resets, stops the threads and frees the native objects. Idempotent."""
-        if self._closed:
+        """Releases everything (as reset, without the event), stops the workers, then
+        frees the native objects and closes what this allocator made itself (monitors
+        and strategies the caller passed in stay open: they are the caller's).
+        Idempotent and safe to race: one caller closes, the others wait for it. A step
+        that fails is logged and the rest still run."""
+        with self._close_lock:
+            if self._closing or self._inherited:
+                first = False
+            else:
+                self._closing = first = True
+                self._mark_closed()  # from here every public method raises
+        if not first:
+            if not self._inherited and not self._on_worker():
+                self._close_done.wait(WORKER_JOIN_TIMEOUT * 2)
             return
-        self.reset()
-        self._closed = True
         _open_allocators.discard(self)
-        self._stop_threads()
-        self._drain_expired()
-        self._ticker.close()
-        closed: set[int] = set()
-        for monitor in list(self.monitors.values()):
-            if id(monitor) not in closed and hasattr(monitor, "close"):
-                closed.add(id(monitor))
-                monitor.close()
-        for strategy in set(self.strategies.values()):
-            strategy.close()
-        self.log.info("closed %s", self.id)
+        try:
+            stopped = self._close_steps()
+        finally:
+            self._close_done.set()
+        self.log.info("closed %s%s", self.id, "" if stopped else " (a worker was still busy)")
+
+    def _close_steps(self) -> bool:
+        def step(what: str, fn: Callable[[], Any]) -> None:
+            try:
+                fn()
+            except Exception:
+                self.log.exception("close of %s: %s failed", self.id, what)
+
+        step("releasing allocations", lambda: self._release_all(_CLOSE_FEEDBACK))
+        stopped = self._stop_workers()
+        step("stopping monitor subscriptions", self._stop_watching)
+        if not stopped:
+            # a worker is still inside an allocation: it uses the ticker, the table and
+            # the wake fd, so they stay until it is done (the allocation it finishes is
+            # released by the close check in EngineCore)
+            return False
+        step("finishing expiries", self._drain_expired)
+        step("refunding deferred releases", self._drain_returns)
+        step("closing the ticker", self._ticker.close)
+        for thing in self._owned:
+            step(f"closing {type(thing).__name__}", thing.close)
+        fd = self._give_up_wake_fd()
+        step("closing the wake fd", lambda: os.close(fd))
+        step("closing the stop fd", lambda: os.close(self._stop_fd))
+        return True
 
     def __enter__(self) -> ResourceAllocator:
         return self
@@ -450,13 +508,7 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
         """Live allocations and queued requests."""
         return len(self._table)
 
-    # ------------------------------------------------------------------ the worker
-    def _wake(self) -> None:
-        try:
-            os.eventfd_write(self._wake_fd, 1)
-        except BlockingIOError:  # the counter is saturated: the worker is awake anyway
-            pass
-
+    # ------------------------------------------------------------------ the workers
     def _work(self) -> None:
         selector = selectors.DefaultSelector()
         selector.register(self._wake_fd, selectors.EVENT_READ)
@@ -464,7 +516,7 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
         selector.register(self._stop_fd, selectors.EVENT_READ)
         try:
             while not self._stopping:
-                selector.select()  # blocks until the core or a caller has something
+                selector.select()  # blocks until the core, a caller or a finalizer has something
                 try:
                     os.eventfd_read(self._wake_fd)
                 except BlockingIOError:
@@ -473,125 +525,38 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
                     break
                 try:
                     self._drain_expired()
+                    self._drain_returns()
                     self._on_wake()
                 except Exception:  # nothing a request does may stop the worker
                     self.log.exception("worker iteration failed")
         finally:
             selector.close()
 
+    def _on_wake(self) -> None:
+        """The worker's work besides expiries, dropped claims and deferred refunds."""
+
     def _on_worker(self) -> bool:
         return threading.current_thread() in self._workers
 
-    def _stop_threads(self) -> None:
+    def _stop_workers(self) -> bool:
         self._stopping = True
         os.eventfd_write(self._stop_fd, 1)
+        deadline = time.monotonic() + WORKER_JOIN_TIMEOUT
+        stopped = True
         for worker in self._workers:
             if worker is not threading.current_thread():
-                worker.join()
-        os.close(self._wake_fd)
-        os.close(self._stop_fd)
+                worker.join(max(0.0, deadline - time.monotonic()))
+                if worker.is_alive():
+                    self.log.error("worker %s did not stop within %.0f s", worker.name, WORKER_JOIN_TIMEOUT)
+                    stopped = False
+        return stopped
 
-    # ------------------------------------------------------------------ hooks of subclasses
-    def _init_state(self) -> None:
-        """A subclass's own state, set up before the worker starts."""
-
-    def _on_wake(self) -> None:
-        """The worker's work besides expiries."""
-
-    def _before_reset(self) -> None:
-        pass
-
-    # ------------------------------------------------------------------ policy EngineCore calls
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(f"{type(self).__name__} {self.id} is closed")
-
-    def _charge(self, rtype: ResourceType, application: str | None, amount: float) -> str | None:
-        """Books amount against the quotas; the reason when a quota refuses."""
-        try:
-            self.quotas.charge(rtype, application, amount)
-        except QuotaExceeded as exc:
-            return str(exc)
-        return None
-
-    def _rebook(self, rtype: ResourceType, application: str | None, booked: float, actual: float) -> None:
-        """The quota ledger holds what was really reserved (a CPU request of 250 holds 300)."""
-        if actual > booked:
-            self.quotas.force(rtype, application, actual - booked)
-        elif actual < booked:
-            self.quotas.refund(rtype, application, booked - actual)
-
-    def _within_headroom(self, rtype: ResourceType, amount: float) -> bool:
-        headroom = self.config.headroom.get(rtype)
-        monitor = self.monitors.get(rtype)
-        if headroom is None or monitor is None:
-            return True
-        availability: ResourceAvailability = monitor.get_resource_availability(rtype)
-        return availability.available - amount >= headroom * availability.total
-
-    def _headroom_reason(self, rtype: ResourceType, amount: float) -> str:
-        return (f"insufficient {rtype.name}: {amount:g} would leave less than the "
-                f"{self.config.headroom[rtype]:.0%} headroom")
-
-    def _give_back(self, strategy: AllocationStrategy, handle: Any) -> bool:
-        if handle is None:
-            return True
-        try:
-            with self._resize_lock:
-                strategy.release(handle)
-            return True
-        except Exception:
-            self.log.exception("%s failed to release %r", type(strategy).__name__, handle)
-            return False
-
-    def _learn(self, origin: tuple[str | None, tuple[str, ResourceType] | None],
-               feedback: AllocationFeedback) -> None:
-        """Feeds the outcome back: the adaptive sizer learns real use, and the predictor
-        (the spec's predictor.updateModel) hears how its prediction turned out."""
-        prediction_id, sizer_key = origin
-        sizer = getattr(self.config.translator, "sizer", None)
-        if sizer is not None and sizer_key is not None and feedback.actual_amount_used is not None:
-            sizer.observe(sizer_key, feedback.actual_amount_used)
-        predictor = self.config.predictor
-        update = getattr(predictor, "update_model", None)
-        if prediction_id is not None and callable(update):
-            try:
-                update(prediction_id, feedback)
-            except Exception:
-                self.log.exception("predictor.update_model raised for prediction %s", prediction_id)
-
-    def _forget_pending(self, record_id: int) -> None:
-        """Drops a subclass's per-request state of a request that ended before allocation."""
-
-    def _note_failure(self, snapshot: ResourceAllocation, reason: str) -> None:
-        self.metrics.record_metric("preallocation_failed", resource_type=snapshot.resource_type.name)
-        self.log.warning("request %d for %g of %s failed: %s", snapshot.request_id,
-                         snapshot.requested_amount, snapshot.resource_type.name, reason)
-        self.events.emit("failed", snapshot)
-
-    def _note_cancelled(self, rtype: ResourceType) -> None:
-        self.metrics.record_metric("request_cancelled", resource_type=rtype.name)
-
-    def _note_release_failed(self, rtype: ResourceType) -> None:
-        self.metrics.record_metric("release_failed", resource_type=rtype.name)
-
-    def _availability_changed(self) -> None:
-        """Called after this allocator gave something back while requests wait."""
-
-    def _hand_over(self, allocation_id: int, *, preallocated: bool) -> Claim:
-        """After this thread won ALLOCATED -> ACTIVE: the strategy's claim."""
-        rtype, handle = self._take_for_claim(allocation_id)
-        try:
-            resource = self.strategies[rtype].claim(handle) if handle is not None else None
-        except Exception as exc:
-            self.release_allocation(allocation_id, AllocationFeedback(
-                used_successfully=False, reason_for_release=f"claim failed: {exc}"))
-            raise AllocationError(f"claim of {allocation_id} failed: {exc}") from exc
-        return Claim(self, allocation_id, rtype, resource, preallocated)
+    def _stop_watching(self) -> None:
+        """Drops the monitor subscriptions (the preallocator has some)."""
 
 
-# from-masks of the transitions the engine makes here (transition_mask: the fast path)
-_ALLOCATED = core.status_mask(core.ALLOCATED)
+_RESET_FEEDBACK = AllocationFeedback(used_successfully=False, reason_for_release="reset")
+_CLOSE_FEEDBACK = AllocationFeedback(used_successfully=False, reason_for_release="allocator closed")
 
 
 class ResourcePreallocator(ResourceAllocator):
@@ -600,38 +565,35 @@ class ResourcePreallocator(ResourceAllocator):
     thread, woken by the core (an eventfd for new work, the expiry ticker's eventfd for
     expiries — no polling interval), allocates them in priority order. A request that
     must wait for resources is retried when availability changes and dropped at its
-    deadline. The consumer then ``acquire``s (or ``claim``s) what is ready."""
+    deadline. The consumer then ``acquire``s (or ``claim``s) what is ready;
+    ``wait_ready`` blocks until the worker has allocated given requests."""
 
-    def _init_state(self) -> None:
-        self.translator = self.config.translator
-        self._queue = core.PriorityQueue(indexed=False)  # cancellation is lazy: the table's status
-        self._queued: dict[int, ResourceRequest] = {}  # PENDING requests, queued or waiting
+    DEFAULT_NAME = "ResourcePreallocator"
+
+    def __init__(self, config: PreallocatorConfig | None = None, **overrides: Any) -> None:
         self._retry = threading.Event()
         # Monitors are subscribed to only once a request has to wait for resources: until
         # then nothing needs to hear about changes, and a monitor's watcher thread costs.
         self._subscriptions: list[tuple[Any, Any]] | None = None
-        self._connect_predictor()
+        self._subscribe_lock = threading.Lock()
+        self._connected_predictor: Any = None
+        super().__init__(config, **overrides)
 
-    def _subscribe_to_monitors(self) -> None:
-        self._subscriptions = []
-        for rtype in self.strategies:
-            monitor = self.monitors.get(rtype)
-            if monitor is not None and rtype in getattr(monitor, "supported_types", ()):
-                handle = monitor.subscribe_to_resource_changes(rtype, self._on_availability)
-                self._subscriptions.append((monitor, handle))
+    def _make_queue(self) -> Any:
+        return core.PriorityQueue(indexed=False)  # cancellation is lazy: the table's status
 
-    def _connect_predictor(self) -> None:
+    def _apply_live_config(self, old_predictor: Any = None) -> None:
+        super()._apply_live_config(old_predictor)
         predictor = self.config.predictor
-        if predictor is not None and hasattr(predictor, "on"):
-            predictor.on("prediction:generated", self.handle_prediction)
-            self.log.info("subscribed to predictions from %s", getattr(predictor, "id", predictor))
-
-    def _apply_live_config(self, old_predictor: Any) -> None:
-        self.translator = self.config.translator
-        if self.config.predictor is not old_predictor:
-            if old_predictor is not None and hasattr(old_predictor, "off"):
-                old_predictor.off("prediction:generated", self.handle_prediction)
-            self._connect_predictor()
+        if predictor is not self._connected_predictor:
+            old = self._connected_predictor
+            if old is not None and hasattr(old, "off"):
+                old.off("prediction:generated", self.handle_prediction)
+            self._connected_predictor = None
+            if predictor is not None and hasattr(predictor, "on"):
+                predictor.on("prediction:generated", self.handle_prediction)
+                self._connected_predictor = predictor
+                self.log.info("subscribed to predictions from %s", getattr(predictor, "id", predictor))
 
     # ------------------------------------------------------------------ predictions in
     def handle_prediction(self, prediction: Prediction) -> list[int]:
@@ -639,49 +601,57 @@ class ResourcePreallocator(ResourceAllocator):
         allocation ids (PENDING now). A prediction below min_confidence is counted and
         skipped. ValueError for a bad prediction (nothing is queued)."""
         self._check_open()
+        if not isinstance(prediction, Prediction):
+            raise TypeError(f"prediction must be a Prediction, not {type(prediction).__name__}")
         prediction.validate()
         if prediction.confidence < self.config.min_confidence:
-            self._count("skipped_low_confidence")
+            self._count_skipped()
             self.metrics.record_metric("prediction_skipped_low_confidence")
             self.log.debug("prediction %s skipped: confidence %.2f < %.2f", prediction.id,
                            prediction.confidence, self.config.min_confidence)
             return []
-        if self.translator is None:
+        translator = self.config.translator
+        if translator is None:
             raise ValueError("no translator configured: give PreallocatorConfig(translator=...)")
-        requests = self.translator.translate(prediction)
+        requests = translator.translate(prediction)
         for request in requests:
             request.validate()
-        ids = [self.submit(request, wake=False) for request in requests]
+        ids = [self._queue_request(request) for request in requests]
         if ids:
             self._wake()
         if self.config.immediate_processing:
-            self._process_queue()
+            self._on_wake()
         return ids
 
     def submit(self, request: ResourceRequest, *, wake: bool = True) -> int:
-        """Queues one request for the worker; returns its allocation id (PENDING)."""
+        """Queues one request for the worker; returns its allocation id (PENDING). The id
+        is the caller's even if a reset or cancel withdraws the request at once (it then
+        reads as ended: get_allocation gives None, wait_ready returns)."""
         self._check_open()
+        if not isinstance(request, ResourceRequest):
+            raise TypeError(f"request must be a ResourceRequest, not {type(request).__name__}")
         request.validate()
-        record_id = self._admit(request)
+        record_id = self._queue_request(request)
+        if wake:
+            self._wake()
+        return record_id
+
+    def _queue_request(self, request: ResourceRequest) -> int:
         deadline = request.deadline
         if deadline is None:
             deadline = time.monotonic() + self.config.pending_timeout
-        with self._lock:
-            self._queued[record_id] = request
-        self._ticker.schedule(record_id, deadline)
-        self._queue.push(record_id, request.priority, request.confidence, request.deadline)
+        record_id = self._submit(request, deadline)
         self.metrics.record_metric("preallocation_request_generated",
                                    resource_type=request.resource_type.name,
                                    predictor=request.metadata.source_predictor_id)
         self.log.debug("queued request %d for %g of %s as %d", request.request_id,
                        request.predicted_need, request.resource_type.name, record_id)
-        if wake:
-            self._wake()
         return record_id
 
     def cancel_request(self, allocation_id: int) -> bool:
         """Withdraws a request that is still queued; False if it is not PENDING."""
-        return self._cancel_pending(allocation_id)
+        self._check_open()
+        return self._withdraw(allocation_id)
 
     @property
     def queue_size(self) -> int:
@@ -692,20 +662,23 @@ class ResourcePreallocator(ResourceAllocator):
                 target_application: str | None = None, target_process_id: int | None = None) -> Claim:
         """Claims a ready allocation of resource_type holding at least amount for
         target_application (a hit: the resource was prepared ahead), or allocates now
-        when none is ready (a miss). Raises AllocationError when it cannot be had."""
+        when none is ready (a miss). target_process_id: the process to hand it to (a CPU
+        claim pins it). Raises AllocationError when it cannot be had."""
         self._check_open()
         rtype = ResourceType.parse(resource_type)
         amount = check_amount("amount", amount)
-        rid = self._claim_ready(rtype, self._owner_key(target_application), amount)
-        if rid:
+        application = _check_application(target_application)
+        pid = _check_target_pid(target_process_id)
+        claim = self._claim_ready(rtype, application, amount, pid)
+        if claim is not None:
             self.metrics.record_metric("preallocation_hit", resource_type=rtype.name)
-            return self._hand_over(rid, preallocated=True)
+            return claim
         self.metrics.record_metric("preallocation_miss", resource_type=rtype.name)
-        return _allocate_and_claim(self, rtype, amount, target_application, target_process_id)
+        return self._acquire_at_need(rtype, amount, application, pid)
 
     # ------------------------------------------------------------------ the worker
     def _on_availability(self, availability: ResourceAvailability) -> None:
-        if self._waiting:
+        if self._has_waiting():
             self._retry.set()
             self._wake()
 
@@ -718,90 +691,44 @@ class ResourcePreallocator(ResourceAllocator):
         if self._retry.is_set():
             self._retry.clear()
             self._requeue_waiting()
-        self._process_queue()
-
-    def _process_queue(self) -> None:
         # One worker takes requests in batches; several take one at a time, so that a
         # request is never held by a worker busy with a slow allocation.
-        batch = 64 if len(self._workers) == 1 else 1
-        while True:
-            ids = self._queue.pop_many(batch)
-            if ids.size == 0:
+        many = len(self._workers) > 1
+        if self._process_queue(1 if many else 64, many) and self._subscriptions is None:
+            self._subscribe_to_monitors()
+
+    def _subscribe_to_monitors(self) -> None:
+        with self._subscribe_lock:
+            if self._subscriptions is not None or self._stopping:
                 return
-            if batch == 1 and len(self._queue):
-                # One read of the wake fd may have consumed several callers' wakes; pass
-                # one on, so an idle worker takes what is left while this one allocates.
-                self._wake()
-            for rid in ids.tolist():
-                with self._lock:
-                    request = self._queued.pop(rid, None)
-                if request is None:
-                    continue  # withdrawn, dropped at its deadline, or taken by another thread
-                try:
-                    result = self._allocate(rid, request, True)
-                except Exception:
-                    self.log.exception("allocation of request %d failed", request.request_id)
-                    self._fail(rid, "internal error; see the log")
-                    continue
-                if result is core.WAIT:
-                    with self._lock:
-                        # the status check and the insertion under one lock: a deadline
-                        # expiry either happened before (not PENDING: drop it) or will
-                        # find the request in _queued
-                        if rid in self._table and self._table.status(rid) == core.PENDING:
-                            self._queued[rid] = request
-                            self._waiting.append(rid)
-                    if self._subscriptions is None:
-                        self._subscribe_to_monitors()
+            subscriptions = []
+            for rtype in self._strategies:
+                monitor = self.monitors.get(rtype)
+                if monitor is not None and rtype in getattr(monitor, "supported_types", ()):
+                    handle = monitor.subscribe_to_resource_changes(rtype, self._on_availability)
+                    subscriptions.append((monitor, handle))
+            self._subscriptions = subscriptions
 
-    def _requeue_waiting(self) -> None:
-        with self._lock:
-            waiting, self._waiting = self._waiting, []
-            requests = [(rid, self._queued.get(rid)) for rid in waiting]
-        for rid, request in requests:
-            if request is not None:
-                self._queue.push(rid, request.priority, request.confidence, request.deadline)
-
-    def _forget_pending(self, record_id: int) -> None:
-        with self._lock:
-            self._queued.pop(record_id, None)
-
-    def _before_reset(self) -> None:
-        with self._lock:
-            self._waiting = list[int]()
-        # queued ids are withdrawn through their records; what stays in the native
-        # queue is skipped by the worker (lazy cancellation)
-
-    def _stop_threads(self) -> None:
-        super()._stop_threads()
-        for monitor, handle in self._subscriptions or ():
+    def _stop_watching(self) -> None:
+        with self._subscribe_lock:
+            subscriptions, self._subscriptions = self._subscriptions or [], []
+        for monitor, handle in subscriptions:
             monitor.unsubscribe(handle)
-        self._subscriptions = None
+        if self._connected_predictor is not None and hasattr(self._connected_predictor, "off"):
+            self._connected_predictor.off("prediction:generated", self.handle_prediction)
+            self._connected_predictor = None
         self._queue.pop_many(len(self._queue) + 1)
-
-
-def _allocate_and_claim(allocator: ResourceAllocator, rtype: ResourceType, amount: float,
-                        application: str | None, pid: int | None) -> Claim:
-    """The reactive path: allocate at the moment of need, then hand over at once."""
-    request = ResourceRequest(rtype, amount, confidence=1.0,
-                              metadata=RequestMetadata(target_application=application,
-                                                       target_process_id=pid))
-    allocation = allocator.request_preallocation(request)
-    if allocation.status is not AllocationStatus.ALLOCATED:
-        raise AllocationError(allocation.failure_reason or f"{rtype.name} allocation failed")
-    if not allocator._table.transition_mask(allocation.allocation_id, _ALLOCATED, core.ACTIVE):
-        raise AllocationError(f"allocation {allocation.allocation_id} was taken before the claim")
-    return allocator._hand_over(allocation.allocation_id, preallocated=False)
 
 
 class MemoryPreallocator(ResourcePreallocator):
     """A preallocator of memory only: its requests of other types fail with "no strategy".
     memory_options go to MemoryAllocationStrategy (lock, require_lock, huge_pages, ...)."""
 
+    DEFAULT_NAME = "MemoryPreallocator"
+
     def __init__(self, config: PreallocatorConfig | None = None, *, memory_options: dict[str, Any] | None = None,
                  **overrides: Any) -> None:
         self._memory_options = dict(memory_options or {})
-        overrides.setdefault("name", "MemoryPreallocator")
         super().__init__(config, **overrides)
 
     def _default_strategies(self) -> dict[ResourceType, AllocationStrategy]:
@@ -814,10 +741,11 @@ class CpuSchedulerEnhancer(ResourcePreallocator):
     """A preallocator of CPU cores only (the spec's CPUSchedulerEnhancer): it pins target
     processes, or the claiming thread, to cores reserved ahead of a predicted burst."""
 
+    DEFAULT_NAME = "CpuSchedulerEnhancer"
+
     def __init__(self, config: PreallocatorConfig | None = None, *, exclusive: bool = True,
                  **overrides: Any) -> None:
         self._exclusive = exclusive
-        overrides.setdefault("name", "CpuSchedulerEnhancer")
         super().__init__(config, **overrides)
 
     def _default_strategies(self) -> dict[ResourceType, AllocationStrategy]:
@@ -831,7 +759,13 @@ class CustomResourceAllocator(ResourcePreallocator):
     MEMORY and CPU strategies, overridden and extended by every registered or installed
     plugin strategy."""
 
+    DEFAULT_NAME = "CustomResourceAllocator"
+
     def _default_strategies(self) -> dict[ResourceType, AllocationStrategy]:
         from .plugins import load_strategies
 
         return {**super()._default_strategies(), **load_strategies()}
+
+
+__all__ = ["AllocationError", "Claim", "CpuSchedulerEnhancer", "CustomResourceAllocator", "MemoryPreallocator",
+           "PreallocatorConfig", "ResourceAllocator", "ResourcePreallocator"]

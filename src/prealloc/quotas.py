@@ -50,13 +50,16 @@ class QuotaLedger:
         self._by_app: defaultdict[tuple[str, ResourceType], float] = defaultdict(float)
 
     def charge(self, resource_type: ResourceType, application: str | None, amount: float,
-               *, is_new_request: bool = True) -> None:
-        """Books amount or raises QuotaExceeded (booking nothing)."""
+               *, request_amount: float | None = None) -> None:
+        """Books amount or raises QuotaExceeded (booking nothing). request_amount is the
+        whole allocation's size checked against per_request (the amount itself when
+        None; an adjust books the growth but checks the new size)."""
         q = self.quotas
         limit = q.per_request.get(resource_type, math.inf)
-        if is_new_request and amount > limit:
-            raise QuotaExceeded(f"quota: a {resource_type.name} request may ask for at most {limit:g}, "
-                                f"not {amount:g}")
+        size = amount if request_amount is None else request_amount
+        if size > limit:
+            raise QuotaExceeded(f"quota: a {resource_type.name} allocation may hold at most {limit:g}, "
+                                f"not {size:g}")
         with self._lock:
             limit = q.per_type.get(resource_type, math.inf)
             if self._by_type[resource_type] + amount > limit:

@@ -95,9 +95,27 @@ def check_amount(name: str, value: float) -> float:
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, not {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite and >= 0, not an int of {value.bit_length()} bits") from None
     if math.isnan(value) or math.isinf(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0, not {value!r}")
+    return value
+
+
+# The longest duration and the latest instant (on the monotonic clock, seconds since
+# boot) accepted anywhere: ~31.7 years. The native timers count nanoseconds in 64 bits
+# (~584 years), so every deadline computed from these stays far inside their range;
+# beyond it a value is refused at the edge, before anything is admitted.
+MAX_SECONDS = 1e9
+
+
+def check_seconds(name: str, value: float) -> float:
+    """A duration or a monotonic instant: finite, >= 0 and <= MAX_SECONDS."""
+    value = check_amount(name, value)
+    if value > MAX_SECONDS:
+        raise ValueError(f"{name} must be at most {MAX_SECONDS:g} s (~31 years), not {value!r}")
     return value
 
 
@@ -115,7 +133,7 @@ def check_confidence(value: float) -> float:
 def _check_optional_seconds(name: str, value: float | None) -> float | None:
     if value is None:
         return None
-    return check_amount(name, value)
+    return check_seconds(name, value)
 
 
 @dataclass(slots=True)
@@ -159,16 +177,19 @@ class ResourceRequest:
             if isinstance(priority, bool) or not isinstance(priority, (int, float)) \
                     or not math.isfinite(priority):
                 raise ValueError(f"priority must be a finite number, not {priority!r}")
-        if self.duration is not None:
-            self.duration = check_amount("duration", self.duration)
-        if self.deadline is not None:
-            self.deadline = check_amount("deadline", self.deadline)
+        self.duration = _check_optional_seconds("duration", self.duration)
+        self.deadline = _check_optional_seconds("deadline", self.deadline)
+        if not isinstance(self.metadata, RequestMetadata):
+            raise TypeError(f"metadata must be a RequestMetadata, not {type(self.metadata).__name__}")
         request_id = self.request_id
         if type(request_id) is not int or not 0 < request_id < 2**64:
             raise ValueError(f"request_id must be an int in 1..2**64-1, not {request_id!r}")
         pid = self.metadata.target_process_id
         if pid is not None and (type(pid) is not int or pid <= 0):
             raise ValueError(f"target_process_id must be a positive int, not {pid!r}")
+        if not isinstance(self.metadata.custom_properties, dict):
+            raise TypeError("metadata.custom_properties must be a dict, not "
+                            f"{type(self.metadata.custom_properties).__name__}")
         return self
 
 
@@ -180,6 +201,8 @@ class AllocationFeedback:
     reason_for_release: str | None = None
 
     def validate(self) -> AllocationFeedback:
+        if not isinstance(self.used_successfully, bool):
+            raise TypeError(f"used_successfully must be a bool, not {type(self.used_successfully).__name__}")
         self.actual_duration = _check_optional_seconds("actual_duration", self.actual_duration)
         if self.actual_amount_used is not None:
             self.actual_amount_used = check_amount("actual_amount_used", self.actual_amount_used)
@@ -253,8 +276,9 @@ class PreallocatorStatistics:
     queued_requests: int = 0
     cancelled: int = 0  # requests withdrawn before allocation (cancel_request, reset, release)
     in_flight: int = 0  # requests being allocated right now (PENDING, taken by a worker)
-    finished: int = 0  # allocations that ended (released or expired)
-    used: int = 0  # finished allocations that were used (the hit rate's numerator)
+    finished: int = 0  # allocations that ended (released or expired), at-need ones included
+    preallocations_finished: int = 0  # finished allocations made ahead of need (the hit rate's denominator)
+    used: int = 0  # ... of those, the ones used (the hit rate's numerator)
     needs: int = 0  # acquire() calls
     needs_preallocated: int = 0  # ... served by an allocation ready before the need
     need_hit_rate: float = 0.0  # needs_preallocated / needs
