@@ -163,12 +163,14 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _add_recover(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
-        "recover", help="put back processes pinned by a host that died without releasing them",
-        description="Reads the affinity journal (prealloc.journal) and, for every entry whose owner "
-                    "process is dead, restores the previous CPU affinity of each thread of the target "
-                    "that still has the mask the owner set; threads changed by someone else since are "
-                    "left alone. Entries of live owners are not touched. A CPU strategy does the same "
-                    "when it starts; this command is for operators and boot scripts.")
+        "recover", help="undo what a host that died without releasing left behind (CPU pins, "
+                        "I/O priorities, reserve files)",
+        description="Reads the side-effect journal (prealloc.journal) and, for every entry whose owner "
+                    "process is dead, undoes it: each thread of a target that still has the CPU mask or "
+                    "I/O priority the owner set gets its previous one back (threads changed by someone "
+                    "else since are left alone), and a reserve file the owner created is removed. "
+                    "Entries of live owners are not touched. CPU and disk strategies do the same when "
+                    "they start; this command is for operators and boot scripts.")
     parser.add_argument("--dir", default=None,
                         help=f"the journal directory (default: {journal.default_directory()})")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -177,20 +179,29 @@ def _add_recover(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
 
 
 def _run_recover(args: argparse.Namespace) -> int:
-    results = journal.recover(args.dir)
+    try:
+        results = journal.recover(args.dir)
+    except journal.UntrustedJournalDirectory as exc:
+        print(f"prealloc recover: {exc}", file=sys.stderr)
+        return 2
     if args.json:
-        json.dump([{"target_pid": r.target_pid, "restored_threads": r.restored_threads,
-                    "left_alone": r.left_alone, "target_gone": r.target_gone} for r in results],
+        json.dump([{"kind": r.kind, "target_pid": r.target_pid, "restored_threads": r.restored_threads,
+                    "left_alone": r.left_alone, "target_gone": r.target_gone, "removed": r.removed}
+                   for r in results],
                   sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
     if not results:
         print("nothing to recover")
     for r in results:
-        if r.target_gone:
+        if r.kind == journal.KIND_RESERVE_FILE:
+            print(f"reserve file {r.removed}: removed" if r.removed else
+                  "reserve file: " + ("already gone" if r.target_gone else "replaced by another file; left alone"))
+        elif r.target_gone:
             print(f"process {r.target_pid}: gone; entry removed")
         else:
-            print(f"process {r.target_pid}: restored {len(r.restored_threads)} thread(s)"
+            print(f"process {r.target_pid}: restored the {'CPU mask' if r.kind == journal.KIND_AFFINITY else 'I/O priority'}"
+                  f" of {len(r.restored_threads)} thread(s)"
                   + (f", left {len(r.left_alone)} changed by someone else" if r.left_alone else ""))
     return 0
 
