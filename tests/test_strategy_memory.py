@@ -4,6 +4,8 @@ deferred until the unmap, lock refusals are reported once and clearly, absurd si
 refused. Checked against /proc/self/smaps, /proc/self/maps and VmLck."""
 from __future__ import annotations
 
+import ctypes
+import errno
 import gc
 import json
 import logging
@@ -19,7 +21,7 @@ import numpy as np
 import pytest
 
 from osutil import vm_lck
-from prealloc import core
+from prealloc import _native, core
 from prealloc.strategies.base import AllocationError, DeferredRelease
 from prealloc.strategies.memory import MemoryAllocationStrategy, thp_honours_madvise, thp_mode
 from prealloc.types import ResourceRequest, ResourceType
@@ -50,22 +52,30 @@ def mapping(address: int) -> dict[str, str] | None:
     return current
 
 
-def rss_bytes(address: int) -> int:
-    entry = mapping(address)
-    assert entry is not None, f"no mapping at {address:#x}"
-    return int(entry["Rss"].split()[0]) * 1024
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
 
 
-def span(address: int) -> tuple[int, int]:
-    entry = mapping(address)
-    assert entry is not None, f"no mapping at {address:#x}"
-    return int(entry["start"]), int(entry["end"])
+def resident(address: int, length: int) -> int | None:
+    """Bytes of [address, address + length) resident in RAM (mincore), None where part
+    of the range is not mapped (ENOMEM). Exact per range, unlike a VMA's Rss: the kernel
+    merges adjacent anonymous mappings into one VMA."""
+    vector = ctypes.create_string_buffer(length // PAGE)
+    if _libc.mincore(address, length, vector) != 0:
+        assert ctypes.get_errno() == errno.ENOMEM, os.strerror(ctypes.get_errno())
+        return None
+    return sum(b & 1 for b in vector.raw) * PAGE
 
 
-def is_mapped(original: tuple[int, int]) -> bool:
-    """Whether the mapping that was original is still there, unchanged."""
-    entry = mapping(original[0])
-    return entry is not None and (int(entry["start"]), int(entry["end"])) == original
+def rss_bytes(region) -> int:
+    """Resident bytes of the region's whole mapping (its size rounded up to a huge page
+    when huge pages were asked for)."""
+    length = region.size
+    if region.requested_flags & _native.MEM_HUGE_PAGES:
+        length = -(-length // HUGE) * HUGE
+    found = resident(region.address, length)
+    assert found is not None, f"no mapping at {region.address:#x}"
+    return found
 
 
 def allocate(strategy: MemoryAllocationStrategy, mib: float):
@@ -81,7 +91,7 @@ def test_base_pages_plan_and_map_whole_pages():
     grant = allocate(strategy, 0.01)
     try:
         assert grant.amount == planned
-        assert rss_bytes(grant.handle.address) == planned * MiB  # populated: every page resident
+        assert rss_bytes(grant.handle) == planned * MiB  # populated: every page resident
         details = strategy.describe(grant.handle)
         assert details["mapped_bytes"] == details["resident_bytes"] == planned * MiB
         assert details["huge_pages_requested"] is False
@@ -101,7 +111,7 @@ def test_huge_pages_plan_charge_and_report_the_whole_block():
         # the OS: the whole block is mapped and resident (populate covers the mapping)
         entry = mapping(region.address)
         assert int(entry["end"]) - int(entry["start"]) >= HUGE
-        assert rss_bytes(region.address) == HUGE
+        assert rss_bytes(region) == HUGE
         details = strategy.describe(region)
         assert details["mapped_bytes"] == HUGE and details["resident_bytes"] == HUGE
         assert details["bytes"] == 3 * PAGE and details["huge_pages_requested"] is True
@@ -116,9 +126,9 @@ def test_planned_resize_keeps_the_handles_huge_page_choice():
         assert grant.amount == 4.0
         assert strategy.planned_resize(grant.handle, 4.5) == 6.0
         assert strategy.adjust(grant.handle, 4.5) == 6.0
-        assert rss_bytes(grant.handle.address) == 6 * MiB
+        assert rss_bytes(grant.handle) == 6 * MiB
         assert strategy.adjust(grant.handle, 1) == 2.0
-        assert rss_bytes(grant.handle.address) == 2 * MiB
+        assert rss_bytes(grant.handle) == 2 * MiB
     finally:
         strategy.release(grant.handle)
 
@@ -168,7 +178,7 @@ def test_amounts_beyond_the_machine_are_a_clear_value_error(amount):
         before = grant.handle.size
         with pytest.raises(ValueError, match="more than this machine"):
             strategy.adjust(grant.handle, amount)
-        assert grant.handle.size == before and rss_bytes(grant.handle.address) == before
+        assert grant.handle.size == before and rss_bytes(grant.handle) == before
     finally:
         strategy.release(grant.handle)
 
@@ -187,9 +197,10 @@ def test_malformed_amounts_name_the_argument(amount, error):
 def test_release_without_views_unmaps_now_and_returns_none():
     strategy = MemoryAllocationStrategy(huge_pages=False)
     grant = allocate(strategy, 4)
-    original = span(grant.handle.address)
+    address = grant.handle.address
+    assert resident(address, 4 * MiB) == 4 * MiB
     assert strategy.release(grant.handle) is None
-    assert not is_mapped(original)
+    assert resident(address, 4 * MiB) is None  # unmapped
     assert strategy.release(grant.handle) is None  # again: no error, nothing deferred
 
 
@@ -197,18 +208,17 @@ def test_release_under_a_view_is_deferred_until_the_unmap():
     strategy = MemoryAllocationStrategy(huge_pages=False)
     grant = allocate(strategy, 4)
     region, address = grant.handle, grant.handle.address
-    original = span(address)
     view = memoryview(region)
     view[:4] = b"live"
     deferred = strategy.release(region)
     assert isinstance(deferred, DeferredRelease) and not deferred.is_done
     fired: list[str] = []
     deferred.add_done_callback(lambda: fired.append(threading.current_thread().name))
-    assert rss_bytes(address) == 4 * MiB and bytes(view[:4]) == b"live"  # still mapped
+    assert resident(address, 4 * MiB) == 4 * MiB and bytes(view[:4]) == b"live"  # still mapped
     assert strategy.release(region) is None  # a second release defers nothing more
     del view
     assert deferred.is_done and len(fired) == 1
-    assert not is_mapped(original)
+    assert resident(address, 4 * MiB) is None  # unmapped now
 
 
 def test_deferred_release_completes_in_a_gc_pass_and_on_another_thread():
@@ -280,6 +290,12 @@ LOCK_REFUSED = textwrap.dedent("""
         out["required"] = None
     except AllocationError as exc:
         out["required"] = str(exc)
+    from prealloc import _native, core
+    try:
+        core.reserve_memory(4 << 20, require_lock=True)
+        out["core"] = None
+    except OSError as exc:
+        out["core"] = str(exc)
     print(json.dumps(out))
 """)
 
@@ -296,6 +312,8 @@ def test_lock_refused_warns_once_and_require_lock_names_mlock_and_the_limit():
     message = out["required"]
     assert message is not None and "mlock" in message and "RLIMIT_MEMLOCK is 1048576 bytes" in message
     assert "CAP_IPC_LOCK not held" in message
+    assert out["core"] is not None and "mlock of 4194304 bytes" in out["core"]
+    assert "RLIMIT_MEMLOCK is 1048576 bytes" in out["core"]
 
 
 def test_one_lock_warning_per_strategy_even_from_many_threads(caplog):

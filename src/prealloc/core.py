@@ -56,6 +56,7 @@ __all__ = [
     "AffinityChange", "AllocationTable", "CoreReservation", "CoreReservations",
     "ExpiryTicker", "MemoryReservation", "PriorityQueue", "Record", "TimerWheel",
     "get_affinity", "set_affinity", "get_thread_affinity", "set_thread_affinity",
+    "lock_refusal_message", "memlock_status",
     "monotonic_ns", "online_cpus", "page_size", "physical_memory", "reserve_memory",
     "status_mask", "status_name", "transition_legal",
     # the allocators' compiled half and its "must wait" answer (prealloc.engine uses them)
@@ -78,8 +79,8 @@ def reserve_memory(
 
     The reservation reports what it got: ``.locked`` is False with ``.lock_error`` set to
     the errno when RLIMIT_MEMLOCK or a missing CAP_IPC_LOCK refused the lock — unless
-    require_lock is set, then the refusal raises (PermissionError / OSError) and nothing
-    stays mapped.
+    require_lock is set, then the refusal raises (PermissionError / OSError, its message
+    naming mlock, RLIMIT_MEMLOCK and CAP_IPC_LOCK) and nothing stays mapped.
     """
     if isinstance(nbytes, bool) or not isinstance(nbytes, int):
         raise TypeError(f"nbytes must be an int, not {type(nbytes).__name__}")
@@ -99,7 +100,63 @@ def reserve_memory(
         flags |= _native.MEM_HUGE_PAGES
     if shareable:
         flags |= _native.MEM_SHAREABLE
-    return _native._reserve_memory(nbytes, flags)
+    try:
+        return _native._reserve_memory(nbytes, flags)
+    except OSError as exc:
+        if require_lock:
+            mapped = -(-nbytes // page_size()) * page_size()
+            if huge_pages:
+                mapped = -(-mapped // HUGE_PAGE_SIZE) * HUGE_PAGE_SIZE
+            refusal = lock_refusal_message(exc.errno or 0, mapped)
+            if refusal is not None:
+                raise type(exc)(exc.errno, refusal) from exc
+        raise
+
+
+_CAP_IPC_LOCK = 14
+
+
+def _proc_self_status(field: str) -> str | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return line.split()[1]
+    except OSError:
+        pass
+    return None
+
+
+def memlock_status() -> str:
+    """This process's room to lock memory, in words: RLIMIT_MEMLOCK, CAP_IPC_LOCK, VmLck."""
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft} bytes ({soft / (1 << 20):g} MiB)"
+    capabilities = _proc_self_status("CapEff")
+    has_cap = capabilities is not None and bool(int(capabilities, 16) >> _CAP_IPC_LOCK & 1)
+    locked = _proc_self_status("VmLck")
+    return (f"RLIMIT_MEMLOCK is {limit}, CAP_IPC_LOCK {'held' if has_cap else 'not held'}, "
+            f"{int(locked) * 1024 if locked else 0} bytes locked already")
+
+
+def lock_refusal_message(error: int, nbytes: int) -> str | None:
+    """What to say when locking nbytes failed with errno error — naming mlock and
+    RLIMIT_MEMLOCK — or None when error means something else (ENOMEM from the populate
+    with room to lock left: a lack of memory, not a refused lock)."""
+    if error == errno.ENOMEM:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        capabilities = _proc_self_status("CapEff")
+        if capabilities is not None and int(capabilities, 16) >> _CAP_IPC_LOCK & 1:
+            return None
+        locked = int(_proc_self_status("VmLck") or 0) * 1024
+        if soft == resource.RLIM_INFINITY or locked + nbytes <= soft:
+            return None
+    elif error not in (errno.EPERM, errno.EAGAIN):
+        return None
+    return f"require_lock: mlock of {nbytes} bytes was refused ({os.strerror(error)}); {memlock_status()}"
 
 
 _PID_MAX = (1 << 31) - 1  # pid_t

@@ -26,7 +26,6 @@ import logging
 import math
 import numbers
 import os
-import resource
 import threading
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,6 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 HUGE_PAGES_AUTO_BLOCKS = 4  # "a few huge pages": 8 MiB with 2 MiB pages
 _THP_DIR = Path("/sys/kernel/mm/transparent_hugepage")
-_CAP_IPC_LOCK = 14
 
 
 def thp_mode(*, shmem: bool = False) -> str | None:
@@ -103,32 +101,6 @@ def resident_bytes(region: core.MemoryReservation) -> int:
         err = ctypes.get_errno()
         raise OSError(err, f"mincore: {os.strerror(err)}")
     return sum(b & 1 for b in vector.raw) * page
-
-
-def _memlock_limit_text() -> str:
-    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft} bytes ({soft / MiB:g} MiB)"
-    return f"RLIMIT_MEMLOCK is {limit}, CAP_IPC_LOCK {'held' if _has_cap_ipc_lock() else 'not held'}"
-
-
-def _has_cap_ipc_lock() -> bool:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> _CAP_IPC_LOCK & 1)
-    except (OSError, ValueError):
-        pass
-    return False
-
-
-def _locked_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmLck:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
 
 
 class MemoryAllocationStrategy(AllocationStrategy):
@@ -234,22 +206,16 @@ class MemoryAllocationStrategy(AllocationStrategy):
         return Grant(mapped_bytes(region) / MiB, region)
 
     def _reserve_error(self, exc: OSError, mapped: int) -> AllocationError:
-        code = exc.errno
-        if self.require_lock and (code in (errno.EPERM, errno.EAGAIN)
-                                  or (code == errno.ENOMEM and self._lock_limit_refuses(mapped))):
-            return AllocationError(
-                f"memory: require_lock: mlock of {mapped} bytes was refused ({os.strerror(code or 0)}); "
-                f"{_memlock_limit_text()}, {_locked_bytes()} bytes locked already")
-        if code in (errno.ENOMEM, errno.EAGAIN):
+        if self.require_lock and exc.strerror and "RLIMIT_MEMLOCK" in exc.strerror:
+            return AllocationError(f"memory: {exc.strerror}")  # the core's lock refusal
+        if exc.errno in (errno.ENOMEM, errno.EAGAIN):
             return InsufficientResources(f"memory: {exc.strerror}")
         return AllocationError(f"memory: {exc}")
 
     @staticmethod
-    def _lock_limit_refuses(mapped: int) -> bool:
-        if _has_cap_ipc_lock():
-            return False
-        soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-        return soft != resource.RLIM_INFINITY and _locked_bytes() + mapped > soft
+    def _lock_limit_refuses(nbytes: int) -> bool:
+        """Whether locking nbytes more would exceed what this process may lock."""
+        return core.lock_refusal_message(errno.ENOMEM, nbytes) is not None
 
     def _warn_lock_once(self, region: core.MemoryReservation) -> None:
         with self._warn_lock:
@@ -259,7 +225,7 @@ class MemoryAllocationStrategy(AllocationStrategy):
         log.warning("prealloc: memory: lock=True but mlock of %d bytes was refused (%s); %s. "
                     "Memory is reserved unlocked (this warning is not repeated for this strategy; "
                     "each allocation's details say locked=False)",
-                    mapped_bytes(region), os.strerror(region.lock_error or 0), _memlock_limit_text())
+                    mapped_bytes(region), os.strerror(region.lock_error or 0), core.memlock_status())
 
     def release(self, handle: core.MemoryReservation) -> DeferredRelease | None:
         if handle.released:
