@@ -7,6 +7,7 @@
 - :mod:`.pressure` — Linux PSI readings and triggers, the kernel's change events.
 """
 from .base import AvailabilityCallback, EventSource, ResourceMonitor
+from .disk import BlockDevice, DiskMonitor, block_device_of
 from .pagecache import PageCacheMonitor
 from .pressure import (
     PressureLine,
@@ -32,4 +33,5 @@ __all__ = [
     "SystemResourceMonitor",
     "parse_pressure",
     "read_pressure",
+__all__ += ["BlockDevice", "DiskMonitor", "block_device_of"]
 ]

@@ -2,8 +2,10 @@
 from .base import AllocationError, AllocationStrategy, Grant, InsufficientResources
 from .cache import CacheSpaceStrategy
 from .cpu import CpuAllocationStrategy
+from .disk import DiskClaim, DiskStrategy
 from .memory import MemoryAllocationStrategy
 from .null import NullAllocationStrategy
 
 __all__ = ["AllocationError", "AllocationStrategy", "CacheSpaceStrategy", "CpuAllocationStrategy", "Grant", "InsufficientResources",
+__all__ += ["DiskClaim", "DiskStrategy"]
            "MemoryAllocationStrategy", "NullAllocationStrategy"]
