@@ -33,5 +33,5 @@ __all__ = [
     "SystemResourceMonitor",
     "parse_pressure",
     "read_pressure",
-__all__ += ["BlockDevice", "DiskMonitor", "block_device_of"]
 ]
+__all__ += ["BlockDevice", "DiskMonitor", "block_device_of"]

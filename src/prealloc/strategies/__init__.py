@@ -7,5 +7,5 @@ from .memory import MemoryAllocationStrategy
 from .null import NullAllocationStrategy
 
 __all__ = ["AllocationError", "AllocationStrategy", "CacheSpaceStrategy", "CpuAllocationStrategy", "Grant", "InsufficientResources",
-__all__ += ["DiskClaim", "DiskStrategy"]
            "MemoryAllocationStrategy", "NullAllocationStrategy"]
+__all__ += ["DiskClaim", "DiskStrategy"]
