@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 from pathlib import Path
 
 
@@ -99,3 +100,41 @@ def drop_capability(cap: int) -> None:
         setattr(data[word], field, getattr(data[word], field) & ~(1 << bit))
     if libc.capset(ctypes.byref(header), data) != 0:
         raise OSError(ctypes.get_errno(), "capset")
+
+
+def has_capability(cap: int) -> bool:
+    """Whether this process holds cap in its effective set (CapEff of /proc/self/status)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> cap & 1)
+    return False
+
+
+def lockable_bytes() -> int | None:
+    """How much more memory this process may mlock: None when nothing limits it
+    (CAP_IPC_LOCK, or RLIMIT_MEMLOCK unlimited), else the soft RLIMIT_MEMLOCK less what
+    is locked already (VmLck). An ordinary user has 8 MiB (the kernel's default) or
+    whatever the distribution's limits.conf gives."""
+    if has_capability(CAP_IPC_LOCK):
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(0, soft - vm_lck())
+
+
+def lock_size(wanted: int, *, unit: int = 1 << 20, at_least: int = 1 << 20) -> int:
+    """wanted, or the largest multiple of unit that RLIMIT_MEMLOCK still lets this
+    process lock when that is less; skips the calling test (with the limit in the
+    reason) when that is below at_least."""
+    budget = lockable_bytes()
+    if budget is None or budget >= wanted:
+        return wanted
+    size = budget // unit * unit
+    if size < at_least:
+        import pytest
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        pytest.skip(f"RLIMIT_MEMLOCK {soft} bytes (no CAP_IPC_LOCK) leaves {budget} bytes to lock, "
+                    f"less than the {at_least} this test needs")
+    return size

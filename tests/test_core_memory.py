@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from prealloc import core
-from osutil import anon_huge_pages_kib, thp_mode, vm_lck, vm_rss
+from osutil import anon_huge_pages_kib, lock_size, thp_mode, vm_lck, vm_rss
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -44,11 +44,13 @@ def test_without_populate_nothing_is_resident():
 
 
 def test_lock_moves_vm_lck_exactly_and_release_restores():
+    # as much as RLIMIT_MEMLOCK lets an ordinary user lock (8 MiB by default), SIZE for root
+    size = lock_size(SIZE)
     before = vm_lck()
-    with core.reserve_memory(SIZE, lock=True) as region:
+    with core.reserve_memory(size, lock=True) as region:
         assert region.locked, f"lock refused: errno {region.lock_error}"
         assert region.lock_error == 0
-        assert vm_lck() - before == SIZE
+        assert vm_lck() - before == size
     assert vm_lck() == before
 
 
@@ -86,19 +88,23 @@ def test_release_with_live_view_defers_unmap_until_last_view_goes():
 
 
 def test_resize_in_place_keeps_address_and_lock_follows():
+    # 16 MiB, or what RLIMIT_MEMLOCK leaves an ordinary user (8 MiB by default)
+    large = lock_size(16 * MiB, at_least=4 * MiB)
+    small = large // 4 // core.page_size() * core.page_size()
     before = vm_lck()
     # Shrinking first leaves a hole above the region, so the growth back has room in
     # place (mappings are placed top-down: the space above a fresh one is usually taken).
-    region = core.reserve_memory(16 * MiB, lock=True)
+    region = core.reserve_memory(large, lock=True)
     address = region.address
     try:
-        region.resize(4 * MiB, may_move=False)
-        assert region.address == address and region.size == 4 * MiB
-        assert vm_lck() - before == 4 * MiB
-        region.resize(16 * MiB, may_move=False)
-        assert region.address == address and region.size == 16 * MiB
-        assert vm_lck() - before == 16 * MiB
-        assert region.resident_bytes() == 16 * MiB
+        assert region.locked, f"lock refused: errno {region.lock_error}"
+        region.resize(small, may_move=False)
+        assert region.address == address and region.size == small
+        assert vm_lck() - before == small
+        region.resize(large, may_move=False)
+        assert region.address == address and region.size == large
+        assert vm_lck() - before == large
+        assert region.resident_bytes() == large
     finally:
         region.release()
     assert vm_lck() == before
