@@ -28,15 +28,30 @@
  * reservation cores nobody holds before cores already shared, so shared reservations
  * spread out before they stack. Shrinking gives back the highest cores first.
  *
- * Targets. Each apply records its target and the previous mask of every thread it
- * changed; release restores targets in the reverse order of apply (so a thread targeted
- * twice ends at the mask it had before the first). For a whole process we also keep the
- * main thread's previous mask as a fallback: on release every thread of the process is
- * first set to it (threads born after apply inherited the reserved mask and have no saved
- * mask of their own), then the saved threads get back exactly what they had. A resize
- * re-applies the new mask to every target in apply order; if one fails (other than
- * ESRCH: a target that is gone is skipped), the targets already re-applied get the old
- * mask back and the reservation keeps its old cores.
+ * Targets. The registry keeps one record per target (a thread, or a whole process) that
+ * some live reservation is applied to: the masks it had before the first apply (every
+ * thread's, plus the main thread's as the fallback for threads born later), its start
+ * time, and the live reservations applied to it, oldest first. A target runs on the mask
+ * of its NEWEST live reservation; releasing one that is not the newest changes nothing on
+ * the target, releasing the newest moves it to the next newest's mask, and releasing the
+ * last puts back the original masks (for a whole process: every thread to the fallback,
+ * then the saved threads exactly). So releases in any order, expiry included, leave each
+ * target where its live reservations say, never on cores a released reservation gave
+ * back. A resize re-applies the new mask to the targets whose newest reservation it is;
+ * if one fails (other than ESRCH: a target that is gone is skipped), those already
+ * re-applied get the old mask back and the reservation keeps its old cores. A thread
+ * target and a whole-process target covering the same thread are separate records (the
+ * later set wins on that thread); hosts pin either threads or processes, not both.
+ *
+ * Identity. Before any set on a target recorded earlier, its start time (field 22 of
+ * /proc/<id>/stat, the rule prealloc/journal.py also uses) is compared with the one
+ * recorded at the first apply: a target that exited, or whose id the kernel has handed to
+ * a new task, is never touched (pid reuse would otherwise repin an unrelated process).
+ * The start time counts clock ticks (10 ms at USER_HZ 100), so where the kernel allows
+ * (Linux >= 5.3, and for a thread only its process's main thread) the record also holds
+ * a pidfd from the first apply, which names the task itself: once it has exited, the
+ * pidfd says so whatever now holds the number. The check and the set are two system
+ * calls, so a task that exits AND has its id reused between them is not caught.
  *
  * Affinity system calls are made while holding the registry mutex, so a resize and a
  * release of the same reservation cannot interleave their masks on a target.
@@ -53,11 +68,23 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "fork.h"
+
 #define PA__WORDS (PA_CPU_MAX / 64)
+/* pidfd system calls (Linux 5.1 / 5.3): the numbers are the same on every architecture */
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
 /* Rounds of listing /proc/<pid>/task before set_process stops chasing new threads. */
 #define PA__SET_ROUNDS 64
 
-_Static_assert(CPU_SETSIZE >= PA_CPU_MAX, "cpu_set_t must hold PA_CPU_MAX cpus");
+/* The size of cpu_set_t, not CPU_SETSIZE: musl defines CPU_SETSIZE as 128 (bytes, it
+ * seems) while its cpu_set_t holds 1024 bits like glibc's. The _S macros below take the
+ * size in bytes, so both libcs are read the same way. */
+_Static_assert(sizeof(cpu_set_t) * 8 >= PA_CPU_MAX, "cpu_set_t must hold PA_CPU_MAX cpus");
 
 /* ---- masks ---- */
 
@@ -100,12 +127,12 @@ static bool pa__cpumask_intersects(const pa_cpumask_t *a, const pa_cpumask_t *b)
 }
 
 static void pa__to_cpuset(const pa_cpumask_t *mask, cpu_set_t *set) {
-    CPU_ZERO(set);
+    CPU_ZERO_S(sizeof(*set), set);
     for (unsigned w = 0; w < PA__WORDS; w++) {
         uint64_t bits = mask->bits[w];
         while (bits) {
             unsigned bit = (unsigned)__builtin_ctzll(bits);
-            CPU_SET(w * 64 + bit, set);
+            CPU_SET_S(w * 64 + bit, sizeof(*set), set);
             bits &= bits - 1;
         }
     }
@@ -114,7 +141,7 @@ static void pa__to_cpuset(const pa_cpumask_t *mask, cpu_set_t *set) {
 static void pa__from_cpuset(const cpu_set_t *set, pa_cpumask_t *mask) {
     pa_cpumask_zero(mask);
     for (unsigned cpu = 0; cpu < PA_CPU_MAX; cpu++)
-        if (CPU_ISSET(cpu, set)) pa_cpumask_set(mask, cpu);
+        if (CPU_ISSET_S(cpu, sizeof(*set), set)) pa_cpumask_set(mask, cpu);
 }
 
 /* Parses a kernel cpu list ("0-3,8,10-11\n") into mask; false when malformed or empty. */
@@ -141,6 +168,7 @@ static bool pa__parse_cpu_list(const char *text, pa_cpumask_t *mask) {
 }
 
 int pa_cpus_online(pa_cpumask_t *out) {
+    if (!out) return -EINVAL;
     char buf[4096];
     FILE *f = fopen("/sys/devices/system/cpu/online", "re");
     if (f) {
@@ -161,6 +189,7 @@ int pa_cpus_online(pa_cpumask_t *out) {
 /* ---- one thread ---- */
 
 int pa_affinity_get(pid_t tid, pa_cpumask_t *out) {
+    if (!out) return -EINVAL;
     cpu_set_t set;
     if (sched_getaffinity(tid, sizeof(set), &set) != 0) return -errno;
     pa__from_cpuset(&set, out);
@@ -168,7 +197,7 @@ int pa_affinity_get(pid_t tid, pa_cpumask_t *out) {
 }
 
 int pa_affinity_set_thread(pid_t tid, const pa_cpumask_t *mask) {
-    if (pa_cpumask_count(mask) == 0) return -EINVAL;
+    if (!mask || pa_cpumask_count(mask) == 0) return -EINVAL;
     cpu_set_t set;
     pa__to_cpuset(mask, &set);
     if (sched_setaffinity(tid, sizeof(set), &set) != 0) return -errno;
@@ -219,6 +248,7 @@ static int pa__saved_unwind(pa_affinity_saved_t *saved, size_t from) {
 }
 
 int pa_affinity_restore(pa_affinity_saved_t *saved) {
+    if (!saved) return -EINVAL;
     return pa__saved_unwind(saved, 0);
 }
 
@@ -271,7 +301,7 @@ static int pa__list_tasks(pid_t pid, pa__tid_list_t *list) {
 
 /* -EINVAL unless mask holds at least one online cpu. */
 static int pa__validate_mask(const pa_cpumask_t *mask) {
-    if (pa_cpumask_count(mask) == 0) return -EINVAL;
+    if (!mask || pa_cpumask_count(mask) == 0) return -EINVAL;
     pa_cpumask_t online;
     if (pa_cpus_online(&online) == 0 && !pa__cpumask_intersects(mask, &online)) return -EINVAL;
     return 0;
@@ -330,13 +360,49 @@ int pa_affinity_set_process(pid_t pid, const pa_cpumask_t *mask, pa_affinity_sav
     return rc;
 }
 
+/* ---- task identity ---- */
+
+int pa_task_start_time(pid_t tid, uint64_t *start_ticks) {
+    if (!start_ticks || tid < 0) return -EINVAL;
+    if (tid == 0) tid = (pid_t)syscall(SYS_gettid);
+    char path[64], buf[1024];
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)tid);
+    FILE *f = fopen(path, "re");
+    if (!f) return errno == ENOENT ? -ESRCH : -errno;
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    /* the command name (field 2) may hold spaces and parentheses: fields resume after
+     * the last ')'; field 3 (state) follows, starttime is field 22 */
+    const char *p = strrchr(buf, ')');
+    if (!p) return -EIO;
+    p++;
+    for (int field = 3; field < 22; field++) {
+        while (*p == ' ') p++;
+        while (*p && *p != ' ') p++;
+        if (!*p) return -EIO;
+    }
+    char *end;
+    unsigned long long value = strtoull(p, &end, 10);
+    if (end == p) return -EIO;
+    *start_ticks = (uint64_t)value;
+    return 0;
+}
+
 /* ---- the core reservation registry ---- */
 
+/* A thread or process some live reservation is applied to. */
 typedef struct pa__target {
-    pid_t id;           /* the tid, or the pid when whole_process */
+    pid_t id;              /* the tid, or the pid when whole_process */
     bool whole_process;
-    pa_cpumask_t fallback; /* whole process: the main thread's mask before apply */
-    pa_affinity_saved_t saved;
+    uint64_t start_time;   /* of id at the first apply (pa_task_start_time); 0 = unknown */
+    int pidfd;             /* pidfd_open(id) at the first apply, or -1 (kernel < 5.3, or
+                              a thread that is not its process's main thread) */
+    pa_cpumask_t fallback; /* whole process: the main thread's mask before the first apply */
+    pa_affinity_saved_t saved; /* every thread's mask before the first apply */
+    pa_core_reservation_t *applied; /* live reservations applied to it, oldest first */
+    size_t applied_count;
+    size_t applied_capacity;
 } pa__target_t;
 
 typedef struct pa__reservation {
@@ -345,13 +411,11 @@ typedef struct pa__reservation {
     bool exclusive;
     uint32_t next_free; /* free list link: index + 1 of the next free slot, 0 = end */
     pa_cpumask_t mask;
-    pa__target_t *targets; /* in apply order */
-    size_t target_count;
-    size_t target_capacity;
 } pa__reservation_t;
 
 struct pa_cores {
     pthread_mutex_t lock;
+    uint32_t fork_gen; /* the fork generation it was created in (see "fork" in the header) */
     pa_cpumask_t allowed;
     uint32_t exclusive_holder[PA_CPU_MAX]; /* slot index + 1, 0 = no exclusive holder */
     uint32_t shared_count[PA_CPU_MAX];     /* shared reservations holding the core */
@@ -360,6 +424,9 @@ struct pa_cores {
     size_t slot_capacity;
     uint32_t free_head; /* index + 1 of the first free slot, 0 = none */
     size_t live;
+    pa__target_t *targets; /* unordered */
+    size_t target_count;
+    size_t target_capacity;
 };
 
 static inline pa_core_reservation_t pa__make_id(uint32_t generation, size_t index) {
@@ -375,7 +442,14 @@ static pa__reservation_t *pa__lookup(pa_cores_t *cores, pa_core_reservation_t id
     return r;
 }
 
+/* Whether the registry was inherited across fork (its lock may be held by a thread that
+ * does not exist here, and its targets are the parent's business). */
+static bool pa__inherited(const pa_cores_t *cores) {
+    return cores->fork_gen != pa__fork_generation();
+}
+
 int pa_cores_create(const pa_cpumask_t *allowed, pa_cores_t **out) {
+    if (!out) return -EINVAL;
     *out = NULL;
     pa_cpumask_t set;
     if (allowed) {
@@ -393,7 +467,16 @@ int pa_cores_create(const pa_cpumask_t *allowed, pa_cores_t **out) {
         return -rc;
     }
     cores->allowed = set;
+    cores->fork_gen = pa__fork_generation();
     *out = cores;
+    return 0;
+}
+
+/* Takes the registry's lock: 0, -EINVAL (NULL) or -EOWNERDEAD (inherited across fork). */
+static int pa__enter(pa_cores_t *cores) {
+    if (!cores) return -EINVAL;
+    if (pa__inherited(cores)) return -EOWNERDEAD;
+    pthread_mutex_lock(&cores->lock);
     return 0;
 }
 
@@ -404,7 +487,6 @@ static bool pa__core_usable(const pa_cores_t *cores, unsigned cpu, bool exclusiv
     if (exclusive || idle_only) return cores->shared_count[cpu] == 0;
     return true;
 }
-
 /* Picks count cores not in `taken` (see "Picking cores" in the design comment) into
  * picked. -EBUSY when there are not enough. Under lock. */
 static int pa__pick(const pa_cores_t *cores, unsigned count, bool exclusive, const pa_cpumask_t *prefer,
@@ -467,8 +549,6 @@ static int pa__new_reservation(pa_cores_t *cores, const pa_cpumask_t *mask, bool
     r->exclusive = exclusive;
     r->mask = *mask;
     r->next_free = 0;
-    r->targets = NULL;
-    r->target_count = r->target_capacity = 0;
     pa__hold(cores, mask, exclusive, index);
     cores->live++;
     *out = pa__make_id(r->generation, index);
@@ -477,9 +557,10 @@ static int pa__new_reservation(pa_cores_t *cores, const pa_cpumask_t *mask, bool
 
 int pa_cores_reserve(pa_cores_t *cores, unsigned count, bool exclusive, const pa_cpumask_t *prefer,
                      pa_core_reservation_t *out) {
+    if (!out) return -EINVAL;
     *out = 0;
-    pthread_mutex_lock(&cores->lock);
-    int rc;
+    int rc = pa__enter(cores);
+    if (rc != 0) return rc;
     pa_cpumask_t picked;
     if (count == 0 || count > pa_cpumask_count(&cores->allowed)) rc = -EINVAL;
     else rc = pa__pick(cores, count, exclusive, prefer, NULL, &picked);
@@ -490,9 +571,10 @@ int pa_cores_reserve(pa_cores_t *cores, unsigned count, bool exclusive, const pa
 
 int pa_cores_reserve_mask(pa_cores_t *cores, const pa_cpumask_t *mask, bool exclusive,
                           pa_core_reservation_t *out) {
+    if (!out || !mask) return -EINVAL;
     *out = 0;
-    pthread_mutex_lock(&cores->lock);
-    int rc = 0;
+    int rc = pa__enter(cores);
+    if (rc != 0) return rc;
     if (pa_cpumask_count(mask) == 0 || !pa_cpumask_subset(mask, &cores->allowed)) rc = -EINVAL;
     for (unsigned cpu = 0; cpu < PA_CPU_MAX && rc == 0; cpu++)
         if (pa_cpumask_test(mask, cpu) && !pa__core_usable(cores, cpu, exclusive, false)) rc = -EBUSY;
@@ -502,7 +584,8 @@ int pa_cores_reserve_mask(pa_cores_t *cores, const pa_cpumask_t *mask, bool excl
 }
 
 int pa_cores_get(pa_cores_t *cores, pa_core_reservation_t reservation, pa_cpumask_t *out, bool *exclusive) {
-    pthread_mutex_lock(&cores->lock);
+    int rc = pa__enter(cores);
+    if (rc != 0) return rc;
     pa__reservation_t *r = pa__lookup(cores, reservation);
     if (r) {
         if (out) *out = r->mask;
@@ -512,19 +595,47 @@ int pa_cores_get(pa_cores_t *cores, pa_core_reservation_t reservation, pa_cpumas
     return r ? 0 : -ENOENT;
 }
 
-/* Sets mask on a target without saving anything (resize). ESRCH: the target is gone,
- * which is not a failure. */
-static int pa__reapply(const pa__target_t *t, const pa_cpumask_t *mask) {
+/* ---- targets ---- */
+
+/* Whether the target is still the task it was at the first apply: same start time (the
+ * rule prealloc/journal.py uses). A task that has exited, or whose id now names another
+ * task, is not: it is never touched again. */
+static bool pa__target_same(const pa__target_t *t) {
+    /* A pidfd names the task itself: signal 0 answers ESRCH once it has exited, even if
+     * its pid is in use again. Exact, where the start time has clock-tick granularity. */
+    if (t->pidfd >= 0 && syscall(SYS_pidfd_send_signal, t->pidfd, 0, NULL, 0) != 0 && errno == ESRCH) return false;
+    if (t->start_time == 0) return true; /* no /proc at apply: nothing to compare */
+    uint64_t now;
+    return pa_task_start_time(t->id, &now) == 0 && now == t->start_time;
+}
+
+static pa__target_t *pa__find_target(pa_cores_t *cores, pid_t id, bool whole_process) {
+    for (size_t i = 0; i < cores->target_count; i++)
+        if (cores->targets[i].id == id && cores->targets[i].whole_process == whole_process) return &cores->targets[i];
+    return NULL;
+}
+
+static void pa__target_free(pa_cores_t *cores, pa__target_t *t) {
+    if (t->pidfd >= 0) close(t->pidfd);
+    pa_affinity_saved_free(&t->saved);
+    free(t->applied);
+    *t = cores->targets[--cores->target_count]; /* unordered: the last one fills the hole */
+}
+
+/* Sets mask on a target without saving anything. ESRCH (gone, or its id reused) is not a
+ * failure. */
+static int pa__set_target(const pa__target_t *t, const pa_cpumask_t *mask) {
+    if (!pa__target_same(t)) return 0;
     int rc = t->whole_process ? pa_affinity_set_process(t->id, mask, NULL) : pa_affinity_set_thread(t->id, mask);
     return rc == -ESRCH ? 0 : rc;
 }
 
-/* Puts a target back as it was before apply; frees its record. First error other than
- * ESRCH, or 0. */
-static int pa__restore_target(pa__target_t *t) {
+/* Puts a target back as it was before its first apply. First error other than ESRCH. */
+static int pa__restore_original(pa__target_t *t) {
+    if (!pa__target_same(t)) return 0;
     int first_error = 0;
     if (t->whole_process) {
-        /* Threads born since apply inherited the reserved mask and have no saved mask:
+        /* Threads born since apply inherited a reserved mask and have no saved mask:
          * they get the main thread's previous one; the saved threads are then set back
          * exactly. */
         int rc = pa_affinity_set_process(t->id, &t->fallback, NULL);
@@ -532,52 +643,105 @@ static int pa__restore_target(pa__target_t *t) {
     }
     int rc = pa_affinity_restore(&t->saved);
     if (rc != 0 && first_error == 0) first_error = rc;
-    pa_affinity_saved_free(&t->saved);
     return first_error;
 }
 
-int pa_cores_apply(pa_cores_t *cores, pa_core_reservation_t reservation, pid_t target, bool whole_process) {
-    pthread_mutex_lock(&cores->lock);
-    int rc = 0;
-    pa__reservation_t *r = pa__lookup(cores, reservation);
-    if (!r) rc = -ENOENT;
-    if (rc == 0 && r->target_count == r->target_capacity) {
-        size_t capacity = r->target_capacity ? r->target_capacity * 2 : 4;
-        pa__target_t *targets = realloc(r->targets, capacity * sizeof(*targets));
-        if (!targets) rc = -ENOMEM;
-        else {
-            r->targets = targets;
-            r->target_capacity = capacity;
-        }
+/* The mask a target should have now: its newest live reservation's. */
+static const pa_cpumask_t *pa__target_mask(pa_cores_t *cores, const pa__target_t *t) {
+    return &pa__lookup(cores, t->applied[t->applied_count - 1])->mask;
+}
+
+/* Removes reservation id from t's list; returns whether it was t's newest. */
+static bool pa__target_drop(pa__target_t *t, pa_core_reservation_t id) {
+    for (size_t i = t->applied_count; i-- > 0;) {
+        if (t->applied[i] != id) continue;
+        bool newest = i == t->applied_count - 1;
+        memmove(&t->applied[i], &t->applied[i + 1], (t->applied_count - i - 1) * sizeof(*t->applied));
+        t->applied_count--;
+        return newest;
     }
-    if (rc == 0) {
-        pa__target_t t;
-        memset(&t, 0, sizeof(t));
-        pa_affinity_saved_init(&t.saved);
-        t.whole_process = whole_process;
-        /* 0 means "the caller": resolve it now, since release may run on another thread.
-         * gettid through syscall(2): the glibc wrapper is 2.30+, newer than manylinux. */
-        t.id = target != 0 ? target : (whole_process ? getpid() : (pid_t)syscall(SYS_gettid));
-        if (t.id < 0) rc = -ESRCH;
+    return false;
+}
+
+static int pa__target_push(pa__target_t *t, pa_core_reservation_t id) {
+    (void)pa__target_drop(t, id); /* applied again: it becomes the newest */
+    if (t->applied_count == t->applied_capacity) {
+        size_t capacity = t->applied_capacity ? t->applied_capacity * 2 : 4;
+        pa_core_reservation_t *applied = realloc(t->applied, capacity * sizeof(*applied));
+        if (!applied) return -ENOMEM;
+        t->applied = applied;
+        t->applied_capacity = capacity;
+    }
+    t->applied[t->applied_count++] = id;
+    return 0;
+}
+
+int pa_cores_apply(pa_cores_t *cores, pa_core_reservation_t reservation, pid_t target, bool whole_process) {
+    int rc = pa__enter(cores);
+    if (rc != 0) return rc;
+    pa__reservation_t *r = pa__lookup(cores, reservation);
+    /* 0 means "the caller": resolve it now, since release may run on another thread.
+     * gettid through syscall(2): the glibc wrapper is 2.30+, newer than manylinux. */
+    pid_t id = target != 0 ? target : (whole_process ? getpid() : (pid_t)syscall(SYS_gettid));
+    if (!r) rc = -ENOENT;
+    else if (id < 0) rc = -ESRCH;
+    pa__target_t *t = rc == 0 ? pa__find_target(cores, id, whole_process) : NULL;
+    if (t && !pa__target_same(t)) {
+        /* the task we knew under this id is gone: its record is stale */
+        pa__target_free(cores, t);
+        t = NULL;
+    }
+    if (rc == 0 && t) {
+        /* already held by a reservation: its originals are saved; switch masks */
+        rc = t->whole_process ? pa_affinity_set_process(t->id, &r->mask, NULL) : pa_affinity_set_thread(t->id, &r->mask);
+        if (rc == 0) {
+            rc = pa__target_push(t, reservation);
+            if (rc != 0) (void)pa__set_target(t, pa__target_mask(cores, t));
+        }
+    } else if (rc == 0) {
+        if (cores->target_count == cores->target_capacity) {
+            size_t capacity = cores->target_capacity ? cores->target_capacity * 2 : 4;
+            pa__target_t *targets = realloc(cores->targets, capacity * sizeof(*targets));
+            if (!targets) rc = -ENOMEM;
+            else {
+                cores->targets = targets;
+                cores->target_capacity = capacity;
+            }
+        }
+        pa__target_t fresh;
+        memset(&fresh, 0, sizeof(fresh));
+        pa_affinity_saved_init(&fresh.saved);
+        fresh.id = id;
+        fresh.whole_process = whole_process;
+        fresh.pidfd = (int)syscall(SYS_pidfd_open, id, 0);
+        if (fresh.pidfd < 0) fresh.pidfd = -1;
+        /* identity first, so a task that exits during the apply cannot be mistaken later */
+        if (rc == 0 && pa_task_start_time(id, &fresh.start_time) == -ESRCH) rc = -ESRCH;
+        if (rc == 0) rc = pa__target_push(&fresh, reservation);
         if (rc == 0 && whole_process) {
-            rc = pa_affinity_get(t.id, &t.fallback);
-            if (rc == 0) rc = pa_affinity_set_process(t.id, &r->mask, &t.saved);
+            rc = pa_affinity_get(id, &fresh.fallback);
+            if (rc == 0) rc = pa_affinity_set_process(id, &r->mask, &fresh.saved);
         } else if (rc == 0) {
             pa_cpumask_t previous;
-            rc = pa_affinity_get(t.id, &previous);
-            if (rc == 0) rc = pa__saved_push(&t.saved, t.id, &previous);
-            if (rc == 0) rc = pa_affinity_set_thread(t.id, &r->mask);
+            rc = pa_affinity_get(id, &previous);
+            if (rc == 0) rc = pa__saved_push(&fresh.saved, id, &previous);
+            if (rc == 0) rc = pa_affinity_set_thread(id, &r->mask);
         }
-        if (rc == 0) r->targets[r->target_count++] = t;
-        else pa_affinity_saved_free(&t.saved);
+        if (rc == 0) {
+            cores->targets[cores->target_count++] = fresh;
+        } else {
+            if (fresh.pidfd >= 0) close(fresh.pidfd);
+            pa_affinity_saved_free(&fresh.saved);
+            free(fresh.applied);
+        }
     }
     pthread_mutex_unlock(&cores->lock);
     return rc;
 }
 
 int pa_cores_resize(pa_cores_t *cores, pa_core_reservation_t reservation, unsigned new_count) {
-    pthread_mutex_lock(&cores->lock);
-    int rc = 0;
+    int rc = pa__enter(cores);
+    if (rc != 0) return rc;
     pa__reservation_t *r = pa__lookup(cores, reservation);
     unsigned current = r ? pa_cpumask_count(&r->mask) : 0;
     if (!r) rc = -ENOENT;
@@ -614,14 +778,20 @@ int pa_cores_resize(pa_cores_t *cores, pa_core_reservation_t reservation, unsign
         return rc;
     }
 
+    /* Only targets whose newest reservation this is run on its cores now. */
     size_t done = 0;
-    for (; done < r->target_count; done++) {
-        rc = pa__reapply(&r->targets[done], &new_mask);
+    for (; done < cores->target_count; done++) {
+        pa__target_t *t = &cores->targets[done];
+        if (t->applied[t->applied_count - 1] != reservation) continue;
+        rc = pa__set_target(t, &new_mask);
         if (rc != 0) break;
     }
     if (rc != 0) {
         /* Put the reservation and the targets already re-applied back as they were. */
-        for (size_t i = done; i-- > 0;) (void)pa__reapply(&r->targets[i], &old_mask);
+        for (size_t i = done; i-- > 0;) {
+            pa__target_t *t = &cores->targets[i];
+            if (t->applied[t->applied_count - 1] == reservation) (void)pa__set_target(t, &old_mask);
+        }
         pa__unhold(cores, &new_mask, r->exclusive);
         pa__hold(cores, &old_mask, r->exclusive, index);
     } else {
@@ -631,18 +801,28 @@ int pa_cores_resize(pa_cores_t *cores, pa_core_reservation_t reservation, unsign
     return rc;
 }
 
-/* Restores the targets, frees the cores and the slot. Under lock. */
+/* Takes the reservation off every target (each goes to its newest remaining
+ * reservation's mask, or its original when none remains), frees the cores and the slot.
+ * Under lock. */
 static int pa__release_locked(pa_cores_t *cores, pa__reservation_t *r) {
+    const size_t index = (size_t)(r - cores->slots);
+    const pa_core_reservation_t id = pa__make_id(r->generation, index);
     int first_error = 0;
-    for (size_t i = r->target_count; i-- > 0;) {
-        int rc = pa__restore_target(&r->targets[i]);
+    for (size_t i = cores->target_count; i-- > 0;) {
+        pa__target_t *t = &cores->targets[i];
+        /* not applied here, or below its newest: dropped, and the target keeps running on
+         * its newest reservation's cores */
+        if (!pa__target_drop(t, id)) continue;
+        int rc;
+        if (t->applied_count == 0) {
+            rc = pa__restore_original(t);
+            pa__target_free(cores, t);
+        } else {
+            rc = pa__set_target(t, pa__target_mask(cores, t));
+        }
         if (rc != 0 && first_error == 0) first_error = rc;
     }
-    free(r->targets);
-    r->targets = NULL;
-    r->target_count = r->target_capacity = 0;
     pa__unhold(cores, &r->mask, r->exclusive);
-    size_t index = (size_t)(r - cores->slots);
     r->live = false;
     r->generation++;
     if (r->generation == 0) r->generation = 1; /* 0 would make the id look like "none" */
@@ -653,26 +833,42 @@ static int pa__release_locked(pa_cores_t *cores, pa__reservation_t *r) {
 }
 
 int pa_cores_release(pa_cores_t *cores, pa_core_reservation_t reservation) {
-    pthread_mutex_lock(&cores->lock);
+    int rc = pa__enter(cores);
+    if (rc != 0) return rc;
     pa__reservation_t *r = pa__lookup(cores, reservation);
-    int rc = r ? pa__release_locked(cores, r) : -ENOENT;
+    rc = r ? pa__release_locked(cores, r) : -ENOENT;
     pthread_mutex_unlock(&cores->lock);
     return rc;
 }
 
 void pa_cores_destroy(pa_cores_t *cores) {
     if (!cores) return;
+    if (pa__inherited(cores)) {
+        /* a child of fork: the targets are the parent's to restore, and the lock may be
+         * held by a thread that does not exist here; free the memory only */
+        for (size_t i = 0; i < cores->target_count; i++) {
+            if (cores->targets[i].pidfd >= 0) close(cores->targets[i].pidfd);
+            pa_affinity_saved_free(&cores->targets[i].saved);
+            free(cores->targets[i].applied);
+        }
+        free(cores->targets);
+        free(cores->slots);
+        free(cores);
+        return;
+    }
     pthread_mutex_lock(&cores->lock);
-    for (size_t i = cores->slot_count; i-- > 0;)
-        if (cores->slots[i].live) (void)pa__release_locked(cores, &cores->slots[i]);
+    for (size_t i = 0; i < cores->target_count; i++) (void)pa__restore_original(&cores->targets[i]);
+    while (cores->target_count) pa__target_free(cores, &cores->targets[cores->target_count - 1]);
     pthread_mutex_unlock(&cores->lock);
     pthread_mutex_destroy(&cores->lock);
+    free(cores->targets);
     free(cores->slots);
     free(cores);
 }
 
 int pa_cores_available(pa_cores_t *cores, pa_cpumask_t *free_exclusive, pa_cpumask_t *allowed) {
-    pthread_mutex_lock(&cores->lock);
+    int rc = pa__enter(cores);
+    if (rc != 0) return rc;
     if (free_exclusive) {
         pa_cpumask_zero(free_exclusive);
         for (unsigned cpu = 0; cpu < PA_CPU_MAX; cpu++)
@@ -684,7 +880,7 @@ int pa_cores_available(pa_cores_t *cores, pa_cpumask_t *free_exclusive, pa_cpuma
 }
 
 size_t pa_cores_live(pa_cores_t *cores) {
-    pthread_mutex_lock(&cores->lock);
+    if (pa__enter(cores) != 0) return 0;
     size_t live = cores->live;
     pthread_mutex_unlock(&cores->lock);
     return live;

@@ -14,8 +14,13 @@
  * The registry hands out cores from an allowed set (by default the calling process's
  * affinity at creation). An exclusive reservation takes cores no other reservation holds;
  * shared reservations may overlap each other but never an exclusive one. A reservation may
- * be applied to targets (a thread or a whole process); each target's previous masks are
- * saved and restored on release, and a resize re-applies the new mask to every target.
+ * be applied to targets (a thread or a whole process). A target runs on the mask of the
+ * newest live reservation applied to it; when the last one is released it gets back the
+ * masks it had before the first apply. Releases may come in any order (or by expiry):
+ * each leaves every target on the cores of its newest remaining reservation. A resize
+ * re-applies the new mask to the targets whose newest reservation it is.
+ * A target is identified by its id and its start time (pa_task_start_time): one that has
+ * exited, or whose id was reused by another task, is never touched again.
  * "Exclusive" is among holders of this registry: keeping other processes off the cores
  * needs cpusets/isolcpus, which are the operator's business.
  *
@@ -23,6 +28,14 @@
  * another process stays pinned. The Python CPU strategy journals such pins to disk first
  * and restores them after a crash (prealloc/journal.py, `prealloc recover`); a C host that
  * pins other processes through this registry has to do the same on its side.
+ *
+ * NULL: every call returning int answers -EINVAL for a NULL registry or a NULL pointer it
+ * needs (a NULL `allowed`/`prefer`/out-mask that the call documents as optional is fine);
+ * pa_cores_live(NULL) is 0, pa_cores_destroy(NULL) a no-op.
+ *
+ * fork: a registry inherited by a child of fork() answers -EOWNERDEAD to every call
+ * (pa_cores_live 0), and pa_cores_destroy in the child frees its memory without touching
+ * any target: the pins are the parent's, which still holds them.
  *
  * Complexity and progress: affinity calls are O(threads) syscalls. The registry is guarded
  * by one mutex (blocking); reservations are O(cores) under it. Not a hot path.
@@ -80,6 +93,11 @@ PA_API int pa_affinity_set_process(pid_t pid, const pa_cpumask_t *mask, pa_affin
  * empties saved. Returns 0 or the first error other than ESRCH. */
 PA_API int pa_affinity_restore(pa_affinity_saved_t *saved);
 
+/* The task's start time in clock ticks since boot (field 22 of /proc/<tid>/stat; tid 0 =
+ * the calling thread). (id, start time) names one task for its whole life: the identity
+ * rule of the registry below and of prealloc/journal.py. -ESRCH when no such task. */
+PA_API int pa_task_start_time(pid_t tid, uint64_t *start_ticks);
+
 /* ---- core reservation registry ---- */
 
 typedef struct pa_cores pa_cores_t; /* opaque: holds a mutex */
@@ -88,7 +106,7 @@ typedef uint64_t pa_core_reservation_t; /* (generation << 32) | index; 0 = none 
 /* allowed: the cores this registry may hand out (NULL = the calling thread's affinity).
  * -EINVAL when allowed is empty. */
 PA_API int pa_cores_create(const pa_cpumask_t *allowed, pa_cores_t **out);
-/* Restores every target of every live reservation, then frees. */
+/* Puts every target back to its original masks, then frees. */
 PA_API void pa_cores_destroy(pa_cores_t *cores);
 
 /* Reserves `count` cores (lowest free first, preferring cpus in prefer when given).
@@ -117,9 +135,11 @@ PA_API int pa_cores_apply(pa_cores_t *cores, pa_core_reservation_t reservation, 
  * are put back as they were and the error is returned. */
 PA_API int pa_cores_resize(pa_cores_t *cores, pa_core_reservation_t reservation, unsigned new_count);
 
-/* Restores every target's previous masks (targets that have exited are skipped) and frees
- * the cores. -ENOENT for stale. The reservation is gone even when a restore fails; the
- * first such error (other than ESRCH) is then returned. */
+/* Takes the reservation off its targets (each moves to its newest remaining reservation's
+ * mask, or back to its original masks when none remains; targets that have exited or
+ * whose id was reused are skipped) and frees the cores. -ENOENT for stale. The
+ * reservation is gone even when a restore fails; the first such error (other than
+ * ESRCH) is then returned. */
 PA_API int pa_cores_release(pa_cores_t *cores, pa_core_reservation_t reservation);
 
 /* Cores free for an exclusive reservation now / the allowed set. */
