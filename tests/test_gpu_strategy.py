@@ -306,18 +306,22 @@ from prealloc import ResourcePreallocator
 strategy = GpuMemoryStrategy(monitor=monitor)
 with ResourcePreallocator(allocation_strategies={ResourceType.GPU: strategy},
                           resource_monitors={ResourceType.GPU: monitor}) as pre:
-    allocation_id = pre.request_preallocation(ResourceRequest(ResourceType.GPU, 32))
-    assert pre.wait_ready(allocation_id, timeout=30)
-    allocation = pre.get_allocation(allocation_id)
+    # allocates now, on this thread: the allocation comes back ALLOCATED (or FAILED, saying why)
+    allocation = pre.request_preallocation(ResourceRequest(ResourceType.GPU, 32))
+    assert allocation.status.name == "ALLOCATED", allocation.failure_reason
+    allocation_id = allocation.allocation_id
     during = used()
     with pre.claim(allocation_id) as claim:
         cai = claim.resource.__cuda_array_interface__
         ctypes.memset(claim.resource.ptr, 1, claim.resource.size)
+    del claim  # the consumer's last view: the deferred release completes
     gc.collect()
     result = [allocation.allocated_amount, allocation.details["bytes"], during, cai["version"], cai["shape"]]
-emit(result + [used()])
+emit(result + [used(), monitor.closed])  # the caller's monitor stays open: it is the caller's
+strategy.close()
+monitor.close()
 """)
-    assert out == [32, 32 * MiB, 132 * MiB, 3, [32 * MiB], 100 * MiB]
+    assert out == [32, 32 * MiB, 132 * MiB, 3, [32 * MiB], 100 * MiB, False]
 
 
 def test_bad_arguments_change_nothing():
