@@ -8,6 +8,7 @@
 """
 from .base import AvailabilityCallback, EventSource, ResourceMonitor
 from .disk import BlockDevice, DiskMonitor, block_device_of
+from .nvml import GpuDeviceInfo, GpuUnavailable, NvmlMonitor, nvml_unavailable_reason
 from .pagecache import PageCacheMonitor
 from .pressure import (
     PressureLine,
@@ -24,6 +25,9 @@ __all__ = [
     "CgroupCpu",
     "CgroupMemory",
     "EventSource",
+    "GpuDeviceInfo",
+    "GpuUnavailable",
+    "NvmlMonitor",
     "PageCacheMonitor",
     "PressureLine",
     "PressureReading",
@@ -31,6 +35,7 @@ __all__ = [
     "PressureTriggerUnavailable",
     "ResourceMonitor",
     "SystemResourceMonitor",
+    "nvml_unavailable_reason",
     "parse_pressure",
     "read_pressure",
 ]
