@@ -432,6 +432,10 @@ cdef class EngineCore:
     def _owner_count(self):
         return len(self._owners)
 
+    def _busy_count(self):
+        """Adjusts in flight (tests)."""
+        return len(self._busy)
+
     # ------------------------------------------------------------------ public hot paths
     def request_preallocation(self, request):
         """Allocates now, on the calling thread. Returns the allocation: ALLOCATED, or
@@ -874,7 +878,7 @@ cdef class EngineCore:
             planned = new_amount
             extra = 0.0
             if self._quotas_active:
-                planned = float(strategy.planned_amount(None, new_amount))  # ValueError: absurd
+                planned = float(strategy.planned_resize(handle, new_amount))  # ValueError: absurd
                 if planned > charged:
                     try:
                         self._ledger.charge(rtype, application, planned - charged, request_amount=planned)

@@ -87,6 +87,11 @@ class AllocationStrategy(abc.ABC):
         hold (more cores than exist). Default: amount itself."""
         return amount
 
+    def planned_resize(self, handle: Any, new_amount: float) -> float:
+        """What ``adjust(handle, new_amount)`` would leave held, known before resizing
+        (the engine charges the growth with it). Default: planned_amount(None, new_amount)."""
+        return self.planned_amount(None, new_amount)  # type: ignore[arg-type]
+
     @abc.abstractmethod
     def allocate(self, request: ResourceRequest, amount: float,
                  availability: ResourceAvailability | None) -> Grant:
