@@ -8,7 +8,10 @@
 #   need -> usable: prealloc claim + first kernel | cold cudaMalloc + first kernel |
 #                   PyTorch's warm caching allocator + kernel
 #   first CUDA call: cold context | context warmed by a GPU allocation
-# and prints one table.
+# and prints one table. Every timed process imports torch/cupy before its clock starts and
+# pays that library's own lazy CUDA initialisation inside it, in every row alike; what
+# differs is the context (created, or already retained by prealloc) and the memory
+# (cudaMalloc now, mapped ahead, or cached by the library's allocator).
 #
 # Usage:  benchmarks/gpu/check.sh            (from the repository root, prealloc importable)
 # Env:    PREALLOC_PYTHON   the interpreter (default: python3)
