@@ -36,11 +36,15 @@
  * -------------------------------------------
  * pa_table_get loads the state with acquire (pairs with the release that published the
  * record), loads the fields relaxed, issues an acquire fence and loads the state again.
- * Insert, before writing the fields of a reused slot, issues a release fence; the slot's
- * generation was bumped (by the removal) before that fence. If any field load saw a value
- * of a later record, the two fences synchronise and the second state load sees the bumped
- * generation, so the snapshot is rejected: a returned snapshot always belongs to the id
- * that was asked for (the ordinary seqlock argument, Boehm, "Can seqlocks get along with
+ * Every writer of a field issues a release fence before its relaxed stores: insert
+ * before it fills a reused slot, and set_allocated, set_expiry and the winner of a
+ * transition right after registering (writer_enter / the transition CAS, both of which
+ * read the state word at the new record's generation, so the removal's bump happens
+ * before their fence). If any field load of a reader saw a value written by a later
+ * record (by its insert or by any later field writer), that writer's fence synchronises
+ * with the reader's acquire fence and the second state load sees the bumped generation,
+ * so the snapshot is rejected: a returned snapshot always belongs to the id that was
+ * asked for (the ordinary seqlock argument, Boehm, "Can seqlocks get along with
  * programming language memory models?", MSPC 2012).
  *
  * The free list
@@ -51,6 +55,24 @@
  * are never freed before destroy, so reading a popped-away slot's next_free is safe.
  * Never-used slots come from a bump counter instead, so an empty table touches no memory
  * for slots.
+ *
+ * Spreading reuse (the generation bound of table.h)
+ * -------------------------------------------------
+ * A LIFO stack hands the slot freed last to the next insert, so a loop of insert/remove
+ * with few records live would cycle one slot's 32-bit generation through every value in
+ * minutes. So every PA__COOL_PERIOD-th removal of a slot (when the generation it leaves
+ * ends in 16 one bits) sends the slot to the back of a FIFO "cool" list instead of the
+ * stack. Inserts take the stack first, then the cool list once it holds PA__COOL_MIN
+ * slots, then a never-used slot, then the cool list whatever its length. In the worst
+ * churn a slot thus serves 2^16 reuses and then waits behind at least PA__COOL_MIN others
+ * that each serve 2^16 (or behind every slot of a small table): the memory kept for
+ * spreading is PA__COOL_MIN records (128 KiB) beyond the live ones. The cool list is a
+ * linked list through next_free guarded by a spin flag held for O(1); removal only tries
+ * it (a busy flag sends the slot to the stack, to cool at its next period), and an insert
+ * spins for it only when the stack is empty — so insert and remove stay lock-free
+ * except for that O(1) wait on the rare path.
+ * Fresh slots start at generation 1 (state FREE, which no id names), so a slot's
+ * generation is never 0 and insert uses it as it finds it.
  */
 #define _GNU_SOURCE
 #include "prealloc/table.h"
@@ -60,6 +82,7 @@
 #include <string.h>
 
 #include "atomics.h"
+#include "table_debug.h"
 
 #define PA__SLOT_FREE 0xFFu
 #define PA__STATUS_MASK 0xFFull
@@ -67,6 +90,8 @@
 #define PA__WRITER_MASK (0xFFFFull << 8)
 #define PA__REMOVE_PENDING (1ull << 24)
 #define PA__CHUNK_MASK (PA_TABLE_CHUNK_SLOTS - 1u)
+#define PA__COOL_PERIOD_MASK 0xFFFFu /* a slot cools when the generation it leaves ends so */
+#define PA__COOL_MIN 1024u           /* cooled slots waiting before the list is drawn from */
 
 typedef struct pa__slot {
     /* first cache line: what lookups and status changes touch */
@@ -114,6 +139,10 @@ struct pa_table {
     /* live count = sum of the shards (see live_add) */
     PA_CACHE_ALIGNED _Atomic uint64_t live_shared;
     pa__live_shard_t live_shards[PA__LIVE_SHARDS];
+    /* the cool list (see "Spreading reuse"): head and tail are index + 1, 0 = empty */
+    PA_CACHE_ALIGNED atomic_flag cool_busy;
+    uint32_t cool_head, cool_tail; /* cool_busy */
+    _Atomic uint32_t cool_count;   /* written under cool_busy, read without it */
     /* read-only after create (the chunk pointers themselves are atomics) */
     PA_CACHE_ALIGNED uint32_t capacity;
     uint32_t chunk_count;
@@ -191,8 +220,8 @@ static int chunk_install(pa_table_t *t, uint32_t chunk_index) {
     if (!fresh) return -ENOMEM;
     for (uint32_t i = 0; i < n; i++) {
         pa__slot_t *s = &fresh[i];
-        /* generation 0 + FREE: no id (generation >= 1) can name a never-used slot */
-        pa__store_relaxed(&s->state, state_make(0, PA__SLOT_FREE));
+        /* FREE: no id can name a never-used slot; generation 1 is its first record's */
+        pa__store_relaxed(&s->state, state_make(1, PA__SLOT_FREE));
         pa__store_relaxed(&s->next_free, 0);
         pa__store_relaxed(&s->resource_type, 0);
         pa__store_relaxed(&s->requested, 0);
@@ -248,6 +277,55 @@ static void free_push(pa_table_t *t, uint32_t index) {
     }
 }
 
+/* ---- the cool list ---- */
+
+static void cool_lock(pa_table_t *t) {
+    /* acquire: pairs with cool_unlock's release, so the list is seen as the last holder
+     * left it */
+    while (atomic_flag_test_and_set_explicit(&t->cool_busy, memory_order_acquire)) pa__cpu_relax();
+}
+
+static void cool_unlock(pa_table_t *t) {
+    atomic_flag_clear_explicit(&t->cool_busy, memory_order_release);
+}
+
+/* Appends a freed slot; false (nothing done) when another thread holds the list. */
+static bool cool_try_push(pa_table_t *t, uint32_t index) {
+    if (atomic_flag_test_and_set_explicit(&t->cool_busy, memory_order_acquire)) return false;
+    pa__slot_t *s = slot_at(t, index);
+    pa__store_relaxed(&s->next_free, 0);
+    if (t->cool_tail == 0)
+        t->cool_head = index + 1;
+    else
+        pa__store_relaxed(&slot_at(t, t->cool_tail - 1)->next_free, index + 1);
+    t->cool_tail = index + 1;
+    pa__store_relaxed(&t->cool_count, pa__load_relaxed(&t->cool_count) + 1);
+    cool_unlock(t);
+    return true;
+}
+
+/* Takes the oldest cooled slot when at least `least` are waiting. */
+static bool cool_pop(pa_table_t *t, uint32_t least, uint32_t *index_out) {
+    if (pa__load_relaxed(&t->cool_count) < (least ? least : 1)) return false;
+    cool_lock(t);
+    bool got = t->cool_head != 0 && pa__load_relaxed(&t->cool_count) >= least;
+    if (got) {
+        *index_out = t->cool_head - 1;
+        t->cool_head = pa__load_relaxed(&slot_at(t, *index_out)->next_free);
+        if (t->cool_head == 0) t->cool_tail = 0;
+        pa__store_relaxed(&t->cool_count, pa__load_relaxed(&t->cool_count) - 1);
+    }
+    cool_unlock(t);
+    return got;
+}
+
+/* Gives a freed slot back: to the cool list once a period, else to the stack. `left` is
+ * the generation the removed record had. */
+static void slot_recycle(pa_table_t *t, uint32_t index, uint32_t left) {
+    if ((left & PA__COOL_PERIOD_MASK) == PA__COOL_PERIOD_MASK && cool_try_push(t, index)) return;
+    free_push(t, index);
+}
+
 /* A never-used slot from the bump counter. Its chunk is installed before the index is
  * taken, so an allocation failure leaves the counter untouched and loses no capacity. */
 static int bump_take(pa_table_t *t, uint32_t *index_out) {
@@ -270,7 +348,7 @@ static void slot_release(pa_table_t *t, pa__slot_t *s, uint32_t index, uint64_t 
     /* release: pairs with acquire loads of the state (get/status); the bumped generation
      * makes every old id stale */
     pa__store_release(&s->state, state_make(generation_next(state_generation(state)), PA__SLOT_FREE));
-    free_push(t, index);
+    slot_recycle(t, index, state_generation(state));
     live_add(t, (uint64_t)-1);
 }
 
@@ -321,6 +399,9 @@ int pa_table_create(uint32_t capacity, pa_table_t **out) {
     for (uint32_t i = 0; i < t->chunk_count; i++) pa__store_relaxed(&t->chunks[i], NULL);
     pa__store_relaxed(&t->free_head, 0);
     pa__store_relaxed(&t->bump, 0);
+    atomic_flag_clear_explicit(&t->cool_busy, memory_order_relaxed);
+    t->cool_head = t->cool_tail = 0;
+    pa__store_relaxed(&t->cool_count, 0);
     pa__store_relaxed(&t->live_shared, 0);
     for (unsigned i = 0; i < PA__LIVE_SHARDS; i++) pa__store_relaxed(&t->live_shards[i].count, 0);
     *out = t;
@@ -345,14 +426,14 @@ int pa_table_insert_at(pa_table_t *t, const pa_record_init_t *init, uint64_t now
     if (!isfinite(init->allocated) || init->allocated < 0) return -EINVAL;
 
     uint32_t index;
-    if (!free_pop(t, &index)) {
+    if (!free_pop(t, &index) && !cool_pop(t, PA__COOL_MIN, &index)) {
         int rc = bump_take(t, &index);
+        if (rc == -ENOSPC && cool_pop(t, 0, &index)) rc = 0;
         if (rc != 0) return rc;
     }
     pa__slot_t *s = slot_at(t, index);
     /* The slot is ours alone: the stack pop (or the bump) gave it to this thread only. */
     uint32_t generation = state_generation(pa__load_relaxed(&s->state));
-    if (generation == 0) generation = 1; /* first use of the slot */
 
     /* release fence (seqlock writer side): pairs with the acquire fence in pa_table_get.
      * A reader whose field loads see the stores below also sees, on its re-check, the
@@ -391,7 +472,7 @@ int pa_table_remove(pa_table_t *t, pa_id_t id) {
             /* acq_rel: acquire orders the last writer's stores (its acq_rel fetch_sub)
              * before the reuse; release publishes the bumped generation to readers */
             if (pa__cas_weak_acq_rel(&s->state, &state, freed)) {
-                free_push(t, id_index(id));
+                slot_recycle(t, id_index(id), state_generation(state));
                 live_add(t, (uint64_t)-1);
                 return 0;
             }
@@ -481,6 +562,9 @@ int pa_table_transition_at(pa_table_t *t, pa_id_t id, uint32_t from_mask, pa_sta
      * caller's time taken before this record was created moves up to its creation, so
      * the stamps never run backwards */
     if (now == 0) now = pa_clock_now_ns();
+    /* release fence (seqlock writer side): pairs with the acquire fence in pa_table_get,
+     * as for the other field writers */
+    pa__fence_release();
     uint64_t created = pa__load_relaxed(&s->created_ns);
     if (now < created) now = created;
     pa__store_relaxed(&s->updated_ns, now);
@@ -503,6 +587,8 @@ int pa_table_set_allocated(pa_table_t *t, pa_id_t id, double allocated) {
     if (!s) return -ENOENT;
     int rc = writer_enter(s, id);
     if (rc != 0) return rc;
+    /* release fence (seqlock writer side): pairs with the acquire fence in pa_table_get */
+    pa__fence_release();
     pa__store_relaxed(&s->allocated, pa__double_bits(allocated));
     writer_exit(t, s, id_index(id));
     return 0;
@@ -514,6 +600,8 @@ int pa_table_set_expiry(pa_table_t *t, pa_id_t id, uint64_t expires_ns, uint64_t
     if (!s) return -ENOENT;
     int rc = writer_enter(s, id);
     if (rc != 0) return rc;
+    /* release fence (seqlock writer side): pairs with the acquire fence in pa_table_get */
+    pa__fence_release();
     pa__store_relaxed(&s->expires_ns, expires_ns);
     pa__store_relaxed(&s->timer, timer);
     writer_exit(t, s, id_index(id));
@@ -575,4 +663,17 @@ void pa_table_count_by_status(const pa_table_t *t, size_t counts[PA_STATUS_COUNT
     pa_id_t id;
     while (scan_next(t, &cursor, &id, &status))
         if (status < PA_STATUS_COUNT) counts[status]++;
+}
+
+/* ---- test hook (table_debug.h) ---- */
+
+int pa__table_set_generation(pa_table_t *t, uint32_t index, uint32_t generation) {
+    if (!t || generation == 0 || index >= t->capacity) return -EINVAL;
+    int rc = chunk_install(t, index >> PA_TABLE_CHUNK_SHIFT);
+    if (rc != 0) return rc;
+    pa__slot_t *s = slot_at(t, index);
+    uint64_t state = pa__load_acquire(&s->state);
+    if (state_status(state) != PA__SLOT_FREE) return -EBUSY;
+    pa__store_release(&s->state, state_make(generation, PA__SLOT_FREE));
+    return 0;
 }

@@ -53,6 +53,10 @@
  * Timers are nodes in a pool that grows by doubling up to the capacity (indices are
  * stable, so a realloc is fine); free nodes form a singly linked list. A timer id is
  * (generation << 32) | index with the generation >= 1, bumped when the node is freed.
+ * As in the table, reuse is spread so that a schedule/fire loop does not cycle one
+ * node's generation: every 2^16th free of a node sends it to the back of a FIFO "cool"
+ * list, drawn from once it holds PA__COOL_MIN nodes (or when the pool is full), before
+ * the pool grows otherwise. The bound is stated in wheel.h.
  */
 #define _GNU_SOURCE
 #include "prealloc/wheel.h"
@@ -65,6 +69,8 @@
 #define PA__NIL UINT32_MAX
 #define PA__WHEEL_MAX_CAPACITY (1u << 31)
 #define PA__POOL_INITIAL 256u
+#define PA__COOL_PERIOD_MASK 0xFFFFu /* a node cools when the generation it leaves ends so */
+#define PA__COOL_MIN 1024u
 
 /* List numbers: the level slots, then the due and overflow lists; a free node has none. */
 enum {
@@ -96,6 +102,8 @@ struct pa_wheel {
     uint32_t pool_size; /* nodes allocated */
     uint32_t pool_used; /* nodes ever handed out (the rest of the pool is untouched) */
     uint32_t free_head;
+    uint32_t cool_head, cool_tail; /* FIFO through next; PA__NIL = empty */
+    uint32_t cool_count;
     pa__timer_node_t *nodes;
     uint32_t head[PA__LIST_COUNT];
     uint32_t tail[PA__LIST_COUNT];
@@ -182,10 +190,21 @@ static void file_timer(pa_wheel_t *w, uint32_t index) {
 
 /* ---- the pool ---- */
 
+static void cool_pop(pa_wheel_t *w, uint32_t *index_out) {
+    *index_out = w->cool_head;
+    w->cool_head = w->nodes[w->cool_head].next;
+    if (w->cool_head == PA__NIL) w->cool_tail = PA__NIL;
+    w->cool_count--;
+}
+
 static int node_alloc(pa_wheel_t *w, uint32_t *index_out) {
     if (w->free_head != PA__NIL) {
         *index_out = w->free_head;
         w->free_head = w->nodes[w->free_head].next;
+        return 0;
+    }
+    if (w->cool_count >= PA__COOL_MIN || (w->cool_count > 0 && w->pool_used == w->capacity)) {
+        cool_pop(w, index_out);
         return 0;
     }
     if (w->pool_used == w->pool_size) {
@@ -206,12 +225,23 @@ static int node_alloc(pa_wheel_t *w, uint32_t *index_out) {
 
 static void node_free(pa_wheel_t *w, uint32_t index) {
     pa__timer_node_t *n = &w->nodes[index];
+    const uint32_t left = n->generation;
     /* a new generation makes the old id stale; skip 0 so that an id is never 0 */
     n->generation = n->generation == UINT32_MAX ? 1u : n->generation + 1u;
     n->list = PA__LIST_NONE;
+    w->pending--;
+    if ((left & PA__COOL_PERIOD_MASK) == PA__COOL_PERIOD_MASK) {
+        n->next = PA__NIL;
+        if (w->cool_tail == PA__NIL)
+            w->cool_head = index;
+        else
+            w->nodes[w->cool_tail].next = index;
+        w->cool_tail = index;
+        w->cool_count++;
+        return;
+    }
     n->next = w->free_head;
     w->free_head = index;
-    w->pending--;
 }
 
 static inline pa_timer_id_t node_id(const pa_wheel_t *w, uint32_t index) {
@@ -318,6 +348,7 @@ int pa_wheel_create(uint64_t tick_ns, uint64_t start_ns, uint32_t capacity, pa_w
     w->current = start_ns / tick_ns;
     w->capacity = capacity;
     w->free_head = PA__NIL;
+    w->cool_head = w->cool_tail = PA__NIL;
     for (unsigned i = 0; i < PA__LIST_COUNT; i++) w->head[i] = w->tail[i] = PA__NIL;
     *out = w;
     return 0;

@@ -5,6 +5,7 @@
  */
 #include <math.h>
 
+#include "../../src/native/table_debug.h"
 #include "pa_test.h"
 #include "prealloc/table.h"
 
@@ -392,6 +393,50 @@ static void test_generation_cycles(void) {
     pa_table_destroy(t);
 }
 
+/* One record churned in a loop: reuse is spread, so no slot's generation runs ahead
+ * (a LIFO free list gives the one hot slot every cycle: generation 300000 here). */
+static void test_generation_spread(void) {
+    pa_table_t *t;
+    REQUIRE(pa_table_create(4096, &t) == 0);
+    pa_record_init_t init = make_init(PA_STATUS_PENDING, 0);
+    uint32_t highest = 0;
+    const int cycles = 300000;
+    for (int i = 0; i < cycles; i++) {
+        pa_id_t id;
+        REQUIRE(pa_table_insert(t, &init, &id) == 0);
+        if ((uint32_t)(id >> 32) > highest) highest = (uint32_t)(id >> 32);
+        REQUIRE(pa_table_transition(t, id, PA_STATUS_BIT(PA_STATUS_PENDING), PA_STATUS_EXPIRED, NULL) == 0);
+        REQUIRE(pa_table_remove(t, id) == 0);
+    }
+    CHECK(highest <= 65536u);
+    if (highest > 65536u) fprintf(stderr, "  highest generation %u after %d cycles\n", highest, cycles);
+    pa_table_destroy(t);
+}
+
+/* The generation wraps from 2^32 - 1 to 1, never 0: the new record is reachable, its id is
+ * not PA_ID_NONE, and the id from before the wrap is stale. */
+static void test_generation_wrap(void) {
+    pa_table_t *t;
+    REQUIRE(pa_table_create(1, &t) == 0);
+    REQUIRE(pa__table_set_generation(t, 0, UINT32_MAX) == 0);
+    CHECK_EQ_INT(pa__table_set_generation(t, 0, 0), -EINVAL);
+    pa_record_init_t init = make_init(PA_STATUS_PENDING, 0);
+    pa_id_t old_id, new_id;
+    REQUIRE(pa_table_insert(t, &init, &old_id) == 0);
+    CHECK_EQ_INT(old_id >> 32, UINT32_MAX);
+    CHECK_EQ_INT(pa__table_set_generation(t, 0, 5), -EBUSY);
+    REQUIRE(pa_table_transition(t, old_id, PA_STATUS_BIT(PA_STATUS_PENDING), PA_STATUS_EXPIRED, NULL) == 0);
+    REQUIRE(pa_table_remove(t, old_id) == 0);
+    REQUIRE(pa_table_insert(t, &init, &new_id) == 0);
+    CHECK(new_id != PA_ID_NONE);
+    CHECK_EQ_INT(new_id >> 32, 1);
+    pa_record_t r;
+    CHECK_EQ_INT(pa_table_get(t, new_id, &r), 0);
+    CHECK_EQ_INT(pa_table_status(t, new_id), PA_STATUS_PENDING);
+    CHECK_EQ_INT(pa_table_get(t, old_id, &r), -ENOENT);
+    pa_table_destroy(t);
+}
+
 int main(void) {
     RUN_TEST(test_insert_get_status);
     RUN_TEST(test_transition_matrix);
@@ -400,6 +445,8 @@ int main(void) {
     RUN_TEST(test_bad_input_changes_nothing);
     RUN_TEST(test_collect_and_count);
     RUN_TEST(test_generation_cycles);
+    RUN_TEST(test_generation_spread);
+    RUN_TEST(test_generation_wrap);
     RUN_TEST(test_lifecycle_stamps);
     RUN_TEST(test_caller_timestamps);
     TEST_MAIN_END();

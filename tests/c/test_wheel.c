@@ -314,6 +314,30 @@ static void test_same_tick_determinism(void) {
     free(logs[1].items);
 }
 
+/* A schedule/fire loop with one timer pending spreads over nodes: no timer id's
+ * generation runs ahead (a LIFO free list gives one node every cycle). */
+static void test_generation_spread(void) {
+    pa_wheel_t *w;
+    REQUIRE(pa_wheel_create(1000, 0, 1u << 20, &w) == 0);
+    uint32_t highest = 0;
+    uint64_t now = 0;
+    for (int i = 0; i < 300000; i++) {
+        pa_timer_id_t id;
+        REQUIRE(pa_wheel_schedule(w, now + 1000, (uint64_t)i, &id) == 0);
+        if ((uint32_t)(id >> 32) > highest) highest = (uint32_t)(id >> 32);
+        if (i % 2) {
+            now += 1000;
+            REQUIRE(pa_wheel_advance(w, now, NULL, NULL) == 1);
+        } else {
+            REQUIRE(pa_wheel_cancel(w, id) == 0);
+        }
+    }
+    CHECK(highest <= 65536u);
+    if (highest > 65536u) fprintf(stderr, "  highest generation %u\n", highest);
+    CHECK_EQ_INT(pa_wheel_pending(w), 0);
+    pa_wheel_destroy(w);
+}
+
 int main(void) {
     RUN_TEST(test_create_validation);
     RUN_TEST(test_rounding_and_exact_tick);
@@ -321,5 +345,6 @@ int main(void) {
     RUN_TEST(test_cascade_walk);
     RUN_TEST(test_same_tick_determinism);
     RUN_TEST(test_model_random);
+    RUN_TEST(test_generation_spread);
     TEST_MAIN_END();
 }

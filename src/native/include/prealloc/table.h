@@ -19,7 +19,9 @@
  * Slots are stored in fixed-size chunks reached through a directory that is allocated
  * once at init (capacity / PA_TABLE_CHUNK_SLOTS pointers); a chunk is allocated the first
  * time one of its slots is handed out and is never freed or moved before destroy. Free
- * slots form a Treiber stack whose head carries a 32-bit tag against ABA.
+ * slots form a Treiber stack whose head carries a 32-bit tag against ABA; every 2^16th
+ * reuse of a slot sends it to the back of a FIFO "cool" list instead, so that a churn
+ * of few records spreads over many slots (see Limits).
  *
  * Complexity and progress
  * -----------------------
@@ -27,14 +29,26 @@
  *   transition / set_*:           O(1), lock-free (CAS retry only when another thread
  *                                 changed the same record).
  *   insert / remove:              O(1), lock-free (Treiber stack CAS; a chunk allocation
- *                                 calls malloc once per PA_TABLE_CHUNK_SLOTS inserts).
+ *                                 calls malloc once per PA_TABLE_CHUNK_SLOTS inserts;
+ *                                 the cool list is a spin flag held for O(1), which
+ *                                 remove only tries and insert waits for only when the
+ *                                 stack is empty).
  *   collect / count:              O(capacity touched so far); a scan, not a snapshot.
  *
  * Limits
  * ------
  *   capacity <= PA_TABLE_MAX_CAPACITY live records; insert answers -ENOSPC beyond it.
- *   A slot's generation wraps after 2^32 - 1 reuses of that one slot; only an id held
- *   across 4 billion reuses of its own slot could alias.
+ *   Generations: a slot's generation wraps (2^32 - 1 -> 1, never 0) after 2^32 - 1
+ *   reuses of that slot, and an id held across that many reuses of its own slot would
+ *   alias. Reuse is spread: a slot serves at most 2^16 reuses in a row and then waits in
+ *   FIFO order behind at least 1024 other cooled slots (or every other slot, in a table
+ *   of capacity < 1025), each of which serves up to 2^16 before it comes back. So in the
+ *   worst case, a single-record insert/remove loop, a slot's generation wraps only after
+ *   about min(capacity, 1025) * 2^32 inserts in the whole table: 4.4e12, about 3.4 days at
+ *   15 M inserts/s (capacity 1 wraps after 2^32, about 5 minutes: nothing to spread
+ *   over). Spreading keeps at most 1024 records (128 KiB) in the cool list beyond the
+ *   live ones. An id kept that long after its record was removed is a caller bug the
+ *   table cannot detect.
  *   Fields other than the status are individually atomic; a snapshot (pa_table_get) is
  *   guaranteed to belong to the id asked for, and each field is a value the record held.
  */
@@ -89,7 +103,9 @@ typedef struct pa_table pa_table_t;
 /* capacity: the most records live at once (1 .. PA_TABLE_MAX_CAPACITY); memory for
  * slots is taken chunk by chunk as they are first used. -EINVAL, -ENOMEM. */
 PA_API int pa_table_create(uint32_t capacity, pa_table_t **out);
-/* Frees everything. No other thread may use the table during or after. NULL is a no-op. */
+/* Frees everything. No other thread may use the table during or after. NULL is a no-op.
+ * NULL rule (every module): a call given a NULL object or a NULL pointer it needs answers
+ * -EINVAL (size_t/uint32_t answers 0; destroy does nothing). */
 PA_API void pa_table_destroy(pa_table_t *table);
 
 /* Inserts a record; *out_id receives its id. -EINVAL (bad initial status, NaN or

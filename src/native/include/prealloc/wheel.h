@@ -35,7 +35,12 @@
  *
  * Timers live in a pool owned by the wheel; a pa_timer_id_t is (generation << 32) | index
  * like table ids, so cancelling a timer that already fired (or was cancelled) answers
- * -ENOENT instead of touching another timer.
+ * -ENOENT instead of touching another timer. A node's generation wraps (2^32 - 1 -> 1)
+ * after 2^32 - 1 reuses; reuse is spread as in the table (a node serves at most 2^16
+ * reuses in a row, then waits in FIFO order behind at least 1024 other cooled nodes, or
+ * every node of a smaller capacity), so in a schedule/fire loop a timer id aliases only
+ * after about min(capacity, 1025) * 2^32 schedules; the pool keeps at most 1024 nodes
+ * (40 KiB) beyond the pending ones for it.
  *
  * Complexity and progress
  * -----------------------
