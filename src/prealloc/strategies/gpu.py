@@ -206,6 +206,10 @@ class _Driver:
         self.call("cuDevicePrimaryCtxRelease", device)
 
 
+def _handle_types(exportable: bool) -> int:
+    return CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR if exportable else CU_MEM_HANDLE_TYPE_NONE
+
+
 def _allocation_prop(device: int, handle_types: int) -> _MemAllocationProp:
     prop = _MemAllocationProp()
     prop.type = CU_MEM_ALLOCATION_TYPE_PINNED
@@ -280,8 +284,7 @@ class GpuReservation:
         """Maps chunks at the end until ``target`` bytes are mapped; on failure the
         chunks this call made are gone again and CudaError propagates."""
         made = len(self.chunks)
-        handle_types = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR if self.exportable else CU_MEM_HANDLE_TYPE_NONE
-        prop = _allocation_prop(self.device, handle_types)
+        prop = _allocation_prop(self.device, _handle_types(self.exportable))
         access = _MemAccessDesc()
         access.location.type = CU_MEM_LOCATION_TYPE_DEVICE
         access.location.id = self.device
@@ -577,6 +580,12 @@ def import_buffer(pieces: list[ExportedChunk], device: int = 0) -> ImportedGpuBu
     return ImportedGpuBuffer(pieces, device)
 
 
+def _uuid_body(uuid: str) -> str:
+    """The UUID without NVML's "GPU-" / "MIG-" prefix: the driver gives a MIG instance's
+    UUID as bare bytes, NVML names it "MIG-..."."""
+    return uuid.split("-", 1)[1] if uuid[:4] in ("GPU-", "MIG-") else uuid
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
@@ -652,11 +661,19 @@ class GpuMemoryStrategy(AllocationStrategy):
         monitor = self._nvml()
         if monitor is None:
             return None
-        uuid = driver.uuid(device)
+        uuid = _uuid_body(driver.uuid(device))
         for info in monitor.devices():
-            if info.uuid == uuid:
+            if _uuid_body(info.uuid) == uuid:
                 return info
         return None
+
+    def _exportable_on(self, driver: _Driver, device: int) -> tuple[bool, str | None]:
+        """(exportable, why not) for memory created on device."""
+        if not self.exportable:
+            return False, "exportable=False"
+        if not driver.attribute(CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED, device):
+            return False, "the device does not support POSIX fd handles"
+        return True, None
 
     def _choose_device(self, driver: _Driver, request: ResourceRequest) -> int:
         wanted = request.metadata.custom_properties.get("device", self.device)
@@ -668,8 +685,8 @@ class GpuMemoryStrategy(AllocationStrategy):
         monitor = self._nvml()
         if monitor is None or count == 1:
             return 0
-        free_by_uuid = {info.uuid: info.free for info in monitor.devices()}
-        return max(range(count), key=lambda d: (free_by_uuid.get(driver.uuid(d), -1), -d))
+        free_by_uuid = {_uuid_body(info.uuid): info.free for info in monitor.devices()}
+        return max(range(count), key=lambda d: (free_by_uuid.get(_uuid_body(driver.uuid(d)), -1), -d))
 
     # -- the interface ---------------------------------------------------------------------
 
@@ -678,7 +695,8 @@ class GpuMemoryStrategy(AllocationStrategy):
         try:
             driver = _Driver.get()
             device = self._choose_device(driver, request)
-            granularity = self._granularity_of(driver, device, CU_MEM_HANDLE_TYPE_NONE)
+            exportable, _ = self._exportable_on(driver, device)
+            granularity = self._granularity_of(driver, device, _handle_types(exportable))
         except (GpuUnavailable, CudaError, AllocationError):
             return amount  # allocate will fail with the reason
         return _round_up(max(1, math.ceil(amount * MiB)), granularity) / MiB
@@ -699,14 +717,8 @@ class GpuMemoryStrategy(AllocationStrategy):
     def _allocate_on(self, driver: _Driver, device: int, amount: float) -> tuple[float, GpuReservation]:
         if not driver.attribute(CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, device):
             raise AllocationError(f"GPU {device} does not support virtual memory management")
-        exportable, export_error = self.exportable, None
-        if exportable and not driver.attribute(CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED,
-                                               device):
-            exportable, export_error = False, "the device does not support POSIX fd handles"
-        elif not exportable:
-            export_error = "exportable=False"
-        handle_types = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR if exportable else CU_MEM_HANDLE_TYPE_NONE
-        granularity = self._granularity_of(driver, device, handle_types)
+        exportable, export_error = self._exportable_on(driver, device)
+        granularity = self._granularity_of(driver, device, _handle_types(exportable))
         requested = max(1, math.ceil(amount * MiB))
         nbytes = _round_up(requested, granularity)
         before = self._nvml_info(driver, device)
