@@ -1,7 +1,8 @@
 """The MEMORY strategy, called directly (not through the engine): what it plans is what
 it maps, huge pages by default for large reservations, a release under a live view is
 deferred until the unmap, lock refusals are reported once and clearly, absurd sizes are
-refused. Checked against /proc/self/smaps, /proc/self/maps and VmLck."""
+refused; a state machine holds the charges to what mincore says is resident. Checked
+against mincore, /proc/self/smaps and VmLck."""
 from __future__ import annotations
 
 import ctypes
@@ -19,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
 from osutil import vm_lck
 from prealloc import _native, core
-from prealloc.strategies.base import AllocationError, DeferredRelease
+from prealloc.strategies.base import AllocationError, DeferredRelease, InsufficientResources
 from prealloc.strategies.memory import MemoryAllocationStrategy, thp_honours_madvise, thp_mode
 from prealloc.types import ResourceRequest, ResourceType
 
@@ -338,3 +341,109 @@ def test_one_lock_warning_per_strategy_even_from_many_threads(caplog):
     finally:
         for g in grants:
             strategy.release(g.handle)
+
+
+# -- the ledger equals what is mapped, whatever the order of calls -----------------------
+
+STRATEGIES = {"auto": MemoryAllocationStrategy(), "huge": MemoryAllocationStrategy(huge_pages=True),
+              "base": MemoryAllocationStrategy(huge_pages=False)}
+
+
+class Held:
+    """One allocation as a quota ledger would see it: charged from allocate until the
+    strategy says the memory is gone (release returned None, or its DeferredRelease ran)."""
+
+    def __init__(self, grant, kind: str) -> None:
+        self.region, self.kind, self.charged = grant.handle, kind, grant.amount
+        self.views: list = []
+        self.released = False
+        self.gone = False
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    """Allocate / view / drop views (directly, in a GC cycle, on another thread) / adjust
+    / release in any order; after every step the charges of what is not gone equal the
+    bytes resident in those regions (mincore), and what is gone is charged nothing."""
+
+    holdings = Bundle("holdings")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.all: list[Held] = []
+
+    @rule(target=holdings, kind=st.sampled_from(sorted(STRATEGIES)), mib=st.sampled_from([0.01, 0.5, 3, 9]))
+    def allocate(self, kind, mib):
+        strategy = STRATEGIES[kind]
+        planned = strategy.planned_amount(request(mib), mib)
+        grant = allocate(strategy, mib)
+        assert grant.amount == planned
+        held = Held(grant, kind)
+        self.all.append(held)
+        return held
+
+    @rule(held=holdings)
+    def take_view(self, held):
+        if not held.released:
+            held.views.append(memoryview(held.region))
+
+    @rule(held=holdings, how=st.sampled_from(["del", "gc", "thread"]))
+    def drop_view(self, held, how):
+        if not held.views:
+            return
+        view = held.views.pop()
+        if how == "gc":
+            cycle: list = [view]
+            cycle.append(cycle)
+            del view, cycle
+            gc.collect()
+        elif how == "thread":
+            box = [view]
+            del view
+            thread = threading.Thread(target=box.clear)
+            thread.start()
+            thread.join()
+        else:
+            del view
+
+    @rule(held=holdings, mib=st.sampled_from([0.5, 2, 5]))
+    def adjust(self, held, mib):
+        if held.released:
+            return
+        strategy = STRATEGIES[held.kind]
+        expected = strategy.planned_resize(held.region, mib)
+        try:
+            got = strategy.adjust(held.region, mib)
+        except (AllocationError, InsufficientResources):
+            assert held.views  # only live views may stop a resize here
+            return
+        assert got == expected
+        held.charged = got
+
+    @rule(held=consumes(holdings))
+    def release(self, held):
+        deferred = STRATEGIES[held.kind].release(held.region)
+        held.released = True
+        if deferred is None:
+            assert not held.views
+            held.gone = True
+        else:
+            assert held.views
+            deferred.add_done_callback(lambda: setattr(held, "gone", True))
+
+    @invariant()
+    def ledger_matches_the_os(self):
+        for held in self.all:
+            if held.gone:
+                assert held.region.size == 0 and not held.views
+                continue
+            mapped = int(held.charged * MiB)
+            assert resident(held.region.address, mapped) == mapped, (held.kind, held.charged)
+
+    def teardown(self):
+        for held in self.all:
+            held.views.clear()
+            STRATEGIES[held.kind].release(held.region)
+
+
+LedgerMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=20, deadline=None, database=None)
+test_ledger_equals_what_is_mapped = LedgerMachine.TestCase
