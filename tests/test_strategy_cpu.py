@@ -162,3 +162,50 @@ def test_adjust_grows_the_claimed_process_mask(strategy, child):
             len(grant.handle.reservation.cores) == 2
     finally:
         strategy.release(grant.handle)
+
+
+# -- the core face's edge checks (prealloc.core: set_affinity and friends) ---------------
+
+ONLINE = sorted(core.online_cpus())
+
+
+@pytest.mark.parametrize("cores, error, words", [
+    ("01", TypeError, "not str"),
+    (b"\x00\x01", TypeError, "not bytes"),
+    (5, TypeError, "not int"),
+    ([0.0], TypeError, "not float"),
+    ([True], TypeError, "not bool"),
+    ([max(ONLINE) + 1], ValueError, f"valid cpus are {ONLINE}"),
+    ([2**64], ValueError, f"valid cpus are {ONLINE}"),
+    ([-1], ValueError, f"valid cpus are {ONLINE}"),
+    ([], ValueError, f"valid cpus are {ONLINE}"),
+])
+def test_set_affinity_refuses_what_is_not_a_set_of_online_cpus(cores, error, words):
+    before = os.sched_getaffinity(0), cpus_allowed(os.getpid())
+    for call in (lambda: core.set_affinity(0, cores), lambda: core.set_thread_affinity(0, cores)):
+        with pytest.raises(error, match="cores") as caught:
+            call()
+        assert words in str(caught.value)
+    assert (os.sched_getaffinity(0), cpus_allowed(os.getpid())) == before  # nothing changed
+
+
+@pytest.mark.parametrize("pid, error", [(2**64, ValueError), (2**31, ValueError), (-1, ValueError),
+                                        (1.0, TypeError), (True, TypeError), ("0", TypeError)])
+def test_pids_and_tids_outside_the_range_name_the_argument(pid, error):
+    with pytest.raises(error, match="pid"):
+        core.set_affinity(pid, ONLINE)
+    with pytest.raises(error, match="pid"):
+        core.get_affinity(pid)
+    with pytest.raises(error, match="tid"):
+        core.get_thread_affinity(pid)
+    with pytest.raises(error, match="tid"):
+        core.set_thread_affinity(pid, ONLINE)
+
+
+def test_numpy_integers_are_cpu_ids(child):
+    import numpy as np
+
+    first = min(ALLOWED)
+    with core.set_affinity(np.int64(child.pid), np.array([first])) as change:
+        assert change.threads == len(thread_ids(child.pid))
+        assert cpus_allowed(child.pid) == {first}
