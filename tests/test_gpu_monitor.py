@@ -123,6 +123,19 @@ def test_nvml_error_is_unavailable_with_the_reason(fake_gpu_factory):
     assert out == "nvmlDeviceGetMemoryInfo: GPU is lost"
 
 
+def test_a_refused_process_list_leaves_memory_figures_standing(fake_gpu_factory):
+    machine = fake_gpu_factory()
+    machine.fault("nvmlDeviceGetComputeRunningProcesses", 4)  # NVML_ERROR_NO_PERMISSION (a container)
+    out = machine.run("""
+        from prealloc.monitors.nvml import NvmlMonitor
+        with NvmlMonitor() as monitor:
+            info = monitor.device(0)
+            emit([info.used, info.processes, info.process_used])
+    """)
+    assert out == [100 * MiB, [], 0]
+    assert machine.state.faults[0].hits == 1
+
+
 def test_close_shuts_nvml_down_and_reads_still_work(fake_gpu_factory):
     machine = fake_gpu_factory()
     out = machine.run("""

@@ -57,12 +57,12 @@ def kernel_sum(cai_owner, nbytes):
         t = torch.as_tensor(cai_owner, device="cuda:0").view(torch.float32)
         assert t.data_ptr() == cai_owner.__cuda_array_interface__["data"][0], "torch copied the buffer"
         t.fill_(1.0)
-        return float(t.sum().item())
+        return float(t.sum(dtype=torch.float64).item())  # exact: float32 sums stop counting at 2**24
     if LIB == "cupy":
         a = cupy.asarray(cai_owner).view(cupy.float32)
         assert a.data.ptr == cai_owner.__cuda_array_interface__["data"][0], "cupy copied the buffer"
         a.fill(1.0)
-        return float(a.sum().item())
+        return float(a.sum(dtype=cupy.float64).item())
     return None
 
 try:

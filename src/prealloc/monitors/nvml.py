@@ -184,11 +184,13 @@ class NvmlMonitor(ResourceMonitor):
             raise GpuUnavailable(_describe_nvml_error(pynvml, exc, name)) from exc
 
     def _optional(self, name: str, *args: Any) -> Any:
-        """The call's result, or None where the device does not support it."""
+        """The call's result, or None where the device (not supported), the container
+        (no permission) or an older driver (no such function) does not give it."""
         pynvml = self._nvml
         try:
             return getattr(pynvml, name)(*args)
-        except pynvml.NVMLError_NotSupported:
+        except (pynvml.NVMLError_NotSupported, pynvml.NVMLError_NoPermission, pynvml.NVMLError_FunctionNotFound,
+                getattr(pynvml, "NVMLLibraryMismatchError", pynvml.NVMLError_FunctionNotFound)):
             return None
         except pynvml.NVMLError as exc:
             raise GpuUnavailable(_describe_nvml_error(pynvml, exc, name)) from exc
