@@ -21,7 +21,8 @@
  *                 [--parts mixed,split,fill]
  * (--only runs the mutex heap and the implementations whose name contains TEXT; --parts
  * picks the workloads, all three by default; --parts profile runs one fill-then-drain of one
- * implementation for valgrind)
+ * implementation for valgrind, item by item; --parts profile-batch the same with the batch
+ * calls)
  * Defaults: threads 1, 2 and powers of two up to twice the online CPUs; sizes 1e3 and 1e6;
  * ops 200000 per thread; reps 5.
  */
@@ -413,7 +414,7 @@ static double fill_drain_ns(const impl_t *im, const batch_items_t *it, long n, i
 /* For valgrind (cachegrind / callgrind): one fill-then-drain, item by item, of the first
  * implementation whose name contains `only` (default the unindexed pq), per size; nothing
  * else runs, so the counts divide by 2N into per-operation figures. */
-static void profile_fill_drain(const long *sizes, int nsizes, const char *only, long *failures) {
+static void profile_fill_drain(const long *sizes, int nsizes, const char *only, int mode, long *failures) {
     const impl_t *im = &impls[2];
     for (size_t k = 0; only && k < NIMPL; k++)
         if (strstr(impls[k].name, only)) {
@@ -429,8 +430,8 @@ static void profile_fill_drain(const long *sizes, int nsizes, const char *only, 
             it.values[i] = (uint64_t)i + 1;
             random_key(&rng, &it.p[i], &it.c[i], &it.d[i]);
         }
-        printf("profile: %s, fill then drain %ld items: %.1f ns/item\n", im->name, n,
-               fill_drain_ns(im, &it, n, 0, failures));
+        printf("profile: %s%s, fill then drain %ld items: %.1f ns/item\n", im->name,
+               mode ? ", batch calls" : "", n, fill_drain_ns(im, &it, n, mode, failures));
         free(it.values);
         free(it.p);
         free(it.c);
@@ -562,7 +563,8 @@ int main(int argc, char **argv) {
         }
         for (size_t k = 0; k < NIMPL; k++) impls[k].destroy(qs[k]);
     }
-    if (strstr(parts, "profile")) profile_fill_drain(sizes, nsizes, only, &failures);
+    if (strstr(parts, "profile"))
+        profile_fill_drain(sizes, nsizes, only, strstr(parts, "profile-batch") ? 1 : 0, &failures);
     if (strstr(parts, "split")) bench_split(sizes, nsizes, ops, reps, &failures);
     if (strstr(parts, "fill")) bench_fill_drain(sizes, nsizes, reps, &failures);
     if (failures) printf("\n%ld operations failed (pop found the queue empty or push errored)\n", failures);

@@ -946,6 +946,68 @@ int pa_pq_push(pa_pq_t *pq, uint64_t value, double priority, double confidence, 
 #define PQ_BATCH_CHUNK 256
 static inline size_t batch_chunk(size_t left) { return left < PQ_BATCH_CHUNK ? left : PQ_BATCH_CHUNK; }
 
+/* Sorts nodes by key (a merge sort: no callback per comparison, stable is not needed as
+ * keys are unique). tmp has room for n. */
+static void sort_nodes(pq_node_t **a, pq_node_t **tmp, size_t n) {
+    /* insertion sort of runs of 8, then bottom-up merges */
+    for (size_t lo = 0; lo < n; lo += 8) {
+        size_t hi = lo + 8 < n ? lo + 8 : n;
+        for (size_t i = lo + 1; i < hi; i++) {
+            pq_node_t *x = a[i];
+            size_t j = i;
+            while (j > lo && key_less(x->key, a[j - 1]->key)) {
+                a[j] = a[j - 1];
+                j--;
+            }
+            a[j] = x;
+        }
+    }
+    for (size_t width = 8; width < n; width *= 2) {
+        for (size_t lo = 0; lo < n; lo += 2 * width) {
+            size_t mid = lo + width < n ? lo + width : n, hi = lo + 2 * width < n ? lo + 2 * width : n;
+            size_t i = lo, j = mid, k = lo;
+            while (i < mid && j < hi) tmp[k++] = key_less(a[j]->key, a[i]->key) ? a[j++] : a[i++];
+            while (i < mid) tmp[k++] = a[i++];
+            while (j < hi) tmp[k++] = a[j++];
+        }
+        for (size_t i = 0; i < n; i++) a[i] = tmp[i];
+    }
+}
+
+/* One chunk of an unindexed batch push: every node is allocated first (so a failure
+ * pushes nothing of the chunk and the pushed items stay a prefix of the input), keyed
+ * with the chunk's arrival numbers in input order, then inserted in key order — each
+ * insert's search then follows the previous one's path, whose nodes are in cache (each is
+ * still a separate push, linearizable on its own; they overlap, so any order among them
+ * is allowed, and keys with their tickets are fixed before any is visible). */
+static int push_chunk_sorted(pq_op_t *op, size_t chunk, const uint64_t *values, const double *priorities,
+                             const double *confidences, const double *deadlines) {
+    pa_pq_t *const pq = op->pq;
+    pq_node_t *nodes[PQ_BATCH_CHUNK], *tmp[PQ_BATCH_CHUNK];
+    unsigned levels = levels_in_use(pq);
+    unsigned cap = levels + 1 < PQ_MAX_LEVEL ? levels + 1 : PQ_MAX_LEVEL;
+    for (size_t k = 0; k < chunk; k++) {
+        nodes[k] = node_alloc(op->t, random_level(op->t, cap));
+        if (!nodes[k]) {
+            while (k > 0) node_recycle(nodes[--k]); /* never published */
+            return -ENOMEM;
+        }
+    }
+    uint64_t ticket = pa__fetch_add_relaxed(&pq->arrival, chunk);
+    for (size_t k = 0; k < chunk; k++) {
+        pq_node_t *n = nodes[k];
+        n->key[0] = ~enc_asc(priorities[k]);
+        n->key[1] = ~enc_asc(confidences[k]);
+        n->key[2] = (isnan(deadlines[k]) || isinf(deadlines[k])) ? UINT64_MAX : enc_asc(deadlines[k]);
+        n->key[3] = ticket + k;
+        n->value = values[k];
+    }
+    sort_nodes(nodes, tmp, chunk);
+    size_add(op, (int64_t)chunk);
+    for (size_t k = 0; k < chunk; k++) skiplist_insert(pq, nodes[k], levels);
+    return 0;
+}
+
 int pa_pq_push_many(pa_pq_t *pq, size_t n, const uint64_t *values, const double *priorities,
                     const double *confidences, const double *deadlines, size_t *pushed) {
     if (pushed) *pushed = 0;
@@ -962,13 +1024,18 @@ int pa_pq_push_many(pa_pq_t *pq, size_t n, const uint64_t *values, const double 
             break;
         }
         size_t chunk = batch_chunk(n - done);
-        /* Unindexed: one counter update reserves the chunk's arrival numbers, in input
-         * order (so equal keys keep it). Indexed pushes may fail (-EEXIST) and take theirs
-         * one by one. */
-        uint64_t ticket = indexed ? PQ_NO_TICKET : pa__fetch_add_relaxed(&pq->arrival, chunk);
+        if (!indexed) {
+            /* one counter update reserves the chunk's arrival numbers, in input order (so
+             * equal keys keep it) */
+            rc = push_chunk_sorted(&op, chunk, values + done, priorities + done, confidences + done,
+                                   deadlines + done);
+            if (rc == 0) done += chunk;
+            op_end(&op);
+            continue;
+        }
+        /* Indexed pushes may fail (-EEXIST) and take their numbers one by one, in order. */
         for (size_t k = 0; k < chunk; k++, done++) {
-            rc = push_one(&op, values[done], priorities[done], confidences[done], deadlines[done],
-                          indexed ? PQ_NO_TICKET : ticket + k);
+            rc = push_one(&op, values[done], priorities[done], confidences[done], deadlines[done], PQ_NO_TICKET);
             if (rc != 0) break;
         }
         op_end(&op);

@@ -45,8 +45,9 @@ static atomic_long produced, consumed;
 
 static void *producer(void *arg) {
     for (long r = 0; r < ROUNDS; r++) {
-        /* stay at most one batch ahead of the consumer, as a queue in steady state does */
-        while (atomic_load(&consumed) < r * BATCH - BATCH) sched_yield();
+        /* lockstep: a batch is pushed once the previous one was consumed, so the nodes
+         * alive at once do not depend on how the threads get scheduled */
+        while (atomic_load(&consumed) < r * BATCH) sched_yield();
         for (long i = 0; i < BATCH; i++)
             if (pa_pq_push(pq, (uint64_t)(r * BATCH + i), (double)(i % 101), 0.5, NAN) != 0) return NULL;
         atomic_fetch_add(&produced, BATCH);
