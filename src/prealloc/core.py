@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import operator
 import os
+import sys
 from typing import Iterable
 
 from . import _native
@@ -89,6 +90,8 @@ def reserve_memory(
     machine = physical_memory()
     if machine and nbytes > machine:
         raise ValueError(f"cannot reserve {nbytes} bytes: the machine has {machine} bytes of RAM")
+    if nbytes > sys.maxsize:  # beyond what one mapping can span (mmap takes up to PTRDIFF_MAX)
+        raise ValueError(f"cannot reserve {nbytes} bytes: more than the address space")
     flags = 0
     if populate:
         flags |= _native.MEM_POPULATE
