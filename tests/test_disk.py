@@ -336,3 +336,59 @@ def test_a_gone_target_fails_the_allocation_and_leaves_nothing(strategy, tmp_pat
         strategy.allocate(request(2, tmp_path, pid=gone.pid, io_priority="best-effort:0"), 2, None)
     assert listing(tmp_path) == []
     assert [p for p in private_affinity_journal.iterdir() if p.suffix == ".json"] == []
+
+
+# ---- the cgroup weight, the second mechanism ----
+
+@pytest.fixture
+def child_in_blkio_cgroup(child):
+    """The child moved into a v1 blkio (or v2) cgroup of our own, which has a weight file."""
+    if not ROOT:
+        pytest.skip("creating a cgroup and moving a process into it needs root")
+    from prealloc.monitors.disk import _cgroup_mounts
+    mounts = _cgroup_mounts()
+    base = mounts.get("blkio")
+    if base is None:
+        pytest.skip("no cgroup v1 blkio hierarchy mounted here")
+    group = base / f"prealloc-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "cgroup.procs").write_text(str(child.pid))
+        if not any((group / n).exists() for n in ("blkio.weight", "blkio.bfq.weight")):
+            pytest.skip("the blkio cgroup has no weight file (neither CFQ nor BFQ)")
+        yield child, group
+    finally:
+        for pid in (group / "cgroup.procs").read_text().split():
+            (base / "cgroup.procs").write_text(pid)
+        group.rmdir()
+
+
+def test_io_weight_of_a_target_cgroup_is_set_reported_and_restored(tmp_path, child_in_blkio_cgroup,
+                                                                   private_affinity_journal):
+    from prealloc.monitors.disk import read_io_weight
+    child, group = child_in_blkio_cgroup
+    strategy = DiskStrategy(headroom_mib=0)
+    weight_file = next(group / n for n in ("blkio.weight", "blkio.bfq.weight") if (group / n).exists())
+    before = read_io_weight(weight_file)
+    grant = strategy.allocate(request(1, tmp_path, pid=child.pid, mode="none", io_weight=500), 1, None)
+    assert read_io_weight(weight_file) == 500
+    report = strategy.describe(grant.handle)["io_weight"]
+    assert report["applied"] and report["file"] == str(weight_file) and report["previous"] == before
+    assert report["effect"].startswith(("effective", "no effect"))
+    assert len([p for p in private_affinity_journal.iterdir() if p.suffix == ".json"]) == 1
+    strategy.release(grant.handle)
+    assert read_io_weight(weight_file) == before
+    assert [p for p in private_affinity_journal.iterdir() if p.suffix == ".json"] == []
+
+
+def test_io_weight_where_there_is_no_weight_file_is_reported(strategy, tmp_path):
+    from prealloc.monitors.disk import cgroup_io_weight_files
+    if any(cgroup_io_weight_files(os.getpid()).values()):
+        pytest.skip("this process's cgroup has a weight file; the absent case cannot be shown here")
+    grant = strategy.allocate(request(1, tmp_path, mode="none", io_weight=200), 1, None)
+    strategy.claim(grant.handle)
+    report = strategy.describe(grant.handle)["io_weight"]
+    assert report["applied"] is False and report["reason"]
+    strategy.release(grant.handle)
+    with pytest.raises(AllocationError, match="io_weight"):
+        strategy.allocate(request(1, tmp_path, io_weight=5000), 1, None)

@@ -258,6 +258,8 @@ DISK_HOST = textwrap.dedent("""
     pid = int(sys.argv[3]) if len(sys.argv) > 3 else None
     if pid:
         props.update(mode="none", io_priority="best-effort:6")
+    if len(sys.argv) > 4:
+        props["io_weight"] = int(sys.argv[4])
     request = ResourceRequest(ResourceType.DISK_IO, 4.0,
                               metadata=RequestMetadata(target_process_id=pid, custom_properties=props))
     grant = strategy.allocate(request, 4.0, None)
@@ -266,8 +268,10 @@ DISK_HOST = textwrap.dedent("""
 """)
 
 
-def start_disk_host(directory, data_dir, target: int | None = None) -> tuple[subprocess.Popen, str]:
-    args = [sys.executable, "-c", DISK_HOST, str(directory), str(data_dir)] + ([str(target)] if target else [])
+def start_disk_host(directory, data_dir, target: int | None = None,
+                    weight: int | None = None) -> tuple[subprocess.Popen, str]:
+    args = [sys.executable, "-c", DISK_HOST, str(directory), str(data_dir)] + ([str(target)] if target else []) \
+        + ([str(weight)] if weight else [])
     host = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
     line = host.stdout.readline().strip()
     assert line, "the host died before reserving"
@@ -425,3 +429,30 @@ def test_an_entry_of_unknown_kind_is_set_aside(journal_dir):
     assert (journal_dir / "u.bad").exists()
     with pytest.raises(ValueError, match="kind"):
         journal.Journal(journal_dir).record("teleport")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating a cgroup and moving a process into it needs root")
+def test_a_killed_hosts_cgroup_weight_is_undone_by_recover(child, tmp_path, journal_dir):
+    from prealloc.monitors.disk import _cgroup_mounts, read_io_weight
+    base = _cgroup_mounts().get("blkio")
+    if base is None:
+        pytest.skip("no cgroup v1 blkio hierarchy mounted here")
+    group = base / f"prealloc-journal-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "cgroup.procs").write_text(str(child.pid))
+        weight_file = next((group / n for n in ("blkio.weight", "blkio.bfq.weight") if (group / n).exists()), None)
+        if weight_file is None:
+            pytest.skip("the blkio cgroup has no weight file (neither CFQ nor BFQ)")
+        before = read_io_weight(weight_file)
+        host, _ = start_disk_host(journal_dir, tmp_path, child.pid, weight=321)
+        assert read_io_weight(weight_file) == 321
+        kill(host)
+        assert read_io_weight(weight_file) == 321  # still, after SIGKILL
+        results = journal.recover(journal_dir)
+        assert sorted(r.kind for r in results) == ["cgroup_weight", "ioprio"]
+        assert read_io_weight(weight_file) == before and entries(journal_dir) == []
+    finally:
+        for pid in (group / "cgroup.procs").read_text().split():
+            (base / "cgroup.procs").write_text(pid)
+        group.rmdir()

@@ -163,7 +163,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _add_recover(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
-        "recover", help="undo what a host that died without releasing left behind (CPU pins, "
+        "recover", help="undo what a host that died without releasing left behind (CPU pins, cgroup I/O weights, "
                         "I/O priorities, reserve files)",
         description="Reads the side-effect journal (prealloc.journal) and, for every entry whose owner "
                     "process is dead, undoes it: each thread of a target that still has the CPU mask or "
@@ -197,6 +197,9 @@ def _run_recover(args: argparse.Namespace) -> int:
         if r.kind == journal.KIND_RESERVE_FILE:
             print(f"reserve file {r.removed}: removed" if r.removed else
                   "reserve file: " + ("already gone" if r.target_gone else "replaced by another file; left alone"))
+        elif r.kind == journal.KIND_CGROUP_WEIGHT:
+            print(f"cgroup weight {r.removed}: restored" if r.removed else
+                  "cgroup weight: " + ("cgroup gone" if r.target_gone else "changed by someone else since; left alone"))
         elif r.target_gone:
             print(f"process {r.target_pid}: gone; entry removed")
         else:

@@ -9,13 +9,15 @@ here, and undoing it deletes the entry.
 
 One format for every kind: a JSON object with
 
-- ``kind``: what to undo — ``"affinity"``, ``"ioprio"`` or ``"reserve_file"``;
+- ``kind``: what to undo — ``"affinity"``, ``"ioprio"``, ``"reserve_file"`` or
+  ``"cgroup_weight"``;
 - ``owner``: ``{"pid", "start"}`` of the process that made it (start time in clock ticks
   since boot, /proc/PID/stat field 22, so a reused pid is never taken for the owner);
 - the kind's own fields: for ``affinity`` and ``ioprio`` the target ``{"pid", "start"}``,
   every value ``applied`` (a resize adds one), each thread's ``previous`` value and a
   ``default`` for threads born after the change (the main thread's previous value); for
-  ``reserve_file`` the file's ``path`` and, once created, its ``dev`` and ``ino``.
+  ``reserve_file`` the file's ``path`` and, once created, its ``dev`` and ``ino``; for
+  ``cgroup_weight`` the weight file's ``path``, the ``previous`` and ``applied`` weights.
 
 (Entries written before kinds existed have no ``kind`` and are affinity entries.)
 
@@ -25,6 +27,7 @@ One recovery: :func:`recover` — run when a CPU or disk strategy is created and
 - affinity / ioprio: each thread of the target (same pid *and* start time) whose value
   is still exactly one we applied gets its previous value back; a thread whose value
   differs was changed by someone else since and is left alone;
+- cgroup_weight: the previous weight is written back if the file still holds ours;
 - reserve_file: the file is removed if it is still a regular file owned by us and (when
   the entry knows them) has the recorded device and inode; the name is one we made
   unique (our pid, start time and a sequence) and created with O_EXCL, so an entry
@@ -62,6 +65,7 @@ _CLAIMED = ".recovering"
 KIND_AFFINITY = "affinity"
 KIND_IOPRIO = "ioprio"
 KIND_RESERVE_FILE = "reserve_file"
+KIND_CGROUP_WEIGHT = "cgroup_weight"
 
 
 class UntrustedJournalDirectory(PermissionError):
@@ -251,7 +255,7 @@ class RecoveredTarget:
     left_alone: list[int] = field(default_factory=list)  # changed by someone else since
     target_gone: bool = False
     kind: str = KIND_AFFINITY
-    removed: str | None = None  # reserve_file: the path removed
+    removed: str | None = None  # reserve_file: the path removed; cgroup_weight: the file restored
 
 
 def _owner_alive(owner: dict) -> bool:
@@ -310,10 +314,28 @@ def _undo_reserve_file(data: dict) -> RecoveredTarget:
     return done
 
 
+def _undo_cgroup_weight(data: dict) -> RecoveredTarget:
+    from .monitors.disk import read_io_weight, write_io_weight
+    path = os.fspath(data["path"])
+    done = RecoveredTarget(None, kind=KIND_CGROUP_WEIGHT)
+    try:
+        current = read_io_weight(path)
+    except FileNotFoundError:
+        done.target_gone = True  # the cgroup was removed
+        return done
+    if current != int(data["applied"]):
+        done.left_alone.append(current)  # someone set another weight since
+        return done
+    write_io_weight(path, int(data["previous"]))
+    done.removed = path
+    return done
+
+
 _UNDO: dict[str, Callable[[dict], RecoveredTarget]] = {
     KIND_AFFINITY: _undo_affinity,
     KIND_IOPRIO: _undo_ioprio,
     KIND_RESERVE_FILE: _undo_reserve_file,
+    KIND_CGROUP_WEIGHT: _undo_cgroup_weight,
 }
 
 

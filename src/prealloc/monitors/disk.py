@@ -34,7 +34,7 @@ from .pressure import PressureTrigger, read_pressure
 MIB = 1024 * 1024
 
 __all__ = ["BlockDevice", "DeviceStats", "DiskMonitor", "FilesystemSpace", "block_device_of",
-           "cgroup_io_weight_files", "read_diskstats"]
+           "cgroup_io_weight_files", "io_weight_effect", "read_diskstats", "read_io_weight", "write_io_weight"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +178,36 @@ def cgroup_io_weight_files(pid: int) -> dict[str, str | None]:
                     found["v1"] = str(candidate)
                     break
     return found
+
+
+def read_io_weight(path: str | os.PathLike[str]) -> int:
+    """The default weight in a cgroup weight file: v2 io.weight reads "default N" (then
+    per-device lines), v1 blkio.weight / blkio.bfq.weight a number (bfq: "default N" too
+    on newer kernels)."""
+    text = Path(path).read_text().split()
+    if text and text[0] == "default":
+        return int(text[1])
+    return int(text[0])
+
+
+def write_io_weight(path: str | os.PathLike[str], weight: int) -> None:
+    with open(path, "w") as f:
+        f.write(f"{int(weight)}\n")
+
+
+def io_weight_effect(path: str, device: BlockDevice) -> str:
+    """Whether a weight in `path` changes anything for I/O on device, said plainly."""
+    name = os.path.basename(path)
+    where = device.name or "no block device"
+    if device.name is None:
+        return f"no effect: the filesystem is on {where}"
+    if name == "blkio.bfq.weight" or name == "io.bfq.weight":
+        return (f"effective: {where} uses bfq" if device.scheduler == "bfq" else
+                f"no effect: {name} is bfq's weight and {where} uses {device.scheduler}")
+    if name == "io.weight":
+        return (f"effective only with the io.cost controller or bfq: {where} uses {device.scheduler}"
+                if device.scheduler != "bfq" else f"effective: {where} uses bfq")
+    return f"no effect: {name} is CFQ's weight and {where} uses {device.scheduler}"
 
 
 class DiskMonitor(ResourceMonitor):

@@ -16,6 +16,11 @@ A request says what it wants in ``metadata.custom_properties``:
   ``"realtime:7"`` (CAP_SYS_ADMIN), ``"idle"`` — for the target process
   (``metadata.target_process_id``, or the one the claim names), else for the claiming
   thread. Previous priorities are saved and restored on release.
+- ``io_weight`` (1..1000): the second mechanism, a weight for the target's cgroup (v2
+  ``io.weight``, v1 ``blkio.bfq.weight`` / ``blkio.weight``, whichever exists; the root
+  cgroup has none). It applies to every process of that cgroup; the previous weight is
+  restored on release and journaled (it outlives us). Where no weight file exists the
+  allocation still succeeds and ``describe()["io_weight"]`` says why nothing was set.
 
 The reserve file is an O_TMPFILE where the filesystem has it (unnamed: a crash frees its
 space with no help), linked into the directory on claim; elsewhere a named file
@@ -26,7 +31,7 @@ runs that recovery.
 
 Whether a priority does anything is the device's business, and ``describe`` says it
 plainly (see monitors.disk.BlockDevice.priority_effect), with the cgroup weight files
-that exist for the target as the other mechanism (reported, not written).
+and the cgroup weight's effect the same way (monitors.disk.io_weight_effect).
 """
 from __future__ import annotations
 
@@ -39,8 +44,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import _native
-from ..journal import KIND_IOPRIO, Entry, Journal, process_start_time, recover, thread_ids
-from ..monitors.disk import FilesystemSpace, block_device_of, cgroup_io_weight_files
+from ..journal import KIND_CGROUP_WEIGHT, KIND_IOPRIO, Entry, Journal, process_start_time, recover, thread_ids
+from ..monitors.disk import (
+    FilesystemSpace,
+    block_device_of,
+    cgroup_io_weight_files,
+    io_weight_effect,
+    read_io_weight,
+    write_io_weight,
+)
 from ..types import ResourceAvailability, ResourceRequest, ResourceType
 from .base import AllocationError, AllocationStrategy, Grant, InsufficientResources
 
@@ -130,6 +142,29 @@ class PriorityChange:
 
 
 @dataclass(slots=True)
+class WeightChange:
+    """A weight written to a cgroup weight file, restored on release where it still
+    holds ours."""
+
+    path: str
+    previous: int
+    applied: int
+    journal_entry: Entry | None = None
+
+    def restore(self) -> bool:
+        try:
+            restored = read_io_weight(self.path) == self.applied
+            if restored:
+                write_io_weight(self.path, self.previous)
+        except FileNotFoundError:
+            restored = False  # the cgroup is gone
+        if self.journal_entry is not None:
+            self.journal_entry.forget()
+            self.journal_entry = None
+        return restored
+
+
+@dataclass(slots=True)
 class DiskClaim:
     """What a consumer gets: for file mode the descriptor (now the consumer's to close)
     and the path of its preallocated file; for ballast the space it may now use."""
@@ -154,6 +189,9 @@ class DiskGrant:
     journal_entry: Entry | None = None
     io_priority: int | None = None
     priorities: list[PriorityChange] = field(default_factory=list)
+    io_weight: int | None = None
+    weight: WeightChange | None = None
+    weight_report: dict[str, Any] = field(default_factory=dict)
     claimed: DiskClaim | None = None
     released: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -207,6 +245,9 @@ class DiskStrategy(AllocationStrategy):
         if name is not None and (not isinstance(name, str) or not name or "/" in name or name in (".", "..")):
             raise ValueError(f"custom_properties['name'] must be a file name without '/', not {name!r}")
         priority = props.get("io_priority")
+        weight = props.get("io_weight")
+        if weight is not None and (type(weight) is not int or not 1 <= weight <= 1000):
+            raise ValueError(f"custom_properties['io_weight'] must be an int in 1..1000, not {weight!r}")
         return directory, mode, keep_size, name, None if priority is None else parse_io_priority(priority)
 
     def planned_amount(self, request: ResourceRequest, amount: float) -> float:
@@ -228,7 +269,8 @@ class DiskStrategy(AllocationStrategy):
         except ValueError as exc:
             raise AllocationError(f"disk: {exc}") from exc
         handle = DiskGrant(mode, directory, name or f"prealloc-{request.request_id}",
-                           0 if mode == "none" else max(1, math.ceil(amount * MIB)), io_priority=priority)
+                           0 if mode == "none" else max(1, math.ceil(amount * MIB)), io_priority=priority,
+                           io_weight=(request.metadata.custom_properties or {}).get("io_weight"))
         if mode != "none":
             self._reserve(handle, keep_size=keep_size or mode == "ballast")
         pid = request.metadata.target_process_id
@@ -238,6 +280,12 @@ class DiskStrategy(AllocationStrategy):
             except (OSError, AllocationError) as exc:
                 self._release_space(handle)
                 raise AllocationError(f"disk: cannot set the I/O priority of process {pid}: {exc}") from exc
+        if handle.io_weight is not None and pid:
+            try:
+                self._set_weight(handle, pid)
+            except OSError as exc:
+                self.release(handle)
+                raise AllocationError(f"disk: cannot set the I/O weight of process {pid}'s cgroup: {exc}") from exc
         held = handle.reservation.size / MIB if handle.reservation is not None else 0.0
         return Grant(held, handle)
 
@@ -318,6 +366,34 @@ class DiskStrategy(AllocationStrategy):
             raise
         return change
 
+    def _set_weight(self, handle: DiskGrant, pid: int) -> None:
+        """Writes handle.io_weight to pid's cgroup weight file, journaled first; where
+        there is none, records why in handle.weight_report."""
+        assert handle.io_weight is not None
+        files = cgroup_io_weight_files(pid)
+        path = files.get("v2") or files.get("v1")
+        report: dict[str, Any] = {"requested": handle.io_weight, "process": pid}
+        if path is None:
+            report["applied"] = False
+            report["reason"] = ("no cgroup I/O controller is mounted" if not files else
+                                "the process's cgroup has no I/O weight file (the root cgroup has none; "
+                                "v1 needs CFQ/BFQ, v2 the io controller enabled)")
+            handle.weight_report = report
+            return
+        previous = read_io_weight(path)
+        entry = (self.journal.record(KIND_CGROUP_WEIGHT, path=path, previous=previous, applied=handle.io_weight)
+                 if self.journal is not None else None)
+        try:
+            write_io_weight(path, handle.io_weight)
+        except BaseException:
+            if entry is not None:
+                entry.forget()
+            raise
+        handle.weight = WeightChange(path, previous, handle.io_weight, entry)
+        report.update(applied=True, file=path, previous=previous,
+                      effect=io_weight_effect(path, block_device_of(handle.directory)))
+        handle.weight_report = report
+
     def claim(self, handle: DiskGrant, target_process_id: int | None = None) -> DiskClaim:
         with handle.lock:
             if handle.released:
@@ -329,6 +405,11 @@ class DiskStrategy(AllocationStrategy):
                     handle.priorities.append(self._set_priority(target_process_id or 0, handle.io_priority))
                 except OSError as exc:
                     raise AllocationError(f"disk: cannot set the I/O priority: {exc}") from exc
+            if handle.io_weight is not None and not handle.weight_report:
+                try:
+                    self._set_weight(handle, target_process_id or os.getpid())
+                except OSError as exc:
+                    raise AllocationError(f"disk: cannot set the I/O weight: {exc}") from exc
             reserved = handle.reservation.size if handle.reservation is not None else 0
             claim = DiskClaim(handle.mode, handle.directory, reserved,
                               io_priority=None if handle.io_priority is None else format_io_priority(handle.io_priority))
@@ -379,6 +460,12 @@ class DiskStrategy(AllocationStrategy):
                     except OSError as exc:
                         log.warning("prealloc: cannot restore the I/O priority of process %d: %s", change.pid, exc)
                 handle.priorities.clear()
+                if handle.weight is not None:
+                    try:
+                        handle.weight.restore()
+                    except OSError as exc:
+                        log.warning("prealloc: cannot restore the I/O weight in %s: %s", handle.weight.path, exc)
+                    handle.weight = None
         return None
 
     def adjust(self, handle: DiskGrant, new_amount: float) -> float:
@@ -413,8 +500,8 @@ class DiskStrategy(AllocationStrategy):
             facts["io_priority"] = format_io_priority(handle.io_priority)
             facts["io_priority_targets"] = [c.pid for c in handle.priorities]
             facts["io_priority_effect"] = io_priority_effect(handle.directory)
-            target = handle.priorities[0].pid if handle.priorities else os.getpid()
-            facts["cgroup_io_weight"] = cgroup_io_weight_files(target)
+        if handle.weight_report:
+            facts["io_weight"] = dict(handle.weight_report)
         return facts
 
 
