@@ -218,10 +218,11 @@ def test_release_under_a_view_is_deferred_until_the_unmap():
     fired: list[str] = []
     deferred.add_done_callback(lambda: fired.append(threading.current_thread().name))
     assert resident(address, 4 * MiB) == 4 * MiB and bytes(view[:4]) == b"live"  # still mapped
-    assert strategy.release(region) is None  # a second release defers nothing more
+    assert strategy.release(region) is deferred  # released again: the same pending release
     del view
     assert deferred.is_done and len(fired) == 1
     assert resident(address, 4 * MiB) is None  # unmapped now
+    assert strategy.release(region) is None and strategy._pending == {}
 
 
 def test_deferred_release_completes_in_a_gc_pass_and_on_another_thread():

@@ -146,6 +146,7 @@ class MemoryAllocationStrategy(AllocationStrategy):
         self._machine = core.physical_memory()
         self._warn_lock = threading.Lock()
         self._lock_warned = False
+        self._pending: dict[int, DeferredRelease] = {}  # id(handle) -> its deferred release
 
     # -- sizing --------------------------------------------------------------------------
 
@@ -228,8 +229,15 @@ class MemoryAllocationStrategy(AllocationStrategy):
                     mapped_bytes(region), os.strerror(region.lock_error or 0), core.memlock_status())
 
     def release(self, handle: core.MemoryReservation) -> DeferredRelease | None:
+        """Unmaps now (None), or — while a consumer's view is alive — returns the
+        DeferredRelease that is done at the unmap. Releasing again returns the same
+        DeferredRelease while it is pending, None once the memory is gone."""
+        key = id(handle)  # the handle lives while pending: its views hold it
+        pending = self._pending.get(key)
+        if pending is not None:
+            return pending
         if handle.released:
-            return None  # released already (and any deferral was returned then)
+            return None  # unmapped already
         deferred = DeferredRelease()
         # the hook first: a view released on another thread between the two calls still
         # finds it, and a release that unmaps at once runs it here
@@ -238,7 +246,12 @@ class MemoryAllocationStrategy(AllocationStrategy):
             handle.release()
         except BufferError as exc:  # a resize is running on another thread
             raise AllocationError(f"memory: cannot release now: {exc}") from exc
-        return None if deferred.is_done else deferred
+        if deferred.is_done:
+            return None
+        self._pending[key] = deferred
+        # no lock: this may run in a buffer release inside a GC pass (dict.pop is atomic)
+        deferred.add_done_callback(lambda: self._pending.pop(key, None))
+        return deferred
 
     def adjust(self, handle: core.MemoryReservation, new_amount: float) -> float:
         """Resizes to new_amount MiB; returns the MiB now mapped. ValueError for an amount
