@@ -249,8 +249,13 @@ class MemoryAllocationStrategy(AllocationStrategy):
         if deferred.is_done:
             return None
         self._pending[key] = deferred
-        # no lock: this may run in a buffer release inside a GC pass (dict.pop is atomic)
-        deferred.add_done_callback(lambda: self._pending.pop(key, None))
+        pending_releases = self._pending
+
+        def forget() -> None:
+            # no lock: this may run in a buffer release inside a GC pass (dict.pop is atomic)
+            pending_releases.pop(key, None)
+
+        deferred.add_done_callback(forget)
         return deferred
 
     def adjust(self, handle: core.MemoryReservation, new_amount: float) -> float:
