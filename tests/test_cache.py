@@ -134,6 +134,7 @@ def test_allocate_makes_files_resident_and_caps_by_size(files_dir):
         assert details["method"] == "populate_read"
         assert details["bytes_pinned"] == 0 and details["pin_requested"] is False
         assert details["warm_seconds"] >= 0
+        assert details["directories_listed"] == 1
         # release does not evict by default: other programs may use the pages
         assert strategy.release(grant.handle) is None
         assert [cached(p) for p in paths] == [MiB, 2 * MiB, 3 * MiB]

@@ -269,6 +269,7 @@ _FAN_MARK_MOUNT = 0x10
 _FAN_OPEN = 0x20
 _FAN_Q_OVERFLOW = 0x4000
 _EVENT = struct.Struct("=IBBHQii")  # event_len, vers, reserved, metadata_len, mask, fd, pid
+_NOT_FILES = ("/proc/", "/sys/", "/dev/")
 _PSEUDO_FS = {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "securityfs", "debugfs",
               "tracefs", "pstore", "bpf", "mqueue", "hugetlbfs", "configfs", "fusectl", "autofs",
               "binfmt_misc", "efivarfs", "rpc_pipefs", "nsfs", "tmpfs", "ramfs", "squashfs"}
@@ -404,6 +405,8 @@ def record(command: Sequence[str], *, name: str, seconds: float = 5.0,
     real_roots = [os.path.realpath(r) for r in roots] if roots else None
     entries = []
     for path in sorted(found):
+        if path.startswith(_NOT_FILES):
+            continue  # kernel interfaces and devices: nothing to cache
         try:
             st = os.stat(path)
         except OSError:

@@ -22,8 +22,9 @@ Release unpins. It does not evict (other programs may use the same pages) unless
 that were not resident before it (the kernel here offers no idle-page tracking, so
 "unused" means "never claimed"; a claimed allocation's pages are left alone).
 
-What a file list cannot cover: directory entries and failed lookups (gcc probes ~290
-paths that do not exist) are warmed only by running the program.
+What a file list cannot cover: failed lookups (gcc probes ~290 paths that do not
+exist) in directories that hold none of the files. The directories of the warmed files
+are read too (``warm_directories``), so lookups next to them hit cached entries.
 """
 from __future__ import annotations
 
@@ -129,6 +130,8 @@ class CacheSpaceStrategy(AllocationStrategy):
     certain before ALLOCATED (False: WILLNEED only, asynchronous). pin: mlock within
     RLIMIT_MEMLOCK. evict_on_unused: see the module docstring. pressure_limit: PSI
     memory ``some avg10`` (%) above which warming stops. max_files: cap on a set.
+    warm_directories: also read the directories of the files (their entries, for the
+    program's lookups and failed lookups there).
     """
 
     resource_type = ResourceType.CACHE_SPACE
@@ -136,7 +139,8 @@ class CacheSpaceStrategy(AllocationStrategy):
     def __init__(self, *, roots: Iterable[str] = DEFAULT_ROOTS, files: Iterable[str] = (),
                  profile: str | None = None, profile_dir: str | os.PathLike[str] | None = None,
                  populate: bool = True, pin: bool = False, evict_on_unused: bool = False,
-                 pressure_limit: float = 10.0, max_files: int = 100_000) -> None:
+                 pressure_limit: float = 10.0, max_files: int = 100_000,
+                 warm_directories: bool = True) -> None:
         if isinstance(roots, str):
             raise TypeError("roots must be an iterable of directories, not a string")
         root_list = []
@@ -162,6 +166,7 @@ class CacheSpaceStrategy(AllocationStrategy):
         self.evict_on_unused = evict_on_unused
         self.pressure_limit = float(pressure_limit)
         self.max_files = max_files
+        self.warm_directories = warm_directories
 
     # -- which files -------------------------------------------------------------------
 
@@ -308,6 +313,7 @@ class CacheSpaceStrategy(AllocationStrategy):
         if self.populate:
             # One native batch per ~64 MiB, so rising pressure stops the warming.
             paused = self._populate_in_batches(files, chosen, lengths)
+        directories = self._list_directories(handle.paths) if self.warm_directories else 0
         pinned, pin_error = 0, None
         if self.pin:
             budget = memlock_budget()
@@ -335,14 +341,33 @@ class CacheSpaceStrategy(AllocationStrategy):
             "count_restricted": any(restricted),
             "noatime": all(n for n, ok in zip(files.noatime, files.is_open) if ok),
             "paused_under_pressure": paused,
+            "directories_listed": directories,
             "warm_seconds": time.monotonic() - started,
             "skipped": skipped,
             "profile": info.get("profile"),
-            "not_covered": "directory entries and failed path lookups",
+            "not_covered": "failed path lookups in directories that hold none of the files",
         }
         log.debug("cache_space warmed %d of %d bytes (%d resident before) in %.3f s", after, requested,
                   before, handle.details["warm_seconds"])
         return Grant(after / MiB, handle)
+
+    def _list_directories(self, paths: Sequence[str]) -> int:
+        """Reads the directories of the warmed files (within the roots), so their blocks
+        and dentries are cached too: a program's failed lookups next to the files it
+        opens (an import system's or a compiler's search path) then hit memory. The
+        directories elsewhere on a search path are still not covered."""
+        listed = 0
+        for directory in dict.fromkeys(os.path.dirname(p) for p in paths):
+            if not _inside(os.path.realpath(directory), self.roots):
+                continue
+            try:
+                with os.scandir(directory) as entries:
+                    for _ in entries:
+                        pass
+                listed += 1
+            except OSError:
+                pass
+        return listed
 
     def _populate_in_batches(self, files: _native.PageCacheFiles, chosen: list[str],
                              lengths: list[int]) -> bool:
