@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from importlib.metadata import entry_points
 from typing import Callable
 
 from .strategies import AllocationStrategy
@@ -46,6 +45,10 @@ def unregister_strategy(resource_type: ResourceType | str) -> bool:
 def discover(group: str = ENTRY_POINT_GROUP) -> dict[ResourceType, StrategyFactory]:
     """The strategy factories installed packages publish. A broken entry point is logged
     and skipped: one bad plugin never stops the allocator."""
+    # imported here, not at module level: importlib.metadata costs a large share of
+    # `import prealloc` and only allocators that look for plugins need it
+    from importlib.metadata import entry_points
+
     found: dict[ResourceType, StrategyFactory] = {}
     for entry in entry_points(group=group):
         try:
