@@ -17,6 +17,12 @@
  * one store; retire a push on a thread-private list. Garbage is freed in batches, three
  * epochs after it was retired; a thread that stalls inside a critical section delays every
  * free (never correctness) — the known limit of EBR.
+ *
+ * fork: the child starts with fresh reclamation state. An atfork child handler (installed
+ * at the first registration) releases the records of the parent's other threads: they do
+ * not exist in the child, and one caught inside a section would otherwise block every free
+ * there forever. Their garbage moves to the orphan list, freed by the usual e + 3 rule.
+ * The forking thread keeps its record. Test: tests/c/test_epoch_fork.c.
  */
 #ifndef PA_EPOCH_H
 #define PA_EPOCH_H
