@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from .base import read_small_file
+
 log = logging.getLogger(__name__)
 
 PROC_PRESSURE = Path("/proc/pressure")
@@ -112,7 +114,7 @@ def read_pressure(resource: str, *, path: str | os.PathLike[str] | None = None) 
     _check_resource(resource)
     file_path = Path(path) if path is not None else PROC_PRESSURE / resource
     try:
-        text = file_path.read_text()
+        text = read_small_file(file_path)
     except FileNotFoundError:
         return None
     except OSError as error:
