@@ -28,6 +28,24 @@ DEADLINES = np.where(rng.random(N) < 0.5, np.nan, rng.random(N) * 100)
 ITEMS = list(zip(IDS.tolist(), PRIORITIES.tolist(), CONFIDENCES.tolist(),
                  [None if math.isnan(d) else d for d in DEADLINES.tolist()]))
 
+# the batch group also runs at 2e5 items (issue [pq-speed]: 2e4 and 2e5)
+N_LARGE = 200_000
+_rng_large = np.random.default_rng(5)
+LARGE = (np.arange(1, N_LARGE + 1, dtype=np.uint64), _rng_large.integers(0, 8, N_LARGE).astype(np.float64),
+         _rng_large.random(N_LARGE),
+         np.where(_rng_large.random(N_LARGE) < 0.5, np.nan, _rng_large.random(N_LARGE) * 100))
+
+
+def _batch_arrays(n):
+    return (IDS, PRIORITIES, CONFIDENCES, DEADLINES) if n == N else LARGE
+
+
+def _items(n):
+    if n == N:
+        return ITEMS
+    ids, p, c, d = LARGE
+    return list(zip(ids.tolist(), p.tolist(), c.tolist(), [None if math.isnan(x) else x for x in d.tolist()]))
+
 
 class LockedHeap:
     """What a Python user writes: heapq + threading.Lock with the same order."""
@@ -79,31 +97,35 @@ def test_pq_baseline_heapq_lock(benchmark):
     benchmark(run)
 
 
-@pytest.mark.benchmark(group="pq: push+pop batch")
+@pytest.mark.parametrize("n", [N, N_LARGE], ids=["2e4", "2e5"])
 @pytest.mark.parametrize("indexed", [False, True])
-def test_pq_native_batch(benchmark, indexed):
+def test_pq_native_batch(benchmark, indexed, n):
+    benchmark.group = f"pq: push+pop batch, {n} items"
     q = core.PriorityQueue(indexed=indexed)
+    ids, p, c, d = _batch_arrays(n)
 
     def run():
-        q.push_many(IDS, PRIORITIES, CONFIDENCES, DEADLINES)
-        assert q.pop_many(N).size == N
+        q.push_many(ids, p, c, d)
+        assert q.pop_many(n).size == n
 
-    per_item(benchmark, N)
+    per_item(benchmark, n)
     benchmark(run)
 
 
-@pytest.mark.benchmark(group="pq: push+pop batch")
-def test_pq_batch_baseline_heapq_lock(benchmark):
+@pytest.mark.parametrize("n", [N, N_LARGE], ids=["2e4", "2e5"])
+def test_pq_batch_baseline_heapq_lock(benchmark, n):
+    benchmark.group = f"pq: push+pop batch, {n} items"
     h = LockedHeap()
+    items = _items(n)
 
     def run():
-        for rid, p, c, d in ITEMS:
+        for rid, p, c, d in items:
             h.push(rid, p, c, d)
-        for _ in range(N):
+        for _ in range(n):
             h.pop()
 
-    per_item(benchmark, N, baseline=True)
-    benchmark(run)
+    per_item(benchmark, n, baseline=True)
+    benchmark.pedantic(run, rounds=3 if n == N_LARGE else 10)
 
 
 def _threaded(push_chunk, pop_chunk) -> None:
