@@ -1,6 +1,6 @@
 """The ``prealloc`` command line.
 
-    prealloc demo [--scale S] [--seed N] [--lock] [--json] [-v]
+    prealloc demo [--scale S] [--seed N] [--rounds R] [--lock] [--json] [-q] [-v]
     prealloc recover [--dir DIR] [--json]
     prealloc record --name NAME [--seconds S] [--dir DIR] [--method M] [--root DIR]... -- CMD ARGS...
 
@@ -17,12 +17,14 @@ import logging
 import math
 import os
 import sys
+import textwrap
 from typing import Any, Callable, Sequence, TextIO
 
 from . import __version__, demo, journal
 
 PROG = "prealloc"
 MAX_SCALE = 100.0  # 4000 events over 5 minutes: beyond that a demo is a benchmark
+MAX_ROUNDS = 1000
 
 
 def _scale(text: str) -> float:
@@ -32,6 +34,16 @@ def _scale(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not (math.isfinite(value) and 0 < value <= MAX_SCALE):
         raise argparse.ArgumentTypeError(f"must be > 0 and <= {MAX_SCALE:g}, not {text}")
+    return value
+
+
+def _rounds(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= value <= MAX_ROUNDS:
+        raise argparse.ArgumentTypeError(f"must be >= 1 and <= {MAX_ROUNDS}, not {text}")
     return value
 
 
@@ -51,14 +63,20 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[t
     parser = subparsers.add_parser(
         "demo", help="compare preallocation with reactive allocation on this machine",
         description="Replays a built-in prediction trace on this machine with the real MEMORY and "
-                    "CPU strategies, first through ResourcePreallocator (resources reserved when "
-                    "a prediction arrives), then through ReactiveResourceAllocator (reserved when "
-                    "the need arrives), and compares the latency from need to usable resource, "
-                    "hit rate and waste. What the trace holds at once is bounded to min(25% of the "
-                    "available memory, 1 GiB) and to what the allocators' headroom leaves.")
+                    "CPU strategies through ResourcePreallocator (resources reserved when a "
+                    "prediction arrives), ReactiveResourceAllocator (reserved when the need "
+                    "arrives) and plain np.empty, interleaved over rounds, and compares the latency "
+                    "from need to usable resource (a full first pass of writes), need_hit_rate, "
+                    "resource_hit_rate and waste per resource type. What the trace holds at once is "
+                    "bounded to min(25% of the available memory, 1 GiB) and to what the allocators' "
+                    "headroom leaves. Progress goes to stderr.")
     parser.add_argument("--scale", type=_scale, default=1.0,
                         help="multiplies the number of events (default 1.0: about 40 over 3 s)")
     parser.add_argument("--seed", type=_seed, default=7, help="the trace's random seed (default 7)")
+    parser.add_argument("--rounds", type=_rounds, default=demo.DEFAULT_ROUNDS,
+                        help=f"replays of the trace per variant, interleaved (default {demo.DEFAULT_ROUNDS}; "
+                             "more rounds, more samples behind the p99)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--lock", action="store_true", help="mlock the memory (best effort)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     # SUPPRESS: without -v here, the top-level -v (or its default) stands
@@ -90,13 +108,13 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
-def _by_type(counts: dict[str, int]) -> str:
-    return ", ".join(f"{name} {n}" for name, n in counts.items()) or "-"
+def _by_type(counts: dict[str, Any], render: Callable[[Any], str] = str) -> str:
+    return ", ".join(f"{name} {render(n)}" for name, n in counts.items()) or "-"
 
 
 def format_table(data: dict[str, Any], out: TextIO) -> None:
     """The human form of report_as_dict's data."""
-    m, t, runs = data["machine"], data["trace"], data["allocators"]
+    m, t, runs = data["machine"], data["trace"], data["variants"]
     mlock = ("requested, " if m["mlock_requested"] else "not requested (--lock), ") + \
         ("would be effective" if m["mlock_effective"] and not m["mlock_requested"]
          else "effective" if m["mlock_effective"] else "NOT effective") + f" ({m['mlock_detail']})"
@@ -106,7 +124,7 @@ def format_table(data: dict[str, Any], out: TextIO) -> None:
     out.write(f"mlock: {mlock}\n")
     out.write(f"trace: seed {t['seed']}, scale {t['scale']:g}: {t['events']} predictions over "
               f"{t['span_s']:.1f} s, {t['needs']} needs, {t['wrong']} wrong, {t['low_confidence']} below "
-              f"min confidence {t['min_confidence']:g}\n")
+              f"min confidence {t['min_confidence']:g}; {data['rounds']} rounds, variants interleaved\n")
     out.write(f"memory scale: {t['memory_factor']:.3f} of the nominal sizes, so the trace's worst case holds "
               f"{t['peak_memory_mib']:.0f} MiB at once, within {t['memory_limit_mib']:.0f} MiB "
               f"(min of 25% of available, 1 GiB, and what the {t['memory_headroom']:.0%} headroom leaves)\n")
@@ -115,39 +133,75 @@ def format_table(data: dict[str, Any], out: TextIO) -> None:
     apps = ", ".join(f"{name} {a['memory_mib']:.0f} MiB" + (f" + {a['cpu_percent']:.0f}% CPU"
                                                               if a['cpu_percent'] else "")
                      for name, a in t["apps"].items())
-    out.write(f"apps: {apps}\n\n")
+    out.write(f"apps: {apps}\n")
+    out.write(f"usable: {data['usable']}; plain = np.empty + the pass, no CPU reservation\n\n")
 
     labels = list(runs)
+    n = runs[labels[0]]["latency_ms"]["n"]
+
+    def stat(name: str, render: Callable[[Any], str] = str) -> Callable[[dict[str, Any]], str]:
+        return lambda r: render(r["statistics"][name]) if "statistics" in r else "-"
+
     rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
         ("needs served", lambda r: f"{r['needs_served']} / {r['needs']}"),
-        ("latency p50 (ms, need to usable)", lambda r: _ms(r["latency_ms"]["p50"])),
+        (f"latency p50 (ms, need to usable, n={n})", lambda r: _ms(r["latency_ms"]["p50"])),
+        ("latency p90 (ms)", lambda r: _ms(r["latency_ms"]["p90"])),
         ("latency p99 (ms)", lambda r: _ms(r["latency_ms"]["p99"])),
         ("latency max (ms)", lambda r: _ms(r["latency_ms"]["max"])),
-        ("hit rate (claims ready ahead)",
-         lambda r: f"{_pct(r['hit_rate'])} ({r['claims_preallocated']}/{r['claims']})"),
-        ("allocations used (engine)", lambda r: _pct(r["engine_hit_rate"])),
-        ("waste rate (unused MiB x s)", lambda r: _pct(r["waste_rate"])),
-        ("allocations by type", lambda r: _by_type(r["allocations_by_type"])),
-        ("memory held at peak (MiB)", lambda r: f"{r['memory_peak_mib']:.0f}"),
-        ("failed (allocations / needs)", lambda r: f"{r['failed_allocations']} / {r['needs_failed']}"),
-        ("skipped low-confidence", lambda r: str(r["skipped_low_confidence"])),
-        ("expired", lambda r: str(r["expired"])),
+    ]
+    def app_latency(app: str) -> Callable[[dict[str, Any]], str]:
+        return lambda r: f"{_ms(r['latency_ms_by_app'][app]['p50'])} / {_ms(r['latency_ms_by_app'][app]['p99'])}"
+
+    def count(key: str, reason: str) -> Callable[[dict[str, Any]], str]:
+        return lambda r: str(r.get(key, {}).get(reason, 0))
+
+    for app in t["apps"]:
+        rows.append((f"  {app} p50 / p99 (ms)", app_latency(app)))
+    rows += [
+        ("need_hit_rate (acquires served ready)",
+         lambda r: f"{_pct(r['statistics']['need_hit_rate'])} ({r['statistics']['needs_preallocated']}/"
+                   f"{r['statistics']['needs']})" if "statistics" in r else "-"),
+        ("  claims ready, consumer's count",
+         lambda r: f"{r['claims_preallocated']}/{r['claims']}" if "statistics" in r else "-"),
+        ("resource_hit_rate (preallocations used)",
+         lambda r: f"{_pct(r['statistics']['resource_hit_rate'])} ({r['statistics']['used']}/"
+                   f"{r['statistics']['preallocations_finished']})" if "statistics" in r else "-"),
+        ("waste_rate_by_type (unused amount x s)", stat("waste_rate_by_type", lambda w: _by_type(w, _pct))),
+        ("allocations by type", stat("allocations_by_type", _by_type)),
+        ("memory held at peak (MiB)", lambda r: f"{r['memory_peak_mib']:.0f}" if "statistics" in r else "-"),
+        ("skipped low-confidence", stat("skipped_low_confidence")),
+        ("expired", stat("expired")),
+        ("failed allocations", stat("failed_allocations")),
     ]
     if m["mlock_requested"]:
-        rows.append(("memory allocations locked", lambda r: f"{r['memory_locked']} / {r['memory_allocations']}"))
+        rows.append(("memory allocations locked",
+                     lambda r: f"{r['memory_locked']} / {r['memory_allocations']}" if "statistics" in r else "-"))
+    rows.append(("failed needs", lambda r: str(r["needs_failed"])))
+    # each failure's reason, its own row: how many needs (or allocations) it failed
+    for key, what in (("failures", "need"), ("allocation_failures", "allocation")):
+        for reason in sorted({reason for r in runs.values() for reason in r.get(key, {})}):
+            rows.append((f"  {what}: {reason}", count(key, reason)))
     cells = [[label] + [render(runs[name]) for name in labels] for label, render in rows]
     header = [""] + labels
     widths = [max(len(row[i]) for row in cells + [header]) for i in range(len(header))]
     for row in [header] + cells:
         out.write(row[0].ljust(widths[0]) + "".join("   " + c.rjust(w) for c, w in zip(row[1:], widths[1:]))
                   + "\n")
-    ratio = data["p50_ratio"]
-    out.write("\np50 ratio (reactive / preallocated): "
-              + (f"{ratio:.2f}x\n" if ratio is not None else "n/a\n"))
+    out.write("\n")
+    for other, ratio in data["ratios"].items():
+        name = other.replace("_over_preallocated", "")
+        out.write(f"{name} / preallocated: p50 "
+                  + (f"{ratio['p50']:.2f}x" if ratio["p50"] is not None else "n/a") + ", p99 "
+                  + (f"{ratio['p99']:.2f}x" if ratio["p99"] is not None else "n/a") + "\n")
+    out.write("\n" + textwrap.fill(data["conclusion"], width=100) + "\n")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    report = demo.run_demo(scale=args.scale, seed=args.seed, lock=args.lock)
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    report = demo.run_demo(scale=args.scale, seed=args.seed, lock=args.lock, rounds=args.rounds,
+                           progress=None if args.quiet else progress)
     data = demo.report_as_dict(report)
     if args.json:
         json.dump(data, sys.stdout, indent=2)

@@ -1,12 +1,21 @@
-"""The built-in demonstration: one prediction trace, replayed on this machine twice.
+"""The built-in demonstration: one prediction trace, replayed on this machine by three
+consumers, interleaved over rounds.
 
 A predictor announces at time t that an application will be needed at t + lead. The
-same workload runs first through :class:`~prealloc.ResourcePreallocator` (it reserves
-memory and cores when the prediction arrives) and then through
+same workload runs through :class:`~prealloc.ResourcePreallocator` (it reserves memory
+and cores when the prediction arrives), through
 :class:`~prealloc.ReactiveResourceAllocator` (it reserves them only when the need
-arrives), with the real MEMORY and CPU strategies. For every need the latency from
-the moment of need to a usable resource (every page written, the cores claimed) is
-measured, and the allocators' own statistics (hit rate, waste, expiries) are read.
+arrives), and through what a user does without this library: ``np.empty`` at the need
+(glibc's malloc, which reuses freed blocks warm below its mmap threshold). For every
+need the latency from the moment of need to a *usable* resource is measured: one full
+first pass of writes over the bytes the need uses (and, for the allocators, the CPU
+claim that pins the consumer's thread). The variants run in an order rotated every
+round, so the machine's drift falls on each alike; percentiles are over every need of
+every round (n is printed with them). The allocators' own statistics are read once
+every allocation has ended: ``need_hit_rate`` (share of acquire() calls served by a
+ready preallocation), ``resource_hit_rate`` (share of finished preallocations that were
+used) and ``waste_rate_by_type`` (unused amount x time over held amount x time, per
+resource type, because MiB x s and % of a core x s do not add up).
 
 The trace is deterministic for a seed. Only two inputs come from the machine, and
 both are explicit arguments of :func:`generate_trace`: the memory limit the trace's
@@ -29,7 +38,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -42,7 +51,6 @@ from .strategies.cpu import cores_for
 from .translate import AdaptiveSizer, RuleTranslator
 from .types import (
     AllocationFeedback,
-    AllocationStatus,
     PreallocatorStatistics,
     Prediction,
     ResourceAllocation,
@@ -248,17 +256,18 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def build_translator(apps: Iterable[App], sizer: AdaptiveSizer | None = None) -> RuleTranslator:
+def build_translator(apps: Iterable[App], sizer: AdaptiveSizer | None = None, *,
+                     duration: float = DURATION_S) -> RuleTranslator:
     """One rule per app: its memory (sized by the sizer once it has learned) and its
-    cores, both expiring DURATION_S after allocation when nobody claims them."""
+    cores, both expiring ``duration`` seconds after allocation when nobody claims them."""
     rules = []
     for app in apps:
         requests: list[dict[str, Any]] = [
-            {"resource_type": "MEMORY", "need": app.memory_mib, "duration": DURATION_S,
+            {"resource_type": "MEMORY", "need": app.memory_mib, "duration": duration,
              "priority": app.priority}]
         if app.cpu_percent > 0:
             # not adaptive: the sizer's margin on 100 % would ask for a second core
-            requests.append({"resource_type": "CPU", "need": app.cpu_percent, "duration": DURATION_S,
+            requests.append({"resource_type": "CPU", "need": app.cpu_percent, "duration": duration,
                              "priority": app.priority, "adaptive": False})
         rules.append({"name": f"launch-{app.name}",
                       "match": {"type": PREDICTION_TYPE, "target_application": app.name},
@@ -347,57 +356,128 @@ class Machine:
 # ---------------------------------------------------------------------------------------
 # the replay
 
+PREALLOCATED, REACTIVE, PLAIN = "preallocated", "reactive", "plain"
+VARIANTS = (PREALLOCATED, REACTIVE, PLAIN)
+DEFAULT_ROUNDS = 4
+# glibc's malloc serves blocks below its mmap threshold from the heap, and the threshold
+# rises to the size of any mmap'ed block freed, up to DEFAULT_MMAP_THRESHOLD_MAX (32 MiB
+# on 64-bit): below it, a block freed by one need is handed warm to the next.
+HOST_WARM_MIB = 32.0
+WRITE_BYTE = 0x5A
+
+
+def _malloc_trim() -> None:
+    """Hands glibc's free heap memory back to the kernel (what the plain variant's freed
+    buffers leave), so VmRSS after the demo measures leaks, not the heap's cache."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def malloc_free_bytes() -> int | None:
+    """Bytes glibc's malloc holds free in its arenas (mallinfo2's fordblks; glibc >=
+    2.33), None elsewhere. The plain variant's freed buffers stay there, resident, even
+    after malloc_trim — a cache that warms the next np.empty, not a leak — so the
+    demo reports it beside VmRSS."""
+    try:
+        import ctypes
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                "keepcost")]
+
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+        mallinfo2.restype = MallInfo2
+        return int(mallinfo2().fordblks)
+    except (OSError, AttributeError):
+        return None
+
 
 @dataclass(slots=True)
 class _NeedOutcome:
+    app: str
     latency_ns: int | None  # None: the need could not be served
-    claims: int
-    claims_preallocated: int
+    claims: int = 0
+    claims_preallocated: int = 0
     error: str | None = None
 
 
-@dataclass
-class RunResult:
-    """One allocator's run: what the consumer saw, and the allocator's statistics read
-    after every allocation had ended (released or expired), before close."""
-
-    label: str
-    allocator: str
-    needs: int
-    needs_served: int
-    needs_failed: int
-    claims: int
-    claims_preallocated: int
-    latencies_ns: list[int]
-    statistics: PreallocatorStatistics
-    memory_allocations: int = 0
-    memory_locked: int = 0
-    memory_peak_mib: float = 0.0  # the most MEMORY the allocator held at once
-    live_before_close: int = 0
-    live_after_close: int = 0
-    wall_s: float = 0.0
-    schedule_lag_max_ms: float = 0.0
-    learned_sizes_mib: dict[str, float] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-
-    @property
-    def hit_rate(self) -> float:
-        """Share of the consumer's claims that were ready before the need."""
-        return self.claims_preallocated / self.claims if self.claims else 0.0
-
-    def latency_ms(self, q: float) -> float | None:
-        value = percentile(self.latencies_ns, q)
-        return None if value is None else value / 1e6
+def _reason(exc: BaseException) -> str:
+    """A failure's reason without the numbers that make every instance unique (ids,
+    sizes), so equal causes are counted together."""
+    text = re.sub(r"\d+(\.\d+)?", "N", str(exc)) or type(exc).__name__
+    return text if len(text) <= 90 else text[:87] + "..."
 
 
-class _MemoryLedger:
-    """What the allocator's events say about its memory: how many allocations, how
-    many locked, and the most held at once (which the trace's bound must cover)."""
+def _first_pass(buffer: Any, nbytes: int) -> None:
+    """Usable = one full first pass of writes over the bytes the need uses (a consumer
+    that only wrote a byte per page would hide the cost of the pass itself)."""
+    array = np.frombuffer(buffer, dtype=np.uint8, count=nbytes)
+    array.fill(WRITE_BYTE)
+    del array  # no view may outlive the claim, or the unmap waits for it
+
+
+def _serve_plain(event: TraceEvent, app: App) -> _NeedOutcome:
+    """What a user does without this library: np.empty and the first pass."""
+    nbytes = math.ceil(event.need_mib * MiB)
+    start = time.perf_counter_ns()  # the moment of need
+    try:
+        buffer = np.empty(nbytes, dtype=np.uint8)
+        buffer.fill(WRITE_BYTE)
+    except MemoryError as exc:
+        return _NeedOutcome(app.name, None, error=_reason(exc) or "MemoryError")
+    latency = time.perf_counter_ns() - start
+    time.sleep(event.hold)  # the application's work
+    del buffer
+    return _NeedOutcome(app.name, latency)
+
+
+def _serve(allocator: ResourceAllocator, event: TraceEvent, app: App) -> _NeedOutcome:
+    """The consumer of one need: acquire, make usable, hold, release with real use."""
+    claims: list[tuple[Claim, float]] = []
+    used_successfully = False
+    try:
+        start = time.perf_counter_ns()  # the moment of need
+        try:
+            memory = allocator.acquire(MEMORY, event.need_mib, target_application=app.name)
+            claims.append((memory, event.need_mib))
+            if app.cpu_percent > 0:
+                # the claim pins this thread to the cores, so the writes run there
+                claims.append((allocator.acquire(CPU, app.cpu_percent, target_application=app.name),
+                               app.cpu_percent))
+        except AllocationError as exc:
+            log.info("%s: need %d (%s) not served: %s", allocator.name, event.index, app.name, exc)
+            return _NeedOutcome(app.name, None, len(claims), sum(c.preallocated for c, _ in claims),
+                                _reason(exc))
+        # a preallocated buffer may be larger than the need: the consumer writes what it uses
+        _first_pass(memory.resource, min(memory.resource.size, math.ceil(event.need_mib * MiB)))
+        latency = time.perf_counter_ns() - start
+        time.sleep(event.hold)  # the application's work
+        used_successfully = True
+        return _NeedOutcome(app.name, latency, len(claims), sum(c.preallocated for c, _ in claims))
+    finally:
+        for claim, amount in claims:
+            claim.release(AllocationFeedback(
+                used_successfully=used_successfully,
+                actual_duration=event.hold if used_successfully else None,
+                actual_amount_used=amount if used_successfully else None,
+                reason_for_release="done" if used_successfully else "need not served"))
+
+
+class _Ledger:
+    """What an allocator's events say: how many MEMORY allocations, how many locked,
+    the most MEMORY held at once (which the trace's bound must cover), and why
+    allocations failed."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # events come from the worker and the consumers' threads
+        self._lock = threading.Lock()  # events come from the workers and the consumers' threads
         self.count = self.locked = 0
         self.held_mib = self.peak_mib = 0.0
+        self.failures: dict[str, int] = {}
 
     def allocated(self, allocation: ResourceAllocation) -> None:
         if allocation.resource_type is MEMORY:
@@ -408,154 +488,226 @@ class _MemoryLedger:
                 self.peak_mib = max(self.peak_mib, self.held_mib)
 
     def ended(self, allocation: ResourceAllocation) -> None:
-        # a failed request never held anything; released and expired ones did
-        if allocation.resource_type is MEMORY and allocation.allocated_at is not None \
-                and allocation.status is not AllocationStatus.FAILED:
+        """Released or expired (a request dropped before allocation never held anything)."""
+        if allocation.resource_type is MEMORY and allocation.allocated_at is not None:
             with self._lock:
                 self.held_mib -= allocation.allocated_amount
 
-
-def _serve(allocator: ResourceAllocator, event: TraceEvent, app: App, page: int) -> _NeedOutcome:
-    """The consumer of one need: acquire, make usable, hold, release with real use."""
-    claims: list[tuple[Claim, float]] = []
-    used_successfully = False
-    try:
-        start = time.perf_counter_ns()  # the moment of need
-        try:
-            memory = allocator.acquire(MEMORY, event.need_mib, target_application=app.name)
-            claims.append((memory, event.need_mib))
-            if app.cpu_percent > 0:
-                # the claim pins this thread to the cores, so the page writes run there
-                claims.append((allocator.acquire(CPU, app.cpu_percent, target_application=app.name),
-                               app.cpu_percent))
-        except AllocationError as exc:
-            log.warning("%s: need %d (%s) not served: %s", allocator.name, event.index, app.name, exc)
-            return _NeedOutcome(None, len(claims), sum(c.preallocated for c, _ in claims), str(exc))
-        # usable = one byte written to every page the need uses (a preallocated buffer
-        # may be larger than the need; the consumer touches only what it uses)
-        nbytes = min(memory.resource.size, math.ceil(event.need_mib * MiB))
-        pages = np.frombuffer(memory.resource, dtype=np.uint8, count=nbytes)
-        pages[::page] = 1
-        del pages  # no view may outlive the claim, or the unmap waits for it
-        latency = time.perf_counter_ns() - start
-        time.sleep(event.hold)  # the application's work
-        used_successfully = True
-        return _NeedOutcome(latency, len(claims), sum(c.preallocated for c, _ in claims))
-    finally:
-        for claim, amount in claims:
-            claim.release(AllocationFeedback(
-                used_successfully=used_successfully,
-                actual_duration=event.hold if used_successfully else None,
-                actual_amount_used=amount if used_successfully else None,
-                reason_for_release="done" if used_successfully else "need not served"))
+    def failed(self, allocation: ResourceAllocation) -> None:
+        reason = f"{allocation.resource_type.name}: {allocation.failure_reason or 'unknown reason'}"
+        reason = re.sub(r"\d+(\.\d+)?", "N", reason)
+        with self._lock:
+            self.failures[reason] = self.failures.get(reason, 0) + 1
 
 
-def replay(allocator: ResourcePreallocator | ReactiveResourceAllocator, trace: Trace, label: str, *,
-           sizer: AdaptiveSizer | None = None) -> RunResult:
-    """Drives the trace through allocator in real time and collects what happened.
+@dataclass
+class VariantResult:
+    """One variant over every round: what its consumers saw and, for the two allocators,
+    their statistics read after the last round, once every allocation had ended."""
 
-    A driver thread sleeps until each event's time (the workload's own clock) and
-    hands predictions to the allocator on the spot; needs run on a thread pool large
-    enough that holds overlap as the trace says. Afterwards it waits until every
-    allocation has ended by release or expiry, so the statistics are complete."""
-    page = core.page_size()
+    label: str
+    allocator: str  # the class, or "numpy.empty" for the plain path
+    needs: int = 0
+    needs_served: int = 0
+    claims: int = 0
+    claims_preallocated: int = 0
+    latencies_ns: list[int] = field(default_factory=list)
+    latencies_ns_by_app: dict[str, list[int]] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)  # reason -> needs it failed
+    allocation_failures: dict[str, int] = field(default_factory=dict)  # reason -> allocations
+    statistics: PreallocatorStatistics | None = None
+    memory_allocations: int = 0
+    memory_locked: int = 0
+    memory_peak_mib: float = 0.0  # the most MEMORY the allocator held at once
+    live_before_close: int = 0  # the most allocations still live after a round's wait
+    live_after_close: int = 0
+    wall_s: list[float] = field(default_factory=list)  # per round
+    schedule_lag_max_ms: float = 0.0
+    learned_sizes_mib: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def needs_failed(self) -> int:
+        return self.needs - self.needs_served
+
+    def latency_ms(self, q: float, app: str | None = None) -> float | None:
+        values = self.latencies_ns if app is None else self.latencies_ns_by_app.get(app, [])
+        value = percentile(values, q)
+        return None if value is None else value / 1e6
+
+    def add(self, outcomes: Sequence[_NeedOutcome]) -> None:
+        for o in outcomes:
+            self.needs += 1
+            self.claims += o.claims
+            self.claims_preallocated += o.claims_preallocated
+            if o.latency_ns is None:
+                reason = o.error or "unknown reason"
+                self.failures[reason] = self.failures.get(reason, 0) + 1
+            else:
+                self.needs_served += 1
+                self.latencies_ns.append(o.latency_ns)
+                self.latencies_ns_by_app.setdefault(o.app, []).append(o.latency_ns)
+
+
+Allocator = ResourcePreallocator | ReactiveResourceAllocator
+
+
+def _replay_once(allocator: Allocator | None, trace: Trace, tag: str,
+                 ledger: _Ledger | None) -> tuple[list[_NeedOutcome], float, float, int]:
+    """Drives the trace through allocator (None: the plain path) in real time. A driver
+    thread sleeps until each event's time and hands predictions over on the spot; needs
+    run on a thread pool large enough that holds overlap as the trace says. Afterwards
+    it waits until every allocation has ended by release or expiry, so the next run
+    starts on an idle machine and the statistics are complete. Returns the outcomes,
+    the wall time, the largest schedule lag and what was still live after the wait."""
     needs = trace.needs
-    schedule = sorted([(e.at, 0, e.index) for e in trace.events] + [(e.need_at, 1, e.index) for e in needs])
+    events = trace.events if allocator is not None else ()  # the plain path has no predictor
+    schedule = sorted([(e.at, 0, e.index) for e in events] + [(e.need_at, 1, e.index) for e in needs])
     by_index = {e.index: e for e in trace.events}
     pool_size = min(32, 2 + int(_peak((e.need_at, e.need_at + e.hold, 1.0) for e in needs)))
-    memory = _MemoryLedger()
     ended = threading.Condition()
 
     def on_ended(allocation: ResourceAllocation) -> None:
-        memory.ended(allocation)
+        if ledger is not None:
+            ledger.ended(allocation)
         with ended:
             ended.notify_all()
 
-    allocator.on("allocated", memory.allocated)
-    for event_name in ("released", "expired", "failed"):
-        allocator.on(event_name, on_ended)
+    def on_failed(allocation: ResourceAllocation) -> None:
+        if ledger is not None:
+            ledger.failed(allocation)
+        with ended:
+            ended.notify_all()
 
+    listeners = []
+    if allocator is not None and ledger is not None:
+        listeners += [("allocated", allocator.on("allocated", ledger.allocated)),
+                      ("released", allocator.on("released", on_ended)),
+                      ("expired", allocator.on("expired", on_ended)),
+                      ("failed", allocator.on("failed", on_failed))]
     futures: list[Future[_NeedOutcome]] = []
     lag = [0.0]
     driver_error: list[Exception] = []
-    log.info("%s: replaying %d predictions and %d needs on %d threads", label, len(trace.events),
-             len(needs), pool_size)
-    with ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix=f"demo-{label}") as pool:
-        origin = time.monotonic()
+    try:
+        with ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix=f"demo-{tag}") as pool:
+            origin = time.monotonic()
 
-        def drive() -> None:
-            try:
-                for at, kind, index in schedule:
-                    delay = origin + at - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                    lag[0] = max(lag[0], time.monotonic() - origin - at)
-                    event = by_index[index]
-                    if kind == 0:
-                        allocator.handle_prediction(Prediction(
-                            id=f"{label}-{index}", type=PREDICTION_TYPE, predicted_value=event.app,
-                            confidence=event.confidence, expected_at=origin + event.need_at,
-                            target_application=event.app, source_predictor_id="demo-trace"))
-                    else:
-                        futures.append(pool.submit(_serve, allocator, event, trace.apps[event.app], page))
-            except Exception as exc:  # re-raised on the caller's thread
-                driver_error.append(exc)
+            def drive() -> None:
+                try:
+                    for at, kind, index in schedule:
+                        delay = origin + at - time.monotonic()
+                        if delay > 0:
+                            time.sleep(delay)
+                        lag[0] = max(lag[0], time.monotonic() - origin - at)
+                        event = by_index[index]
+                        app = trace.apps[event.app]
+                        if kind == 0:
+                            assert allocator is not None
+                            allocator.handle_prediction(Prediction(
+                                id=f"{tag}-{index}", type=PREDICTION_TYPE, predicted_value=event.app,
+                                confidence=event.confidence, expected_at=origin + event.need_at,
+                                target_application=event.app, source_predictor_id="demo-trace"))
+                        elif allocator is None:
+                            futures.append(pool.submit(_serve_plain, event, app))
+                        else:
+                            futures.append(pool.submit(_serve, allocator, event, app))
+                except Exception as exc:  # re-raised on the caller's thread
+                    driver_error.append(exc)
 
-        driver = threading.Thread(target=drive, name=f"demo-driver-{label}")
-        driver.start()
-        driver.join()
-        outcomes = [f.result() for f in futures]  # a consumer's unexpected error propagates
-    if driver_error:
-        raise driver_error[0]
-
-    # the last unclaimed preallocation can outlive the last need; wait for its expiry
-    # (the 'ended' events wake this early; the timeout covers the record removal that
-    # follows an event)
-    latest_end = max((e.need_at + DURATION_S for e in trace.events), default=0.0) + 1.0
-    with ended:
-        while len(allocator) and time.monotonic() < origin + latest_end:
-            ended.wait(0.02)
-    wall = time.monotonic() - origin
-    live = len(allocator)
-    if live:
-        log.warning("%s: %d allocations still live after the trace; close releases them", label, live)
-
-    served = [o for o in outcomes if o.latency_ns is not None]
-    learned: dict[str, float] = {}
-    if sizer is not None:
-        for key, size in sizer.snapshot().items():  # keys are (rule name, resource type)
-            if isinstance(key, tuple) and key[1] is MEMORY:
-                learned[str(key[0])] = size
-    return RunResult(
-        label=label, allocator=type(allocator).__name__, needs=len(needs), needs_served=len(served),
-        needs_failed=len(outcomes) - len(served), claims=sum(o.claims for o in outcomes),
-        claims_preallocated=sum(o.claims_preallocated for o in outcomes),
-        latencies_ns=[o.latency_ns for o in served if o.latency_ns is not None],
-        statistics=allocator.get_statistics(), memory_allocations=memory.count,
-        memory_locked=memory.locked, memory_peak_mib=memory.peak_mib, live_before_close=live, wall_s=wall,
-        schedule_lag_max_ms=lag[0] * 1e3, learned_sizes_mib=learned,
-        errors=[o.error for o in outcomes if o.error])
+            driver = threading.Thread(target=drive, name=f"demo-driver-{tag}")
+            driver.start()
+            driver.join()
+            outcomes = [f.result() for f in futures]  # a consumer's unexpected error propagates
+        if driver_error:
+            raise driver_error[0]
+        live = 0
+        if allocator is not None:
+            # the last unclaimed preallocation can outlive the last need; wait for its
+            # expiry (the 'ended' events wake this early; the timeout covers the record
+            # removal that follows an event)
+            latest_end = max((e.need_at + DURATION_S for e in trace.events), default=0.0) + 1.0
+            with ended:
+                while len(allocator) and time.monotonic() < origin + latest_end:
+                    ended.wait(0.02)
+            live = len(allocator)
+            if live:
+                log.warning("%s: %d allocations still live after the trace; close releases them", tag, live)
+        return outcomes, time.monotonic() - origin, lag[0] * 1e3, live
+    finally:
+        if allocator is not None:
+            for name, listener in listeners:
+                allocator.off(name, listener)
 
 
 @dataclass
 class DemoReport:
     machine: Machine
     trace: Trace
+    rounds: int
+    order: list[list[str]]  # the variants' order in each round
     lock: bool
     memory_headroom: float  # the allocators' MEMORY headroom, a fraction of the total
     mlock_effective: bool
     mlock_detail: str
-    runs: list[RunResult]
+    variants: dict[str, VariantResult]
     rss_before_bytes: int
     rss_after_bytes: int
+    malloc_free_before_bytes: int | None = None
+    malloc_free_after_bytes: int | None = None
 
-    @property
-    def p50_ratio(self) -> float | None:
-        """Reactive p50 over preallocated p50; None when either is missing or zero."""
-        pre, reactive = (run.latency_ms(50) for run in self.runs[:2])
-        if not pre or reactive is None:
+    def ratio(self, slower: str, q: float = 50) -> float | None:
+        """slower's latency percentile over the preallocated one's; None if either is
+        missing or zero."""
+        pre, other = self.variants[PREALLOCATED].latency_ms(q), self.variants[slower].latency_ms(q)
+        if not pre or other is None:
             return None
-        return reactive / pre
+        return other / pre
+
+    def apps_where_plain_wins(self) -> list[str]:
+        """The apps whose preallocated p50 is slower than np.empty + the first pass."""
+        pre, plain = self.variants[PREALLOCATED], self.variants[PLAIN]
+        out = []
+        for name in self.trace.apps:
+            a, b = pre.latency_ms(50, name), plain.latency_ms(50, name)
+            if a is not None and b is not None and b < a:
+                out.append(name)
+        return out
+
+    def conclusion(self) -> str:
+        """What the figures mean, in words."""
+        pre, reactive, plain = (self.variants[v] for v in VARIANTS)
+        n = len(pre.latencies_ns)
+
+        def p(v: VariantResult, q: float) -> str:
+            value = v.latency_ms(q)
+            return "-" if value is None else f"{value:.2f}"
+
+        def x(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.1f}x"
+
+        text = (f"Over {self.rounds} interleaved round(s) (n={n} needs per variant), a preallocated need was "
+                f"usable (a full first pass written) after p50 {p(pre, 50)} ms / p99 {p(pre, 99)} ms, against "
+                f"{p(reactive, 50)} / {p(reactive, 99)} ms for the reactive allocator ({x(self.ratio(REACTIVE))} "
+                f"slower at p50, {x(self.ratio(REACTIVE, 99))} at p99) and {p(plain, 50)} / {p(plain, 99)} ms "
+                f"for plain np.empty + the pass ({x(self.ratio(PLAIN))} at p50).")
+        plain_ratio = self.ratio(PLAIN)
+        if plain_ratio is not None and plain_ratio < 1.0:
+            text += " Preallocation loses to the plain path on this machine overall."
+        winners = self.apps_where_plain_wins()
+        if winners:
+            sizes = ", ".join(f"{name} {self.trace.apps[name].memory_mib:.0f} MiB" for name in winners)
+            small = all(self.trace.apps[name].memory_mib * (1 + SIZER_MARGIN) <= HOST_WARM_MIB for name in winners)
+            text += (f" Preallocation loses to the plain path for {sizes}"
+                     + (f": below glibc's {HOST_WARM_MIB:.0f} MiB mmap threshold a freed block is reused warm, "
+                        "so preallocating such sizes buys nothing" if small else "")
+                     + ".")
+        stats = pre.statistics
+        if stats is not None:
+            waste = ", ".join(f"{t.name} {100 * w:.0f}%" for t, w in sorted(stats.waste_rate_by_type.items()))
+            text += (f" The preallocator served {100 * stats.need_hit_rate:.0f}% of its acquire() calls from a "
+                     f"ready preallocation (need_hit_rate), used {100 * stats.resource_hit_rate:.0f}% of the "
+                     f"preallocations it finished (resource_hit_rate)"
+                     + (f", and paid for it in waste ({waste} of amount x time held)" if waste else "") + ".")
+        return text
 
 
 def _strategies(lock: bool, exclusive_cores: bool) -> dict[ResourceType, Any]:
@@ -563,9 +715,17 @@ def _strategies(lock: bool, exclusive_cores: bool) -> dict[ResourceType, Any]:
             CPU: CpuAllocationStrategy(exclusive=exclusive_cores)}
 
 
-def run_demo(*, scale: float = 1.0, seed: int = 7, lock: bool = False) -> DemoReport:
-    """Generates the trace for this machine and replays it through the preallocator,
-    then the reactive allocator. Both are closed before it returns (or raises)."""
+def run_demo(*, scale: float = 1.0, seed: int = 7, lock: bool = False, rounds: int = DEFAULT_ROUNDS,
+             progress: Callable[[str], None] | None = None) -> DemoReport:
+    """Generates the trace for this machine and replays it ``rounds`` times through each
+    variant — the preallocator, the reactive allocator, plain np.empty — in an order
+    rotated every round, so drift of the machine (other tenants, the heap's warmth)
+    falls on every variant alike. Both allocators live across the rounds (the sizer
+    keeps learning) and are closed before it returns (or raises). ``progress`` gets a
+    line after each run."""
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, not {rounds!r}")
+    say = progress or (lambda line: None)
     machine = Machine.probe()
     headroom = PreallocatorConfig().headroom.get(MEMORY, 0.0)  # the allocators' default, which both use
     limit = machine.safe_memory_mib(headroom)
@@ -582,74 +742,127 @@ def run_demo(*, scale: float = 1.0, seed: int = 7, lock: bool = False) -> DemoRe
              len(trace.events), trace.memory_factor, trace.peak_memory_mib, trace.memory_limit_mib,
              "exclusive" if exclusive else "shared")
     gc.collect()
-    rss_before = vm_rss_bytes()
-    runs = []
+    _malloc_trim()
+    rss_before, malloc_free_before = vm_rss_bytes(), malloc_free_bytes()
     sizer = AdaptiveSizer(margin=SIZER_MARGIN)
-    pre = ResourcePreallocator(translator=build_translator(trace.apps.values(), sizer),
-                               min_confidence=MIN_CONFIDENCE,
-                               allocation_strategies=_strategies(lock, exclusive))
+    results = {PREALLOCATED: VariantResult(PREALLOCATED, "ResourcePreallocator"),
+               REACTIVE: VariantResult(REACTIVE, "ReactiveResourceAllocator"),
+               PLAIN: VariantResult(PLAIN, "numpy.empty")}
+    ledgers = {PREALLOCATED: _Ledger(), REACTIVE: _Ledger()}
+    order: list[list[str]] = []
+    allocators: dict[str, Allocator] = {}
     try:
-        runs.append(replay(pre, trace, "preallocated", sizer=sizer))
+        allocators[PREALLOCATED] = ResourcePreallocator(
+            translator=build_translator(trace.apps.values(), sizer), min_confidence=MIN_CONFIDENCE,
+            allocation_strategies=_strategies(lock, exclusive))
+        allocators[REACTIVE] = ReactiveResourceAllocator(min_confidence=MIN_CONFIDENCE,
+                                                         allocation_strategies=_strategies(lock, exclusive))
+        for r in range(rounds):
+            this_round = list(VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)])
+            order.append(this_round)
+            for label in this_round:
+                result = results[label]
+                log.info("round %d, %s: replaying %d predictions and %d needs", r + 1, label,
+                         len(trace.events) if label != PLAIN else 0, len(trace.needs))
+                outcomes, wall, lag, live = _replay_once(allocators.get(label), trace, f"{label}-{r}",
+                                                         ledgers.get(label))
+                result.add(outcomes)
+                result.wall_s.append(wall)
+                result.schedule_lag_max_ms = max(result.schedule_lag_max_ms, lag)
+                result.live_before_close = max(result.live_before_close, live)
+                served = [o.latency_ns for o in outcomes if o.latency_ns is not None]
+                p50 = percentile(served, 50)
+                say(f"round {r + 1}/{rounds} {label:>12}: {len(served)}/{len(outcomes)} needs served, "
+                    f"p50 {'-' if p50 is None else f'{p50 / 1e6:.3f}'} ms, {wall:.1f} s")
+        for label, allocator in allocators.items():
+            results[label].statistics = allocator.get_statistics()
     finally:
-        pre.close()
-    runs[-1].live_after_close = len(pre)
-    reactive = ReactiveResourceAllocator(min_confidence=MIN_CONFIDENCE,
-                                         allocation_strategies=_strategies(lock, exclusive))
-    try:
-        runs.append(replay(reactive, trace, "reactive"))
-    finally:
-        reactive.close()
-    runs[-1].live_after_close = len(reactive)
+        for allocator in allocators.values():
+            allocator.close()
+    for label, allocator in allocators.items():
+        result, ledger = results[label], ledgers[label]
+        result.live_after_close = len(allocator)
+        result.memory_allocations, result.memory_locked = ledger.count, ledger.locked
+        result.memory_peak_mib, result.allocation_failures = ledger.peak_mib, dict(ledger.failures)
+    for key, size in sizer.snapshot().items():  # keys are (rule name, resource type)
+        if isinstance(key, tuple) and key[1] is MEMORY:
+            results[PREALLOCATED].learned_sizes_mib[str(key[0])] = size
     gc.collect()
-    return DemoReport(machine=machine, trace=trace, lock=lock, memory_headroom=headroom,
-                      mlock_effective=mlock_effective, mlock_detail=mlock_detail, runs=runs,
-                      rss_before_bytes=rss_before, rss_after_bytes=vm_rss_bytes())
+    _malloc_trim()
+    return DemoReport(machine=machine, trace=trace, rounds=rounds, order=order, lock=lock,
+                      memory_headroom=headroom, mlock_effective=mlock_effective, mlock_detail=mlock_detail,
+                      variants=results, rss_before_bytes=rss_before, rss_after_bytes=vm_rss_bytes(),
+                      malloc_free_before_bytes=malloc_free_before, malloc_free_after_bytes=malloc_free_bytes())
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
+def _latency(result: VariantResult, app: str | None = None) -> dict[str, Any]:
+    values = result.latencies_ns if app is None else result.latencies_ns_by_app.get(app, [])
+    return {"n": len(values), "p50": _round(result.latency_ms(50, app)), "p90": _round(result.latency_ms(90, app)),
+            "p99": _round(result.latency_ms(99, app)), "max": _round(result.latency_ms(100, app)),
+            "mean": _round(sum(values) / len(values) / 1e6) if values else None}
+
+
+def _statistics_as_dict(s: PreallocatorStatistics) -> dict[str, Any]:
+    return {
+        "total_requests": s.total_requests,
+        "successful_allocations": s.successful_allocations,
+        "failed_allocations": s.failed_allocations,
+        "cancelled": s.cancelled,
+        "skipped_low_confidence": s.skipped_low_confidence,
+        "expired": s.expired,
+        "claimed": s.claimed,
+        "released": s.released,
+        "finished": s.finished,
+        "preallocations_finished": s.preallocations_finished,
+        "used": s.used,
+        "needs": s.needs,
+        "needs_preallocated": s.needs_preallocated,
+        "need_hit_rate": round(s.need_hit_rate, 4),
+        "resource_hit_rate": round(s.resource_hit_rate, 4),
+        "waste_rate_by_type": {t.name: round(w, 4) for t, w in sorted(s.waste_rate_by_type.items())},
+        "resource_waste_rate": round(s.resource_waste_rate, 4),
+        "active_allocations": s.active_allocations,
+        "queued_requests": s.queued_requests,
+        "in_flight": s.in_flight,
+        "allocations_by_type": {t.name: n for t, n in sorted(s.allocations_by_type.items())},
+        "average_allocation_ms": round(s.average_allocation_time * 1e3, 3),
+    }
+
+
 def report_as_dict(report: DemoReport) -> dict[str, Any]:
     """The report as plain JSON-ready data (what ``prealloc demo --json`` prints)."""
     t, m = report.trace, report.machine
-    allocators = {}
-    for run in report.runs:
-        s = run.statistics
-        allocators[run.label] = {
-            "allocator": run.allocator,
-            "needs": run.needs,
-            "needs_served": run.needs_served,
-            "needs_failed": run.needs_failed,
-            "claims": run.claims,
-            "claims_preallocated": run.claims_preallocated,
-            "claims_not_preallocated": run.claims - run.claims_preallocated,
-            "hit_rate": round(run.hit_rate, 4),
-            "engine_hit_rate": round(s.resource_hit_rate, 4),
-            "waste_rate": round(s.resource_waste_rate, 4),
-            "latency_ms": {"p50": _round(run.latency_ms(50)), "p99": _round(run.latency_ms(99)),
-                           "max": _round(run.latency_ms(100)),
-                           "mean": _round(sum(run.latencies_ns) / len(run.latencies_ns) / 1e6)
-                           if run.latencies_ns else None},
-            "allocations_by_type": {t_.name: n for t_, n in sorted(s.allocations_by_type.items())},
-            "total_requests": s.total_requests,
-            "successful_allocations": s.successful_allocations,
-            "failed_allocations": s.failed_allocations,
-            "skipped_low_confidence": s.skipped_low_confidence,
-            "expired": s.expired,
-            "claimed": s.claimed,
-            "released": s.released,
-            "average_allocation_ms": round(s.average_allocation_time * 1e3, 3),
-            "memory_allocations": run.memory_allocations,
-            "memory_locked": run.memory_locked,
-            "memory_peak_mib": round(run.memory_peak_mib, 1),
-            "live_before_close": run.live_before_close,
-            "live_after_close": run.live_after_close,
-            "learned_sizes_mib": {k: round(v, 2) for k, v in run.learned_sizes_mib.items()},
-            "wall_s": round(run.wall_s, 3),
-            "schedule_lag_max_ms": round(run.schedule_lag_max_ms, 3),
-            "errors": run.errors,
+    variants: dict[str, Any] = {}
+    for label, v in report.variants.items():
+        entry: dict[str, Any] = {
+            "allocator": v.allocator,
+            "needs": v.needs,
+            "needs_served": v.needs_served,
+            "needs_failed": v.needs_failed,
+            "failures": dict(sorted(v.failures.items())),
+            "latency_ms": _latency(v),
+            "latency_ms_by_app": {name: _latency(v, name) for name in t.apps},
+            "wall_s": [round(w, 3) for w in v.wall_s],
+            "schedule_lag_max_ms": round(v.schedule_lag_max_ms, 3),
         }
+        if v.statistics is not None:
+            entry.update({
+                "claims": v.claims,
+                "claims_preallocated": v.claims_preallocated,
+                "statistics": _statistics_as_dict(v.statistics),
+                "allocation_failures": dict(sorted(v.allocation_failures.items())),
+                "memory_allocations": v.memory_allocations,
+                "memory_locked": v.memory_locked,
+                "memory_peak_mib": round(v.memory_peak_mib, 1),
+                "live_before_close": v.live_before_close,
+                "live_after_close": v.live_after_close,
+                "learned_sizes_mib": {k: round(size, 2) for k, size in v.learned_sizes_mib.items()},
+            })
+        variants[label] = entry
     return {
         "machine": {
             "cores_usable": m.cores_usable, "cores_online": m.cores_online,
@@ -669,8 +882,21 @@ def report_as_dict(report: DemoReport) -> dict[str, Any]:
             "apps": {a.name: {"memory_mib": round(a.memory_mib, 2), "cpu_percent": a.cpu_percent}
                      for a in t.apps.values()},
         },
-        "allocators": allocators,
-        "p50_ratio": _round(report.p50_ratio, 2),
+        "rounds": report.rounds,
+        "order": report.order,
+        "usable": "a full first pass of writes over the need's bytes (and, for the allocators, the CPU claim)",
+        "variants": variants,
+        "ratios": {f"{other}_over_preallocated": {"p50": _round(report.ratio(other, 50), 2),
+                                                  "p99": _round(report.ratio(other, 99), 2)}
+                   for other in (REACTIVE, PLAIN)},
+        "apps_where_plain_wins": report.apps_where_plain_wins(),
+        "conclusion": report.conclusion(),
         "rss_mib": {"before": round(report.rss_before_bytes / MiB, 1),
-                    "after": round(report.rss_after_bytes / MiB, 1)},
+                    "after": round(report.rss_after_bytes / MiB, 1),
+                    "malloc_free_before": _mib(report.malloc_free_before_bytes),
+                    "malloc_free_after": _mib(report.malloc_free_after_bytes)},
     }
+
+
+def _mib(value: int | None) -> float | None:
+    return None if value is None else round(value / MiB, 1)
