@@ -50,6 +50,15 @@ static pa_id_t insert_status(pa_table_t *t, pa_status_t status) {
     return id;
 }
 
+/* A check in a forked child: reports the line, counts into the child's `bad`. */
+#define CHILD_CHECK(cond)                                                         \
+    do {                                                                          \
+        if (!(cond)) {                                                            \
+            fprintf(stderr, "%s:%d: child CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+            bad++;                                                                \
+        }                                                                         \
+    } while (0)
+
 /* Waits for a child; true when it exited with status 0 (a hang is killed by its alarm). */
 static bool child_ok(pid_t pid) {
     int status = 0;
@@ -76,21 +85,21 @@ static void test_fork_adopts_idle_ticker(void) {
     if (pid == 0) {
         alarm(30); /* the hang detector: a hung child dies of SIGALRM */
         int bad = 0;
-        bad += pa_ticker_pending(ticker) != 1; /* the parent's timer came along */
+        CHILD_CHECK(pa_ticker_pending(ticker) == 1); /* the parent's timer came along */
         int fd = pa_ticker_eventfd(ticker);
-        bad += fd != parent_fd; /* same number, a fresh eventfd behind it */
+        CHILD_CHECK(fd == parent_fd); /* same number, a fresh eventfd behind it */
         pa_id_t now_id = insert_status(table, PA_STATUS_ALLOCATED);
-        bad += pa_ticker_schedule(ticker, now_id, pa_clock_now_ns(), NULL) != 0;
+        CHILD_CHECK(pa_ticker_schedule(ticker, now_id, pa_clock_now_ns(), NULL) == 0);
 #ifndef PA_UNDER_TSAN /* TSan does not support starting threads in a forked child */
-        bad += pa_ticker_start(ticker) != 0;
-        bad += !readable(fd, 20000);
+        CHILD_CHECK(pa_ticker_start(ticker) == 0);
+        CHILD_CHECK(readable(fd, 20000));
         pa_id_t got[4];
-        bad += pa_ticker_drain(ticker, got, 4) != 1 || got[0] != now_id;
+        CHILD_CHECK(pa_ticker_drain(ticker, got, 4) == 1 && got[0] == now_id);
 #else
-        bad += pa_ticker_advance(ticker, pa_clock_now_ns()) != 1;
+        CHILD_CHECK(pa_ticker_advance(ticker, pa_clock_now_ns() + 2 * MS) == 1);
 #endif
-        bad += pa_table_status(table, now_id) != PA_STATUS_EXPIRED;
-        bad += pa_ticker_stop(ticker) != 0;
+        CHILD_CHECK(pa_table_status(table, now_id) == PA_STATUS_EXPIRED);
+        CHILD_CHECK(pa_ticker_stop(ticker) == 0);
         pa_ticker_destroy(ticker);
         pa_table_destroy(table);
         _exit(bad ? 1 : 0);
@@ -141,11 +150,11 @@ static void test_fork_orphans_busy_ticker(void) {
     if (pid == 0) {
         alarm(30);
         int bad = 0;
-        bad += pa_ticker_start(ticker) != -EOWNERDEAD;
-        bad += pa_ticker_schedule(ticker, id, 0, NULL) != -EOWNERDEAD;
-        bad += pa_ticker_eventfd(ticker) != -EOWNERDEAD;
-        bad += pa_ticker_pending(ticker) != 0;
-        bad += pa_ticker_stop(ticker) != 0;
+        CHILD_CHECK(pa_ticker_start(ticker) == -EOWNERDEAD);
+        CHILD_CHECK(pa_ticker_schedule(ticker, id, 0, NULL) == -EOWNERDEAD);
+        CHILD_CHECK(pa_ticker_eventfd(ticker) == -EOWNERDEAD);
+        CHILD_CHECK(pa_ticker_pending(ticker) == 0);
+        CHILD_CHECK(pa_ticker_stop(ticker) == 0);
         pa_ticker_destroy(ticker);
         _exit(bad ? 1 : 0);
     }
