@@ -359,3 +359,37 @@ def test_monitor_reports_cache_space_and_residency(files_dir):
     assert resident_bytes([path, str(files_dir / "missing")]) == (2 * MiB, 2 * MiB)
     with pytest.raises(ValueError, match="yield_pressure"):
         PageCacheMonitor(yield_pressure=-1)
+
+
+def test_file_the_kernel_will_not_count_for_us():
+    """A root-owned, read-only system file, warmed by an unprivileged process (as root:
+    a child that drops to uid 65534 after importing): cachestat refuses, mincore would
+    claim every page resident, so the count is marked restricted and the amount rests
+    on the populate that succeeded."""
+    import shutil
+    target = os.path.realpath(shutil.which("sh") or "/bin/sh")
+    st = os.stat(target)
+    if st.st_uid == os.geteuid() and os.geteuid() != 0:
+        pytest.skip(f"{target} belongs to this user")
+    code = textwrap.dedent(f"""
+        import json, os
+        from prealloc.strategies import CacheSpaceStrategy
+        from prealloc.types import RequestMetadata, ResourceRequest, ResourceType
+        if os.geteuid() == 0:
+            os.setgroups([]); os.setgid(65534); os.setuid(65534)
+        s = CacheSpaceStrategy(roots=["/usr", "/bin"])
+        req = ResourceRequest(ResourceType.CACHE_SPACE, 64,
+                              metadata=RequestMetadata(custom_properties={{"files": [{target!r}]}}))
+        g = s.allocate(req, 64, None)
+        d = s.describe(g.handle)
+        s.claim(g.handle)
+        s.release(g.handle)
+        print(json.dumps({{"amount": g.amount, "restricted": d["count_restricted"],
+                          "uncounted": d["bytes_uncounted"], "populated": d["bytes_populated_uncounted"],
+                          "after": d["bytes_resident_after"], "count_method": d["count_method"]}}))
+    """)
+    facts = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                      check=True).stdout)
+    assert facts["restricted"] is True and facts["count_method"] == "none"
+    assert facts["uncounted"] == facts["populated"] == facts["after"] == st.st_size
+    assert facts["amount"] == pytest.approx(st.st_size / MiB)

@@ -276,17 +276,34 @@ int pa_pagecache_mincore(int fd, uint64_t offset, uint64_t length, pa_pagecache_
     return rc;
 }
 
+/* The kernel's rule for revealing page-cache state of a file (mincore's
+ * can_do_mincore; cachestat's since 6.14): the caller owns it, may write it, or has
+ * CAP_SYS_ADMIN — approximated here by euid 0. Otherwise mincore reports every page of a
+ * file mapping resident, which is no count at all. */
+static bool pa__may_count(int fd) {
+    struct stat st;
+    if (geteuid() == 0) return true;
+    if (fstat(fd, &st) != 0) return false;
+    if (st.st_uid == geteuid()) return true;
+    char proc[64];
+    snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
+    return faccessat(AT_FDCWD, proc, W_OK, AT_EACCESS) == 0;
+}
+
 int pa_pagecache_count(const pa_pagecache_file_t *f, pa_pagecache_count_t *out) {
     if (f->fd < 0) {
         memset(out, 0, sizeof(*out));
         return -EBADF;
     }
     int rc = pa_pagecache_cachestat(f->fd, f->offset, f->length, out);
-    if (rc == -ENOSYS || rc == -EPERM) {
-        bool restricted = rc == -EPERM;
-        rc = pa_pagecache_mincore(f->fd, f->offset, f->length, out);
-        out->restricted = restricted;
+    if (rc == -ENOSYS && !pa__may_count(f->fd)) rc = -EPERM; /* mincore would say "all resident" */
+    if (rc == -EPERM) {
+        memset(out, 0, sizeof(*out));
+        out->method = PA_PAGECACHE_COUNT_NONE;
+        out->restricted = true;
+        return 0;
     }
+    if (rc == -ENOSYS) rc = pa_pagecache_mincore(f->fd, f->offset, f->length, out);
     return rc;
 }
 

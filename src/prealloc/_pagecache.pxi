@@ -94,7 +94,8 @@ cdef class PageCacheFiles:
         """(pages, methods, restricted): pages is an (n, 5) uint64 array of cached, dirty,
         writeback, evicted, recently_evicted pages per file; methods the counting method
         of each ("cachestat", "mincore", "none" for a closed file); restricted[i] True where
-        the kernel refused cachestat and mincore saw only pages mapped here."""
+        the kernel does not reveal the file's page-cache state to this process (not its
+        owner, not writable, no CAP_SYS_ADMIN): its counts are 0, not measured."""
         pages = np.zeros((self._n, 5), dtype=np.uint64)
         cdef uint64_t[:, ::1] view = pages
         cdef pa_pagecache_count_t *out = <pa_pagecache_count_t *>PyMem_Malloc((self._n + 1) * sizeof(pa_pagecache_count_t))

@@ -262,6 +262,29 @@ static void test_batch(void) {
     unlink(c);
 }
 
+/* A file this process may not count (not its owner, not writable, not root): the
+ * count is marked restricted instead of mincore's "all resident". As root, or for a test
+ * binary owned by the caller, the count is a real one. */
+static void test_count_permission(void) {
+    pa_pagecache_file_t f;
+    REQUIRE(pa_pagecache_open(&f, "/proc/self/exe", 0, 0, NULL, 0) == 0);
+    struct stat st;
+    REQUIRE(fstat(f.fd, &st) == 0);
+    pa_pagecache_count_t c;
+    CHECK_EQ_INT(pa_pagecache_count(&f, &c), 0);
+    bool may = geteuid() == 0 || st.st_uid == geteuid() || faccessat(AT_FDCWD, "/proc/self/exe", W_OK, AT_EACCESS) == 0;
+    if (may) {
+        CHECK(!c.restricted);
+        CHECK(c.method != PA_PAGECACHE_COUNT_NONE);
+        CHECK(c.cached > 0); /* the running binary's pages */
+    } else {
+        CHECK(c.restricted);
+        CHECK_EQ_INT(c.method, PA_PAGECACHE_COUNT_NONE);
+        CHECK_EQ_INT(c.cached, 0);
+    }
+    pa_pagecache_close(&f);
+}
+
 static void test_chunk_bytes(void) {
     int fd = open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
     REQUIRE(fd >= 0);
@@ -287,6 +310,7 @@ int main(void) {
     RUN_TEST(test_pin_survives_dontneed);
     RUN_TEST(test_mark_and_evict_unmarked);
     RUN_TEST(test_batch);
+    RUN_TEST(test_count_permission);
     RUN_TEST(test_chunk_bytes);
     rmdir(dir);
     TEST_MAIN_END();

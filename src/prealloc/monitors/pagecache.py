@@ -28,11 +28,13 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def resident_bytes(paths: Iterable[str | os.PathLike[str]]) -> tuple[int, int]:
-    """(resident, total) bytes of the regular files in paths (missing files count 0)."""
+    """(resident, total) bytes of the regular files in paths, through the kernel. Missing
+    files count 0 in both; files whose page-cache state the kernel does not reveal to this
+    process (not its owner, not writable, no CAP_SYS_ADMIN) count 0 resident."""
     with _native.PageCacheFiles([os.fspath(p) for p in paths]) as files:
-        pages, _, _ = files.counts()
+        pages, _, restricted = files.counts()
         lengths = files.lengths
-        resident = sum(min(int(pages[i, 0]) * _PAGE, lengths[i]) for i in range(len(lengths)))
+        resident = sum(min(int(pages[i, 0]) * _PAGE, lengths[i]) for i in range(len(lengths)) if not restricted[i])
         return resident, sum(lengths)
 
 

@@ -111,11 +111,23 @@ class CacheWarming:
     def paths(self) -> tuple[str, ...]:
         return tuple(p for p, ok in zip(self.files.paths, self.files.is_open) if ok)
 
-    def resident_bytes(self) -> int:
-        """Bytes of the warmed ranges in the page cache now (through the kernel)."""
-        pages, _, _ = self.files.counts()
+    def residency(self) -> tuple[int, int]:
+        """(bytes of the warmed ranges in the page cache now, through the kernel; bytes of
+        ranges whose page-cache state the kernel does not reveal to this process — files
+        it neither owns nor may write, without CAP_SYS_ADMIN)."""
+        pages, _, restricted = self.files.counts()
         lengths = self.files.lengths
-        return sum(min(int(pages[i, 0]) * PAGE, lengths[i]) for i in range(len(lengths)))
+        resident = uncounted = 0
+        for i, length in enumerate(lengths):
+            if restricted[i]:
+                uncounted += length
+            else:
+                resident += min(int(pages[i, 0]) * PAGE, length)
+        return resident, uncounted
+
+    def resident_bytes(self) -> int:
+        """Bytes of the warmed ranges counted resident now (uncountable ones excluded)."""
+        return self.residency()[0]
 
     def __repr__(self) -> str:
         return (f"<CacheWarming {len(self.paths)} files {self.details.get('bytes_requested', 0)} bytes"
@@ -304,7 +316,7 @@ class CacheSpaceStrategy(AllocationStrategy):
         handle = CacheWarming(files, {})
         lengths = files.lengths
         requested = sum(lengths)
-        before = handle.resident_bytes()
+        before, uncounted = handle.residency()
         _, methods, restricted = files.counts()
         if self.evict_on_unused:
             files.mark()
@@ -323,6 +335,14 @@ class CacheSpaceStrategy(AllocationStrategy):
                 pin_error = (f"RLIMIT_MEMLOCK leaves {budget} bytes" if budget is not None and budget < requested
                              else os.strerror(min(errors)) if errors else None)
         after = handle.resident_bytes()
+        # A file the kernel will not count for us is known resident only by a populate
+        # that succeeded (MADV_POPULATE_READ returns once every page is in).
+        populated_uncounted = 0
+        if uncounted and self.populate and not paused:
+            populated_uncounted = sum(
+                n for n, r, err, method in zip(lengths, restricted, files.warm_errors, files.warm_methods)
+                if r and not err and method in ("populate_read", "read"))
+        after += populated_uncounted
         if after == 0 and requested > 0:
             raise InsufficientResources("cache_space: nothing became resident")
         handle.details = {
@@ -337,8 +357,11 @@ class CacheSpaceStrategy(AllocationStrategy):
             "pin_error": pin_error,
             "method": "populate_read" if self.populate and "populate_read" in files.warm_methods
                       else ("read" if "read" in files.warm_methods else "willneed"),
-            "count_method": "cachestat" if "cachestat" in methods else "mincore",
+            "count_method": "cachestat" if "cachestat" in methods else ("mincore" if "mincore" in methods
+                                                                        else "none"),
             "count_restricted": any(restricted),
+            "bytes_uncounted": uncounted,
+            "bytes_populated_uncounted": populated_uncounted,
             "noatime": all(n for n, ok in zip(files.noatime, files.is_open) if ok),
             "paused_under_pressure": paused,
             "directories_listed": directories,
@@ -397,11 +420,13 @@ class CacheSpaceStrategy(AllocationStrategy):
             if handle.released:
                 raise AllocationError("cache_space: the allocation is released")
             handle.claimed = True
-            resident = handle.resident_bytes()
+            resident, uncounted = handle.residency()
             handle.details["bytes_resident_at_claim"] = resident
             pages, _, _ = handle.files.counts()
             handle.details["pages_evicted_before_claim"] = int(pages[:, 3].sum())
-            if resident < handle.details["bytes_resident_after"]:
+            expected = handle.details["bytes_resident_after"] - handle.details["bytes_populated_uncounted"]
+            # Uncountable files are populated again (cheap where they stayed: page hits).
+            if resident < expected or uncounted:
                 handle.files.warm(willneed=True, populate=self.populate)
                 handle.details["bytes_rewarmed"] = handle.resident_bytes() - resident
             else:

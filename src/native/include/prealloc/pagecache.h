@@ -34,10 +34,11 @@
  *   5. count: cachestat(2) (Linux >= 6.5, syscall 451 on every architecture that has the
  *      unified syscall table) counts cached, dirty, writeback and evicted pages of a range
  *      from the page-cache xarray without touching page tables. Where it is missing
- *      (ENOSYS) — or refused (EPERM: since 6.14 the kernel lets only the file's owner, a
- *      writer or CAP_SYS_ADMIN count) — mincore(2) over a temporary mapping is the
- *      fallback, with the same permission rule (mincore then reports only pages mapped in
- *      this process), so `method` says how a count was obtained.
+ *      (ENOSYS), mincore(2) over a temporary mapping is the fallback. Both reveal a
+ *      file's page-cache state only to its owner, a writer or CAP_SYS_ADMIN (cachestat
+ *      since 6.14 answers EPERM; mincore reports every page resident, no count at all),
+ *      so for anyone else the count is "restricted": unknown, method NONE. A populate
+ *      that succeeded still proves those pages were made resident.
  *   6. mark / evict: mark records a per-page residency bitmap (mincore) before warming;
  *      evict issues POSIX_FADV_DONTNEED only over the runs of pages that were not resident
  *      at mark time, so pages other programs had cached stay.
@@ -90,8 +91,9 @@ typedef struct pa_pagecache_count {
     uint64_t evicted;          /* evicted since they were cached (shadow entries) */
     uint64_t recently_evicted; /* ... of those, recently enough to count as thrashing */
     int method;                /* pa_pagecache_count_method_t */
-    bool restricted;           /* cachestat said EPERM: the mincore fallback saw only the
-                                  pages mapped in this process (a lower bound) */
+    bool restricted;           /* the kernel does not reveal this file's page-cache state
+                                  to this process (not its owner, not writable, no
+                                  CAP_SYS_ADMIN): the counts are 0 and method NONE */
 } pa_pagecache_count_t;
 
 typedef struct pa_pagecache_file {
@@ -126,7 +128,9 @@ PA_API int pa_pagecache_open(pa_pagecache_file_t *f, const char *path, uint64_t 
  * -EBADF when not open, -EINVAL for unknown flags, -EIO/-ENOMEM from populate. */
 PA_API int pa_pagecache_warm(pa_pagecache_file_t *f, unsigned flags, uint64_t chunk_bytes);
 
-/* Counts the range's pages in the page cache (cachestat, else mincore). */
+/* Counts the range's pages in the page cache (cachestat, else mincore); a file whose
+ * state the kernel does not reveal to this process gets out->restricted, 0 counts and
+ * method NONE (return 0). */
 PA_API int pa_pagecache_count(const pa_pagecache_file_t *f, pa_pagecache_count_t *out);
 
 /* Pins (mlock) at most max_bytes of the range, from its start, page granular. A refused
