@@ -45,3 +45,27 @@ def test_request_warm_claim_release(files_dir):  # noqa: F811
         assert after is None or after.status == AllocationStatus.RELEASED
         assert claim.resource.released
         assert [cached(p) for p in paths] == [2 * MiB, 2 * MiB]  # release does not evict
+
+
+def test_prediction_names_a_profile(files_dir, tmp_path_factory, monkeypatch):  # noqa: F811
+    """A rule's CACHE_SPACE request carries the prediction's properties: {"profile": ...}
+    there reaches the strategy (handle_prediction -> worker -> allocate)."""
+    from prealloc import Prediction, RuleTranslator
+    from prealloc.profiles import Profile, save_profile
+
+    profiles = tmp_path_factory.mktemp("profiles")
+    paths = [write_file(files_dir / f"p{i}.bin", MiB) for i in range(3)]
+    save_profile(Profile.from_paths("start-app", paths), profiles)
+    translator = RuleTranslator.from_dict({"rule": [{
+        "name": "warm", "match": {"type": "launch"},
+        "request": [{"resource_type": "CACHE_SPACE", "need": 64}]}]})
+    strategy = CacheSpaceStrategy(roots=[str(files_dir)], profile_dir=profiles)
+    with ResourcePreallocator(translator=translator, allocation_strategies={CACHE: strategy}) as pre:
+        [rid] = pre.handle_prediction(Prediction(id="p1", type="launch", predicted_value="app", confidence=0.9,
+                                                 properties={"profile": "start-app"}))
+        snap = wait_until(lambda: (s := pre.get_allocation(rid)) is not None
+                          and s.status == AllocationStatus.ALLOCATED and s)
+        assert snap.allocated_amount == pytest.approx(3)  # capped by the profile's files
+        assert snap.details["profile"] == "start-app"
+        assert [cached(p) for p in paths] == [MiB] * 3
+        pre.release_allocation(rid)
