@@ -434,3 +434,33 @@ def test_a_claim_naming_a_process_sets_its_priority_not_the_callers(strategy, tm
     assert _native.ioprio_get(0) == mine
     strategy.release(grant.handle)
     assert {t: _native.ioprio_get(t) for t in tids} == before
+
+
+def test_a_filesystem_without_fallocate_is_said_so_not_emulated(tmp_path):
+    """ext2 (no extents) has no fallocate; glibc's posix_fallocate would quietly write a
+    byte per block instead. We say "not supported on this filesystem" and leave nothing."""
+    if not ROOT:
+        pytest.skip("mounting an ext2 image needs root")
+    image, mnt = tmp_path / "ext2.img", tmp_path / "ext2"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(16 * MIB)
+    mkfs = subprocess.run(["mkfs.ext2", "-q", "-F", str(image)], capture_output=True, text=True)
+    if mkfs.returncode != 0:
+        pytest.skip(f"cannot make an ext2 image here: {mkfs.stderr.strip() or 'mkfs.ext2 failed'}")
+    rc = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True, text=True)
+    if rc.returncode != 0:
+        pytest.skip(f"cannot mount ext2 here: {rc.stderr.strip()}")
+    try:
+        before = sorted(os.listdir(mnt))
+        with pytest.raises(OSError) as err:
+            _native._reserve_disk(mnt, "x", MIB, 0)
+        assert err.value.errno == errno.EOPNOTSUPP
+        strategy = DiskStrategy(headroom_mib=0)
+        for prefer_tmpfile in (True, False):
+            strategy.prefer_tmpfile = prefer_tmpfile
+            with pytest.raises(AllocationError, match="not supported on this filesystem"):
+                strategy.allocate(request(1, mnt, keep_size=False), 1, None)
+        assert sorted(os.listdir(mnt)) == before
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
