@@ -505,9 +505,6 @@ class DiskStrategy(AllocationStrategy):
         return facts
 
 
-DiskIOOptimizer = DiskStrategy  # the spec's name for it (ResourcePreallocatorDesign.md)
-
-
 def io_priority_effect(path: str | os.PathLike[str]) -> str:
     """Whether an I/O priority changes anything for I/O under path, said plainly."""
     try:
