@@ -189,6 +189,22 @@ def test_globs_directories_and_roots(files_dir, tmp_path_factory):
         strategy.planned_amount(request(1, files=["relative/path"]), 1)
 
 
+def test_bad_file_properties_and_the_file_cap(files_dir):
+    paths = [write_file(files_dir / f"c{i}.bin", PAGE) for i in range(5)]
+    strategy = CacheSpaceStrategy(roots=[str(files_dir)], max_files=3)
+    with pytest.raises(AllocationError, match=r"custom_properties\['files'\]"):
+        strategy.allocate(request(1, files={"a": 1}), 1, None)
+    with pytest.raises(AllocationError, match=r"custom_properties\['profile'\]"):
+        strategy.allocate(request(1, profile=7), 1, None)
+    grant = strategy.allocate(request(1, files=str(files_dir / "*.bin")), 1, None)
+    try:
+        details = strategy.describe(grant.handle)
+        assert details["files"] == 3 and details["skipped"]["over_cap"] >= 1
+        assert sum(cached(p) for p in paths) == 3 * PAGE
+    finally:
+        strategy.release(grant.handle)
+
+
 def test_default_roots_refuse_etc():
     strategy = CacheSpaceStrategy()
     with pytest.raises(AllocationError, match="no files"):

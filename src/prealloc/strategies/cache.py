@@ -29,6 +29,7 @@ are read too (``warm_directories``), so lookups next to them hit cached entries.
 from __future__ import annotations
 
 import glob
+import itertools
 import logging
 import math
 import os
@@ -182,15 +183,19 @@ class CacheSpaceStrategy(AllocationStrategy):
 
     # -- which files -------------------------------------------------------------------
 
-    def _expand(self, pattern: str, skipped: dict[str, int]) -> list[str]:
-        if not isinstance(pattern, str) or not os.path.isabs(pattern):
+    def _expand(self, pattern: str, skipped: dict[str, int], limit: int) -> list[str]:
+        """The files a path, glob or directory names, at most `limit` + 1 of them (a
+        glob or walk of a large tree stops there instead of listing it all)."""
+        if not isinstance(pattern, str) or not os.path.isabs(pattern) or "\0" in pattern:
             raise AllocationError(f"cache_space: files must be absolute paths or globs, not {pattern!r}")
         if _GLOB_MAGIC & set(pattern):
-            found = sorted(glob.glob(pattern, recursive=True))
+            found = sorted(itertools.islice(glob.iglob(pattern, recursive=True), limit + 1))
         else:
             found = [pattern]
-        out: list[Any] = []
+        out: list[str] = []
         for path in found:
+            if len(out) > limit:
+                break
             real = os.path.realpath(path)
             if not _inside(real, self.roots):
                 skipped["outside_roots"] += 1
@@ -199,6 +204,8 @@ class CacheSpaceStrategy(AllocationStrategy):
                 for directory, subdirs, names in os.walk(real):
                     subdirs.sort()
                     out.extend(os.path.join(directory, n) for n in sorted(names))
+                    if len(out) > limit:
+                        break
             elif os.path.exists(real):
                 out.append(path)
             else:
@@ -214,9 +221,17 @@ class CacheSpaceStrategy(AllocationStrategy):
             patterns, profile_name = list(self.files), self.profile
         if isinstance(patterns, str):
             patterns = [patterns]
+        if patterns is not None and not isinstance(patterns, (list, tuple)):
+            raise AllocationError(f"cache_space: custom_properties['files'] must be a path or a list of "
+                                  f"paths, not {type(patterns).__name__}")
+        if profile_name is not None and not isinstance(profile_name, str):
+            raise AllocationError(f"cache_space: custom_properties['profile'] must be a name, "
+                                  f"not {profile_name!r}")
         paths: list[str] = []
         for pattern in patterns or ():
-            paths.extend(self._expand(pattern, skipped))
+            paths.extend(self._expand(pattern, skipped, self.max_files - len(paths)))
+            if len(paths) > self.max_files:
+                break
         if profile_name is not None:
             try:
                 profile = load_profile(profile_name, self.profile_dir)
@@ -227,7 +242,7 @@ class CacheSpaceStrategy(AllocationStrategy):
             current, stale = profile.current()
             skipped["stale"] += stale
             for entry in current:
-                paths.extend(self._expand(entry.path, skipped))
+                paths.extend(self._expand(entry.path, skipped, max(0, self.max_files - len(paths))))
         unique = list(dict.fromkeys(paths))
         if len(unique) > self.max_files:
             skipped["over_cap"] += len(unique) - self.max_files

@@ -46,6 +46,13 @@
  *
  * The warmer never hands file contents to anyone: it only asks the kernel to cache them.
  *
+ * Waste. cachestat's `evicted` counts the shadow entries reclaim leaves for pages it
+ * evicted, so a warmed page pushed out before the need shows up there; pages dropped by
+ * POSIX_FADV_DONTNEED (invalidation) leave none and are not counted. Whether a warmed
+ * page was read afterwards needs idle-page tracking (/sys/kernel/mm/page_idle, root,
+ * CONFIG_IDLE_PAGE_TRACKING), which this component does not use: the kernel it was
+ * written on has none.
+ *
  * Complexity: O(pages) of kernel work for populate, pin, mincore; O(range / chunk)
  * syscalls for WILLNEED; O(1) syscalls for cachestat. All calls block (disk I/O); none
  * takes a lock of ours. Thread safety: a pa_pagecache_file_t is owned by one thread at a
