@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prealloc.translate import AdaptiveSizer, RuleTranslator, Translator
+from prealloc.translate import HOST_WARM_MIN_NEED, AdaptiveSizer, RuleTranslator, Translator
 from prealloc.types import AllocationFeedback, Prediction, ResourceRequest, ResourceType
 
 RULES_TOML = """
@@ -284,6 +284,59 @@ def test_sizer_resizes_adaptive_requests_from_feedback() -> None:
     assert memory.predicted_need == pytest.approx(220.0)  # 200 x (1 + margin 0.1)
     assert cpu.predicted_need == 50.0
     assert sizer.snapshot() == {("open-editor", ResourceType.MEMORY): pytest.approx(220.0)}
+
+
+# ---------------------------------------------------------------------------------------
+# what the host serves warm is left to it
+
+
+def test_min_need_leaves_small_needs_to_the_host_and_keeps_the_rest() -> None:
+    assert HOST_WARM_MIN_NEED == {ResourceType.MEMORY: 32.0}  # glibc's mmap threshold ceiling, 64-bit
+    config = {"rule": [
+        {"name": "small", "match": {"type": "t"},
+         "request": [{"resource_type": "MEMORY", "need": 24}, {"resource_type": "CPU", "need": 50}]},
+        {"name": "large", "match": {"type": "t"}, "request": [{"resource_type": "MEMORY", "need": 32}]}]}
+    prediction = editor_prediction(type="t")
+    plain = RuleTranslator.from_dict(config)
+    assert plain.min_need == {}  # by default a rule asks for what it says
+    assert [(r.metadata.triggering_pattern_id, r.resource_type) for r in plain.translate(prediction)] == [
+        ("small", ResourceType.MEMORY), ("small", ResourceType.CPU), ("large", ResourceType.MEMORY)]
+    warm = RuleTranslator.from_dict(config, min_need=HOST_WARM_MIN_NEED)
+    assert warm.min_need == {ResourceType.MEMORY: 32.0}
+    assert [(r.metadata.triggering_pattern_id, r.resource_type, r.predicted_need)
+            for r in warm.translate(prediction)] == [
+        ("small", ResourceType.CPU, 50.0), ("large", ResourceType.MEMORY, 32.0)]  # the floor itself is kept
+    by_name = RuleTranslator.from_dict(config, min_need={"cpu": 60})
+    assert [r.resource_type for r in by_name.translate(prediction)] == [ResourceType.MEMORY, ResourceType.MEMORY]
+
+
+def test_min_need_applies_to_the_learned_size() -> None:
+    sizer = AdaptiveSizer(min_samples=3, max_step=100.0)
+    translator = RuleTranslator.from_dict(one_rule({"resource_type": "MEMORY", "need": 64}), sizer=sizer,
+                                          min_need=HOST_WARM_MIN_NEED)
+    (request,) = translator.translate(editor_prediction(type="t"))
+    for _ in range(3):  # the real use is small: the host serves it warm
+        translator.observe_feedback(request, AllocationFeedback(True, actual_amount_used=10.0))
+    assert translator.translate(editor_prediction(type="t")) == []
+    for _ in range(30):  # it grows past the floor again: preallocated again
+        sizer.observe(("r", ResourceType.MEMORY), 100.0)
+    (request,) = translator.translate(editor_prediction(type="t"))
+    assert request.predicted_need >= 32.0
+
+
+@pytest.mark.parametrize("min_need, error, words", [
+    ({"MEMORY": -1}, ValueError, ["min_need", "MEMORY"]),
+    ({"MEMORY": math.nan}, ValueError, ["min_need", "MEMORY"]),
+    ({"MEMORY": True}, ValueError, ["min_need", "MEMORY"]),
+    ({"BOGUS": 1}, ValueError, ["min_need", "BOGUS"]),
+    ({3: 1}, TypeError, ["min_need", "3"]),
+    ([("MEMORY", 32)], TypeError, ["min_need", "mapping"]),
+])
+def test_bad_min_need_is_refused_naming_it(min_need: Any, error: type, words: list[str]) -> None:
+    with pytest.raises(error) as info:
+        RuleTranslator.from_dict(one_rule(), min_need=min_need)
+    for word in words:
+        assert word in str(info.value)
 
 
 def test_translation_that_fails_leaves_no_anchor_in_the_sizer() -> None:

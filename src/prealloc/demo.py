@@ -48,7 +48,7 @@ from .monitors import SystemResourceMonitor
 from .reactive import ReactiveResourceAllocator
 from .strategies import AllocationError, CpuAllocationStrategy, MemoryAllocationStrategy
 from .strategies.cpu import cores_for
-from .translate import AdaptiveSizer, RuleTranslator
+from .translate import HOST_WARM_MEMORY_MIB, AdaptiveSizer, RuleTranslator
 from .types import (
     AllocationFeedback,
     PreallocatorStatistics,
@@ -362,7 +362,7 @@ DEFAULT_ROUNDS = 4
 # glibc's malloc serves blocks below its mmap threshold from the heap, and the threshold
 # rises to the size of any mmap'ed block freed, up to DEFAULT_MMAP_THRESHOLD_MAX (32 MiB
 # on 64-bit): below it, a block freed by one need is handed warm to the next.
-HOST_WARM_MIB = 32.0
+HOST_WARM_MIB = HOST_WARM_MEMORY_MIB
 WRITE_BYTE = 0x5A
 
 
@@ -698,7 +698,8 @@ class DemoReport:
             small = all(self.trace.apps[name].memory_mib * (1 + SIZER_MARGIN) <= HOST_WARM_MIB for name in winners)
             text += (f" Preallocation loses to the plain path for {sizes}"
                      + (f": below glibc's {HOST_WARM_MIB:.0f} MiB mmap threshold a freed block is reused warm, "
-                        "so preallocating such sizes buys nothing" if small else "")
+                        "so preallocating such sizes buys nothing (RuleTranslator(min_need=HOST_WARM_MIN_NEED) "
+                        "leaves them to malloc)" if small else "")
                      + ".")
         stats = pre.statistics
         if stats is not None:

@@ -44,6 +44,14 @@ Every rule that matches emits its requests, in rule order and, within a rule, in
 request order: overlapping rules add up rather than shadow each other, so a broad
 rule ("any user_action: a little CPU") composes with a narrow one.
 
+What the host already serves warm is better left to it: glibc's malloc keeps a freed
+block below its mmap threshold (which rises to the size of any mmap'ed block freed, up
+to 32 MiB on 64-bit) and hands it, faulted in, to the next malloc of that size, so
+``np.empty`` + a first pass over a reused 12-24 MiB block is faster than a preallocation
+hit (``prealloc demo`` measures it). ``RuleTranslator(..., min_need=HOST_WARM_MIN_NEED)``
+emits no MEMORY request below that floor; any per-type floor can be given. The
+translator's default is no floor, so a rule asks for what it says.
+
 Each emitted request: ``predicted_need`` from the template, or from the
 :class:`AdaptiveSizer` when the translator has one (key ``(rule name, resource
 type)``); ``confidence`` of the prediction; ``priority`` and ``duration`` of the
@@ -76,6 +84,11 @@ from .types import (
 )
 
 log = logging.getLogger(__name__)
+
+# glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, in MiB: below it a freed block is reused
+# warm by malloc (see the module docstring)
+HOST_WARM_MEMORY_MIB = 32.0
+HOST_WARM_MIN_NEED: Mapping[ResourceType, float] = {ResourceType.MEMORY: HOST_WARM_MEMORY_MIB}
 
 
 @runtime_checkable
@@ -294,7 +307,12 @@ _REQUEST_KEYS = frozenset(
 class RuleTranslator:
     """A :class:`Translator` driven by rules; see the module docstring for the schema."""
 
-    def __init__(self, rules: Sequence[Rule], *, sizer: AdaptiveSizer | None = None) -> None:
+    def __init__(self, rules: Sequence[Rule], *, sizer: AdaptiveSizer | None = None,
+                 min_need: Mapping[ResourceType | str, float] | None = None) -> None:
+        """``min_need``: per resource type, the least need worth preallocating; a request
+        whose need (after the sizer) is below its type's floor is not emitted.
+        HOST_WARM_MIN_NEED leaves to malloc the memory it serves warm."""
+        floors = _parse_min_need(min_need)
         seen: set[str] = set()
         for rule in rules:
             if not isinstance(rule, Rule):
@@ -306,9 +324,11 @@ class RuleTranslator:
                 raise ValueError(f"rule {rule.name!r}: a rule needs at least one request")
         self._rules = tuple(rules)
         self._sizer = sizer
+        self._min_need = floors
 
     @classmethod
-    def from_toml(cls, path: str | PathLike[str], *, sizer: AdaptiveSizer | None = None) -> RuleTranslator:
+    def from_toml(cls, path: str | PathLike[str], *, sizer: AdaptiveSizer | None = None,
+                  min_need: Mapping[ResourceType | str, float] | None = None) -> RuleTranslator:
         """Rules from a TOML file (schema in the module docstring)."""
         toml = _toml_module()
         with open(path, "rb") as rule_file:
@@ -316,10 +336,11 @@ class RuleTranslator:
                 document = toml.load(rule_file)
             except toml.TOMLDecodeError as error:
                 raise ValueError(f"{path}: not valid TOML: {error}") from error
-        return cls.from_dict(document, sizer=sizer)
+        return cls.from_dict(document, sizer=sizer, min_need=min_need)
 
     @classmethod
-    def from_dict(cls, mapping: Mapping[str, Any], *, sizer: AdaptiveSizer | None = None) -> RuleTranslator:
+    def from_dict(cls, mapping: Mapping[str, Any], *, sizer: AdaptiveSizer | None = None,
+                  min_need: Mapping[ResourceType | str, float] | None = None) -> RuleTranslator:
         """Rules from a mapping shaped like the TOML file: ``{"rule": [{...}, ...]}``."""
         if not isinstance(mapping, Mapping):
             raise ValueError(f"rule configuration must be a mapping, not {type(mapping).__name__}")
@@ -329,11 +350,17 @@ class RuleTranslator:
         raw_rules = mapping.get("rule", [])
         if not isinstance(raw_rules, list):
             raise ValueError("'rule' must be an array of tables ([[rule]])")
-        return cls([_parse_rule(raw, index) for index, raw in enumerate(raw_rules)], sizer=sizer)
+        return cls([_parse_rule(raw, index) for index, raw in enumerate(raw_rules)], sizer=sizer,
+                   min_need=min_need)
 
     @property
     def rules(self) -> tuple[Rule, ...]:
         return self._rules
+
+    @property
+    def min_need(self) -> Mapping[ResourceType, float]:
+        """The per-type floors (a copy): needs below them are not emitted."""
+        return dict(self._min_need)
 
     @property
     def sizer(self) -> AdaptiveSizer | None:
@@ -354,6 +381,12 @@ class RuleTranslator:
         # needs are all computed before the sizer is consulted, so a prediction that
         # fails halfway leaves no anchor behind in the sizer
         requests = [self._build_request(rule, template, need, prediction) for rule, template, need in drafts]
+        if self._min_need:
+            kept = [r for r in requests if r.predicted_need >= self._min_need.get(r.resource_type, 0.0)]
+            if len(kept) < len(requests):
+                log.debug("prediction %s: %d requests below min_need left to the host", prediction.id,
+                          len(requests) - len(kept))
+            requests = kept
         if requests:
             log.debug("prediction %s -> %d requests from rules %s", prediction.id, len(requests),
                       sorted({rule.name for rule, _, _ in drafts}))
@@ -421,6 +454,23 @@ def _template_need(rule: Rule, template: RequestTemplate, prediction: Prediction
 
 # ---------------------------------------------------------------------------------------
 # Parsing
+
+
+def _parse_min_need(min_need: Any) -> dict[ResourceType, float]:
+    if min_need is None:
+        return {}
+    if not isinstance(min_need, Mapping):
+        raise TypeError(f"min_need must be a mapping of resource type to amount, not {type(min_need).__name__}")
+    floors: dict[ResourceType, float] = {}
+    for key, amount in min_need.items():
+        if not isinstance(key, (str, ResourceType)):
+            raise TypeError(f"min_need: keys must be ResourceType names, not {key!r}")
+        try:
+            resource_type = ResourceType.parse(key)
+            floors[resource_type] = check_amount(f"min_need[{resource_type.name}]", amount)
+        except ValueError as error:
+            raise ValueError(f"min_need: {error}") from None
+    return floors
 
 
 def _parse_rule(raw: Any, index: int) -> Rule:
