@@ -268,6 +268,7 @@ cdef class EngineCore:
     # handed from finalizers to the worker (deque.append is atomic and takes no lock)
     cdef object _dropped                 # ids of claims dropped unreleased
     cdef object _returned                # (type, application, amount) of deferred releases done
+    cdef dict _deferred                  # (type, application) -> charge kept for deferred releases
     cdef int _wake_fd
     # the tally
     cdef long long _total_requests, _successful, _failed, _cancelled, _skipped_low_confidence
@@ -315,6 +316,7 @@ cdef class EngineCore:
         self._waiting = []
         self._dropped = deque()
         self._returned = deque()
+        self._deferred = {}
         self._wake_fd = -1
 
     def _core_configure(self, dict monitors, dict headroom, default_duration, translator, predictor):
@@ -356,11 +358,6 @@ cdef class EngineCore:
         self._dropped.append(allocation_id)
         self._wake()
 
-    def _deferred_done(self, rtype, application, double amount):
-        """A DeferredRelease's callback: the worker refunds the charge it kept."""
-        self._returned.append((rtype, application, amount))
-        self._wake()
-
     def _drain_returns(self):
         """The worker's share of the two queues above. Returns how many it handled."""
         cdef long n = 0
@@ -377,6 +374,12 @@ cdef class EngineCore:
             except IndexError:
                 break
             self._ledger.refund(rtype, application, amount)
+            key = (rtype, application)
+            left = self._deferred.get(key, 0.0) - amount
+            if left > 1e-9:
+                self._deferred[key] = left
+            else:
+                self._deferred.pop(key, None)
             n += 1
             if self._waiting:
                 self._availability_changed()
@@ -680,6 +683,8 @@ cdef class EngineCore:
         if not charged:
             return
         if deferred is not None and getattr(deferred, "is_done", True) is False:
+            key = (rtype, application)
+            self._deferred[key] = self._deferred.get(key, 0.0) + charged
             deferred.add_done_callback(_DeferredRefund(self, rtype, application, charged))
         else:
             self._ledger.refund(rtype, application, charged)
@@ -1219,6 +1224,11 @@ cdef class EngineCore:
             key = (_TYPE_OF[rec.resource_type], self._application_of(rec.owner))
             out[key] = out.get(key, 0.0) + amount
         return out
+
+    def _deferred_holdings(self):
+        """{(type, application): amount} still charged for resources that outlive their
+        release (a consumer's view), until the worker books their refund."""
+        return dict(self._deferred)
 
     # ------------------------------------------------------------------ ledger helpers
     cdef object _charge(self, rtype, application, double amount, double request_amount):
