@@ -263,6 +263,34 @@ def test_pin_beyond_rlimit_memlock_is_partial_and_says_why(files_dir):
     assert facts["locked"] == facts["pinned"] and facts["after"] == 0
 
 
+def test_adjust_grows_and_shrinks_within_the_set(files_dir):
+    first = write_file(files_dir / "first.bin", 3 * MiB)
+    second = write_file(files_dir / "second.bin", 3 * MiB)
+    budget = memlock_budget()
+    pin = budget is None or budget >= 5 * MiB
+    strategy = CacheSpaceStrategy(roots=[str(files_dir)], pin=pin)
+    locked_before = vm_lck()
+    grant = strategy.allocate(request(2, files=[first, second]), 2, None)
+    try:
+        assert cached(first) == 2 * MiB and cached(second) == 0
+        assert strategy.adjust(grant.handle, 5) == pytest.approx(5)
+        assert cached(first) == 3 * MiB and cached(second) == 2 * MiB
+        assert strategy.adjust(grant.handle, 100) == pytest.approx(6)  # capped by the set
+        assert strategy.describe(grant.handle)["bytes_requested"] == 6 * MiB
+        assert strategy.adjust(grant.handle, 1) == pytest.approx(1)
+        details = strategy.describe(grant.handle)
+        assert details["paths"] == [first] and details["bytes_requested"] == MiB
+        if pin:
+            assert details["bytes_pinned"] == MiB
+            assert vm_lck() - locked_before == MiB
+        assert cached(second) == 3 * MiB  # shrinking evicts nothing
+    finally:
+        strategy.release(grant.handle)
+    assert vm_lck() == locked_before
+    with pytest.raises(AllocationError, match="released"):
+        strategy.adjust(grant.handle, 2)
+
+
 def test_evict_on_unused_evicts_only_what_was_cold(files_dir):
     warm_already = write_file(files_dir / "shared.bin", 2 * MiB)
     cold = write_file(files_dir / "cold.bin", 2 * MiB)

@@ -104,6 +104,7 @@ class CacheWarming:
     def __init__(self, files: _native.PageCacheFiles, details: dict[str, Any]) -> None:
         self.files = files
         self.details = details
+        self.candidates: list[str] = []  # the request's whole file set, for adjust
         self.lock = threading.Lock()
         self.claimed = False
         self.released = False
@@ -294,7 +295,19 @@ class CacheSpaceStrategy(AllocationStrategy):
         if not paths:
             raise AllocationError(f"cache_space: no files to warm (skipped: {info['skipped']})")
         target = max(1, math.ceil(amount * MiB))
-        # Sizes first (stat), so the ranges take the files in order up to the target.
+        chosen, lengths = self._choose(paths, target, info["skipped"])
+        files = _native.PageCacheFiles(chosen, None, lengths, self.roots)
+        try:
+            grant = self._warm(files, chosen, info, target, started)
+        except BaseException:
+            files.close()
+            raise
+        grant.handle.candidates = paths
+        return grant
+
+    @staticmethod
+    def _choose(paths: Sequence[str], target: int, skipped: dict[str, int]) -> tuple[list[str], list[int]]:
+        """The files in order and the bytes of each up to target (the last one in part)."""
         lengths, chosen = [], []
         left = target
         for path in paths:
@@ -303,17 +316,43 @@ class CacheSpaceStrategy(AllocationStrategy):
             try:
                 size = os.stat(path).st_size
             except OSError:
-                info["skipped"]["missing"] += 1
+                skipped["missing"] += 1
                 continue
             chosen.append(path)
-            lengths.append(min(size, left) if size else 0)
+            lengths.append(min(size, left))
             left -= size
-        files = _native.PageCacheFiles(chosen, None, lengths, self.roots)
-        try:
-            return self._warm(files, chosen, info, target, started)
-        except BaseException:
-            files.close()
-            raise
+        return chosen, lengths
+
+    def adjust(self, handle: Any, new_amount: float) -> float:
+        """Grows (warming the next files or bytes of the request's set) or shrinks (the
+        tail is no longer held or pinned; nothing is evicted) to new_amount MiB, capped by
+        the set's size. Returns the MiB now resident. Nothing changes on failure."""
+        with handle.lock:
+            if handle.released:
+                raise AllocationError("cache_space: the allocation is released")
+            target = max(1, math.ceil(new_amount * MiB))
+            chosen, lengths = self._choose(handle.candidates, target, {"missing": 0})
+            files = _native.PageCacheFiles(chosen, None, lengths, self.roots)
+            try:
+                if not any(files.is_open):
+                    raise InsufficientResources("cache_space: none of the files can be opened now")
+                files.warm(willneed=True, populate=self.populate)
+                old = handle.files
+                pinned = 0
+                if self.pin:
+                    old.unpin()  # first, so the new pin has the budget the old one held
+                    budget = memlock_budget()
+                    pinned = files.pin(budget if budget is not None else 2**63)
+            except BaseException:
+                files.close()
+                raise
+            handle.files = files
+            old.close()
+            after = handle.resident_bytes()
+            handle.details.update(files=sum(files.is_open), paths=list(handle.paths), bytes_target=target,
+                                  bytes_requested=sum(files.lengths), bytes_resident_after=after,
+                                  bytes_pinned=pinned, bytes_populated_uncounted=0)
+            return after / MiB
 
     def _warm(self, files: _native.PageCacheFiles, chosen: list[str], info: dict[str, Any],
               target: int, started: float) -> Grant:
