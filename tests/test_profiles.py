@@ -96,9 +96,33 @@ def test_record_auto_uses_fanotify_as_root_and_proc_otherwise(tmp_path):
     if is_root():
         assert profile.method == "fanotify"
     else:
-        assert profile.method == "proc"
+        assert profile.method == ("strace" if strace_works() else "proc")
     assert sorted(os.path.basename(e.path) for e in profile.files) == ["one.dat", "three.dat", "two.dat"]
     assert not (tmp_path / "profiles").exists()  # save=False
+
+
+def strace_works() -> bool:
+    import shutil
+    if shutil.which("strace") is None:
+        return False
+    return subprocess.run(["strace", "-qq", "-o", os.devnull, "true"], capture_output=True).returncode == 0
+
+
+def test_record_strace_yields_exactly_the_files(tmp_path):
+    if not strace_works():
+        pytest.skip("strace is not installed or may not trace here")
+    data = tmp_path / "data"
+    data.mkdir()
+    # no keep-open pause needed: every open is traced, however short
+    quick = PROGRAM.replace("time.sleep(0.5)", "")
+    profile = record([sys.executable, "-c", quick, str(data)], name="traced", seconds=20,
+                     method="strace", roots=[str(data)], save=False)
+    assert profile.method == "strace"
+    assert sorted(os.path.basename(e.path) for e in profile.files) == ["one.dat", "three.dat", "two.dat"]
+    # without roots, the interpreter itself and what it imports are there too
+    everything = record([sys.executable, "-c", quick, str(data)], name="traced", seconds=20,
+                        method="strace", save=False)
+    assert os.path.realpath(sys.executable) in {e.path for e in everything.files}
 
 
 def test_record_fanotify_refused_unprivileged(tmp_path):
@@ -114,7 +138,7 @@ def test_record_validates():
     with pytest.raises(ValueError, match="seconds"):
         record(["true"], name="x", seconds=0)
     with pytest.raises(ValueError, match="method"):
-        record(["true"], name="x", method="strace")
+        record(["true"], name="x", method="ptrace")
     with pytest.raises(ValueError, match="profile name"):
         record(["true"], name="")
 
@@ -128,7 +152,7 @@ def test_cli_record(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "recorded 3 files" in out.stdout
-    assert ("fanotify" if is_root() else "proc") in out.stdout
+    assert ("fanotify" if is_root() else "strace" if strace_works() else "proc") in out.stdout
     assert len(load_profile("cli", tmp_path / "p").files) == 3
     bad = subprocess.run([sys.executable, "-m", "prealloc", "record", "--name", "cli"],
                          capture_output=True, text=True)

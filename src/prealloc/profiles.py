@@ -19,7 +19,11 @@ process tree opened during its first ``seconds``:
   exec'd or mmap'd file is opened first). FAN_ACCESS is left out: it reports every
   read() of every process on the marked mounts, a flood for no more files; ranges are
   not recorded, whole files are warmed.
-- ``proc`` (unprivileged fallback): samples ``/proc/PID/maps`` and ``/proc/PID/fd`` of
+- ``strace`` (unprivileged, where the ``strace`` program is installed and ptrace of a
+  child is allowed): every successful open/openat/openat2/execve of the tree, with the
+  path the kernel resolved (``-y``). Exact like fanotify, but the program runs traced
+  (slower) for the recording.
+- ``proc`` (unprivileged fallback, always available): samples ``/proc/PID/maps`` and ``/proc/PID/fd`` of
   the tree every ``sample_interval``. It sees mapped files (libraries) for the
   process's life, and open files only while they are open at a sample, so a file opened
   and closed between two samples can be missed: prefer fanotify where it is allowed.
@@ -39,8 +43,11 @@ import logging
 import os
 import re
 import select
+import shutil
+import signal
 import struct
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -362,13 +369,56 @@ def _record_fanotify(group: int, process: subprocess.Popen[bytes], seconds: floa
     return seen
 
 
+_STRACE_OPENED = re.compile(r"= \d+<(/.*)>$")
+_STRACE_EXECVE = re.compile(r'^\d+ +execve\("(/[^"]*)"')
+
+
+def _record_strace(strace: str, command: Sequence[str], seconds: float, stdout: Any) -> set[str]:
+    """OSError when strace cannot trace here (ptrace refused)."""
+    with tempfile.TemporaryDirectory(prefix="prealloc-record-") as scratch:
+        log_path = os.path.join(scratch, "trace")
+        process = subprocess.Popen([strace, "-f", "-qq", "-y", "-e", "trace=open,openat,openat2,execve",
+                                    "-e", "status=successful", "-o", log_path, "--", *command],
+                                   stdout=stdout, stderr=subprocess.PIPE, start_new_session=True)
+        _wait_or_kill(process, seconds)
+        try:
+            with open(log_path, errors="replace") as trace:
+                lines = trace.read().splitlines()
+        except FileNotFoundError:
+            lines = []
+        if not lines:
+            message = process.stderr.read().decode(errors="replace").strip() if process.stderr else ""
+            raise OSError(errno.EPERM, f"strace could not trace the program: {message or 'no output'}")
+    seen: set[str] = set()
+    for line in lines:
+        match = _STRACE_OPENED.search(line)
+        if match:
+            seen.add(match.group(1))
+        elif (match := _STRACE_EXECVE.match(line)) is not None:
+            seen.add(os.path.realpath(match.group(1)))  # execve shows the path as given
+    return seen
+
+
+def _wait_or_kill(process: subprocess.Popen[bytes], seconds: float) -> None:
+    """Waits up to seconds, then kills the program's whole session (its children too)."""
+    try:
+        process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+
+
 def record(command: Sequence[str], *, name: str, seconds: float = 5.0,
            directory: str | os.PathLike[str] | None = None, method: str = "auto",
            roots: Sequence[str] | None = None, sample_interval: float = 0.005,
            save: bool = True, stdout: Any = subprocess.DEVNULL) -> Profile:
     """Runs command once and records the regular files its process tree read during its
     first `seconds` (see the module docstring for the methods). method: "auto" (fanotify
-    where permitted, else proc), "fanotify" or "proc". roots: keep only files under
+    where permitted, else strace where it can trace, else proc), "fanotify", "strace" or
+    "proc". roots: keep only files under
     these directories. The program is killed after `seconds` if still running. The
     profile is saved unless save=False; its `method` says which recorder was used."""
     _check_name(name)
@@ -376,10 +426,11 @@ def record(command: Sequence[str], *, name: str, seconds: float = 5.0,
         raise ValueError(f"command must be a non-empty list of strings, not {command!r}")
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= 3600:
         raise ValueError(f"seconds must be a number in (0, 3600], not {seconds!r}")
-    if method not in ("auto", "fanotify", "proc"):
-        raise ValueError(f"method must be 'auto', 'fanotify' or 'proc', not {method!r}")
+    if method not in ("auto", "fanotify", "strace", "proc"):
+        raise ValueError(f"method must be 'auto', 'fanotify', 'strace' or 'proc', not {method!r}")
     group = -1
     used = "proc"
+    found: set[str] | None = None
     if method in ("auto", "fanotify"):
         try:
             group = _fanotify_open()
@@ -387,21 +438,32 @@ def record(command: Sequence[str], *, name: str, seconds: float = 5.0,
         except OSError as exc:
             if method == "fanotify":
                 raise
-            log.info("fanotify unavailable (%s): recording with /proc sampling", exc.strerror)
-    try:
-        process = subprocess.Popen(list(command), stdout=stdout, stderr=subprocess.DEVNULL)
+            log.info("fanotify unavailable (%s)", exc.strerror)
+    strace = shutil.which("strace") if method in ("auto", "strace") and group < 0 else None
+    if method == "strace" and strace is None:
+        raise FileNotFoundError(errno.ENOENT, "strace is not installed")
+    if strace is not None:
         try:
-            if group >= 0:
-                found = _record_fanotify(group, process, float(seconds))
-            else:
-                found = _record_proc(process, float(seconds), sample_interval)
+            found = _record_strace(strace, command, float(seconds), stdout)
+            used = "strace"
+        except OSError as exc:
+            if method == "strace":
+                raise
+            log.info("strace cannot trace here (%s): recording with /proc sampling", exc.strerror)
+    if found is None:
+        try:
+            process = subprocess.Popen(list(command), stdout=stdout, stderr=subprocess.DEVNULL,
+                                       start_new_session=True)
+            try:
+                if group >= 0:
+                    found = _record_fanotify(group, process, float(seconds))
+                else:
+                    found = _record_proc(process, float(seconds), sample_interval)
+            finally:
+                _wait_or_kill(process, 0)
         finally:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-    finally:
-        if group >= 0:
-            os.close(group)
+            if group >= 0:
+                os.close(group)
     real_roots = [os.path.realpath(r) for r in roots] if roots else None
     entries = []
     for path in sorted(found):
