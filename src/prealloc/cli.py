@@ -281,66 +281,6 @@ def _add_record(subparsers: argparse._SubParsersAction) -> None:  # type: ignore
         "record", help="run a program once and store the files it read as a CACHE_SPACE profile",
         description="Runs CMD once and records the regular files its process tree opened during its "
                     "first --seconds, as a profile that rules and requests name with profile = NAME. "
-                    "fanotify is used where permitted (root), else /proc/PID/maps and fd sampling, which "
-                    "can miss a file opened and closed between two samples; the output says which.")
-    parser.add_argument("--name", required=True, help="the profile's name")
-    parser.add_argument("--seconds", type=_seconds, default=5.0,
-                        help="record this long (the program is stopped after it; default 5)")
-    parser.add_argument("--dir", default=None, help="the profile directory (default: "
-                        "$PREALLOC_PROFILE_DIR or ~/.local/share/prealloc/profiles)")
-    parser.add_argument("--method", choices=("auto", "fanotify", "proc"), default="auto")
-    parser.add_argument("--root", action="append", default=None,
-                        help="keep only files under this directory (repeatable)")
-    parser.add_argument("--json", action="store_true", help="print the profile as JSON")
-    parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
-    _add_verbose(parser, argparse.SUPPRESS)
-    parser.set_defaults(func=_run_record)
-
-
-def _run_record(args: argparse.Namespace) -> int:
-    from . import profiles
-
-    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-    if not command:
-        print("prealloc record: give the command after --", file=sys.stderr)
-        return 2
-    try:
-        profile = profiles.record(command, name=args.name, seconds=args.seconds, directory=args.dir,
-                                  method=args.method, roots=args.root)
-    except ValueError as exc:
-        print(f"prealloc record: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"prealloc record: {exc}", file=sys.stderr)
-        return 1
-    path = profiles.profile_path(profile.name, args.dir)
-    if args.json:
-        json.dump(profile.to_json(), sys.stdout, indent=1)
-        sys.stdout.write("\n")
-    else:
-        print(f"recorded {len(profile.files)} files ({profile.total_bytes / (1 << 20):.1f} MiB) "
-              f"with {profile.method} into {path}")
-    return 0
-
-
-# ---------------------------------------------------------------------------------------
-# record
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and 0 < value <= 3600):
-        raise argparse.ArgumentTypeError(f"must be > 0 and <= 3600, not {text}")
-    return value
-
-
-def _add_record(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = subparsers.add_parser(
-        "record", help="run a program once and store the files it read as a CACHE_SPACE profile",
-        description="Runs CMD once and records the regular files its process tree opened during its "
-                    "first --seconds, as a profile that rules and requests name with profile = NAME. "
                     "fanotify is used where permitted (root), else strace where installed and allowed to "
                     "trace, else /proc/PID/maps and fd sampling, which can miss a file opened and closed "
                     "between two samples; the output says which.")
