@@ -5,7 +5,7 @@ Verified through st_blocks and the directory listing."""
 from __future__ import annotations
 
 import os
-import time
+import threading
 
 from prealloc import ResourcePreallocator
 from prealloc.strategies.disk import DiskClaim, DiskStrategy
@@ -48,17 +48,23 @@ def test_submit_acquire_release_through_the_engine(tmp_path):
 
 def test_expiry_removes_an_unclaimed_reserve_file(tmp_path):
     strategy = DiskStrategy(headroom_mib=0, prefer_tmpfile=False)  # a named file, to watch it go
+    at_allocation: list[tuple[list[str], int]] = []
+    expired = threading.Event()
+
+    def allocated(allocation) -> None:  # on the worker, right after the strategy reserved
+        names = os.listdir(tmp_path)
+        at_allocation.append((names, sum(os.stat(tmp_path / n).st_blocks * 512 for n in names)))
+
     with ResourcePreallocator(allocation_strategies={ResourceType.DISK_IO: strategy},
                               resource_monitors={}) as pre:
-        allocation_id = pre.submit(ResourceRequest(ResourceType.DISK_IO, 2.0, duration=0.2, metadata=RequestMetadata(
+        pre.on("allocated", allocated)
+        pre.on("expired", lambda allocation: expired.set())
+        allocation_id = pre.submit(ResourceRequest(ResourceType.DISK_IO, 2.0, duration=0.5, metadata=RequestMetadata(
             custom_properties={"directory": str(tmp_path), "mode": "ballast"})))
-        assert pre.wait_ready(allocation_id, timeout=30)
-        (hidden,) = os.listdir(tmp_path)
-        assert os.stat(tmp_path / hidden).st_blocks * 512 >= 2 * MIB
-        deadline = time.monotonic() + 30  # a bound on waiting, not an assertion on time
-        while os.listdir(tmp_path) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert os.listdir(tmp_path) == []
+        assert expired.wait(timeout=30), "the allocation never expired"
+        ((names, held),) = at_allocation
+        assert len(names) == 1 and names[0].startswith(".prealloc-reserve-") and held >= 2 * MIB
+        assert os.listdir(tmp_path) == []  # expiry released it: the file is gone
         assert pre.get_allocation(allocation_id) is None or \
             pre.get_allocation(allocation_id).status == AllocationStatus.EXPIRED
     strategy.close()
