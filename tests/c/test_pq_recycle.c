@@ -29,15 +29,14 @@
 #endif
 
 #ifndef SKIP_REASON
-extern void *__libc_malloc(size_t size);
 static atomic_long mallocs;
-static atomic_int counting;
+static atomic_int counting; /* set by the producer once warmed up */
+extern void *__libc_malloc(size_t size);
 void *malloc(size_t size) {
     if (atomic_load_explicit(&counting, memory_order_relaxed))
         atomic_fetch_add_explicit(&mallocs, 1, memory_order_relaxed);
     return __libc_malloc(size);
 }
-#endif
 
 enum { BATCH = 5000, ROUNDS = 20 };
 static pa_pq_t *pq;
@@ -64,6 +63,7 @@ static void *consumer(void *arg) {
     }
     return arg;
 }
+#endif
 
 static void test_split_shape_reuses_nodes(void) {
 #ifdef SKIP_REASON
