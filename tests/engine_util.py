@@ -66,3 +66,20 @@ class ExplodingStrategy(NullAllocationStrategy):
         if amount == 14:
             raise AllocationError("refused on purpose")
         return super().allocate(request, amount, availability)
+
+
+CAP_IPC_LOCK = 14
+
+
+def can_lock(nbytes: int) -> bool:
+    """Whether this process may lock nbytes more: CAP_IPC_LOCK, or room under
+    RLIMIT_MEMLOCK (an ordinary user has 8 MiB). Tests that lock adapt to it: they
+    assert VmLck where locking is allowed and the recorded refusal where it is not."""
+    import resource
+
+    from osutil import has_capability, vm_lck
+
+    if has_capability(CAP_IPC_LOCK):
+        return True
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return soft == resource.RLIM_INFINITY or vm_lck() + nbytes <= soft

@@ -270,12 +270,18 @@ cdef class EngineCore:
     cdef object _returned                # (type, application, amount) of deferred releases done
     cdef dict _deferred                  # (type, application) -> charge kept for deferred releases
     cdef int _wake_fd
+    cdef int _ready_fd                   # written when a request leaves PENDING (the asyncio face), -1: none
     # the tally
     cdef long long _total_requests, _successful, _failed, _cancelled, _skipped_low_confidence
     cdef long long _pending, _in_flight, _live
     cdef long long _expired, _claimed, _released, _finished, _prealloc_finished, _used
     cdef long long _needs, _needs_preallocated
     cdef double _allocation_seconds
+    # what this allocator holds per type now, and at the time of the monitor's last
+    # sample: a cached view does not see what was allocated since, so the headroom check
+    # takes it off
+    cdef double _net_held[_TYPES]
+    cdef dict _sample_marks              # ResourceType -> (sample timestamp, _net_held then)
     cdef long long _by_type[_TYPES]
     cdef double _amount_seconds[_TYPES]
     cdef double _unused_amount_seconds[_TYPES]
@@ -317,7 +323,9 @@ cdef class EngineCore:
         self._dropped = deque()
         self._returned = deque()
         self._deferred = {}
+        self._sample_marks = {}
         self._wake_fd = -1
+        self._ready_fd = -1
 
     def _core_configure(self, dict monitors, dict headroom, default_duration, translator, predictor):
         """The live options (initialize()); each is read once per use, so a change takes
@@ -331,6 +339,19 @@ cdef class EngineCore:
 
     def _set_wake_fd(self, int fd):
         self._wake_fd = fd
+
+    def _set_ready_fd(self, int fd):
+        """An eventfd the core writes whenever a request leaves PENDING (allocated, failed,
+        cancelled, dropped at its deadline): the asyncio face waits on it with
+        loop.add_reader. -1 turns it off; returns the previous fd."""
+        cdef int old = self._ready_fd
+        self._ready_fd = fd
+        return old
+
+    cdef inline void _signal_ready(self):
+        cdef uint64_t one = 1
+        if self._ready_fd >= 0:
+            write(self._ready_fd, &one, sizeof(one))
 
     cdef inline bint _listened(self, str event):
         if self._listeners is None:
@@ -571,7 +592,7 @@ cdef class EngineCore:
             if self._headroom and rtype_obj in self._headroom:
                 availability = self._availability(rtype_obj)
                 fraction = self._headroom[rtype_obj]
-                if availability.available - amount < fraction * availability.total:
+                if self._available_now(rtype, availability) - amount < fraction * availability.total:
                     if charged:
                         self._ledger.refund(rtype_obj, application, charged)
                     if may_wait:
@@ -623,6 +644,7 @@ cdef class EngineCore:
         if prediction_id is not None or pattern is not None:
             self._origins[record_id] = (prediction_id, (pattern, rtype_obj) if pattern is not None else None)
         self._successful += 1
+        self._net_held[rtype] += granted
         self._allocation_seconds += (rec.allocated_ns - rec.created_ns) * _NS
         self._by_type[rtype] += 1
         if rec.timer:  # the deadline timer of a queued request: its job is done
@@ -644,9 +666,10 @@ cdef class EngineCore:
                 _check(rc, "pa_ticker_schedule")
         if self._waiters:
             self._notify_waiters(record_id)
-        if self._listened("allocated"):
+        self._signal_ready()
+        if self._listened("resource:allocated"):
             snapshot = self._snapshot_of(&rec, handle, None, None)
-            self._emit("allocated", snapshot)
+            self._emit("resource:allocated", snapshot)
             return snapshot
         return self._snapshot_of(&rec, handle, None, None)
 
@@ -658,6 +681,15 @@ cdef class EngineCore:
         if cached is not None:
             return cached(rtype)
         return monitor.get_resource_availability(rtype)
+
+    cdef double _available_now(self, uint32_t rtype, availability):
+        """The view's available amount less what this allocator took since the view was
+        sampled (and plus what it gave back)."""
+        rtype_obj = _TYPE_OF[rtype]
+        mark = self._sample_marks.get(rtype_obj)
+        if mark is None or mark[0] != availability.timestamp:
+            mark = self._sample_marks[rtype_obj] = (availability.timestamp, self._net_held[rtype])
+        return availability.available - (self._net_held[rtype] - <double>mark[1])
 
     cdef object _allocation_refused(self, uint64_t record_id, strategy, exc, bint may_wait):
         from .strategies import AllocationError, InsufficientResources
@@ -724,13 +756,14 @@ cdef class EngineCore:
         self._owner_unref(rec.owner)
         if self._waiters:
             self._notify_waiters(rec.id)
+        self._signal_ready()
 
     cdef void _note_failure(self, snapshot, str reason):
         self._metrics.record_metric("preallocation_failed", resource_type=snapshot.resource_type.name)
         self._log.warning("request %d for %g of %s failed: %s", snapshot.request_id,
                           snapshot.requested_amount, snapshot.resource_type.name, reason)
-        if self._listened("failed"):
-            self._emit("failed", snapshot)
+        if self._listened("resource:failed"):
+            self._emit("resource:failed", snapshot)
 
     def _withdraw(self, allocation_id):
         """cancel_request(): PENDING -> RELEASED, nothing else (an allocation that is
@@ -895,7 +928,8 @@ cdef class EngineCore:
                 delta = new_amount - rec.allocated
                 if delta > 0 and self._headroom and rtype in self._headroom:
                     availability = self._availability(rtype)
-                    if availability.available - delta < self._headroom[rtype] * availability.total:
+                    if self._available_now(rec.resource_type, availability) - delta \
+                            < self._headroom[rtype] * availability.total:
                         raise AllocationError(f"{rtype.name}: growth by {delta:g} would eat the headroom")
                 effective = float(strategy.adjust(handle, new_amount))
             except BaseException as exc:
@@ -921,6 +955,7 @@ cdef class EngineCore:
             before, since = (history[0], history[1]) if history is not None else (0.0, rec.allocated_ns)
             self._usage[rid] = (before + rec.allocated * (now - since if now > since else 0) * _NS, now)
             pa_table_set_allocated(self._table._table, rid, effective)
+            self._net_held[rec.resource_type] += effective - rec.allocated
             # ... to here
         finally:
             del self._busy[rid]
@@ -1017,6 +1052,7 @@ cdef class EngineCore:
         self._amount_seconds[rec.resource_type] += held
         self._unused_amount_seconds[rec.resource_type] += unused
         self._live -= 1
+        self._net_held[rec.resource_type] -= rec.allocated
         if released:
             self._released += 1
             pa_table_transition(table, record_id, _BIT_RELEASING, PA_STATUS_RELEASED, NULL)
@@ -1031,7 +1067,7 @@ cdef class EngineCore:
             self._refund_after(deferred, rtype, application, <double>charge)
         if origin is not None and feedback is not None:
             self._learn(origin, feedback)
-        name = "released" if released else "expired"
+        name = "resource:released" if released else "resource:expired"
         if self._listened(name):
             snapshot = self._snapshot_of(&rec, handle, None, feedback)
             snapshot.actual_usage = feedback.actual_amount_used if feedback is not None else None

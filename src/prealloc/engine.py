@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from . import core
-from .events import EventEmitter
+from .events import ALIASES, EVENT_NAMES, RESET, EventEmitter, EventEmitterProtocol, canonical_event
 from .metrics import MetricsCollector
 from .quotas import QuotaLedger, Quotas
 from .strategies import AllocationError, AllocationStrategy
@@ -53,7 +53,7 @@ from .types import (
     check_seconds,
 )
 
-EVENTS = ("allocated", "released", "expired", "failed", "reset")
+EVENTS = EVENT_NAMES + tuple(ALIASES)  # the spec's names, then their short aliases
 # How long close() waits for each worker to finish the allocation it is in (a populate
 # of gigabytes takes seconds); a worker still busy then is left to finish on its own, and
 # the native objects it uses stay alive until it does.
@@ -82,7 +82,7 @@ class PreallocatorConfig:
     translator: Any | None = None  # a translate.Translator
     resource_monitors: dict[ResourceType, Any] | None = None  # monitors.ResourceMonitor
     allocation_strategies: dict[ResourceType, AllocationStrategy] | None = None
-    event_emitter: EventEmitter | None = None
+    event_emitter: EventEmitterProtocol | None = None  # anything with on / off / emit
     metrics: MetricsCollector | None = None
     logger: logging.Logger | None = None
     predictor: Any | None = None  # has .on(event, fn); may have .update_model(id, feedback)
@@ -247,10 +247,11 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
             config.name = self.DEFAULT_NAME
         self.config = config.validate()
         self.id = config.id or uuid.uuid4().hex
-        self.name = config.name
+        self.name: str = config.name
         self.description = config.description
         self.log = config.logger or logging.getLogger(f"prealloc.{type(self).__name__}")
         self._inherited = False
+        self._ready_fd_owned = -1
         self._close_lock = threading.Lock()
         self._close_done = threading.Event()
         self._closing = False
@@ -271,6 +272,8 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
                 raise TypeError(f"strategy for {t.name} must be an AllocationStrategy, not {type(strategy).__name__}")
         self.monitors: Mapping[ResourceType, Any] = types.MappingProxyType(monitors)
         events = config.event_emitter if config.event_emitter is not None else EventEmitter()
+        if not isinstance(events, EventEmitterProtocol):
+            raise TypeError(f"event_emitter must have on, off and emit, not {type(events).__name__}")
         self.metrics = config.metrics if config.metrics is not None else MetricsCollector()
         self.quotas = QuotaLedger(config.quotas)
         table = core.AllocationTable(config.capacity)
@@ -353,7 +356,7 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
         candidate = replace(self.config, **wanted).validate()
         old_predictor = self.config.predictor
         self.config = candidate
-        self.name, self.description = candidate.name, candidate.description
+        self.name, self.description = candidate.name or self.DEFAULT_NAME, candidate.description
         self._apply_live_config(old_predictor)
         self.log.info("reconfigured %s: %s", self.id, sorted(wanted))
 
@@ -374,16 +377,19 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
             raise RuntimeError(f"{type(self).__name__} {self.id} is closed")
 
     def on(self, event: str, listener: Callable[..., Any]) -> Callable[..., Any]:
-        """Listens to 'allocated', 'released', 'expired', 'failed' (each with a
-        ResourceAllocation) or 'reset' (with the allocator's id)."""
+        """Listens to 'resource:allocated', 'resource:released', 'resource:expired',
+        'resource:failed' (each with a ResourceAllocation) or 'preallocator:reset' (with
+        {"preallocator_id": id}); the short names 'allocated', ... 'reset' are aliases.
+        Returns the listener."""
         self._check_open()
-        if event not in EVENTS:
-            raise ValueError(f"unknown event {event!r}; events are {EVENTS}")
-        return self.events.on(event, listener)
+        if not callable(listener):
+            raise TypeError(f"listener must be callable, not {type(listener).__name__}")
+        self.events.on(canonical_event(event), listener)
+        return listener
 
     def off(self, event: str, listener: Callable[..., Any]) -> bool:
         self._check_open()
-        return self.events.off(event, listener)
+        return bool(self.events.off(canonical_event(event), listener))
 
     def claim(self, allocation_id: int, *, target_process_id: int | None = None) -> Claim:
         """The consumer takes a ready allocation: MEMORY gives its writable zero-copy
@@ -432,9 +438,23 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
         self._check_open()
         if timeout is not None:
             timeout = check_seconds("timeout", timeout)
-        ids = [allocation_ids] if isinstance(allocation_ids, int) and not isinstance(allocation_ids, bool) \
-            else list(allocation_ids)
+        ids: list[int] = [allocation_ids] if isinstance(allocation_ids, int) \
+            else list(allocation_ids)  # a bool is refused by the id check
         return self._wait_ready(ids, timeout)
+
+    def readiness_fd(self) -> int:
+        """An eventfd (non-blocking, close-on-exec, owned by the allocator: do not close
+        it) that becomes readable whenever a request leaves PENDING — it was allocated,
+        failed, was withdrawn or dropped at its deadline. For event loops: wait on it
+        (``loop.add_reader``), read it to clear it, then look at the requests you wait for
+        (``get_allocation``). The asyncio face (prealloc.aio) is built on it."""
+        self._check_open()
+        with self._close_lock:
+            self._check_open()
+            if self._ready_fd_owned < 0:
+                self._ready_fd_owned = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                self._set_ready_fd(self._ready_fd_owned)
+            return self._ready_fd_owned
 
     def get_statistics(self) -> PreallocatorStatistics:
         """The tally (see PreallocatorStatistics for what each figure means)."""
@@ -448,7 +468,10 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
         self._check_open()
         self.log.info("resetting %s", self.id)
         self._release_all(_RESET_FEEDBACK)
-        self.events.emit("reset", self.id)
+        try:
+            self.events.emit(RESET, {"preallocator_id": self.id})
+        except Exception:
+            self.log.exception("emitting %r failed", RESET)
 
     def close(self) -> None:
         """Releases everything (as reset, without the event), stops the workers, then
@@ -496,6 +519,9 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
         fd = self._give_up_wake_fd()
         step("closing the wake fd", lambda: os.close(fd))
         step("closing the stop fd", lambda: os.close(self._stop_fd))
+        ready_fd = self._set_ready_fd(-1)
+        if ready_fd >= 0:
+            step("closing the readiness fd", lambda: os.close(ready_fd))
         return True
 
     def __enter__(self) -> ResourceAllocator:

@@ -98,7 +98,7 @@ def check_amount(name: str, value: float) -> float:
     try:
         value = float(value)
     except OverflowError:
-        raise ValueError(f"{name} must be finite and >= 0, not an int of {value.bit_length()} bits") from None
+        raise ValueError(f"{name} must be finite and >= 0, not an int of {int(value).bit_length()} bits") from None
     if math.isnan(value) or math.isinf(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0, not {value!r}")
     return value
