@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from prealloc import (
     AllocationFeedback,
@@ -35,7 +35,6 @@ from prealloc import (
     ResourceRequest,
     ResourceType,
 )
-from engine_util import wait_until
 from osutil import vm_lck
 
 MiB = 1 << 20
