@@ -73,6 +73,9 @@
  * except for that O(1) wait on the rare path.
  * Fresh slots start at generation 1 (state FREE, which no id names), so a slot's
  * generation is never 0 and insert uses it as it finds it.
+ * fork: the table owns no thread and no lock a child could find held, except the cool
+ * flag for the few instructions of a cool-list change; a child forked in that window
+ * would spin on its first insert that finds the stack empty and the cool list due.
  */
 #define _GNU_SOURCE
 #include "prealloc/table.h"
