@@ -121,7 +121,7 @@
 #endif
 #define PQ_INDEX_BITS 18            /* 2^18 buckets: 2 MiB of address space per queue */
 #define PQ_INDEX_BUCKETS (1u << PQ_INDEX_BITS)
-#define PQ_SIZE_SHARDS 16          /* size counter stripes (one line each) */
+#define PQ_SIZE_SHARDS 16          /* size counter stripes owned by one thread each (one line each) */
 #define PQ_CACHE_PER_LEVEL 1024    /* free nodes a thread keeps per tower height */
 #define PQ_DEPOT_BATCH 64          /* nodes a full cache hands to the depot at once */
 #define PQ_DEPOT_MAX 65536         /* nodes of one height the depot holds at most */
@@ -192,7 +192,7 @@ struct pa_pq {
     PA_CACHE_ALIGNED _Atomic uint64_t arrival;
     /* The size is striped so that pushes and pops on different threads do not bounce one
      * counter line between them; pa_pq_size sums the stripes. */
-    pq_size_shard_t size[PQ_SIZE_SHARDS];
+    pq_size_shard_t size[PQ_SIZE_SHARDS + 1]; /* the last one is shared by threads without a stripe */
 };
 
 #define MARK ((uintptr_t)1)
@@ -250,6 +250,7 @@ static void node_to_item(const pq_node_t *n, pa_pq_item_t *item) {
 typedef struct pq_thread {
     uint64_t rng;
     unsigned shard;
+    bool exclusive; /* shard is this thread's alone: updated without a locked add */
     bool registered;
     pq_node_t *cache[PQ_MAX_LEVEL];
     uint32_t cached[PQ_MAX_LEVEL];
@@ -259,10 +260,25 @@ static _Thread_local pq_thread_t tls_pq;
 static pthread_once_t pq_key_once = PTHREAD_ONCE_INIT;
 static pthread_key_t pq_key;
 static bool pq_key_ok;
-static _Atomic uint32_t pq_shard_next;
+/* Size stripes: bit k set = stripe k is owned by a live thread. A thread claims a free one
+ * at its first operation and releases it when it exits (the pthread key destructor), so
+ * its size updates are a plain load and store (no `lock` prefix: one per push, one per
+ * pop walk). More than PQ_SIZE_SHARDS threads at once, or a thread that cannot register
+ * its exit: the shared stripe PQ_SIZE_SHARDS, with an atomic add. A stripe's count lives
+ * on after its owner (the size is the sum); the next owner continues from it. */
+static _Atomic uint32_t pq_stripes_owned;
+
+static void stripe_release(pq_thread_t *t) {
+    if (!t->exclusive) return;
+    t->exclusive = false;
+    /* release: the next owner's claiming CAS (acquire) sees our last stores to the stripe */
+    atomic_fetch_and_explicit(&pq_stripes_owned, ~(1u << t->shard), memory_order_release);
+    t->shard = PQ_SIZE_SHARDS;
+}
 
 static void pq_thread_exit(void *arg) {
     pq_thread_t *t = arg;
+    stripe_release(t);
     for (int l = 0; l < PQ_MAX_LEVEL; l++) {
         pq_node_t *n = t->cache[l];
         while (n) {
@@ -278,11 +294,30 @@ static void pq_thread_exit(void *arg) {
 
 static void pq_make_key(void) { pq_key_ok = pthread_key_create(&pq_key, pq_thread_exit) == 0; }
 
+static bool cache_register(pq_thread_t *t);
+
+static void stripe_claim(pq_thread_t *t) {
+    t->shard = PQ_SIZE_SHARDS;
+    t->exclusive = false;
+    if (!cache_register(t)) return; /* could not release it at exit: stay shared */
+    uint32_t owned = pa__load_relaxed(&pq_stripes_owned);
+    while (owned != (1u << PQ_SIZE_SHARDS) - 1) {
+        unsigned k = (unsigned)__builtin_ctz(~owned);
+        /* acquire: pairs with stripe_release's release (the previous owner's stores) */
+        if (atomic_compare_exchange_weak_explicit(&pq_stripes_owned, &owned, owned | (1u << k),
+                                                  memory_order_acquire, memory_order_relaxed)) {
+            t->shard = k;
+            t->exclusive = true;
+            return;
+        }
+    }
+}
+
 static pq_thread_t *pq_thread(void) {
     pq_thread_t *t = &tls_pq;
     if (!t->rng) {
         t->rng = (uint64_t)(uintptr_t)t * 0x9E3779B97F4A7C15ull | 1;
-        t->shard = pa__fetch_add_relaxed(&pq_shard_next, 1) % PQ_SIZE_SHARDS;
+        stripe_claim(t);
     }
     return t;
 }
@@ -524,7 +559,15 @@ static void index_remove(pq_op_t *op, pq_node_t *n) {
     }
 }
 
-static void size_add(pq_op_t *op, int64_t d) { pa__fetch_add_relaxed(&op->pq->size[op->t->shard].n, d); }
+static void size_add(pq_op_t *op, int64_t d) {
+    _Atomic int64_t *n = &op->pq->size[op->t->shard].n;
+    if (op->t->exclusive) {
+        /* relaxed: only this thread writes the stripe (pa_pq_size reads it relaxed) */
+        pa__store_relaxed(n, pa__load_relaxed(n) + d);
+    } else {
+        pa__fetch_add_relaxed(n, d);
+    }
+}
 
 /* Moves a claimed (or about to be returned) node out of PENDING/QUEUED into TAKEN. True
  * when the node ends TAKEN — by us or by a helper — i.e. it belongs to its claimer. */
@@ -775,11 +818,7 @@ static size_t skiplist_take(pq_op_t *op, size_t max, pa_pq_item_t *items, uint64
                  * first: then discard it and go on */
                 x = y;
                 bool ours = true;
-                if (!indexed) {
-                    size_add(op, -1);
-                } else {
-                    ours = resolve_taken(op, y);
-                }
+                if (indexed) ours = resolve_taken(op, y); /* (unindexed: counted once below) */
                 if (ours) {
                     if (items) node_to_item(y, &items[taken]);
                     if (values) values[taken] = y->value;
@@ -792,6 +831,9 @@ static size_t skiplist_take(pq_op_t *op, size_t max, pa_pq_item_t *items, uint64
         if (indexed) (void)resolve_taken(op, y);
         x = y;
     }
+    /* unindexed: every claim is ours; one size update for the walk instead of one locked
+     * add per item (the size is exact only when no operation is in flight anyway) */
+    if (!indexed && taken) size_add(op, -(int64_t)taken);
     if (!newhead) newhead = x;
     if (offset >= PQ_BOUND_OFFSET && is_marked(obs_head) && newhead != unmark(obs_head)) {
         uintptr_t expected = obs_head;
@@ -834,7 +876,7 @@ int pa_pq_create(unsigned flags, pa_pq_t **out) {
     for (int i = 0; i < PQ_MAX_LEVEL; i++) pa__store_relaxed(next_at(pq->head, i), (uintptr_t)pq->tail);
     pa__store_relaxed(&pq->top, 1);
     pa__store_relaxed(&pq->arrival, 0);
-    for (int k = 0; k < PQ_SIZE_SHARDS; k++) pa__store_relaxed(&pq->size[k].n, 0);
+    for (int k = 0; k <= PQ_SIZE_SHARDS; k++) pa__store_relaxed(&pq->size[k].n, 0);
     *out = pq;
     return 0;
 }
@@ -1145,6 +1187,6 @@ int pa_pq_cancel(pa_pq_t *pq, uint64_t value) {
 size_t pa_pq_size(const pa_pq_t *pq) {
     if (!pq) return 0;
     int64_t s = 0;
-    for (int k = 0; k < PQ_SIZE_SHARDS; k++) s += pa__load_relaxed(&((pa_pq_t *)pq)->size[k].n);
+    for (int k = 0; k <= PQ_SIZE_SHARDS; k++) s += pa__load_relaxed(&((pa_pq_t *)pq)->size[k].n);
     return s > 0 ? (size_t)s : 0;
 }
