@@ -9,6 +9,13 @@
  *     (or _release) gives its resources back. Fields documented as private must not be
  *     touched by the caller.
  *   - Library code never prints, aborts or exits.
+ *   - NULL, one rule for every module: a function given a NULL object or a NULL pointer
+ *     it needs answers -EINVAL (functions answering a count answer 0, bool false;
+ *     _destroy(NULL) does nothing). Pointers a header documents as optional ("nullable",
+ *     "NULL = ...") are exempt.
+ *   - fork(): objects that own a thread or a mutex (the ticker, the core registry) are
+ *     safe to inherit: a child never blocks on them; what each answers there is in its
+ *     header ("fork"). Private memory reservations are not copy-on-write across fork.
  *   - Times are nanoseconds on CLOCK_MONOTONIC (the clock Python's time.monotonic() reads
  *     on Linux), so a deadline computed in Python means the same instant here.
  */
