@@ -688,7 +688,8 @@ static unsigned levels_in_use(pa_pq_t *pq) {
     return top;
 }
 
-/* n->level <= levels + 1 (the caller capped it), levels from levels_in_use */
+/* levels from levels_in_use; n->level is capped by the caller (levels + 1 for a single
+ * push, a few more for a batch chunk); the search starts at the higher of the two */
 static void skiplist_insert(pa_pq_t *pq, pq_node_t *n, unsigned levels) {
     pq_node_t *preds[PQ_MAX_LEVEL], *succs[PQ_MAX_LEVEL];
     const int height = n->level;
@@ -1026,8 +1027,13 @@ static int push_chunk_sorted(pq_op_t *op, size_t chunk, const uint64_t *values, 
                              const double *confidences, const double *deadlines) {
     pa_pq_t *const pq = op->pq;
     pq_node_t *nodes[PQ_BATCH_CHUNK], *tmp[PQ_BATCH_CHUNK];
+    /* Heights are drawn before any node of the chunk is linked, so Pugh's cap (one level
+     * above those in use) would stunt a chunk pushed into a small queue — the first chunk
+     * into an empty one would be all height 1 or 2, a near-linked list. The chunk itself
+     * fills log4(chunk) more levels (p = 1/4), so the cap is raised by that much. */
+    unsigned grow = (unsigned)(63 - __builtin_clzll((unsigned long long)chunk | 1)) / PQ_LEVEL_LOG2P;
     unsigned levels = levels_in_use(pq);
-    unsigned cap = levels + 1 < PQ_MAX_LEVEL ? levels + 1 : PQ_MAX_LEVEL;
+    unsigned cap = levels + 1 + grow < PQ_MAX_LEVEL ? levels + 1 + grow : PQ_MAX_LEVEL;
     for (size_t k = 0; k < chunk; k++) {
         nodes[k] = node_alloc(op->t, random_level(op->t, cap));
         if (!nodes[k]) {
@@ -1046,7 +1052,7 @@ static int push_chunk_sorted(pq_op_t *op, size_t chunk, const uint64_t *values, 
     }
     sort_nodes(nodes, tmp, chunk);
     size_add(op, (int64_t)chunk);
-    for (size_t k = 0; k < chunk; k++) skiplist_insert(pq, nodes[k], levels);
+    for (size_t k = 0; k < chunk; k++) skiplist_insert(pq, nodes[k], levels_in_use(pq));
     return 0;
 }
 

@@ -66,7 +66,43 @@ static void test_towers_survive_an_emptied_queue(void) {
     }
 }
 
+/* nodes linked at level i (0-based), walking from head; single-threaded */
+static long linked_at_level(pa_pq_t *pq, int i) {
+    long n = 0;
+    for (pq_node_t *x = unmark(pa__load_acquire(next_at(pq->head, i))); x != pq->tail;
+         x = unmark(pa__load_acquire(next_at(x, i))))
+        n++;
+    return n;
+}
+
+/* A batch push draws every height of its chunk before linking any node: with Pugh's cap
+ * taken from the queue as it was (one level above those in use), one chunk pushed into an
+ * empty queue was all height 1 or 2 — a near-linked list. Expected at level >= 3 (index 2)
+ * with p = 1/4: 256 / 16 = 16 nodes (sd ~4); the stunted chunk has none. */
+static void test_batch_chunk_into_an_empty_queue_grows_towers(void) {
+    enum { N = 256 };
+    pa_pq_t *pq = NULL;
+    REQUIRE(ws_pq_create(0, &pq) == 0);
+    static uint64_t values[N];
+    static double p[N], c[N], d[N];
+    for (int i = 0; i < N; i++) {
+        values[i] = (uint64_t)i + 1;
+        p[i] = (double)((i * 7919) % N);
+        c[i] = 0.0;
+        d[i] = NAN;
+    }
+    size_t pushed = 0;
+    REQUIRE(ws_pq_push_many(pq, N, values, p, c, d, &pushed) == 0);
+    CHECK_EQ_INT(pushed, N);
+    CHECK_EQ_INT(linked_at_level(pq, 0), N);
+    long third = linked_at_level(pq, 2);
+    if (third < 4) fprintf(stderr, "%ld of %d nodes at level >= 3\n", third, N);
+    CHECK(third >= 4);
+    ws_pq_destroy(pq);
+}
+
 int main(void) {
     RUN_TEST(test_towers_survive_an_emptied_queue);
+    RUN_TEST(test_batch_chunk_into_an_empty_queue_grows_towers);
     TEST_MAIN_END();
 }
