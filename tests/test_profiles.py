@@ -88,7 +88,7 @@ def test_record_proc_yields_exactly_the_files_the_program_read(tmp_path):
     assert load_profile("three", tmp_path / "profiles").files == profile.files
 
 
-def test_record_auto_uses_fanotify_as_root_and_proc_otherwise(tmp_path):
+def test_record_auto_uses_fanotify_as_root_and_a_tracer_otherwise(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     profile = record([sys.executable, "-c", PROGRAM, str(data)], name="auto", seconds=10,
