@@ -66,6 +66,7 @@ KIND_AFFINITY = "affinity"
 KIND_IOPRIO = "ioprio"
 KIND_RESERVE_FILE = "reserve_file"
 KIND_CGROUP_WEIGHT = "cgroup_weight"
+KIND_TC_HTB = "tc_htb"  # prealloc.strategies.network: HTB classes and filters on an interface
 
 
 class UntrustedJournalDirectory(PermissionError):
@@ -331,11 +332,17 @@ def _undo_cgroup_weight(data: dict) -> RecoveredTarget:
     return done
 
 
+def _undo_tc_htb(data: dict) -> RecoveredTarget:
+    from .strategies.network import undo_tc_entry
+    return undo_tc_entry(data)
+
+
 _UNDO: dict[str, Callable[[dict], RecoveredTarget]] = {
     KIND_AFFINITY: _undo_affinity,
     KIND_IOPRIO: _undo_ioprio,
     KIND_RESERVE_FILE: _undo_reserve_file,
     KIND_CGROUP_WEIGHT: _undo_cgroup_weight,
+    KIND_TC_HTB: _undo_tc_htb,
 }
 
 

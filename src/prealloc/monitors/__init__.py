@@ -8,6 +8,7 @@
 """
 from .base import AvailabilityCallback, EventSource, ResourceMonitor
 from .disk import BlockDevice, DiskMonitor, block_device_of
+from .network import NetworkMonitor, NetworkSnapshot, NetworkUnavailable
 from .nvml import GpuDeviceInfo, GpuUnavailable, NvmlMonitor, nvml_unavailable_reason
 from .pagecache import PageCacheMonitor
 from .pressure import (
@@ -40,3 +41,4 @@ __all__ = [
     "read_pressure",
 ]
 __all__ += ["BlockDevice", "DiskMonitor", "block_device_of"]
+__all__ += ["NetworkMonitor", "NetworkSnapshot", "NetworkUnavailable"]
