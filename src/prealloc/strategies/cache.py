@@ -20,7 +20,9 @@ pages do not stay: an idle 200 MB database fell from 100 % to 83 % in 120 s here
 Release unpins. It does not evict (other programs may use the same pages) unless
 ``evict_on_unused`` is set: then an allocation that was never claimed evicts the pages
 that were not resident before it (the kernel here offers no idle-page tracking, so
-"unused" means "never claimed"; a claimed allocation's pages are left alone).
+"unused" means "never claimed"; a claimed allocation's pages are left alone). A file
+whose page-cache state the kernel does not reveal to this process (see
+``PageCacheFiles.counts``) looks fully resident before, so nothing of it is evicted.
 
 What a file list cannot cover: failed lookups (gcc probes ~290 paths that do not
 exist) in directories that hold none of the files. The directories of the warmed files

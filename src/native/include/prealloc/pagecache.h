@@ -13,7 +13,8 @@
  *      EPERM for a file the caller does not own; then the open is retried without it, and
  *      `noatime` says which). O_NONBLOCK keeps a FIFO from blocking the open. The path
  *      the kernel really opened (readlink of /proc/self/fd/N, so every symlink and ".."
- *      is already resolved and there is no check-then-open race) must lie inside one of
+ *      is already resolved and there is no check-then-open race; so /proc must be
+ *      mounted where roots are given) must lie inside one of
  *      the allowed roots (each realpath'd, compared on a '/' boundary): a symlink that
  *      points out of the roots is refused with -EACCES. Only regular files are accepted
  *      (-EINVAL otherwise). The range is clamped to the file size.
