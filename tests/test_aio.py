@@ -1,0 +1,272 @@
+"""prealloc.aio: the asyncio face. Plain asyncio.run, no plugin. Where work runs is
+checked by the thread that ran the strategy; memory by VmRSS; waits end on the
+readiness eventfd (a test that hung would fail on asyncio.wait_for's timeout)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from prealloc import (
+    AllocationFeedback,
+    AllocationStatus,
+    MemoryAllocationStrategy,
+    Prediction,
+    ReactiveResourceAllocator,
+    ResourcePreallocator,
+    ResourceRequest,
+    ResourceType,
+)
+from prealloc.aio import AsyncPreallocator
+from engine_util import ExplodingStrategy, GatedStrategy, rules
+from osutil import vm_rss
+
+MiB = 1 << 20
+MEM, CUSTOM = ResourceType.MEMORY, ResourceType.CUSTOM
+LIMIT = 20.0  # a wait that never ends fails the test instead of hanging it
+
+
+class ThreadNotingMemory(MemoryAllocationStrategy):
+    """The real MEMORY strategy, noting which thread ran each allocate."""
+
+    def __init__(self) -> None:
+        super().__init__(populate=True)
+        self.threads: list[int] = []
+
+    def allocate(self, request, amount, availability):
+        self.threads.append(threading.get_ident())
+        return super().allocate(request, amount, availability)
+
+
+class HeldStrategy(GatedStrategy):
+    """GatedStrategy whose allocate blocks until the test opens it (a slow populate)."""
+
+    def __init__(self) -> None:
+        super().__init__(capacity=1e9)
+        self.entered = threading.Event()
+        self.proceed = threading.Event()
+        self.threads: list[int] = []
+
+    def allocate(self, request, amount, availability):
+        self.threads.append(threading.get_ident())
+        self.entered.set()
+        assert self.proceed.wait(LIMIT)
+        return super().allocate(request, amount, availability)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, LIMIT))
+
+
+def prediction(app: str | None = None) -> Prediction:
+    return Prediction("p1", "t", "go", 0.9, target_application=app)
+
+
+def test_request_preallocation_runs_on_the_worker_and_the_memory_is_resident():
+    memory = ThreadNotingMemory()
+    allocator = ResourcePreallocator(allocation_strategies={MEM: memory}, headroom={})
+
+    async def main():
+        loop_thread = threading.get_ident()
+        async with AsyncPreallocator(allocator) as pre:
+            before = vm_rss()
+            snap = await pre.request_preallocation(ResourceRequest(MEM, 64))
+            assert snap.status is AllocationStatus.ALLOCATED and snap.allocated_amount == 64
+            assert memory.threads and loop_thread not in memory.threads  # populated off the loop
+            assert vm_rss() - before >= 56 * MiB  # faulted in (populate), seen by the kernel
+            claim = await pre.acquire(MEM, 64)
+            assert claim.preallocated and claim.allocation_id == snap.allocation_id
+            assert len(memoryview(claim.resource)) == 64 * MiB
+            assert await pre.release(claim, AllocationFeedback(used_successfully=True))
+            assert pre.get_allocation(snap.allocation_id) is None
+            stats = pre.get_statistics()
+            assert stats.needs == 1 and stats.needs_preallocated == 1
+        assert allocator.closed  # owned by default
+
+    run(main())
+
+
+def test_acquire_waits_for_a_queued_request_instead_of_missing():
+    gate = GatedStrategy(capacity=10)
+    translator = rules({"resource_type": "CUSTOM", "need": 5}, app="editor")
+    allocator = ResourcePreallocator(translator=translator, allocation_strategies={CUSTOM: gate})
+
+    async def main():
+        async with AsyncPreallocator(allocator) as pre:
+            holder = allocator.request_preallocation(ResourceRequest(CUSTOM, 8))
+            ids = await pre.handle_prediction(prediction("editor"))
+            assert len(ids) == 1
+            need = asyncio.ensure_future(pre.acquire(CUSTOM, 5, target_application="editor"))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert not need.done()  # the request waits for room, and so does the need
+            assert pre.get_allocation(ids[0]).status is AllocationStatus.PENDING
+            assert await pre.release_allocation(holder.allocation_id)  # room: the worker allocates
+            claim = await need
+            assert claim.preallocated and claim.allocation_id == ids[0]
+            assert gate.held == 5
+            await pre.release(claim)
+            assert gate.held == 0
+            assert pre.get_statistics().needs_preallocated == 1
+
+    run(main())
+
+
+def test_cancelled_acquire_leaves_the_queued_request_queued():
+    gate = GatedStrategy(capacity=10)
+    translator = rules({"resource_type": "CUSTOM", "need": 5}, app="editor")
+    allocator = ResourcePreallocator(translator=translator, allocation_strategies={CUSTOM: gate})
+
+    async def main():
+        async with AsyncPreallocator(allocator) as pre:
+            holder = allocator.request_preallocation(ResourceRequest(CUSTOM, 8))
+            [queued] = await pre.handle_prediction(prediction("editor"))
+            need = asyncio.ensure_future(pre.acquire(CUSTOM, 5, target_application="editor"))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            need.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await need
+            assert pre.get_allocation(queued).status is AllocationStatus.PENDING  # documented: stays
+            assert allocator.release_allocation(holder.allocation_id)
+            assert await pre.wait_ready([queued])
+            assert pre.get_allocation(queued).status is AllocationStatus.ALLOCATED
+            assert len(allocator) == 1 and gate.held == 5  # nothing else made or held
+        assert gate.held == 0  # the close released it
+
+    run(main())
+
+
+def test_a_miss_allocates_at_need_off_the_loop():
+    memory = ThreadNotingMemory()
+    allocator = ResourcePreallocator(allocation_strategies={MEM: memory}, headroom={})
+
+    async def main():
+        async with AsyncPreallocator(allocator) as pre:
+            async with pre.acquire(MEM, 16) as claim:
+                assert not claim.preallocated
+                assert memory.threads[-1] != threading.get_ident()
+                assert len(memoryview(claim.resource)) == 16 * MiB
+            assert claim.released and len(allocator) == 0
+            stats = pre.get_statistics()
+            assert stats.needs == 1 and stats.needs_preallocated == 0
+            assert allocator.metrics.get("preallocation_miss") == 1
+
+    run(main())
+
+
+def test_cancelled_acquire_releases_its_at_need_allocation_when_it_is_made():
+    slow = HeldStrategy()
+    allocator = ResourcePreallocator(allocation_strategies={CUSTOM: slow})
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        async with AsyncPreallocator(allocator) as pre:
+            need = asyncio.ensure_future(pre.acquire(CUSTOM, 3))
+            assert await loop.run_in_executor(None, slow.entered.wait, LIMIT)
+            need.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await need
+            assert slow.threads[0] != threading.get_ident()
+            slow.proceed.set()  # the allocation completes after the cancel ...
+            released = threading.Event()
+            allocator.on("resource:released", lambda snap: released.set())
+            assert await loop.run_in_executor(None, released.wait, LIMIT)
+            assert slow.held == 0 and len(allocator) == 0  # ... and is given back
+
+    run(main())
+
+
+def test_cancelled_request_preallocation_withdraws_the_request():
+    gate = GatedStrategy(capacity=0)
+    allocator = ResourcePreallocator(allocation_strategies={CUSTOM: gate})
+
+    async def main():
+        async with AsyncPreallocator(allocator) as pre:
+            task = asyncio.ensure_future(pre.request_preallocation(ResourceRequest(CUSTOM, 1)))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert len(allocator) == 1
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert len(allocator) == 0 and pre.get_statistics().cancelled == 1
+            with pytest.raises(TimeoutError):
+                await pre.request_preallocation(ResourceRequest(CUSTOM, 1), timeout=0.05)
+            assert len(allocator) == 0
+
+    run(main())
+
+
+def test_request_preallocation_reports_a_failure_with_its_reason():
+    allocator = ResourcePreallocator(allocation_strategies={CUSTOM: ExplodingStrategy(CUSTOM)})
+
+    async def main():
+        async with AsyncPreallocator(allocator) as pre:
+            snap = await pre.request_preallocation(ResourceRequest(CUSTOM, 14))
+            assert snap.status is AllocationStatus.FAILED and "refused on purpose" in snap.failure_reason
+            ok = await pre.request_preallocation(ResourceRequest(CUSTOM, 2))
+            assert ok.status is AllocationStatus.ALLOCATED
+
+    run(main())
+
+
+def test_event_stream_delivers_events_from_the_worker_in_order():
+    allocator = ResourcePreallocator(allocation_strategies={CUSTOM: GatedStrategy(100)})
+
+    async def main():
+        async with AsyncPreallocator(allocator) as pre:
+            stream = pre.events("allocated", "resource:released")  # an alias is accepted
+            a = await pre.request_preallocation(ResourceRequest(CUSTOM, 1))
+            await pre.release_allocation(a.allocation_id)
+            seen = [await stream.__anext__(), await stream.__anext__()]
+            assert [name for name, _ in seen] == ["resource:allocated", "resource:released"]
+            assert all(snap.allocation_id == a.allocation_id for _, snap in seen)
+            await stream.aclose()
+            assert not allocator.events.has_listeners("resource:allocated")  # listeners removed
+            with pytest.raises(StopAsyncIteration):
+                await stream.__anext__()
+
+    run(main())
+
+
+def test_handle_prediction_with_wait_and_the_reactive_allocator():
+    translator = rules({"resource_type": "CUSTOM", "need": 2})
+
+    async def main():
+        async with AsyncPreallocator(ResourcePreallocator(
+                translator=translator, allocation_strategies={CUSTOM: GatedStrategy(100)})) as pre:
+            ids = await pre.handle_prediction(prediction(), wait=True)
+            assert pre.get_allocation(ids[0]).status is AllocationStatus.ALLOCATED
+        reactive = ReactiveResourceAllocator(allocation_strategies={CUSTOM: GatedStrategy(100)})
+        async with AsyncPreallocator(reactive) as face:
+            assert await face.handle_prediction(prediction()) == []
+            snap = await face.request_preallocation(ResourceRequest(CUSTOM, 1))  # on the executor
+            assert snap.status is AllocationStatus.ALLOCATED
+            claim = await face.acquire(CUSTOM, 1)
+            assert claim.preallocated
+            await face.release(claim)
+
+    run(main())
+
+
+def test_bad_input_is_refused_at_the_call():
+    allocator = ResourcePreallocator(allocation_strategies={CUSTOM: GatedStrategy(100)})
+
+    async def main():
+        async with AsyncPreallocator(allocator) as pre:
+            with pytest.raises(ValueError):
+                pre.acquire("NOT_A_TYPE", 1)
+            with pytest.raises(ValueError):
+                pre.acquire(CUSTOM, -1)
+            with pytest.raises(TypeError):
+                await pre.release_allocation("x")
+            with pytest.raises(TypeError):
+                await pre.request_preallocation("x")
+            with pytest.raises(ValueError):
+                pre.events("nope")
+            assert len(allocator) == 0
+    with pytest.raises(TypeError):
+        AsyncPreallocator(object())
+    run(main())
