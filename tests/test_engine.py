@@ -325,8 +325,8 @@ def test_feedback_teaches_the_sizer_and_reaches_the_predictor():
         def on(self, event, fn):
             self.listeners[event] = fn
 
-        def update_model(self, prediction_id, feedback):
-            self.updates.append((prediction_id, feedback.actual_amount_used))
+        def update_model(self, outcome):  # a PredictionOutcome, on the worker
+            self.updates.append((outcome.prediction_id, outcome.used_amount, outcome.reason))
 
     sizer = AdaptiveSizer(min_samples=1)
     translator = RuleTranslator.from_dict({"rule": [{"name": "r", "match": {"type": "t"},
@@ -339,8 +339,8 @@ def test_feedback_teaches_the_sizer_and_reaches_the_predictor():
             (rid,) = predictor.listeners["prediction:generated"](Prediction(f"p{i}", "t", "x", 0.9))
             wait_until(lambda: pre.get_allocation(rid).status is AllocationStatus.ALLOCATED)
             pre.release_allocation(rid, AllocationFeedback(True, actual_amount_used=20))
-        assert predictor.updates[0] == ("p0", 20)
-        assert len(predictor.updates) == 6
+        wait_until(lambda: len(predictor.updates) == 6)
+        assert predictor.updates[0] == ("p0", 20, "released")
         (rid,) = pre.handle_prediction(Prediction("last", "t", "x", 0.9))
         # the sizer has learned ~20 (+10% margin); each step moved at most x1.5
         assert pre.get_allocation(rid).requested_amount < 40

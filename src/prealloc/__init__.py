@@ -23,7 +23,7 @@ from .engine import (
     ResourcePreallocator,
 )
 from .plugins import register_strategy, unregister_strategy
-from .events import EventEmitter
+from .events import EventEmitter, EventEmitterProtocol
 from .metrics import MetricsCollector
 from .monitors import ResourceMonitor, SystemResourceMonitor
 from .quotas import QuotaExceeded, Quotas
@@ -42,6 +42,9 @@ from .types import (
     AllocationFeedback,
     AllocationStatus,
     Prediction,
+    PredictionOutcome,
+    PredictionType,
+    Predictor,
     PreallocatorStatistics,
     RequestMetadata,
     ResourceAllocation,
@@ -56,8 +59,9 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptiveSizer", "AllocationError", "AllocationFeedback", "AllocationStatus", "AllocationStrategy",
     "Claim", "CpuAllocationStrategy", "CpuSchedulerEnhancer", "CustomResourceAllocator", "MemoryPreallocator",
-    "register_strategy", "unregister_strategy", "EventEmitter", "Grant", "InsufficientResources", "MemoryAllocationStrategy",
+    "register_strategy", "unregister_strategy", "EventEmitter", "EventEmitterProtocol", "Grant", "InsufficientResources", "MemoryAllocationStrategy",
     "MetricsCollector", "NullAllocationStrategy", "PreallocatorConfig", "PreallocatorStatistics", "Prediction",
+    "PredictionOutcome", "PredictionType", "Predictor",
     "QuotaExceeded", "Quotas", "ReactiveResourceAllocator", "RequestMetadata", "ResourceAllocation",
     "ResourceAllocator", "ResourceAvailability", "ResourceMonitor", "ResourcePreallocator",
     "ResourceRequest", "ResourceType", "Rule", "RuleTranslator", "SubscriptionHandle",

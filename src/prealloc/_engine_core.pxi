@@ -50,6 +50,7 @@ from .types import RequestMetadata as _RequestMetadata
 from .types import ResourceRequest as _ResourceRequest
 from .types import AllocationFeedback as _AllocationFeedback
 from .types import PreallocatorStatistics as _PreallocatorStatistics
+from .types import PredictionOutcome as _PredictionOutcome
 
 cdef tuple _TYPE_OF = tuple(_ResourceType)
 cdef tuple _STATUS_OF = tuple(_AllocationStatus)
@@ -240,6 +241,7 @@ cdef class EngineCore:
     cdef bint _quotas_active
     cdef readonly object events
     cdef object _metrics
+    cdef bint _metrics_direct            # a collector of the caller's: every metric recorded on it
     cdef object _log
     cdef dict _monitors                  # ResourceType -> monitor
     cdef dict _headroom                  # ResourceType -> fraction (only types with a monitor)
@@ -252,7 +254,9 @@ cdef class EngineCore:
     cdef dict _requests                  # PENDING: the request
     cdef dict _handles                   # the strategy's handle (only those with one)
     cdef dict _ready                     # (type << 32 | owner) -> {id: None}: ALLOCATED ones
-    cdef dict _origins                   # (prediction id, sizer key)
+    cdef dict _origins                   # (prediction id, sizer key, requested amount)
+    cdef dict _str_ids                   # the caller's string request id (int ids live in the record)
+    cdef dict _labels                    # the predictor label, where not "unknown"
     cdef dict _usage                     # (amount x s before the last adjust, since ns)
     cdef dict _charges                   # what the ledger holds for it (quotas active only)
     cdef dict _busy                      # (Event, thread ident) of an adjust in flight
@@ -268,6 +272,7 @@ cdef class EngineCore:
     # handed from finalizers to the worker (deque.append is atomic and takes no lock)
     cdef object _dropped                 # ids of claims dropped unreleased
     cdef object _returned                # (type, application, amount) of deferred releases done
+    cdef object _outcomes                # PredictionOutcomes for the predictor, in the order requests ended
     cdef dict _deferred                  # (type, application) -> charge kept for deferred releases
     cdef int _wake_fd
     cdef int _ready_fd                   # written when a request leaves PENDING (the asyncio face), -1: none
@@ -283,6 +288,9 @@ cdef class EngineCore:
     cdef double _net_held[_TYPES]
     cdef dict _sample_marks              # ResourceType -> (sample timestamp, _net_held then)
     cdef long long _by_type[_TYPES]
+    cdef long long _released_by_type[_TYPES]   # resource_released of predictor "unknown"
+    cdef long long _allocated_by_type[_TYPES]  # resource_allocated of predictor "unknown"
+    cdef dict _labelled_counts                 # (metric, type name, predictor) -> count, the others
     cdef double _amount_seconds[_TYPES]
     cdef double _unused_amount_seconds[_TYPES]
 
@@ -303,6 +311,8 @@ cdef class EngineCore:
         from .events import EventEmitter
         self._listeners = events._listeners if type(events) is EventEmitter else None
         self._metrics = metrics
+        from .metrics import MetricsCollector
+        self._metrics_direct = type(metrics) is not MetricsCollector
         self._log = log
         self._claim_class = claim_class
         self._monitors = {}
@@ -311,6 +321,9 @@ cdef class EngineCore:
         self._handles = {}
         self._ready = {}
         self._origins = {}
+        self._str_ids = {}
+        self._labels = {}
+        self._labelled_counts = {}
         self._usage = {}
         self._charges = {}
         self._busy = {}
@@ -322,6 +335,7 @@ cdef class EngineCore:
         self._waiting = []
         self._dropped = deque()
         self._returned = deque()
+        self._outcomes = deque()
         self._deferred = {}
         self._sample_marks = {}
         self._wake_fd = -1
@@ -380,8 +394,21 @@ cdef class EngineCore:
         self._wake()
 
     def _drain_returns(self):
-        """The worker's share of the two queues above. Returns how many it handled."""
+        """The worker's share of the queues above, and the predictor's outcomes. Returns
+        how many it handled."""
         cdef long n = 0
+        while self._outcomes:
+            try:
+                outcome = self._outcomes.popleft()
+            except IndexError:
+                break
+            update = self._predictor_update
+            if update is not None:
+                try:
+                    update(outcome)
+                except Exception:
+                    self._log.exception("predictor.update_model raised for prediction %s", outcome.prediction_id)
+            n += 1
         while self._dropped:
             try:
                 rid = self._dropped.popleft()
@@ -519,7 +546,8 @@ cdef class EngineCore:
         init.status = PA_STATUS_PENDING
         init.resource_type = <uint32_t>request.resource_type
         init.requested = request.predicted_need
-        init.request_id = request.request_id
+        request_id = request.request_id
+        init.request_id = request_id if type(request_id) is int else 0
         init.user_data = flags
         init.owner = self._owner_ref(request.metadata.target_application)
         rc = pa_table_insert(self._table._table, &init, &rid)
@@ -534,6 +562,8 @@ cdef class EngineCore:
             _check(rc, "pa_table_insert")
         # no Python code from the insert to here
         self._requests[rid] = request
+        if type(request_id) is not int:
+            self._str_ids[rid] = request_id
         self._total_requests += 1
         self._pending += 1
         return rid
@@ -642,7 +672,18 @@ cdef class EngineCore:
             ready = self._ready[key] = {}
         ready[record_id] = None
         if prediction_id is not None or pattern is not None:
-            self._origins[record_id] = (prediction_id, (pattern, rtype_obj) if pattern is not None else None)
+            self._origins[record_id] = (prediction_id, (pattern, rtype_obj) if pattern is not None else None,
+                                        amount)
+        predictor = metadata.source_predictor_id
+        if predictor != "unknown":
+            self._labels[record_id] = predictor
+        if self._metrics_direct:
+            self._metrics.record_metric("resource_allocated", resource_type=rtype_obj.name, predictor=predictor)
+        elif predictor == "unknown":
+            self._allocated_by_type[rtype] += 1
+        else:
+            key3 = ("resource_allocated", rtype_obj.name, predictor)
+            self._labelled_counts[key3] = self._labelled_counts.get(key3, 0) + 1
         self._successful += 1
         self._net_held[rtype] += granted
         self._allocation_seconds += (rec.allocated_ns - rec.created_ns) * _NS
@@ -691,6 +732,12 @@ cdef class EngineCore:
             mark = self._sample_marks[rtype_obj] = (availability.timestamp, self._net_held[rtype])
         return availability.available - (self._net_held[rtype] - <double>mark[1])
 
+    cdef str _type_name_of(self, uint64_t record_id):
+        cdef pa_record_t rec
+        if pa_table_get(self._table._table, record_id, &rec) != 0:
+            return "?"
+        return _TYPE_OF[rec.resource_type].name
+
     cdef object _allocation_refused(self, uint64_t record_id, strategy, exc, bint may_wait):
         from .strategies import AllocationError, InsufficientResources
 
@@ -699,6 +746,7 @@ cdef class EngineCore:
                 return WAIT
         elif not isinstance(exc, AllocationError):
             self._log.error("%s raised while allocating", type(strategy).__name__, exc_info=exc)
+            self._metrics.record_metric("preallocation_error", resource_type=self._type_name_of(record_id))
         return self._fail(record_id, str(exc) or type(exc).__name__)
 
     cdef void _give_back_unowned(self, strategy, handle, rtype, application, double charged):
@@ -728,10 +776,11 @@ cdef class EngineCore:
         if pa_table_transition(self._table._table, record_id, _BIT_PENDING, PA_STATUS_FAILED, NULL) != 0:
             return None
         pa_table_get(self._table._table, record_id, &rec)
-        self._end_pending(&rec)
+        request = self._end_pending(&rec, "failed")
         self._failed += 1
         snapshot = self._snapshot_of(&rec, None, reason, None)
-        self._note_failure(snapshot, reason)
+        self._forget_ids(record_id)
+        self._note_failure(snapshot, reason, request)
         return snapshot
 
     cdef bint _cancel(self, uint64_t record_id) except -1:
@@ -740,26 +789,44 @@ cdef class EngineCore:
         if pa_table_transition(self._table._table, record_id, _BIT_PENDING, PA_STATUS_RELEASED, NULL) != 0:
             return False
         pa_table_get(self._table._table, record_id, &rec)
-        self._end_pending(&rec)
+        self._end_pending(&rec, "cancelled")
+        self._forget_ids(record_id)
         self._cancelled += 1
         self._metrics.record_metric("request_cancelled", resource_type=_TYPE_OF[rec.resource_type].name)
         return True
 
-    cdef void _end_pending(self, pa_record_t *rec):
+    cdef object _end_pending(self, pa_record_t *rec, str outcome):
         """A PENDING record's end (failed, cancelled, dropped at its deadline): no Python
-        code until the waiters are told."""
+        code until the waiters are told. Returns its request."""
         if rec.timer:
             pa_ticker_cancel(self._ticker._ticker, rec.timer)
         pa_table_remove(self._table._table, rec.id)
-        self._requests.pop(rec.id, None)
+        request = self._requests.pop(rec.id, None)
         self._pending -= 1
         self._owner_unref(rec.owner)
         if self._waiters:
             self._notify_waiters(rec.id)
         self._signal_ready()
+        if request is not None and self._predictor_update is not None \
+                and request.associated_prediction_id is not None:
+            self._queue_outcome(_PredictionOutcome(request.associated_prediction_id, request.resource_type,
+                                                   request.predicted_need, 0.0, False, outcome, rec.id, None))
+        return request
 
-    cdef void _note_failure(self, snapshot, str reason):
-        self._metrics.record_metric("preallocation_failed", resource_type=snapshot.resource_type.name)
+    cdef inline void _forget_ids(self, uint64_t record_id):
+        if self._str_ids:
+            self._str_ids.pop(record_id, None)
+
+    cdef void _queue_outcome(self, outcome):
+        """The predictor hears of it on the worker, in order (never on the caller's or
+        the ticker's path)."""
+        self._outcomes.append(outcome)
+        self._wake()
+
+    cdef void _note_failure(self, snapshot, str reason, request):
+        predictor = request.metadata.source_predictor_id if request is not None else "unknown"
+        self._metrics.record_metric("preallocation_failed", resource_type=snapshot.resource_type.name,
+                                    predictor=predictor)
         self._log.warning("request %d for %g of %s failed: %s", snapshot.request_id,
                           snapshot.requested_amount, snapshot.resource_type.name, reason)
         if self._listened("resource:failed"):
@@ -992,9 +1059,13 @@ cdef class EngineCore:
         if handle is not None:
             try:
                 deferred = self._strategy_of[rec.resource_type].release(handle)
-            except Exception:
+            except Exception as exc:
+                from .strategies import AllocationError
+
                 self._log.exception("%s failed to release %r", type(self._strategy_of[rec.resource_type]).__name__,
                                     handle)
+                self._metrics.record_metric("release_failed" if isinstance(exc, AllocationError) else "release_error",
+                                            resource_type=rtype.name)
                 if released:
                     # the spec's revert: a release that failed leaves the allocation as it was,
                     # with its expiry (a timer that fired meanwhile found it RELEASING)
@@ -1006,7 +1077,6 @@ cdef class EngineCore:
                         rc = pa_ticker_schedule(self._ticker._ticker, record_id, rec.expires_ns, NULL)
                         if rc != 0 and rc != -ENOENT and rc != -EEXIST:
                             _check(rc, "pa_ticker_schedule")
-                    self._metrics.record_metric("release_failed", resource_type=rtype.name)
                     return False
                 # an expiry cannot be undone: the strategy keeps what it could not give back
             pa_table_get(table, record_id, &rec)
@@ -1024,6 +1094,7 @@ cdef class EngineCore:
                 del self._ready[key]
         origin = self._origins.pop(record_id, None) if self._origins else None
         history = self._usage.pop(record_id, None) if self._usage else None
+        predictor = self._labels.pop(record_id, None) if self._labels else None
         charge = self._charges.pop(record_id, None) if self._quotas_active else None
         application = self._owner_unref(rec.owner)
 
@@ -1053,6 +1124,8 @@ cdef class EngineCore:
         self._unused_amount_seconds[rec.resource_type] += unused
         self._live -= 1
         self._net_held[rec.resource_type] -= rec.allocated
+        if predictor is None and not self._metrics_direct:
+            self._released_by_type[rec.resource_type] += 1
         if released:
             self._released += 1
             pa_table_transition(table, record_id, _BIT_RELEASING, PA_STATUS_RELEASED, NULL)
@@ -1065,31 +1138,40 @@ cdef class EngineCore:
             self._notify_waiters(record_id)
         if charge is not None:
             self._refund_after(deferred, rtype, application, <double>charge)
-        if origin is not None and feedback is not None:
-            self._learn(origin, feedback)
+        if self._metrics_direct:
+            self._metrics.record_metric("resource_released", resource_type=rtype.name,
+                                        predictor=predictor if predictor is not None else "unknown")
+        elif predictor is not None:
+            key3 = ("resource_released", rtype.name, predictor)
+            self._labelled_counts[key3] = self._labelled_counts.get(key3, 0) + 1
+        if origin is not None:
+            if feedback is not None:
+                self._learn(origin, feedback)
+            if origin[0] is not None and self._predictor_update is not None:
+                used_amount = rec.allocated if hit else 0.0
+                if feedback is not None and feedback.actual_amount_used is not None:
+                    used_amount = feedback.actual_amount_used
+                self._queue_outcome(_PredictionOutcome(origin[0], rtype, origin[2], used_amount, hit,
+                                                       "released" if released else "expired", record_id, feedback))
         name = "resource:released" if released else "resource:expired"
         if self._listened(name):
             snapshot = self._snapshot_of(&rec, handle, None, feedback)
             snapshot.actual_usage = feedback.actual_amount_used if feedback is not None else None
             self._emit(name, snapshot)
+        self._forget_ids(record_id)
         if self._waiting:
             self._availability_changed()
         return True
 
     cdef void _learn(self, origin, feedback):
-        """Feeds the outcome back: the adaptive sizer learns real use, and the predictor
-        (the spec's predictor.updateModel) hears how its prediction turned out."""
-        prediction_id, sizer_key = origin
+        """The adaptive sizer learns the real use (the predictor hears through
+        _queue_outcome)."""
+        sizer_key = origin[1]
         if self._sizer is not None and sizer_key is not None and feedback.actual_amount_used is not None:
             try:
                 self._sizer.observe(sizer_key, feedback.actual_amount_used)
             except Exception:
                 self._log.exception("the sizer failed to learn from %s", sizer_key)
-        if prediction_id is not None and self._predictor_update is not None:
-            try:
-                self._predictor_update(prediction_id, feedback)
-            except Exception:
-                self._log.exception("predictor.update_model raised for prediction %s", prediction_id)
 
     def _drain_expired(self):
         """Finishes what the ticker expired: allocations past their duration, and queued
@@ -1105,10 +1187,12 @@ cdef class EngineCore:
                     continue
                 done += 1
                 if rec.allocated_ns == 0:  # never allocated: a request dropped at its deadline
-                    self._end_pending(&rec)
+                    request = self._end_pending(&rec, "failed")
                     self._failed += 1
                     reason = "deadline passed before the resource was available"
-                    self._note_failure(self._snapshot_of(&rec, None, reason, None), reason)
+                    snapshot = self._snapshot_of(&rec, None, reason, None)
+                    self._forget_ids(ids[i])
+                    self._note_failure(snapshot, reason, request)
                 else:
                     self._finish(ids[i], False, _EXPIRED_FEEDBACK)
             if n < 256:
@@ -1261,6 +1345,22 @@ cdef class EngineCore:
             out[key] = out.get(key, 0.0) + amount
         return out
 
+    def _metric_counts(self):
+        """The counters the core keeps for the metrics that happen on every allocation
+        (a MetricsCollector source): [(name, labels, value)]."""
+        cdef int i
+        out = []
+        for i in range(len(_TYPE_OF)):
+            if self._allocated_by_type[i]:
+                out.append(("resource_allocated", (("predictor", "unknown"), ("resource_type", _TYPE_OF[i].name)),
+                            self._allocated_by_type[i]))
+            if self._released_by_type[i]:
+                out.append(("resource_released", (("predictor", "unknown"), ("resource_type", _TYPE_OF[i].name)),
+                            self._released_by_type[i]))
+        for (name, type_name, predictor), value in list(self._labelled_counts.items()):
+            out.append((name, (("predictor", predictor), ("resource_type", type_name)), value))
+        return out
+
     def _deferred_holdings(self):
         """{(type, application): amount} still charged for resources that outlive their
         release (a consumer's view), until the worker books their refund."""
@@ -1324,8 +1424,11 @@ cdef class EngineCore:
                 details = self._strategy_of[rec.resource_type].describe(handle)
             except Exception:  # a released handle may not describe itself
                 pass
+        request_id = rec.request_id
+        if self._str_ids:
+            request_id = self._str_ids.get(rec.id, request_id)
         return _new_snapshot(
-            rec.id, rec.request_id, rtype, rec.requested, rec.allocated, _STATUS_OF[rec.status],
+            rec.id, request_id, rtype, rec.requested, rec.allocated, _STATUS_OF[rec.status],
             rec.allocated_ns * _NS if rec.allocated_ns else None,
             rec.expires_ns * _NS if rec.expires_ns and rec.allocated_ns else None,
             None, feedback, failure_reason, details)

@@ -85,13 +85,21 @@ class PreallocatorConfig:
     event_emitter: EventEmitterProtocol | None = None  # anything with on / off / emit
     metrics: MetricsCollector | None = None
     logger: logging.Logger | None = None
-    predictor: Any | None = None  # has .on(event, fn); may have .update_model(id, feedback)
+    predictor: Any | None = None  # a Predictor: .on / .off("prediction:generated", fn), .update_model(outcome)
     # Threads that allocate queued requests. With one, requests start strictly in queue
     # order and one slow allocation (populating a large region) delays every request
     # behind it; with more, each takes the next request as it comes free, so a small
     # request is not stuck behind a large one (they still start in queue order, but may
     # finish in any order).
     allocation_workers: int = 1
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> PreallocatorConfig:
+        """A config read from a TOML file (the spec's Configuration Manager), validated:
+        an unknown key, a wrong type or a bad value raises ValueError naming it."""
+        from .config_file import load_config
+
+        return load_config(path)
 
     def validate(self) -> PreallocatorConfig:
         if self.id is not None and (not isinstance(self.id, str) or not self.id):
@@ -225,6 +233,19 @@ def _check_application(target_application: object) -> str | None:
     return target_application
 
 
+class _WeakSource:
+    """The allocator's core counters as a metrics source, without keeping it alive."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, allocator: ResourceAllocator) -> None:
+        self._ref = weakref.ref(allocator)
+
+    def __call__(self) -> list[Any]:
+        allocator = self._ref()
+        return allocator._metric_counts() if allocator is not None else []
+
+
 class ResourceAllocator(core.EngineCore, abc.ABC):
     """The engine both allocators share: the native table, expiry, strategies, quotas,
     statistics, claims and events. Thread-safe. The lifecycle is compiled in
@@ -284,6 +305,8 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
         self._core_setup(table, ticker, strategies, self.quotas, events, self.metrics, self.log, Claim,
                          self._make_queue())
         self._apply_live_config()
+        if type(self.metrics) is MetricsCollector:
+            self.metrics.add_source(_WeakSource(self))
         # The workers sleep in select() on eventfds: the ticker's (expiries), this one
         # (work from callers and finalizers) and the stop fd below. No polling interval.
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)

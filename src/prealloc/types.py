@@ -15,10 +15,10 @@ Durations are seconds; instants (deadline, created_at, allocated_at, expires_at)
 seconds on the monotonic clock (``time.monotonic()``), which is the clock of the native
 core's timers.
 
-Ids: allocation ids are the native table's 64-bit generational ids, and request ids are
-64-bit ints, because the core stores and compares them without Python objects. A string
-id of the caller's (a prediction id, a trace id) travels in ``associated_prediction_id``
-or ``custom_properties``.
+Ids: allocation ids are the native table's 64-bit generational ids (opaque ints; every
+method that takes one refuses anything else with a TypeError). Request ids are the
+caller's: a string (a uuid, as the spec's requestId) or a 64-bit int, kept as given on
+every snapshot and event; they need not be unique.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 
 class ResourceType(enum.IntEnum):
@@ -111,6 +111,10 @@ def check_amount(name: str, value: float) -> float:
 MAX_SECONDS = 1e9
 
 
+# The longest string id accepted (request ids; a uuid is 36).
+MAX_ID_LENGTH = 256
+
+
 def check_seconds(name: str, value: float) -> float:
     """A duration or a monotonic instant: finite, >= 0 and <= MAX_SECONDS."""
     value = check_amount(name, value)
@@ -164,7 +168,10 @@ class ResourceRequest:
     deadline: float | None = None
     metadata: RequestMetadata = field(default_factory=RequestMetadata)
     associated_prediction_id: str | None = None
-    request_id: int = field(default_factory=next_request_id)
+    # The caller's id: a string (a uuid, as the spec's requestId) or a 64-bit int. Kept
+    # as given on every snapshot and event. Ids need not be unique: two live requests
+    # may share one (each has its own allocation id, which is what the API takes).
+    request_id: int | str = field(default_factory=next_request_id)
 
     def validate(self) -> ResourceRequest:
         """Checks every field; ValueError naming the bad one. Returns self."""
@@ -182,8 +189,12 @@ class ResourceRequest:
         if not isinstance(self.metadata, RequestMetadata):
             raise TypeError(f"metadata must be a RequestMetadata, not {type(self.metadata).__name__}")
         request_id = self.request_id
-        if type(request_id) is not int or not 0 < request_id < 2**64:
-            raise ValueError(f"request_id must be an int in 1..2**64-1, not {request_id!r}")
+        if type(request_id) is str:
+            if not 0 < len(request_id) <= MAX_ID_LENGTH:
+                raise ValueError(f"request_id must be a non-empty string of at most {MAX_ID_LENGTH} characters, "
+                                 f"not {request_id[:40]!r}")
+        elif type(request_id) is not int or not 0 < request_id < 2**64:
+            raise ValueError(f"request_id must be a str or an int in 1..2**64-1, not {request_id!r}")
         pid = self.metadata.target_process_id
         if pid is not None and (type(pid) is not int or pid <= 0):
             raise ValueError(f"target_process_id must be a positive int, not {pid!r}")
@@ -219,7 +230,7 @@ class ResourceAllocation:
     failed."""
 
     allocation_id: int
-    request_id: int
+    request_id: int | str
     resource_type: ResourceType
     requested_amount: float
     allocated_amount: float
@@ -285,6 +296,53 @@ class PreallocatorStatistics:
     waste_rate_by_type: dict[ResourceType, float] = field(default_factory=dict)
 
 
+class PredictionType(str, enum.Enum):
+    """The common kinds of prediction (the spec's PredictionType). Prediction.type takes
+    one of these or any other non-empty string: rules match on the string value."""
+
+    USER_ACTION = "user_action"
+    APPLICATION_LAUNCH = "application_launch"
+    TIME_BASED = "time_based"
+    PATTERN = "pattern"
+    WORKLOAD = "workload"
+    RESOURCE_USAGE = "resource_usage"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class PredictionOutcome:
+    """How a prediction's request ended: what the predictor's ``update_model`` gets,
+    exactly once per request that carries a prediction id, in the order the requests
+    ended. reason is "released", "expired", "failed" or "cancelled"; used says whether
+    the allocation served a need (claimed, or released with used_successfully)."""
+
+    prediction_id: str
+    resource_type: ResourceType
+    predicted_amount: float
+    used_amount: float
+    used: bool
+    reason: str
+    allocation_id: int
+    feedback: AllocationFeedback | None = None
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """What an allocator wires to (``PreallocatorConfig(predictor=...)``), as the spec
+    does: it subscribes its ``handle_prediction`` with ``on("prediction:generated", fn)``
+    (and unsubscribes with ``off``), and calls ``update_model(outcome)`` with a
+    PredictionOutcome exactly once per request that carried a prediction id, on the
+    allocator's worker thread, in the order the requests ended."""
+
+    def on(self, event: str, listener: Callable[..., Any]) -> Any: ...
+
+    def off(self, event: str, listener: Callable[..., Any]) -> Any: ...
+
+    def update_model(self, outcome: PredictionOutcome) -> None: ...
+
+
 @dataclass(slots=True)
 class Prediction:
     """What a predictor says will happen: `type` and `predicted_value` are matched by
@@ -304,6 +362,8 @@ class Prediction:
     def validate(self) -> Prediction:
         if not isinstance(self.id, str) or not self.id:
             raise ValueError(f"prediction id must be a non-empty string, not {self.id!r}")
+        if isinstance(self.type, PredictionType):
+            self.type = self.type.value
         if not isinstance(self.type, str) or not self.type:
             raise ValueError(f"prediction type must be a non-empty string, not {self.type!r}")
         self.confidence = check_confidence(self.confidence)
