@@ -165,16 +165,30 @@ static void test_fork_orphans_busy_ticker(void) {
     pa_table_destroy(table);
 }
 
-/* The tid of a thread of this process other than the calling one, or 0. */
-static pid_t other_thread(void) {
+/* The tids of this process (up to max); returns how many. */
+static int list_tids(pid_t *out, int max) {
     DIR *d = opendir("/proc/self/task");
     if (!d) return 0;
-    pid_t self = (pid_t)gettid(), found = 0;
+    int n = 0;
     struct dirent *e;
-    while ((e = readdir(d)) != NULL)
-        if (e->d_name[0] != '.' && atoi(e->d_name) != self) found = atoi(e->d_name);
+    while ((e = readdir(d)) != NULL && n < max)
+        if (e->d_name[0] != '.') out[n++] = (pid_t)atoi(e->d_name);
     closedir(d);
-    return found;
+    return n;
+}
+
+/* A thread that is not in before[0..count): the one just started. (Not merely "another
+ * thread": a thread of an earlier test may still be listed while it exits, and an
+ * exiting thread has every signal blocked.) */
+static pid_t new_thread(const pid_t *before, int count) {
+    pid_t now[256];
+    int n = list_tids(now, 256);
+    for (int i = 0; i < n; i++) {
+        bool known = false;
+        for (int j = 0; j < count && !known; j++) known = now[i] == before[j];
+        if (!known) return now[i];
+    }
+    return 0;
 }
 
 static unsigned long long sigblk_of(pid_t tid) {
@@ -197,10 +211,24 @@ static void test_thread_blocks_signals(void) {
     REQUIRE(pa_table_create(8, &table) == 0);
     pa_ticker_t *ticker;
     REQUIRE(pa_ticker_create(table, NULL, &ticker) == 0);
+    pid_t before[256];
+    int count = list_tids(before, 256);
     REQUIRE(pa_ticker_start(ticker) == 0);
     pid_t tid = 0;
-    for (int i = 0; i < 200 && tid == 0; i++) tid = other_thread();
+    for (int i = 0; i < 2000 && tid == 0; i++) {
+        tid = new_thread(before, count);
+        if (tid == 0) {
+            struct timespec ms = {0, 1000000};
+            nanosleep(&ms, NULL);
+        }
+    }
     REQUIRE(tid != 0);
+    /* Read the mask only once the thread runs the ticker's loop: pthread_create blocks
+     * every signal around clone itself, and the new thread sets its own mask a moment
+     * later. An expiry the thread publishes proves it is past that point. */
+    pa_id_t id = insert_status(table, PA_STATUS_ALLOCATED);
+    REQUIRE(pa_ticker_schedule(ticker, id, pa_clock_now_ns(), NULL) == 0);
+    REQUIRE(readable(pa_ticker_eventfd(ticker), 20000));
     unsigned long long blk = sigblk_of(tid);
     CHECK(blk & (1ull << (SIGINT - 1)));
     CHECK(blk & (1ull << (SIGTERM - 1)));
