@@ -17,6 +17,7 @@ from .engine import (
     Claim,
     CpuSchedulerEnhancer,
     CustomResourceAllocator,
+    DiskIOOptimizer,
     MemoryPreallocator,
     PreallocatorConfig,
     ResourceAllocator,
@@ -58,7 +59,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveSizer", "AllocationError", "AllocationFeedback", "AllocationStatus", "AllocationStrategy",
-    "Claim", "CpuAllocationStrategy", "CpuSchedulerEnhancer", "CustomResourceAllocator", "MemoryPreallocator",
+    "Claim", "CpuAllocationStrategy", "CpuSchedulerEnhancer", "CustomResourceAllocator", "DiskIOOptimizer", "MemoryPreallocator",
     "register_strategy", "unregister_strategy", "EventEmitter", "EventEmitterProtocol", "Grant", "InsufficientResources", "MemoryAllocationStrategy",
     "MetricsCollector", "NullAllocationStrategy", "PreallocatorConfig", "PreallocatorStatistics", "Prediction",
     "PredictionOutcome", "PredictionType", "Predictor",

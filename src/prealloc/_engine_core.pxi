@@ -244,6 +244,7 @@ cdef class EngineCore:
     cdef bint _metrics_direct            # a collector of the caller's: every metric recorded on it
     cdef object _log
     cdef dict _monitors                  # ResourceType -> monitor
+    cdef dict _unavailable               # ResourceType -> why its built-in strategy could not start
     cdef dict _headroom                  # ResourceType -> fraction (only types with a monitor)
     cdef object _default_duration
     cdef object _sizer
@@ -316,6 +317,7 @@ cdef class EngineCore:
         self._log = log
         self._claim_class = claim_class
         self._monitors = {}
+        self._unavailable = {}
         self._headroom = {}
         self._requests = {}
         self._handles = {}
@@ -350,6 +352,9 @@ cdef class EngineCore:
         self._sizer = getattr(translator, "sizer", None)
         update = getattr(predictor, "update_model", None)
         self._predictor_update = update if callable(update) else None
+
+    def _set_unavailable(self, dict unavailable):
+        self._unavailable = dict(unavailable)
 
     def _set_wake_fd(self, int fd):
         self._wake_fd = fd
@@ -600,7 +605,9 @@ cdef class EngineCore:
         cdef int rc
         strategy = self._strategy_of[rtype] if rtype < _TYPES else None
         if strategy is None:
-            return self._fail(record_id, f"no strategy for {_TYPE_OF[rtype].name}")
+            why = self._unavailable.get(_TYPE_OF[rtype]) if self._unavailable else None
+            return self._fail(record_id, f"no strategy for {_TYPE_OF[rtype].name}"
+                                         + (f" ({why})" if why else ""))
         rtype_obj = _TYPE_OF[rtype]
         metadata = request.metadata
         application = metadata.target_application

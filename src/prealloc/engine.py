@@ -166,6 +166,12 @@ def _forget_inherited_allocators() -> None:
 os.register_at_fork(after_in_child=_forget_inherited_allocators)
 
 
+def _make_gpu_monitor() -> Any:
+    from .monitors.nvml import NvmlMonitor
+
+    return NvmlMonitor()  # GpuUnavailable (with .reason) where there is no driver or device
+
+
 class Claim:
     """A resource in the consumer's hands. ``resource`` is what the strategy handed over:
     a writable zero-copy buffer (MemoryReservation) for MEMORY, the frozenset of cores
@@ -278,11 +284,14 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
         self._closing = False
         # What close() closes: only what this allocator made itself, never the caller's.
         self._owned: list[Any] = []
+        # resource types this machine cannot serve with a built-in, and why
+        self.unavailable: dict[ResourceType, str] = {}
         if config.resource_monitors is not None:
             monitors = {ResourceType.parse(t): m for t, m in config.resource_monitors.items()}
         else:
             monitors = self._default_monitors()
             self._owned.extend({id(m): m for m in monitors.values()}.values())
+        self._gpu_monitor = monitors.get(ResourceType.GPU)
         if config.allocation_strategies is not None:
             strategies = {ResourceType.parse(t): s for t, s in config.allocation_strategies.items()}
         else:
@@ -304,6 +313,7 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
                                    expire_from=[core.PENDING, core.ALLOCATED])
         self._core_setup(table, ticker, strategies, self.quotas, events, self.metrics, self.log, Claim,
                          self._make_queue())
+        self._set_unavailable(dict(self.unavailable))
         self._apply_live_config()
         if type(self.metrics) is MetricsCollector:
             self.metrics.add_source(_WeakSource(self))
@@ -325,15 +335,51 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
 
     # ------------------------------------------------------------------ defaults
     def _default_monitors(self) -> dict[ResourceType, Any]:
+        """The psutil/cgroup/PSI system monitor for what it covers, and NVML for GPU where
+        a driver answers (where none does, the reason is kept in ``unavailable``)."""
         from .monitors import SystemResourceMonitor
 
         monitor = SystemResourceMonitor()
-        return {t: monitor for t in monitor.supported_types}
+        monitors: dict[ResourceType, Any] = {t: monitor for t in monitor.supported_types}
+        gpu = self._optional(ResourceType.GPU, _make_gpu_monitor)
+        if gpu is not None:
+            monitors[ResourceType.GPU] = gpu
+        return monitors
 
     def _default_strategies(self) -> dict[ResourceType, AllocationStrategy]:
-        from .strategies import CpuAllocationStrategy, MemoryAllocationStrategy
+        """Every built-in strategy this machine can run: MEMORY, CPU, CACHE_SPACE (page
+        cache warming under the default roots), DISK_IO (space and I/O priority), GPU
+        (where NVML and a CUDA driver answer). One that cannot start here is left out
+        with its reason in ``unavailable`` (a request of that type then fails saying so)."""
+        from .strategies import CacheSpaceStrategy, CpuAllocationStrategy, DiskStrategy, MemoryAllocationStrategy
 
-        return {ResourceType.MEMORY: MemoryAllocationStrategy(), ResourceType.CPU: CpuAllocationStrategy()}
+        strategies: dict[ResourceType, AllocationStrategy] = {
+            ResourceType.MEMORY: MemoryAllocationStrategy(), ResourceType.CPU: CpuAllocationStrategy()}
+        for rtype, make in ((ResourceType.CACHE_SPACE, CacheSpaceStrategy), (ResourceType.DISK_IO, DiskStrategy),
+                            (ResourceType.GPU, self._make_gpu_strategy)):
+            if rtype in self.unavailable:  # its monitor said why already
+                continue
+            strategy = self._optional(rtype, make)
+            if strategy is not None:
+                strategies[rtype] = strategy
+        return strategies
+
+    def _optional(self, rtype: ResourceType, make: Callable[[], Any]) -> Any:
+        try:
+            return make()
+        except Exception as exc:  # a missing driver or library must not stop the allocator
+            reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+            self.unavailable[rtype] = reason
+            self.log.info("%s unavailable: %s", rtype.name, reason)
+            return None
+
+    def _make_gpu_strategy(self) -> AllocationStrategy:
+        from .strategies.gpu import GpuMemoryStrategy
+
+        monitor = self._gpu_monitor
+        if monitor is None:
+            raise RuntimeError(self.unavailable.get(ResourceType.GPU, "no GPU monitor"))
+        return GpuMemoryStrategy(monitor=monitor)
 
     def _make_queue(self) -> Any:
         return None
@@ -803,6 +849,19 @@ class CpuSchedulerEnhancer(ResourcePreallocator):
         return {ResourceType.CPU: CpuAllocationStrategy(exclusive=self._exclusive)}
 
 
+class DiskIOOptimizer(ResourcePreallocator):
+    """A preallocator of disk only (the spec's DiskIOOptimizer): space reserved ahead of
+    a predicted write (a file handed over, or ballast given back at the need) and I/O
+    priority for a predicted burst."""
+
+    DEFAULT_NAME = "DiskIOOptimizer"
+
+    def _default_strategies(self) -> dict[ResourceType, AllocationStrategy]:
+        from .strategies import DiskStrategy
+
+        return {ResourceType.DISK_IO: DiskStrategy()}
+
+
 class CustomResourceAllocator(ResourcePreallocator):
     """A preallocator whose strategies come from plugins (prealloc.plugins): the built-in
     MEMORY and CPU strategies, overridden and extended by every registered or installed
@@ -816,5 +875,6 @@ class CustomResourceAllocator(ResourcePreallocator):
         return {**super()._default_strategies(), **load_strategies()}
 
 
-__all__ = ["AllocationError", "Claim", "CpuSchedulerEnhancer", "CustomResourceAllocator", "MemoryPreallocator",
+__all__ = ["AllocationError", "Claim", "CpuSchedulerEnhancer", "CustomResourceAllocator", "DiskIOOptimizer",
+           "MemoryPreallocator",
            "PreallocatorConfig", "ResourceAllocator", "ResourcePreallocator"]
