@@ -44,7 +44,11 @@ BYTES_PER_MBIT = 125_000  # 1 Mbit/s = 10**6 bit/s = 125 000 bytes/s (tc's "mbit
 
 
 class NetworkUnavailable(OSError):
-    """The network strategy or monitor cannot work here; the message says why."""
+    """The network strategy or monitor cannot work here; ``reason`` (the message) says why."""
+
+    @property
+    def reason(self) -> str:
+        return str(self)
 
 
 def pyroute2_missing_reason() -> str | None:
@@ -211,11 +215,18 @@ class NetworkMonitor(ResourceMonitor):
                 raise ValueError(f"interface {interface!r}: no such interface"
                                  + (f" in netns {self.netns!r}" if self.netns else ""))
             return found[0], interface
-        target = destination or "0.0.0.0"
-        try:
-            routes = self._ipr.route("get", dst=target)
-        except Exception as exc:  # NetlinkError: ENETUNREACH and the like
-            raise ValueError(f"destination {target!r}: no route ({exc})") from None
+        if destination is None:
+            # the default route with the lowest metric (no lookup of any address)
+            routes = sorted((r for r in self._ipr.get_default_routes() if r.get_attr("RTA_OIF")),
+                            key=lambda r: r.get_attr("RTA_PRIORITY") or 0)
+            if not routes:
+                raise ValueError("no default route" + (f" in netns {self.netns!r}" if self.netns else "")
+                                 + "; name the interface")
+        else:
+            try:
+                routes = self._ipr.route("get", dst=destination)
+            except Exception as exc:  # NetlinkError: ENETUNREACH and the like
+                raise ValueError(f"destination {destination!r}: no route ({exc})") from None
         ifindex = routes[0].get_attr("RTA_OIF")
         link = self._ipr.get_links(ifindex)[0]
         return ifindex, link.get_attr("IFLA_IFNAME")

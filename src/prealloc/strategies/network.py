@@ -75,6 +75,7 @@ from ..monitors.network import (
     DEFAULT_MINOR,
     PREALLOC_TC_MAJOR,
     ROOT_MINOR,
+    NetworkClass,
     NetworkMonitor,
     NetworkUnavailable,
     check_headroom_fraction,
@@ -90,7 +91,7 @@ from .base import AllocationError, AllocationStrategy, Grant, InsufficientResour
 log = logging.getLogger(__name__)
 
 __all__ = ["KIND_TC_HTB", "NetworkBandwidthStrategy", "NetworkClaim", "NetworkGrant", "bpf_classifier",
-           "default_class_rate_mbit", "network_unavailable_reason", "undo_tc_entry"]
+           "default_class_rate_mbit", "make_network_strategy", "network_unavailable_reason", "undo_tc_entry"]
 
 KIND_TC_HTB = "tc_htb"
 ROOT_HANDLE = PREALLOC_TC_MAJOR << 16
@@ -150,6 +151,23 @@ def network_unavailable_reason() -> str | None:
     if not has_capability(CAP_NET_ADMIN):
         return "changing traffic control needs CAP_NET_ADMIN, which this process lacks"
     return None
+
+
+def make_network_strategy(**options: Any) -> NetworkBandwidthStrategy:
+    """A strategy for the interface `options` name (default: the default route's), made
+    only where it can work: NetworkUnavailable (with ``.reason``) without pyroute2 or
+    CAP_NET_ADMIN, without a route, or where the link rate is unknown (a virtual link
+    given no link_rate_mbit). For an allocator's defaults."""
+    reason = network_unavailable_reason()
+    if reason:
+        raise NetworkUnavailable(reason)
+    strategy = NetworkBandwidthStrategy(**options)
+    try:
+        strategy.monitor().link_rate()
+    except (AllocationError, NetworkUnavailable, ValueError) as exc:
+        strategy.close()
+        raise NetworkUnavailable(str(exc)) from exc
+    return strategy
 
 
 # -- eBPF classifiers (cls_bpf, classic mode: 0 = no match, -1 = the filter's classid) ----
@@ -281,8 +299,11 @@ def _root_qdisc(ipr: Any, ifindex: int) -> tuple[str, int] | None:
     return None
 
 
-def _set_default_rate(ipr: Any, ifindex: int, link_mbit: float) -> None:
-    reserved = reserved_mbit(read_classes(ipr, ifindex))
+def _set_default_rate(ipr: Any, ifindex: int, link_mbit: float, reserved: float | None = None) -> None:
+    """The default class gets what the reservations leave (`reserved`: their total,
+    read from the kernel when not given)."""
+    if reserved is None:
+        reserved = reserved_mbit(read_classes(ipr, ifindex))
     rate = default_class_rate_mbit(link_mbit, reserved)
     ipr.tc("change-class", "htb", ifindex, ROOT_HANDLE | DEFAULT_MINOR, parent=ROOT_HANDLE | ROOT_MINOR,
            rate=f"{rate_bytes(rate) * 8}bit", ceil=f"{rate_bytes(link_mbit) * 8}bit",
@@ -409,8 +430,8 @@ class _Root:
         if self.entry is not None:
             self.entry.update(classes=[{"classid": c, "filters": f} for c, f in self.journaled_classes.items()])
 
-    def next_minor(self) -> int:
-        taken = self.minors | {c.classid & 0xFFFF for c in read_classes(self.ipr, self.ifindex)}
+    def next_minor(self, classes: list[NetworkClass]) -> int:
+        taken = self.minors | {c.classid & 0xFFFF for c in classes}
         for minor in range(FIRST_MINOR, LAST_MINOR + 1):
             if minor not in taken:
                 return minor
@@ -528,7 +549,7 @@ class NetworkBandwidthStrategy(AllocationStrategy):
                     raise AllocationError(f"NETWORK_BANDWIDTH is unavailable: {self.unavailable_reason}")
                 try:
                     self._monitor = NetworkMonitor(**self._options)
-                except NetworkUnavailable as exc:
+                except (NetworkUnavailable, ValueError) as exc:
                     raise AllocationError(f"NETWORK_BANDWIDTH is unavailable: {exc}") from exc
                 self._own_monitor = True
             return self._monitor
@@ -608,9 +629,10 @@ class NetworkBandwidthStrategy(AllocationStrategy):
 
     def _add_class(self, root: _Root, amount: float) -> NetworkGrant:
         with root.lock:
-            check_fits(root.link_mbit, self.monitor().headroom_fraction,
-                       reserved_mbit(read_classes(root.ipr, root.ifindex)), amount)
-            minor = root.next_minor()
+            classes = read_classes(root.ipr, root.ifindex)  # every owner's: the kernel's word
+            reserved = reserved_mbit(classes)
+            check_fits(root.link_mbit, self.monitor().headroom_fraction, reserved, amount)
+            minor = root.next_minor(classes)
             classid = ROOT_HANDLE | minor
             root.minors.add(minor)
             root.journaled_classes[classid] = [minor]
@@ -621,7 +643,7 @@ class NetworkBandwidthStrategy(AllocationStrategy):
                             rate=f"{rate_bytes(amount) * 8}bit", ceil=f"{rate_bytes(root.link_mbit) * 8}bit",
                             burst=burst_bytes(amount), cburst=burst_bytes(root.link_mbit))
                 self._add_filter(root, grant, minor, "mark", grant.mark)
-                _set_default_rate(root.ipr, root.ifindex, root.link_mbit)
+                _set_default_rate(root.ipr, root.ifindex, root.link_mbit, reserved + amount)
             except BaseException as exc:
                 self._remove_class(root, grant)
                 if isinstance(exc, (AllocationError, ValueError)):
