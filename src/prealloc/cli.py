@@ -3,6 +3,7 @@
     prealloc demo [--scale S] [--seed N] [--rounds R] [--lock] [--json] [-q] [-v]
     prealloc recover [--dir DIR] [--json]
     prealloc record --name NAME [--seconds S] [--dir DIR] [--method M] [--root DIR]... -- CMD ARGS...
+    prealloc check-config FILE
 
 Subcommands are argparse subparsers, each registered by a ``_add_<name>`` function
 that sets ``func`` (the handler, returning the exit status). Exit status: 0 on
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(subparsers)
     _add_recover(subparsers)
     _add_record(subparsers)
+    _add_check_config(subparsers)
     return parser
 
 
@@ -321,6 +323,38 @@ def _run_record(args: argparse.Namespace) -> int:
     else:
         print(f"recorded {len(profile.files)} files ({profile.total_bytes / (1 << 20):.1f} MiB) "
               f"with {profile.method} into {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# check-config
+
+
+def _add_check_config(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "check-config", help="validate a configuration (or rules) TOML file",
+        description="Loads FILE as a PreallocatorConfig (prealloc.config_file; a file of [[rule]] only is "
+                    "checked as a rules file) and prints OK, or every problem found, each naming its key, "
+                    "on stderr with exit status 1.")
+    parser.add_argument("file", metavar="FILE", help="the TOML file")
+    _add_verbose(parser, argparse.SUPPRESS)
+    parser.set_defaults(func=_run_check_config)
+
+
+def _run_check_config(args: argparse.Namespace) -> int:
+    from . import config_file
+
+    errors = config_file.check_file(args.file)
+    if errors:
+        for error in errors:
+            print(f"{args.file}: {error}", file=sys.stderr)
+        return 1
+    document = config_file.read_toml(args.file)
+    if set(document) == {"rule"}:
+        count = len(document["rule"])
+        print(f"OK: {args.file}: rules file, {count} rule{'s' if count != 1 else ''}")
+    else:
+        print(f"OK: {args.file}: configuration")
     return 0
 
 
