@@ -1077,13 +1077,10 @@ cdef class EngineCore:
                     # the spec's revert: a release that failed leaves the allocation as it was,
                     # with its expiry (a timer that fired meanwhile found it RELEASING)
                     back = PA_STATUS_ACTIVE if rec.active_ns else PA_STATUS_ALLOCATED
-                    pa_table_transition(table, record_id, _BIT_RELEASING, back, NULL)
-                    if back == PA_STATUS_ALLOCATED and rec.expires_ns:
-                        if rec.timer:
-                            pa_ticker_cancel(self._ticker._ticker, rec.timer)
-                        rc = pa_ticker_schedule(self._ticker._ticker, record_id, rec.expires_ns, NULL)
-                        if rc != 0 and rc != -ENOENT and rc != -EEXIST:
-                            _check(rc, "pa_ticker_schedule")
+                    rc = pa_ticker_revert(self._ticker._ticker, record_id, back)
+                    if rc != 0 and rc != -EAGAIN:
+                        self._log.error("re-arming the expiry of %d after a failed release: %s", record_id,
+                                        os.strerror(-rc))
                     return False
                 # an expiry cannot be undone: the strategy keeps what it could not give back
             pa_table_get(table, record_id, &rec)

@@ -112,6 +112,7 @@ cdef extern from "prealloc/prealloc.h" nogil:
     int pa_ticker_stop(pa_ticker_t *ticker)
     int pa_ticker_schedule(pa_ticker_t *ticker, pa_id_t record, uint64_t deadline_ns, pa_timer_id_t *out)
     int pa_ticker_cancel(pa_ticker_t *ticker, pa_timer_id_t timer)
+    int pa_ticker_revert(pa_ticker_t *ticker, pa_id_t record, pa_status_t to)
     size_t pa_ticker_advance(pa_ticker_t *ticker, uint64_t now_ns)
     int pa_ticker_eventfd(const pa_ticker_t *ticker)
     size_t pa_ticker_drain(pa_ticker_t *ticker, pa_id_t *out, size_t max)

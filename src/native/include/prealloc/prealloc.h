@@ -10,6 +10,9 @@
  *   pq.h        lock-free MPMC priority queue of requests
  *   memory.h    memory reservation (mmap, populate, mlock, THP, memfd)
  *   affinity.h  CPU affinity and the core reservation registry
+ *   pagecache.h page-cache warming, pinning and residency (readahead, MADV_POPULATE_READ,
+ *               cachestat / mincore)
+ *   disk.h      disk space reservation (fallocate) and I/O priority (ioprio_set)
  */
 #ifndef PREALLOC_PREALLOC_H
 #define PREALLOC_PREALLOC_H
@@ -20,5 +23,7 @@
 #include "pq.h"
 #include "memory.h"
 #include "affinity.h"
+#include "pagecache.h"
+#include "disk.h"
 
 #endif /* PREALLOC_PREALLOC_H */
