@@ -138,6 +138,18 @@ def test_unavailable_without_cap_net_admin_says_why_and_the_host_still_starts(tm
     strategy.close()
 
 
+def test_make_network_strategy_raises_the_reason_where_it_cannot_work(tmp_path):
+    from prealloc.monitors.network import NetworkUnavailable
+    from prealloc.strategies.network import make_network_strategy
+
+    # loopback never has a link rate: without pyroute2 / CAP_NET_ADMIN that is the reason
+    # given, else the unknown rate
+    with pytest.raises(NetworkUnavailable) as caught:
+        make_network_strategy(interface="lo", journal=Journal(tmp_path / "j"))
+    reason = network_unavailable_reason()
+    assert caught.value.reason == reason if reason else "link rate of lo is unknown" in caught.value.reason
+
+
 def test_the_journal_knows_the_kind():
     assert JOURNAL_KIND_TC_HTB == KIND_TC_HTB
 

@@ -324,6 +324,8 @@ def test_monitor_reads_link_rate_counters_and_classes(pair, journal):
     strategy.release(grant.handle)
     strategy.close()
     monitor.close()
+    with NetworkMonitor(destination=pair.addr_b, netns=pair.a, link_rate_mbit=10) as routed:
+        assert routed.interface == "va"  # the interface routing to the destination
 
 
 def test_claim_marks_the_consumers_sockets_and_uid_match_classifies(pair, journal):
@@ -339,6 +341,27 @@ def test_claim_marks_the_consumers_sockets_and_uid_match_classifies(pair, journa
     sent = [line for line in pair.tc("-s", "class", "show", "dev", "va").split("class htb ")
             if line.startswith("7061:10 ")]
     assert sent and int(sent[0].split("Sent ")[1].split()[0]) > 1 << 20
+    strategy.release(grant.handle)
+    assert "7061" not in pair.qdisc_show()
+    strategy.close()
+
+
+def test_cgroup_match_classifies_the_target_process_traffic(pair, journal):
+    from prealloc.strategies.network import cgroup_v2_dir_of
+
+    try:
+        cgroup_v2_dir_of(os.getpid())
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    strategy = strategy_for(pair, journal)
+    req = ResourceRequest(ResourceType.NETWORK_BANDWIDTH, 20, metadata=RequestMetadata(
+        target_process_id=os.getpid(), custom_properties={"match": "cgroup"}))
+    grant = strategy.allocate(req, 20, None)
+    assert any(m.startswith("cgroup ") for m in strategy.describe(grant.handle)["matched"])
+    assert any(m.startswith("cgroup ") for m in strategy.claim(grant.handle, os.getpid()).matched)
+    measure_flows(pair, [None], warmup=0.1, window=0.3)  # unmarked: only our cgroup selects the class
+    [sent] = class_bytes(pair, "7061:10")()
+    assert sent > 1 << 20
     strategy.release(grant.handle)
     assert "7061" not in pair.qdisc_show()
     strategy.close()
