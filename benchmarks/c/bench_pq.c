@@ -42,6 +42,26 @@
 #include "bench_util.h"
 #include "prealloc/pq.h"
 
+/* Built with -DPA_PQ_STATS (and pq.c with it, see README): after each pq run, the
+ * contention counters per operation. */
+#ifdef PA_PQ_STATS
+void pa__pq_stats(uint64_t *out, bool reset);
+static void print_stats(const char *what, double ops) {
+    uint64_t s[6];
+    pa__pq_stats(s, true);
+    printf("    stats %s: per op: level-0 insert CAS failures %.4f, upper-level CAS failures %.4f, lost claims "
+           "%.4f, cuts %.4f (failed %.4f), nodes walked by pops %.2f\n",
+           what, s[0] / ops, s[1] / ops, s[2] / ops, s[3] / ops, s[4] / ops, s[5] / ops);
+}
+static void reset_stats(void) {
+    uint64_t s[6];
+    pa__pq_stats(s, true);
+}
+#else
+static void print_stats(const char *what, double ops) { (void)what, (void)ops; }
+static void reset_stats(void) {}
+#endif
+
 /* ---- the baselines: a binary heap keyed exactly like the queue ---- */
 
 static inline uint64_t enc_asc(double d) {
@@ -367,7 +387,9 @@ static void bench_split(const long *sizes, int nsizes, long ops, long reps, long
         long empty[KINDS] = {0};
         for (long r = 0; r < nr; r++)
             for (int k = 0; k < KINDS; k++) {
+                if (r == nr - 1) reset_stats(); /* the stats cover the last repetition */
                 rate[k][r] = split_once(&impls[kinds[k]], qs[k], ops, failures, &empty[k]);
+                if (kinds[k] >= 2 && r == nr - 1) print_stats("split", 2.0 * (double)ops);
                 ratio[k][r] = rate[k][r] / rate[0][r];
             }
         for (int k = 0; k < KINDS; k++) {
@@ -548,7 +570,9 @@ int main(int argc, char **argv) {
             for (long r = 0; r < n; r++) {
                 for (size_t k = 0; k < NIMPL; k++) {
                     if (k > 0 && only && !strstr(impls[k].name, only)) continue;
+                    if (r == n - 1) reset_stats(); /* the stats cover the last repetition */
                     rates[k][r] = run_once(&impls[k], qs[k], (int)threads[ti], ops, &failures);
+                    if (k >= 2 && r == n - 1) print_stats(impls[k].name, (double)ops * (double)threads[ti]);
                     ratios[k][r] = rates[k][r] / rates[0][r];
                 }
             }

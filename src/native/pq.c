@@ -149,6 +149,21 @@ enum { ST_PENDING = 0, ST_QUEUED = 1, ST_TAKEN = 2, ST_CANCELLED = 3, ST_DEAD = 
 #define PQ_ASSERT_LIVE(n) ((void)0)
 #endif
 
+/* Contention counters, compiled in only with PA_PQ_STATS (bench_pq's stats build): CAS
+ * failures by site, lost claims, walk lengths. Read with pa__pq_stats. */
+enum { PQS_INSERT0_FAIL, PQS_INSERTUP_FAIL, PQS_CLAIM_LOST, PQS_CUT_OK, PQS_CUT_FAIL, PQS_WALK_STEPS, PQS_COUNT };
+#ifdef PA_PQ_STATS
+static _Atomic uint64_t pq_stats[PQS_COUNT];
+#define PQ_STAT(k, v) pa__fetch_add_relaxed(&pq_stats[k], (v))
+void pa__pq_stats(uint64_t *out, bool reset);
+void pa__pq_stats(uint64_t *out, bool reset) {
+    for (int k = 0; k < PQS_COUNT; k++)
+        out[k] = reset ? atomic_exchange_explicit(&pq_stats[k], 0, memory_order_relaxed) : pa__load_relaxed(&pq_stats[k]);
+}
+#else
+#define PQ_STAT(k, v) ((void)0)
+#endif
+
 /* Test hooks (white-box tests compile this file with them defined): PQ_INSERT_HOOK runs
  * in an insert just before the CAS that links level i >= 1; PQ_TEST_LEVEL(cap), when it
  * yields a non-zero height, replaces the random tower height. */
@@ -708,6 +723,7 @@ static void skiplist_insert(pa_pq_t *pq, pq_node_t *n, unsigned levels) {
         /* release: publishes n (key, value, state, next0, inserting) to every acquire load
          * of this link: searches, delete-min's walk and fetch-or */
         if (pa__cas_strong_acq_rel(&preds[0]->next0, &expected, (uintptr_t)n)) break;
+        PQ_STAT(PQS_INSERT0_FAIL, 1);
     }
     for (int i = 1; i < height;) {
         if (del != NULL && succs[i] == del) {
@@ -732,8 +748,10 @@ static void skiplist_insert(pa_pq_t *pq, pq_node_t *n, unsigned levels) {
         if (pa__cas_strong_acq_rel(&preds[i]->up[i - 1], &expected, (uintptr_t)n)) {
             i++;
         } else if (is_marked(expected)) {
+            PQ_STAT(PQS_INSERTUP_FAIL, 1);
             break; /* restructure froze the predecessor's link: the tower ends here */
         } else {
+            PQ_STAT(PQS_INSERTUP_FAIL, 1);
             del = locate_preds(pq, n->key, top_index, preds, succs);
             if (succs[0] != n) break; /* n was deleted meanwhile */
         }
@@ -827,6 +845,7 @@ static size_t skiplist_take(pq_op_t *op, size_t max, pa_pq_item_t *items, uint64
                 }
                 continue;
             }
+            PQ_STAT(PQS_CLAIM_LOST, 1); /* we tried and another consumer won */
         }
         /* y was claimed by another consumer */
         if (indexed) (void)resolve_taken(op, y);
@@ -835,12 +854,14 @@ static size_t skiplist_take(pq_op_t *op, size_t max, pa_pq_item_t *items, uint64
     /* unindexed: every claim is ours; one size update for the walk instead of one locked
      * add per item (the size is exact only when no operation is in flight anyway) */
     if (!indexed && taken) size_add(op, -(int64_t)taken);
+    PQ_STAT(PQS_WALK_STEPS, offset);
     if (!newhead) newhead = x;
     if (offset >= PQ_BOUND_OFFSET && is_marked(obs_head) && newhead != unmark(obs_head)) {
         uintptr_t expected = obs_head;
         /* acq_rel: the cut. Succeeds only if no other consumer cut since we read obs_head,
          * so the nodes from obs_head to newhead are exactly the ones we walked. */
         if (pa__cas_strong_acq_rel(&head->next0, &expected, (uintptr_t)newhead | MARK)) {
+            PQ_STAT(PQS_CUT_OK, 1);
             restructure(pq);
             pq_node_t *cur = unmark(obs_head);
             while (cur != newhead) {
@@ -849,6 +870,8 @@ static size_t skiplist_take(pq_op_t *op, size_t max, pa_pq_item_t *items, uint64
                 node_release(op, cur);
                 cur = next;
             }
+        } else {
+            PQ_STAT(PQS_CUT_FAIL, 1);
         }
     }
     return taken;
