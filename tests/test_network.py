@@ -92,6 +92,21 @@ def test_planned_amount_refuses_what_is_not_a_rate(tmp_path):
         strategy.planned_amount(ResourceRequest(ResourceType.NETWORK_BANDWIDTH, 5), 0)
 
 
+def test_request_properties_are_checked_before_anything_is_made(tmp_path):
+    strategy = NetworkBandwidthStrategy("lo", link_rate_mbit=1000, journal=Journal(tmp_path / "j"))
+    for props, name in [({"match": "nfmark"}, "match"), ({"uid": -1}, "uid"), ({"uid": "root"}, "uid"),
+                        ({"cgroup": "/no/such/cgroup"}, "cgroup"), ({"sockets": [1.5]}, "sockets"),
+                        ({"uid": 0, "cgroup": str(tmp_path)}, "not both")]:
+        req = ResourceRequest(ResourceType.NETWORK_BANDWIDTH, 5)
+        req.metadata.custom_properties = props
+        with pytest.raises(ValueError, match=name):
+            strategy.allocate(req, 5, None)
+    with pytest.raises(ValueError, match="amount"):
+        strategy.allocate(ResourceRequest(ResourceType.NETWORK_BANDWIDTH, 5), -5, None)
+    assert not (tmp_path / "j").exists()  # nothing journaled, so nothing made
+    strategy.close()
+
+
 def _instructions(program: bytes) -> list[tuple[int, int, int, int]]:
     return [struct.unpack("=BBhi", program[i:i + 8]) for i in range(0, len(program), 8)]
 

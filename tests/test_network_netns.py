@@ -272,6 +272,16 @@ def test_reservation_never_exceeds_link_less_headroom_and_adjust_keeps_it(pair, 
     strategy.close()
 
 
+def test_nothing_is_changed_when_the_journal_cannot_be_written(pair, tmp_path):
+    (tmp_path / "file").write_text("")
+    before = pair.qdisc_show()
+    strategy = strategy_for(pair, Journal(tmp_path / "file" / "journal"))  # a directory under a file
+    with pytest.raises(AllocationError, match="cannot journal"):
+        strategy.allocate(request(10), 10, None)
+    assert pair.qdisc_show() == before
+    strategy.close()
+
+
 def test_two_strategies_in_one_process_share_the_root(pair, journal):
     before = pair.qdisc_show()
     one, two = strategy_for(pair, journal), strategy_for(pair, journal)

@@ -396,14 +396,20 @@ class _Root:
         current = _root_qdisc(self.ipr, self.ifindex)
         self.previous = current
         if current is not None and current[0] == "htb" and current[1] == ROOT_HANDLE:
-            self._journal()
+            try:
+                self._journal()
+            except OSError as exc:
+                raise AllocationError(f"cannot journal the change to {self.ifname} before making it: {exc}") from exc
             return
         if current is not None and current[1] != 0:
             kind, handle = current
             raise AllocationError(
                 f"{self.ifname} has a root qdisc {kind} {handle >> 16:x}: that someone configured; prealloc does not "
                 f"replace it (it could not put its settings back); remove it or shape with it")
-        self._journal()
+        try:
+            self._journal()
+        except OSError as exc:
+            raise AllocationError(f"cannot journal the change to {self.ifname} before making it: {exc}") from exc
         link = self.link_mbit
         try:
             self.ipr.tc("add", "htb", self.ifindex, ROOT_HANDLE, default=DEFAULT_MINOR)
@@ -426,9 +432,18 @@ class _Root:
                                          ifindex=self.ifindex, ifname=self.ifname, link_mbit=self.link_mbit,
                                          previous=previous, classes=[])
 
-    def journal_classes(self) -> None:
-        if self.entry is not None:
+    def journal_classes(self, *, after_removal: bool = False) -> None:
+        """Rewrites the entry's class list. OSError when it cannot be written — except
+        after a removal, where the entry naming a class that is gone is only logged
+        (recovery finds nothing to delete under that id, unless it was reused since)."""
+        if self.entry is None:
+            return
+        try:
             self.entry.update(classes=[{"classid": c, "filters": f} for c, f in self.journaled_classes.items()])
+        except OSError as exc:
+            if not after_removal:
+                raise
+            log.warning("prealloc: the journal entry %s could not be updated after a removal: %s", self.entry.path, exc)
 
     def next_minor(self, classes: list[NetworkClass]) -> int:
         taken = self.minors | {c.classid & 0xFFFF for c in classes}
@@ -602,6 +617,8 @@ class NetworkBandwidthStrategy(AllocationStrategy):
             raise ValueError(f"custom_properties['uid'] must be a uid (an int >= 0), not {uid!r}")
         if cgroup is not None and (not isinstance(cgroup, (str, os.PathLike)) or not os.path.isdir(cgroup)):
             raise ValueError(f"custom_properties['cgroup'] must be a cgroup v2 directory, not {cgroup!r}")
+        if uid is not None and cgroup is not None:
+            raise ValueError("custom_properties: give one of 'uid' and 'cgroup', not both")
         sockets = props.get("sockets", [])
         if not isinstance(sockets, (list, tuple)) or not all(isinstance(s, (socket.socket, int)) for s in sockets):
             raise ValueError("custom_properties['sockets'] must be a list of sockets or socket fds")
@@ -617,7 +634,7 @@ class NetworkBandwidthStrategy(AllocationStrategy):
             if cgroup is not None:
                 self._add_match(grant, "cgroup", cgroup_v2_id(os.fspath(cgroup)))
             target = request.metadata.target_process_id
-            if target is not None and match != "mark":
+            if target is not None and match != "mark" and uid is None and cgroup is None:
                 self._match_process(grant, target)
         except BaseException:
             if grant is not None:
@@ -636,9 +653,9 @@ class NetworkBandwidthStrategy(AllocationStrategy):
             classid = ROOT_HANDLE | minor
             root.minors.add(minor)
             root.journaled_classes[classid] = [minor]
-            root.journal_classes()  # before the change: a crash now leaves an entry, not an orphan
             grant = NetworkGrant(root, classid, self.mark_base | minor, amount)
             try:
+                root.journal_classes()  # before the change: a crash now leaves an entry, not an orphan
                 root.ipr.tc("add-class", "htb", root.ifindex, classid, parent=ROOT_HANDLE | ROOT_MINOR,
                             rate=f"{rate_bytes(amount) * 8}bit", ceil=f"{rate_bytes(root.link_mbit) * 8}bit",
                             burst=burst_bytes(amount), cburst=burst_bytes(root.link_mbit))
@@ -680,13 +697,13 @@ class NetworkBandwidthStrategy(AllocationStrategy):
             if prio in grant.filters:
                 raise AllocationError(f"the allocation already matches {grant.filters[prio]}")
             root.journaled_classes[grant.classid].append(prio)
-            root.journal_classes()
             try:
+                root.journal_classes()
                 self._add_filter(root, grant, prio, match, value)
             except BaseException as exc:
                 _delete_filter(root.ipr, root.ifindex, prio)
                 root.journaled_classes[grant.classid].remove(prio)
-                root.journal_classes()
+                root.journal_classes(after_removal=True)
                 if isinstance(exc, (AllocationError, ValueError)):
                     raise
                 raise AllocationError(f"adding the {match} filter on {root.ifname} failed: {exc}") from exc
@@ -704,7 +721,7 @@ class NetworkBandwidthStrategy(AllocationStrategy):
         _delete_class(root.ipr, root.ifindex, grant.classid)
         root.journaled_classes.pop(grant.classid, None)
         root.minors.discard(grant.classid & 0xFFFF)
-        root.journal_classes()
+        root.journal_classes(after_removal=True)
         grant.filters.clear()
 
     def claim(self, handle: NetworkGrant, target_process_id: int | None = None) -> NetworkClaim:
