@@ -307,7 +307,17 @@ static void pq_thread_exit(void *arg) {
     t->registered = false;
 }
 
-static void pq_make_key(void) { pq_key_ok = pthread_key_create(&pq_key, pq_thread_exit) == 0; }
+/* fork: only the forking thread exists in the child, so only its stripe stays owned (the
+ * parent's other threads would otherwise hold theirs forever there). Runs before fork()
+ * returns in the child, on its only thread. */
+static void pq_fork_child(void) {
+    pa__store_relaxed(&pq_stripes_owned, tls_pq.exclusive ? 1u << tls_pq.shard : 0u);
+}
+
+static void pq_make_key(void) {
+    pq_key_ok = pthread_key_create(&pq_key, pq_thread_exit) == 0;
+    (void)pthread_atfork(NULL, NULL, pq_fork_child); /* ENOMEM: children share stripes */
+}
 
 static bool cache_register(pq_thread_t *t);
 

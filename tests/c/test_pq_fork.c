@@ -1,0 +1,90 @@
+/*
+ * test_pq_fork.c — white-box test of the queue's per-thread size stripes across fork():
+ * this file compiles src/native/pq.c itself (public functions renamed, as
+ * test_pq_retire.c does).
+ *
+ * Each live thread owns one of PQ_SIZE_SHARDS size stripes (its size updates are then
+ * plain stores). The parent here keeps every stripe owned by live threads and forks: in
+ * the child those threads do not exist, so their stripes must be free again — a new
+ * thread there gets one of its own (without the atfork handler it would share the locked
+ * stripe forever) and the child's queue still counts exactly.
+ */
+#define _GNU_SOURCE
+#include <math.h>
+#include <pthread.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define pa_pq_create wf_pq_create
+#define pa_pq_destroy wf_pq_destroy
+#define pa_pq_push wf_pq_push
+#define pa_pq_push_many wf_pq_push_many
+#define pa_pq_pop wf_pq_pop
+#define pa_pq_pop_many wf_pq_pop_many
+#define pa_pq_pop_items wf_pq_pop_items
+#define pa_pq_peek wf_pq_peek
+#define pa_pq_cancel wf_pq_cancel
+#define pa_pq_size wf_pq_size
+#include "../../src/native/pq.c"
+
+#include "pa_test.h"
+
+static pa_pq_t *the_pq;
+static pthread_barrier_t started, release_them;
+
+static void *holder(void *arg) {
+    (void)wf_pq_push(the_pq, (uint64_t)(uintptr_t)arg, 1.0, 1.0, NAN); /* claims a stripe */
+    pthread_barrier_wait(&started);
+    pthread_barrier_wait(&release_them);
+    return NULL;
+}
+
+static void *child_thread(void *arg) {
+    pa_pq_item_t it;
+    for (int i = 0; i < 100; i++) (void)wf_pq_push(the_pq, 1000 + (uint64_t)i, 2.0, 1.0, NAN);
+    for (int i = 0; i < 50; i++) (void)wf_pq_pop(the_pq, &it);
+    *(int *)arg = tls_pq.exclusive ? 1 : 0;
+    return NULL;
+}
+
+static void test_child_gets_the_stripes_of_threads_it_does_not_have(void) {
+    enum { HOLDERS = PQ_SIZE_SHARDS };
+    REQUIRE(wf_pq_create(0, &the_pq) == 0);
+    pthread_barrier_init(&started, NULL, HOLDERS + 1);
+    pthread_barrier_init(&release_them, NULL, HOLDERS + 1);
+    pthread_t th[HOLDERS];
+    for (int i = 0; i < HOLDERS; i++) REQUIRE(pthread_create(&th[i], NULL, holder, (void *)(uintptr_t)(i + 1)) == 0);
+    pthread_barrier_wait(&started);
+    CHECK_EQ_INT(pa__load_relaxed(&pq_stripes_owned), (1u << PQ_SIZE_SHARDS) - 1); /* all taken */
+    CHECK_EQ_INT(wf_pq_size(the_pq), HOLDERS);
+
+    fflush(NULL);
+    pid_t pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        alarm(30);
+        int code = 0, exclusive = -1;
+        pthread_t t;
+        if (pthread_create(&t, NULL, child_thread, &exclusive) != 0) _exit(10);
+        pthread_join(t, NULL);
+        if (exclusive != 1) code |= 1;                  /* got a stripe of its own */
+        if (wf_pq_size(the_pq) != HOLDERS + 50) code |= 2; /* and the count is exact */
+        _exit(code);
+    }
+    int status = 0;
+    CHECK(waitpid(pid, &status, 0) == pid);
+    CHECK(WIFEXITED(status));
+    CHECK_EQ_INT(WIFEXITED(status) ? WEXITSTATUS(status) : -1, 0);
+
+    pthread_barrier_wait(&release_them);
+    for (int i = 0; i < HOLDERS; i++) pthread_join(th[i], NULL);
+    /* the holders exited: their stripes are free again here too */
+    CHECK_EQ_INT(pa__load_relaxed(&pq_stripes_owned), 0);
+    CHECK_EQ_INT(wf_pq_size(the_pq), HOLDERS);
+    wf_pq_destroy(the_pq);
+}
+
+int main(void) {
+    RUN_TEST(test_child_gets_the_stripes_of_threads_it_does_not_have);
+    TEST_MAIN_END();
+}
