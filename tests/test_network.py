@@ -165,6 +165,22 @@ def test_make_network_strategy_raises_the_reason_where_it_cannot_work(tmp_path):
     assert caught.value.reason == reason if reason else "link rate of lo is unknown" in caught.value.reason
 
 
+def test_mark_socket_sets_so_mark_where_permitted_and_leaves_the_fd_open():
+    import socket
+
+    from prealloc.strategies.network import NetworkClaim
+
+    claim = NetworkClaim("lo", None, "7061:10", 0x70610010, 10.0, 100.0, ["mark 0x70610010 (bpf)"])
+    with socket.socket() as sock:
+        if not (has_capability(12) or has_capability(13)):  # CAP_NET_ADMIN, or CAP_NET_RAW on >= 5.17
+            with pytest.raises(PermissionError):
+                claim.mark_socket(sock)
+            return
+        claim.mark_socket(sock.fileno())  # an fd: marked, and still the caller's
+        assert sock.getsockopt(socket.SOL_SOCKET, 36) == 0x70610010
+        os.fstat(sock.fileno())
+
+
 def test_the_journal_knows_the_kind():
     assert JOURNAL_KIND_TC_HTB == KIND_TC_HTB
 

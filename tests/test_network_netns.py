@@ -436,6 +436,17 @@ time.sleep(60)
 """
 
 
+def test_a_host_that_exits_without_releasing_leaves_nothing(pair, tmp_path):
+    before = pair.qdisc_show()
+    directory = tmp_path / "journal"
+    script = HOST.replace('print("ready", flush=True)\ntime.sleep(60)', 'print("ready", flush=True)')
+    done = subprocess.run([sys.executable, "-c", script, pair.a, str(directory)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ready", done.stderr
+    assert pair.qdisc_show() == before
+    assert list(directory.iterdir()) == []
+
+
 def test_recovery_removes_what_a_sigkilled_host_left(pair, tmp_path):
     before = pair.qdisc_show()
     directory = tmp_path / "journal"

@@ -57,6 +57,7 @@ unavailable: it is still made (a host starts), and allocate fails with the reaso
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import errno
 import logging
@@ -389,6 +390,7 @@ class _Root:
         self.mark_classifier: str | None = None  # "fw" or "bpf", found at the first mark filter
         self.ipr = open_netlink(netns)
         self.previous: tuple[str, int] | None = None
+        self.closed = False  # removed at exit (or by the last release): handles of it are inert
 
     def install(self) -> None:
         """Installs the root and its two classes, or adopts ours if it is there already
@@ -460,6 +462,7 @@ class _Root:
     def close(self) -> None:
         """The last allocation of this process is gone: the root goes if nobody else's
         class is left under it."""
+        self.closed = True
         try:
             _delete_root_if_unused(self.ipr, self.ifindex)
             if _root_qdisc(self.ipr, self.ifindex) == ("htb", ROOT_HANDLE):
@@ -471,6 +474,38 @@ class _Root:
 
 _roots: dict[tuple[int, int], _Root] = {}
 _roots_lock = threading.Lock()
+
+
+def _forget_inherited_roots() -> None:
+    """In a forked child: the parent's roots, classes and journal entries are the
+    parent's (the child would otherwise remove them at its exit)."""
+    global _roots_lock
+    _roots.clear()
+    _roots_lock = threading.Lock()  # it may have been held by another thread at the fork
+
+
+def _remove_roots_at_exit() -> None:
+    """At interpreter exit, what allocations never released (an allocator not closed)
+    is removed as recovery would: classes, then the root if nobody else's class is left.
+    (SIGKILL skips this; recovery is for that.)"""
+    with _roots_lock:
+        roots = list(_roots.values())
+        _roots.clear()
+    for root in roots:
+        try:
+            with root.lock:
+                for classid, prios in list(root.journaled_classes.items()):
+                    for prio in prios:
+                        _delete_filter(root.ipr, root.ifindex, prio)
+                    _delete_class(root.ipr, root.ifindex, classid)
+                root.journaled_classes.clear()
+                root.close()
+        except Exception:  # exit goes on; the journal entry stays for recovery
+            log.warning("prealloc: removing the HTB classes on %s at exit failed", root.ifname, exc_info=True)
+
+
+os.register_at_fork(after_in_child=_forget_inherited_roots)
+atexit.register(_remove_roots_at_exit)
 
 
 # -- the strategy -------------------------------------------------------------------------
@@ -593,7 +628,7 @@ class NetworkBandwidthStrategy(AllocationStrategy):
     def _release_root(root: _Root) -> None:
         with _roots_lock:
             root.users -= 1
-            if root.users > 0:
+            if root.users > 0 or root.closed:
                 return
             del _roots[root.key]
             with root.lock:
@@ -738,7 +773,7 @@ class NetworkBandwidthStrategy(AllocationStrategy):
         check_rate_mbit("new_amount", new_amount)
         root = handle.root
         with handle.lock, root.lock:
-            if handle.released:
+            if handle.released or root.closed:
                 raise AllocationError("the allocation was released")
             reserved = reserved_mbit(read_classes(root.ipr, root.ifindex)) - handle.rate_mbit
             check_fits(root.link_mbit, self.monitor().headroom_fraction, max(0.0, reserved), new_amount)
@@ -757,6 +792,8 @@ class NetworkBandwidthStrategy(AllocationStrategy):
         root = handle.root
         try:
             with root.lock:
+                if root.closed:
+                    return None  # removed at exit already
                 self._remove_class(root, handle)
                 _set_default_rate(root.ipr, root.ifindex, root.link_mbit)
         finally:
@@ -769,7 +806,7 @@ class NetworkBandwidthStrategy(AllocationStrategy):
                                  "mark": handle.mark, "requested_mbit": handle.rate_mbit,
                                  "ceil_mbit": root.link_mbit, "matched": sorted(handle.filters.values()),
                                  "egress_only": True}
-        if not handle.released:
+        if not handle.released and not root.closed:
             with root.lock:
                 found = [c for c in read_classes(root.ipr, root.ifindex) if c.classid == handle.classid]
             if found:
