@@ -40,9 +40,12 @@
  * length), capped at one level above the levels in use (Pugh), and searches start at the
  * highest non-empty level of head's tower; PQ_BOUND_OFFSET = 8 (the walk over the deleted
  * prefix is the bulk of a pop; 4..32 made no measurable difference at 2 threads). Freed
- * nodes go to a per-thread cache by tower height, so steady-state push/pop does not call
- * malloc; the size is a striped counter (one line per stripe), so it is not a shared hot
- * line.
+ * nodes go to a per-thread cache by tower height and, when that is full, to a depot shared
+ * by all threads, so steady-state push/pop does not call malloc even when one thread
+ * pushes and another pops; the size is a striped counter, one stripe (and line) owned by
+ * each thread, so it is neither a shared hot line nor a locked add. A batch push sorts
+ * each chunk by key before inserting it (each search then follows the previous one's
+ * cached path). Costs per operation, measured with cachegrind: benchmarks/README.md.
  *
  * Cancellation (PA_PQ_INDEXED)
  * ----------------------------
