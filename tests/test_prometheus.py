@@ -108,3 +108,17 @@ def test_closed_allocators_are_skipped_and_bad_arguments_refused(allocator):
         PreallocCollector(object())
     with pytest.raises(ValueError):
         PreallocCollector(allocator, namespace="bad name")
+
+
+def test_counters_with_different_labels_on_two_allocators_keep_their_labels(allocator):
+    other = ResourcePreallocator(allocation_strategies={CUSTOM: ExplodingStrategy(CUSTOM)})
+    try:
+        allocator.metrics.record_metric("custom_thing", 2, kind="a")
+        other.metrics.record_metric("custom_thing", 5, place="b")
+        registry = CollectorRegistry()
+        PreallocCollector(allocator, other).register(registry)
+        samples = scrape(registry)
+        assert value(samples, "prealloc_metric_custom_thing_total", preallocator=allocator.id, kind="a") == 2
+        assert value(samples, "prealloc_metric_custom_thing_total", preallocator=other.id, place="b") == 5
+    finally:
+        other.close()

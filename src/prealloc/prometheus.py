@@ -102,9 +102,17 @@ class PreallocCollector:
                 families[full] = kind(full, doc, labels=list(labels), **kw)
             return families[full]
 
-        for allocator in self._allocators:
-            if getattr(allocator, "closed", False):
-                continue
+        open_allocators = [a for a in self._allocators if not getattr(a, "closed", False)]
+        # the MetricsCollector counters' label names, per metric, over every allocator: a
+        # family has one set of label names
+        snapshots = {id(a): a.metrics.snapshot() for a in open_allocators}
+        label_names: dict[str, list[str]] = {}
+        for snapshot in snapshots.values():
+            for name, series in snapshot.items():
+                names = set(label_names.get(name, ()))
+                names.update(str(k) for labels in series for k, _ in labels)
+                label_names[name] = sorted(names)
+        for allocator in open_allocators:
             pid = str(allocator.id)
             stats = allocator.get_statistics()
             counters = (
@@ -143,7 +151,7 @@ class PreallocCollector:
                 [pid], count_value=float(stats.successful_allocations),
                 sum_value=float(stats.average_allocation_time * stats.successful_allocations))
             self._collect_live(allocator, pid, family)
-            self._collect_metrics(allocator, pid, family)
+            self._collect_metrics(snapshots[id(allocator)], label_names, pid, family)
         yield from families.values()
 
     def _collect_live(self, allocator: Any, pid: str, family: Any) -> None:
@@ -165,18 +173,17 @@ class PreallocCollector:
                             ["preallocator", "type"] if with_type else ["preallocator"])
             metric.add_metric([pid, rtype.name] if with_type else [pid], held[rtype] * factor)
 
-    def _collect_metrics(self, allocator: Any, pid: str, family: Any) -> None:
-        snapshot = allocator.metrics.snapshot()
+    def _collect_metrics(self, snapshot: dict[str, Any], label_names: dict[str, list[str]], pid: str,
+                         family: Any) -> None:
         for name, series in sorted(snapshot.items()):
-            label_names = sorted({str(k) for labels in series for k, _ in labels})
-            clean = [_NAME_BAD.sub("_", n) for n in label_names]
-            if "preallocator" in clean:
-                clean = [c if c != "preallocator" else "preallocator_label" for c in clean]
+            names = label_names[name]
+            clean = [_NAME_BAD.sub("_", n) for n in names]
+            clean = [c if c != "preallocator" else "preallocator_label" for c in clean]
             metric = family(CounterMetricFamily, f"metric_{_metric_name(name)}",
                             f"MetricsCollector counter {name!r}", ["preallocator", *clean])
             for labels, value in series.items():
                 given = {str(k): "" if v is None else str(v) for k, v in labels}
-                metric.add_metric([pid, *(given.get(n, "") for n in label_names)], float(value))
+                metric.add_metric([pid, *(given.get(n, "") for n in names)], float(value))
 
 
 def register(*allocators: Any, registry: CollectorRegistry | None = None) -> PreallocCollector:
