@@ -216,7 +216,7 @@ def test_the_table_through_the_console_script():
     command = str(script) if script.exists() else shutil.which("prealloc")
     if command is None:
         pytest.skip("the prealloc console script is not installed")
-    result = run_cli("demo", "--scale", "0.25", "--rounds", "1", "--quiet", executable=[command])
+    result = run_cli("demo", "--scale", "0.1", "--rounds", "1", "--quiet", executable=[command])
     assert result.returncode == 0, result.stderr
     assert "round 1/1" not in result.stderr  # --quiet
     out = result.stdout
