@@ -184,3 +184,36 @@ def test_end_to_end_the_model_preallocates_the_next_need_and_learns_from_the_all
         assert pre.get_allocation(queued[0].allocation_id) is None
         assert all(a.status is not AllocationStatus.ALLOCATED or a.requested_amount == 4
                    for a in pre.allocations())
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_need = st.tuples(st.sampled_from(["a", "b", "c", None]), st.sampled_from([MEM, CPU]),
+                  st.floats(min_value=0.0, max_value=1e6, allow_nan=False))
+_step = st.one_of(st.tuples(st.just("need"), _need),
+                  st.tuples(st.just("outcome"), st.tuples(st.booleans(), st.sampled_from(
+                      ["released", "expired", "failed", "cancelled"]))),
+                  st.tuples(st.just("time"), st.floats(min_value=0.0, max_value=50.0)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_step, max_size=80))
+def test_any_sequence_keeps_the_model_bounded_and_its_predictions_valid(steps):
+    clock = Clock()
+    model = MarkovPredictor(clock=clock, max_states=6, max_outstanding=5, min_confidence=0.2, horizon=10.0)
+    emitted = []
+    for kind, arg in steps:
+        if kind == "need":
+            for p in model.observe(*arg):
+                p.validate()
+                assert 0.2 <= p.confidence <= 1.0 and p.predicted_value >= 0
+                assert p.type in (prediction_type(MEM), prediction_type(CPU))
+                emitted.append(p)
+        elif kind == "outcome" and emitted:
+            p = emitted.pop(0)
+            model.update_model(Outcome(p.id, used=arg[0], used_amount=p.predicted_value, reason=arg[1]))
+        elif kind == "time":
+            clock.now += arg
+        assert len(model) <= 6 and len(model._outstanding) <= 5
+        assert len(model._pending_targets) <= len(model._outstanding)
+        assert all(set(row.weights) <= set(model._rows) for row in model._rows.values())
