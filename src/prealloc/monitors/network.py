@@ -21,6 +21,7 @@ Needs ``pyroute2`` (``pip install "prealloc[net]"``); reading needs no privilege
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import threading
@@ -99,7 +100,48 @@ def open_netlink(netns: str | None) -> Any:
         raise ValueError(f"netns must be a network namespace name (under /run/netns), not {netns!r}")
     if not os.path.exists(f"/run/netns/{netns}"):
         raise ValueError(f"netns {netns!r}: no /run/netns/{netns}")
-    return IPRoute(netns=netns)
+    import pyroute2
+    if _version_tuple(getattr(pyroute2, "__version__", "0")) >= (0, 9):
+        return IPRoute(netns=netns)  # a socket of that namespace, in this process
+    # Before 0.9, NetNS is a proxy to a forked helper, where descriptors we pass (an eBPF
+    # program's) name nothing: the socket is made instead on a thread that joined the
+    # namespace (setns moves only the calling thread; a socket keeps its namespace).
+    made: list[Any] = []
+
+    def make() -> None:
+        try:
+            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc().setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns into netns {netns!r}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            made.append(IPRoute())
+        except BaseException as exc:  # handed to the caller's thread
+            made.append(exc)
+
+    thread = threading.Thread(target=make, name=f"prealloc-netns-{netns}")
+    thread.start()
+    thread.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def _libc() -> Any:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True, slots=True)
