@@ -328,6 +328,7 @@ def test_the_conclusion_says_when_preallocation_loses_to_the_plain_path():
     assert f"loses to the plain path for {small}" in text and "glibc" in text and large not in text.split(
         "loses to the plain path for")[1]
     assert "n=4 needs" in text and "on this machine overall" not in text
+    assert "the p99 rests on the 2 largest samples" in text  # ranks floor(0.99 x 3) = 2 and 3 of 0..3
     report.variants[PLAIN] = _result(PLAIN, {small: [0.2, 0.3], large: [0.2, 0.3]})
     assert "loses to the plain path on this machine overall" in report.conclusion()
 
