@@ -331,6 +331,15 @@ def test_monitor_reads_link_rate_counters_and_classes(pair, journal):
     assert snap2.tx_bytes > snap.tx_bytes and snap2.tx_mbit is not None and snap2.tx_mbit > 0
     sent = [c.bytes_sent for c in snap2.classes if c.classid == grant.handle.classid]
     assert sent and sent[0] > 1 << 20  # the marked flow went through its class
+    # a UDP burst far over the default class's queue (1000 packets): the overflow is counted
+    flood = pair.socket_in(pair.a, socket.SOCK_DGRAM)
+    flood.setsockopt(socket.SOL_SOCKET, 32, 64 << 20)  # SO_SNDBUFFORCE: the socket must not hold it back
+    for _ in range(4000):
+        flood.sendto(b"\0" * 1400, (pair.addr_b, 9))
+    flood.close()
+    snap3 = monitor.snapshot()
+    assert snap3.qdisc_drops > snap2.qdisc_drops
+    assert [c.drops for c in snap3.classes if c.classid & 0xFFFF == 0xFFFF][0] > 0
     strategy.release(grant.handle)
     strategy.close()
     monitor.close()

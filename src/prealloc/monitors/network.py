@@ -175,6 +175,7 @@ class NetworkSnapshot:
     rx_mbit: float | None
     qdiscs: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, handle, parent)
     classes: list[NetworkClass] = field(default_factory=list)  # under prealloc's root
+    qdisc_drops: int = 0  # packets the qdiscs dropped (queue full), summed over them
 
     @property
     def reserved_mbit(self) -> float:
@@ -203,6 +204,12 @@ def _htb_rates(message: Any) -> tuple[float, float]:
     return rate / BYTES_PER_MBIT, ceil / BYTES_PER_MBIT
 
 
+def _drops(message: Any) -> int:
+    stats = message.get_attr("TCA_STATS2")
+    queue = stats.get_attr("TCA_STATS_QUEUE") if stats is not None else None
+    return int(queue["drops"]) if queue is not None else 0
+
+
 def read_classes(ipr: Any, ifindex: int) -> list[NetworkClass]:
     """The HTB classes under prealloc's root on ifindex (empty without the root)."""
     found = []
@@ -210,16 +217,10 @@ def read_classes(ipr: Any, ifindex: int) -> list[NetworkClass]:
         if message["handle"] >> 16 != PREALLOC_TC_MAJOR or message.get_attr("TCA_KIND") != "htb":
             continue
         rate, ceil = _htb_rates(message)
-        basic = message.get_attr("TCA_STATS2")
-        sent = packets = drops = 0
-        if basic is not None:
-            b = basic.get_attr("TCA_STATS_BASIC")
-            q = basic.get_attr("TCA_STATS_QUEUE")
-            if b is not None:
-                sent, packets = b["bytes"], b["packets"]
-            if q is not None:
-                drops = q["drops"]
-        found.append(NetworkClass(message["handle"], message["parent"], rate, ceil, sent, packets, drops))
+        stats = message.get_attr("TCA_STATS2")
+        basic = stats.get_attr("TCA_STATS_BASIC") if stats is not None else None
+        sent, packets = (basic["bytes"], basic["packets"]) if basic is not None else (0, 0)
+        found.append(NetworkClass(message["handle"], message["parent"], rate, ceil, sent, packets, _drops(message)))
     return found
 
 
@@ -299,8 +300,9 @@ class NetworkMonitor(ResourceMonitor):
         rate, source = self.link_rate()
         with self._ipr_lock:
             link = self._ipr.get_links(self.ifindex)[0]
-            qdiscs = [(q.get_attr("TCA_KIND"), _handle(q["handle"]), _handle(q["parent"]))
-                      for q in self._ipr.get_qdiscs(self.ifindex)]
+            qdisc_messages = list(self._ipr.get_qdiscs(self.ifindex))
+            qdiscs = [(q.get_attr("TCA_KIND"), _handle(q["handle"]), _handle(q["parent"])) for q in qdisc_messages]
+            qdisc_drops = sum(_drops(q) for q in qdisc_messages)
             classes = read_classes(self._ipr, self.ifindex)
         stats = link.get_attr("IFLA_STATS64")
         now = time.monotonic()
@@ -311,7 +313,8 @@ class NetworkMonitor(ResourceMonitor):
             elapsed = now - previous[0]
             tx_mbit = max(0, tx - previous[1]) * 8 / 1e6 / elapsed
             rx_mbit = max(0, rx - previous[2]) * 8 / 1e6 / elapsed
-        return NetworkSnapshot(self.interface, rate, source, tx, rx, dropped, tx_mbit, rx_mbit, qdiscs, classes)
+        return NetworkSnapshot(self.interface, rate, source, tx, rx, dropped, tx_mbit, rx_mbit, qdiscs, classes,
+                               qdisc_drops)
 
     def _sample(self, resource_type: ResourceType) -> ResourceAvailability:
         snap = self.snapshot()
