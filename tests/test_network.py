@@ -30,6 +30,7 @@ from prealloc.strategies.network import (
     check_fits,
     default_class_rate_mbit,
     has_capability,
+    htb_class,
     network_unavailable_reason,
     rate_bytes,
     undo_tc_entry,
@@ -41,6 +42,9 @@ def test_rates_convert_to_the_kernels_bytes_per_second():
     assert rate_bytes(60) == 7_500_000  # tc's 60mbit
     assert rate_bytes(0.000001) == 1  # HTB needs a rate > 0
     assert burst_bytes(100) == 12_500 + 1600  # one 1 ms tick of the rate plus an MTU, as tc computes it
+    assert htb_class(60, 100) == {"rate": "60000000bit", "ceil": "100000000bit", "burst": 9100, "cburst": 14100,
+                                  "quantum": 200_000}  # 750 kB capped
+    assert htb_class(1, 100)["quantum"] == 12_500 and htb_class(0.01, 1)["quantum"] == 1600
     assert default_class_rate_mbit(100, 60) == 40
     assert default_class_rate_mbit(100, 100) == 0.1
 

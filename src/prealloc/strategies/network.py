@@ -118,6 +118,16 @@ def burst_bytes(mbit: float) -> int:
     return rate_bytes(mbit) // 1000 + MTU_BYTES
 
 
+def htb_class(rate_mbit: float, ceil_mbit: float) -> dict[str, Any]:
+    """pyroute2's arguments for an HTB class: rate and ceil in bit/s, tc's default
+    bursts, and a quantum (bytes a class sends per turn when classes borrow) of a tenth
+    of a second's worth of its rate as the kernel would compute — but capped at 200 kB,
+    where the kernel would warn and cap it itself."""
+    return {"rate": f"{rate_bytes(rate_mbit) * 8}bit", "ceil": f"{rate_bytes(ceil_mbit) * 8}bit",
+            "burst": burst_bytes(rate_mbit), "cburst": burst_bytes(ceil_mbit),
+            "quantum": min(200_000, max(MTU_BYTES, rate_bytes(rate_mbit) // 10))}
+
+
 def default_class_rate_mbit(link_mbit: float, reserved: float) -> float:
     """The default class's guarantee: what the reservations leave (at least 0.1 Mbit/s,
     HTB needs a rate)."""
@@ -307,8 +317,7 @@ def _set_default_rate(ipr: Any, ifindex: int, link_mbit: float, reserved: float 
         reserved = reserved_mbit(read_classes(ipr, ifindex))
     rate = default_class_rate_mbit(link_mbit, reserved)
     ipr.tc("change-class", "htb", ifindex, ROOT_HANDLE | DEFAULT_MINOR, parent=ROOT_HANDLE | ROOT_MINOR,
-           rate=f"{rate_bytes(rate) * 8}bit", ceil=f"{rate_bytes(link_mbit) * 8}bit",
-           burst=burst_bytes(rate), cburst=burst_bytes(link_mbit))
+           **htb_class(rate, link_mbit))
 
 
 def _delete_root_if_unused(ipr: Any, ifindex: int) -> bool:
@@ -416,11 +425,9 @@ class _Root:
         try:
             self.ipr.tc("add", "htb", self.ifindex, ROOT_HANDLE, default=DEFAULT_MINOR)
             self.ipr.tc("add-class", "htb", self.ifindex, ROOT_HANDLE | ROOT_MINOR, parent=ROOT_HANDLE,
-                        rate=f"{rate_bytes(link) * 8}bit", ceil=f"{rate_bytes(link) * 8}bit",
-                        burst=burst_bytes(link), cburst=burst_bytes(link))
+                        **htb_class(link, link))
             self.ipr.tc("add-class", "htb", self.ifindex, ROOT_HANDLE | DEFAULT_MINOR,
-                        parent=ROOT_HANDLE | ROOT_MINOR, rate=f"{rate_bytes(link) * 8}bit",
-                        ceil=f"{rate_bytes(link) * 8}bit", burst=burst_bytes(link), cburst=burst_bytes(link))
+                        parent=ROOT_HANDLE | ROOT_MINOR, **htb_class(link, link))
         except Exception as exc:
             _delete_root_if_unused(self.ipr, self.ifindex)
             self._forget()
@@ -692,8 +699,7 @@ class NetworkBandwidthStrategy(AllocationStrategy):
             try:
                 root.journal_classes()  # before the change: a crash now leaves an entry, not an orphan
                 root.ipr.tc("add-class", "htb", root.ifindex, classid, parent=ROOT_HANDLE | ROOT_MINOR,
-                            rate=f"{rate_bytes(amount) * 8}bit", ceil=f"{rate_bytes(root.link_mbit) * 8}bit",
-                            burst=burst_bytes(amount), cburst=burst_bytes(root.link_mbit))
+                            **htb_class(amount, root.link_mbit))
                 self._add_filter(root, grant, minor, "mark", grant.mark)
                 _set_default_rate(root.ipr, root.ifindex, root.link_mbit, reserved + amount)
             except BaseException as exc:
@@ -778,8 +784,7 @@ class NetworkBandwidthStrategy(AllocationStrategy):
             reserved = reserved_mbit(read_classes(root.ipr, root.ifindex)) - handle.rate_mbit
             check_fits(root.link_mbit, self.monitor().headroom_fraction, max(0.0, reserved), new_amount)
             root.ipr.tc("change-class", "htb", root.ifindex, handle.classid, parent=ROOT_HANDLE | ROOT_MINOR,
-                        rate=f"{rate_bytes(new_amount) * 8}bit", ceil=f"{rate_bytes(root.link_mbit) * 8}bit",
-                        burst=burst_bytes(new_amount), cburst=burst_bytes(root.link_mbit))
+                        **htb_class(new_amount, root.link_mbit))
             handle.rate_mbit = float(new_amount)
             _set_default_rate(root.ipr, root.ifindex, root.link_mbit)
         return float(new_amount)
