@@ -274,3 +274,21 @@ def test_bad_input_is_refused_at_the_call():
     with pytest.raises(TypeError):
         AsyncPreallocator(object())
     run(main())
+
+
+def test_a_bounded_event_stream_drops_the_oldest_and_counts_them():
+    allocator = ResourcePreallocator(allocation_strategies={CUSTOM: GatedStrategy(100)})
+
+    async def main():
+        async with AsyncPreallocator(allocator) as pre:
+            async with pre.events("resource:allocated", maxsize=2) as stream:
+                made = [allocator.request_preallocation(ResourceRequest(CUSTOM, 1)) for _ in range(5)]
+                for _ in range(5):
+                    await asyncio.sleep(0)  # the call_soon_threadsafe deliveries run
+                assert stream.dropped == 3
+                got = [await stream.__anext__(), await stream.__anext__()]
+                assert [snap.allocation_id for _, snap in got] == [m.allocation_id for m in made[3:]]
+            with pytest.raises(ValueError):
+                pre.events(maxsize=-1)
+
+    run(main())

@@ -28,7 +28,9 @@ Where each call's work runs (never on the loop when it may be slow):
   one), as every queued request does.
 * ``acquire``: a hit (an allocation ready for the need) is claimed on the loop (cheap:
   no allocation). A matching request queued through this face and still PENDING is
-  awaited (readiness fd) and then claimed. A miss allocates at need: the engine does
+  awaited (readiness fd) and then claimed. (Only those: a request queued by a predictor
+  wired into the allocator's config is not seen — the engine's snapshots do not carry
+  the application — so a need that comes while it is PENDING is a miss.) A miss allocates at need: the engine does
   that synchronously on the calling thread (``_acquire_at_need``, booked as a miss, out
   of the hit rate), and it has no queued equivalent — queueing it through the worker
   would book it as a preallocation — so it runs on this face's small executor. That
