@@ -217,3 +217,19 @@ def test_any_sequence_keeps_the_model_bounded_and_its_predictions_valid(steps):
         assert len(model) <= 6 and len(model._outstanding) <= 5
         assert len(model._pending_targets) <= len(model._outstanding)
         assert all(set(row.weights) <= set(model._rows) for row in model._rows.values())
+
+
+def test_it_is_a_predictor_as_the_engine_defines_one():
+    import prealloc.types
+
+    protocol = getattr(prealloc.types, "Predictor", None)
+    if protocol is None:
+        pytest.skip("this engine defines no Predictor protocol yet")
+    assert isinstance(MarkovPredictor(), protocol)
+    outcome_type = getattr(prealloc.types, "PredictionOutcome", None)
+    if outcome_type is not None:  # the engine's own outcome object is accepted as is
+        model, _ = trained()
+        [p] = model.observe("browser", MEM, 64)
+        model.update_model(outcome_type(prediction_id=p.id, resource_type=MEM, predicted_amount=512.0,
+                                        used_amount=512.0, used=True, reason="released", allocation_id=1))
+        assert model.outcomes["released"] == 1
