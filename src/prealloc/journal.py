@@ -9,8 +9,9 @@ here, and undoing it deletes the entry.
 
 One format for every kind: a JSON object with
 
-- ``kind``: what to undo — ``"affinity"``, ``"ioprio"``, ``"reserve_file"`` or
-  ``"cgroup_weight"``;
+- ``kind``: what to undo — ``"affinity"``, ``"ioprio"``, ``"reserve_file"``,
+  ``"cgroup_weight"`` or ``"tc_htb"`` (HTB classes and filters; its fields and undo are
+  prealloc.strategies.network's);
 - ``owner``: ``{"pid", "start"}`` of the process that made it (start time in clock ticks
   since boot, /proc/PID/stat field 22, so a reused pid is never taken for the owner);
 - the kind's own fields: for ``affinity`` and ``ioprio`` the target ``{"pid", "start"}``,
