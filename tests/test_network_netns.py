@@ -300,6 +300,33 @@ def test_two_strategies_in_one_process_share_the_root(pair, journal):
     two.close()
 
 
+def test_threads_allocating_and_releasing_at_once_leave_nothing(pair, journal):
+    before = pair.qdisc_show()
+    strategies = [strategy_for(pair, journal), strategy_for(pair, journal)]
+    errors: list[BaseException] = []
+    held: list[int] = []
+
+    def work(strategy: NetworkBandwidthStrategy) -> None:
+        try:
+            for _ in range(5):
+                grant = strategy.allocate(request(10), 10, None)
+                held.append(grant.handle.classid)
+                strategy.release(grant.handle)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(strategies[i % 2],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(held) == 20
+    assert pair.qdisc_show() == before
+    assert list(journal.directory.iterdir()) == []
+    for strategy in strategies:
+        strategy.close()
+
+
 def test_a_root_someone_configured_is_not_replaced(pair, journal):
     pair.tc("qdisc", "add", "dev", "va", "root", "handle", "1:", "htb", "default", "1")
     pair.tc("class", "add", "dev", "va", "parent", "1:", "classid", "1:1", "htb", "rate", "7mbit")
