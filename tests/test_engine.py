@@ -215,7 +215,7 @@ def test_unsupported_type_fails_clearly_without_a_crash():
         pre.on("failed", failures.append)
         (rid,) = pre.handle_prediction(prediction())
         wait_until(lambda: failures)
-        assert failures[0].failure_reason == "no strategy for GPU"
+        assert failures[0].failure_reason.startswith("no strategy for GPU")
         assert pre.get_allocation(rid) is None
 
 

@@ -30,6 +30,9 @@ class EngineModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         gc.collect()
+        # a collection then walks only what this example makes, not hypothesis's own
+        # objects (that walk was most of the test's time)
+        gc.freeze()
         self.base_rss, self.base_lck = vm_rss(), vm_lck()
         self.pre = ResourcePreallocator(translator=None, allocation_strategies={
             MEM: MemoryAllocationStrategy(lock=True), CUSTOM: NullAllocationStrategy()})
@@ -125,6 +128,7 @@ class EngineModel(RuleBasedStateMachine):
         assert stats.claimed >= sum(1 for e in self.live.values() if e["status"] is AllocationStatus.ACTIVE)
 
     def teardown(self):
+        gc.unfreeze()
         self.pre.close()
         self.views.clear()
         self.claims.clear()

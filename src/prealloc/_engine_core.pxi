@@ -1193,6 +1193,7 @@ cdef class EngineCore:
                 if rec.allocated_ns == 0:  # never allocated: a request dropped at its deadline
                     request = self._end_pending(&rec, "failed")
                     self._failed += 1
+                    rec.status = PA_STATUS_FAILED  # what it is to the caller: it never got its resource
                     reason = "deadline passed before the resource was available"
                     snapshot = self._snapshot_of(&rec, None, reason, None)
                     self._forget_ids(ids[i])
