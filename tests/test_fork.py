@@ -16,6 +16,8 @@ reports what it saw on stdout as JSON.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -24,12 +26,18 @@ HANG_DETECTOR_S = 60
 
 
 def run_script(source: str) -> dict:
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(source)],
-        capture_output=True, text=True, timeout=HANG_DETECTOR_S,
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    # A session of its own, so that a hang kills the forked grandchildren too (a plain
+    # timeout kills only the direct child and leaves a hung grandchild behind).
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(source)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=HANG_DETECTOR_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"the script hung for {HANG_DETECTOR_S} s")
+    assert proc.returncode == 0, stderr
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 TICKER_PRELUDE = """
