@@ -16,7 +16,7 @@ Reported per way: need-to-usable latency (p50, p90, p99, mean), need hit rate (n
 served by an allocation ready before the need), resource hit rate (preallocations used),
 MEMORY waste rate (unused MiB x s over held MiB x s), preallocations made.
 
-    python benchmarks/bench_predict.py [--needs N] [--rounds R] [--seed S]
+    python benchmarks/bench_predict.py [--needs N] [--rounds R] [--seed S] [--habit P]
 """
 from __future__ import annotations
 
@@ -43,12 +43,12 @@ GAP = 0.04
 HOLD = 0.005
 
 
-def workload(n: int, seed: int) -> list[tuple[str, float]]:
+def workload(n: int, seed: int, habit: float = P_HABIT) -> list[tuple[str, float]]:
     rng = random.Random(seed)
     state, out = 0, []
     for _ in range(n):
         out.append(NEEDS[state])
-        if rng.random() < P_HABIT:
+        if rng.random() < habit:
             state = SUCCESSOR[state]
         else:
             state = rng.choice([i for i in range(len(NEEDS)) if i != SUCCESSOR[state]])
@@ -87,10 +87,11 @@ def main() -> None:
     parser.add_argument("--needs", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--habit", type=float, default=P_HABIT, help="probability of the usual successor")
     args = parser.parse_args()
     results: dict[str, list[dict[str, float]]] = {"markov": [], "reactive": []}
     for round_index in range(args.rounds):
-        needs = workload(args.needs, args.seed + round_index)
+        needs = workload(args.needs, args.seed + round_index, args.habit)
         ways = ["markov", "reactive"] if round_index % 2 == 0 else ["reactive", "markov"]
         for way in ways:
             strategy = MemoryAllocationStrategy(populate=True)
@@ -104,7 +105,7 @@ def main() -> None:
                 with ReactiveResourceAllocator(allocation_strategies={MEM: strategy}, headroom={}) as allocator:
                     results[way].append(replay(allocator, None, needs))
     keys = list(results["markov"][0])
-    print(f"{'':22s} {'markov':>10s} {'reactive':>10s}   (median over {args.rounds} rounds of {args.needs} needs)")
+    print(f"{'':22s} {'markov':>10s} {'reactive':>10s}   (median over {args.rounds} rounds of {args.needs} needs, habit {args.habit})")
     for key in keys:
         m = statistics.median(r[key] for r in results["markov"])
         r = statistics.median(r[key] for r in results["reactive"])
