@@ -292,3 +292,41 @@ def test_a_bounded_event_stream_drops_the_oldest_and_counts_them():
                 pre.events(maxsize=-1)
 
     run(main())
+
+
+def test_a_connected_predictor_queues_through_the_face_and_still_learns():
+    from prealloc.predict import MarkovPredictor
+
+    from engine_util import wait_until
+
+    model = MarkovPredictor(min_confidence=0.5)
+    for _ in range(4):
+        model.observe("browser", CUSTOM, 4)
+        model.observe("editor", CUSTOM, 6)
+    model.horizon = 0.0  # what training predicted (no allocator yet) lapses at the next observe
+    gate = GatedStrategy(capacity=10)
+    allocator = ResourcePreallocator(translator=model.translator(types=[CUSTOM], duration=60),
+                                     predictor=model, allocation_strategies={CUSTOM: gate})
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        async with AsyncPreallocator(allocator) as pre:
+            pre.connect(model)
+            assert not isinstance(allocator.config.predictor, MarkovPredictor)  # the face queues now
+            holder = allocator.request_preallocation(ResourceRequest(CUSTOM, 8))
+            model.observe("browser", CUSTOM, 4)  # predicts editor's 6: queued, waiting for room
+            assert len(allocator) == 2
+            need = asyncio.ensure_future(pre.acquire(CUSTOM, 6, target_application="editor"))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert not need.done()  # it waits for the predicted request instead of missing
+            allocator.release_allocation(holder.allocation_id)
+            claim = await need
+            assert claim.preallocated and gate.held == 6
+            await pre.release(claim)
+            # the allocator told the model how its prediction's request ended
+            await loop.run_in_executor(None, wait_until, lambda: model.outcomes["released"] == 1)
+            pre.disconnect()
+            assert allocator.config.predictor is None
+
+    run(main())

@@ -30,7 +30,10 @@ Where each call's work runs (never on the loop when it may be slow):
   no allocation). A matching request queued through this face and still PENDING is
   awaited (readiness fd) and then claimed. (Only those: a request queued by a predictor
   wired into the allocator's config is not seen — the engine's snapshots do not carry
-  the application — so a need that comes while it is PENDING is a miss.) A miss allocates at need: the engine does
+  the application — so a need that comes while it is PENDING is a miss. Connect the
+  predictor to the face instead, ``face.connect(predictor)``: its predictions are then
+  queued through the face, and the allocator still reports outcomes to its
+  ``update_model``.) A miss allocates at need: the engine does
   that synchronously on the calling thread (``_acquire_at_need``, booked as a miss, out
   of the hit rate), and it has no queued equivalent — queueing it through the worker
   would book it as a preallocation — so it runs on this face's small executor. That
@@ -368,6 +371,9 @@ class AsyncPreallocator:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
+        self._predictor: Any = None
+        self._predictor_loop: asyncio.AbstractEventLoop | None = None
+        self._predictor_thread = 0
 
     # ------------------------------------------------------------------ plumbing
     def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
@@ -573,6 +579,64 @@ class AsyncPreallocator:
         result: bool = await self._off_loop(claim.release, feedback)
         return result
 
+    # ------------------------------------------------------------------ a predictor
+    def connect(self, predictor: Any) -> None:
+        """Takes predictor's 'prediction:generated' predictions through this face (so
+        acquire waits for their requests), in place of the allocator's own
+        subscription; the allocator still calls its ``update_model`` with every
+        outcome. Call it from the loop. A prediction emitted on the loop's thread (an
+        ``observe`` in a coroutine) is queued before the emit returns; one emitted on
+        another thread is handed to the loop."""
+        self._check_open()
+        if not callable(getattr(predictor, "on", None)) or not callable(getattr(predictor, "off", None)):
+            raise TypeError(f"predictor must have on and off, not {type(predictor).__name__}")
+        self.disconnect()
+        update = getattr(predictor, "update_model", None)
+        self.allocator.initialize(predictor=_LearnOnly(update) if callable(update) else None)
+        self._predictor_loop = asyncio.get_running_loop()
+        self._predictor_thread = threading.get_ident()
+        predictor.on("prediction:generated", self._on_prediction)
+        self._predictor = predictor
+
+    def disconnect(self) -> None:
+        """Undoes connect (the allocator is left with no predictor)."""
+        predictor, self._predictor = self._predictor, None
+        if predictor is None:
+            return
+        predictor.off("prediction:generated", self._on_prediction)
+        if not self.allocator.closed:
+            self.allocator.initialize(predictor=None)
+
+    def _on_prediction(self, prediction: Prediction) -> None:
+        loop = self._predictor_loop
+        if loop is None or self.allocator.closed:
+            return
+        if threading.get_ident() == self._predictor_thread and not self.allocator.config.immediate_processing:
+            self._queue_tracked(prediction)
+        else:
+            try:
+                loop.call_soon_threadsafe(self._queue_soon, prediction)
+            except RuntimeError:  # the loop closed
+                pass
+
+    def _queue_soon(self, prediction: Prediction) -> None:
+        if self.allocator.config.immediate_processing:
+            asyncio.ensure_future(self.handle_prediction(prediction))
+        else:
+            self._queue_tracked(prediction)
+
+    def _queue_tracked(self, prediction: Prediction) -> None:
+        if self.allocator.closed:
+            return
+        handle = getattr(self.allocator, "handle_prediction")
+        ids = handle(prediction)
+        if ids:
+            reader = _readiness_for(self.allocator)
+            for allocation_id in ids:
+                snapshot = self.allocator.get_allocation(allocation_id)
+                if snapshot is not None and snapshot.status is AllocationStatus.PENDING:
+                    reader.track(allocation_id, snapshot.resource_type, prediction.target_application)
+
     # ------------------------------------------------------------------ events
     def events(self, *names: str, maxsize: int = 0) -> EventStream:
         """An async iterator of (name, payload) for the given events (all of them when
@@ -587,6 +651,7 @@ class AsyncPreallocator:
     async def aclose(self) -> None:
         """Ends the event streams, stops the readiness reader, shuts the executor down
         (waiting for what it runs, off the loop) and closes the allocator if owned."""
+        self.disconnect()
         for stream in list(self._streams):
             stream.close()
         with _readers_lock:
@@ -615,6 +680,16 @@ class AsyncPreallocator:
 
     def get_allocation(self, allocation_id: int) -> ResourceAllocation | None:
         return self.allocator.get_allocation(allocation_id)
+
+
+class _LearnOnly:
+    """What the allocator is given as its predictor when a face takes the predictions:
+    update_model only (without ``on`` the allocator subscribes to nothing)."""
+
+    __slots__ = ("update_model",)
+
+    def __init__(self, update_model: Any) -> None:
+        self.update_model = update_model
 
 
 def _release_abandoned(job: concurrent.futures.Future[Claim]) -> None:
