@@ -861,7 +861,7 @@ cdef class EngineCore:
         ready = self._ready.get(_ready_key(rec.resource_type, rec.owner))
         if ready is not None:
             ready.pop(allocation_id, None)
-            if not ready:
+            if not ready and rec.owner:  # an application's index goes with it (owner 0 stays)
                 del self._ready[_ready_key(rec.resource_type, rec.owner)]
         self._claimed += 1
         return True
@@ -1094,7 +1094,7 @@ cdef class EngineCore:
         ready = self._ready.get(key)
         if ready is not None:
             ready.pop(record_id, None)
-            if not ready:
+            if not ready and rec.owner:
                 del self._ready[key]
         origin = self._origins.pop(record_id, None) if self._origins else None
         history = self._usage.pop(record_id, None) if self._usage else None
