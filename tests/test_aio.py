@@ -330,3 +330,25 @@ def test_a_connected_predictor_queues_through_the_face_and_still_learns():
             assert allocator.config.predictor is None
 
     run(main())
+
+
+def test_cancel_while_the_worker_is_allocating_gives_the_resource_back():
+    from engine_util import wait_until
+
+    slow = HeldStrategy()
+    allocator = ResourcePreallocator(allocation_strategies={CUSTOM: slow})
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        async with AsyncPreallocator(allocator) as pre:
+            task = asyncio.ensure_future(pre.request_preallocation(ResourceRequest(CUSTOM, 3)))
+            assert await loop.run_in_executor(None, slow.entered.wait, LIMIT)  # the worker is inside allocate
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            slow.proceed.set()  # the allocation completes for a request that was withdrawn ...
+            await loop.run_in_executor(None, wait_until, lambda: slow.released)
+            assert slow.held == 0 and len(allocator) == 0  # ... and the strategy gave it back
+            assert slow.threads[0] != threading.get_ident()
+
+    run(main())
