@@ -19,6 +19,7 @@ from .engine import (
     CustomResourceAllocator,
     DiskIOOptimizer,
     MemoryPreallocator,
+    NetworkBandwidthManager,
     PreallocatorConfig,
     ResourceAllocator,
     ResourcePreallocator,
@@ -59,7 +60,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveSizer", "AllocationError", "AllocationFeedback", "AllocationStatus", "AllocationStrategy",
-    "Claim", "CpuAllocationStrategy", "CpuSchedulerEnhancer", "CustomResourceAllocator", "DiskIOOptimizer", "MemoryPreallocator",
+    "Claim", "CpuAllocationStrategy", "CpuSchedulerEnhancer", "CustomResourceAllocator", "DiskIOOptimizer", "MemoryPreallocator", "NetworkBandwidthManager",
     "register_strategy", "unregister_strategy", "EventEmitter", "EventEmitterProtocol", "Grant", "InsufficientResources", "MemoryAllocationStrategy",
     "MetricsCollector", "NullAllocationStrategy", "PreallocatorConfig", "PreallocatorStatistics", "Prediction",
     "PredictionOutcome", "PredictionType", "Predictor",

@@ -224,7 +224,8 @@ def _add_recover(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         description="Reads the side-effect journal (prealloc.journal) and, for every entry whose owner "
                     "process is dead, undoes it: each thread of a target that still has the CPU mask or "
                     "I/O priority the owner set gets its previous one back (threads changed by someone "
-                    "else since are left alone), and a reserve file the owner created is removed. "
+                    "else since are left alone), a reserve file the owner created is removed, and so "
+                    "are its traffic-control classes and filters (the last one takes its HTB root). "
                     "Entries of live owners are not touched. CPU and disk strategies do the same when "
                     "they start; this command is for operators and boot scripts.")
     parser.add_argument("--dir", default=None,
@@ -256,6 +257,9 @@ def _run_recover(args: argparse.Namespace) -> int:
         elif r.kind == journal.KIND_CGROUP_WEIGHT:
             print(f"cgroup weight {r.removed}: restored" if r.removed else
                   "cgroup weight: " + ("cgroup gone" if r.target_gone else "changed by someone else since; left alone"))
+        elif r.kind == journal.KIND_TC_HTB:
+            print(f"traffic control {r.removed}: removed" if r.removed else
+                  "traffic control: " + ("interface or namespace gone" if r.target_gone else "left alone"))
         elif r.target_gone:
             print(f"process {r.target_pid}: gone; entry removed")
         else:

@@ -349,14 +349,18 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
     def _default_strategies(self) -> dict[ResourceType, AllocationStrategy]:
         """Every built-in strategy this machine can run: MEMORY, CPU, CACHE_SPACE (page
         cache warming under the default roots), DISK_IO (space and I/O priority), GPU
-        (where NVML and a CUDA driver answer). One that cannot start here is left out
+        (where NVML and a CUDA driver answer), NETWORK_BANDWIDTH (HTB classes through
+        pyroute2, where it is installed and CAP_NET_ADMIN held). One that cannot start here is left out
         with its reason in ``unavailable`` (a request of that type then fails saying so)."""
         from .strategies import CacheSpaceStrategy, CpuAllocationStrategy, DiskStrategy, MemoryAllocationStrategy
 
         strategies: dict[ResourceType, AllocationStrategy] = {
             ResourceType.MEMORY: MemoryAllocationStrategy(), ResourceType.CPU: CpuAllocationStrategy()}
+        from .strategies.network import make_network_strategy
+
         for rtype, make in ((ResourceType.CACHE_SPACE, CacheSpaceStrategy), (ResourceType.DISK_IO, DiskStrategy),
-                            (ResourceType.GPU, self._make_gpu_strategy)):
+                            (ResourceType.GPU, self._make_gpu_strategy),
+                            (ResourceType.NETWORK_BANDWIDTH, make_network_strategy)):
             if rtype in self.unavailable:  # its monitor said why already
                 continue
             strategy = self._optional(rtype, make)
@@ -862,6 +866,24 @@ class DiskIOOptimizer(ResourcePreallocator):
         return {ResourceType.DISK_IO: DiskStrategy()}
 
 
+class NetworkBandwidthManager(ResourcePreallocator):
+    """A preallocator of egress bandwidth only (the spec's NetworkBandwidthManager): an
+    HTB class per predicted burst, its traffic matched by the socket mark handed over at
+    claim (or by uid / cgroup), everything else sharing the rest of the link."""
+
+    DEFAULT_NAME = "NetworkBandwidthManager"
+
+    def __init__(self, config: PreallocatorConfig | None = None, *, network_options: dict[str, Any] | None = None,
+                 **overrides: Any) -> None:
+        self._network_options = dict(network_options or {})
+        super().__init__(config, **overrides)
+
+    def _default_strategies(self) -> dict[ResourceType, AllocationStrategy]:
+        from .strategies.network import NetworkBandwidthStrategy
+
+        return {ResourceType.NETWORK_BANDWIDTH: NetworkBandwidthStrategy(**self._network_options)}
+
+
 class CustomResourceAllocator(ResourcePreallocator):
     """A preallocator whose strategies come from plugins (prealloc.plugins): the built-in
     MEMORY and CPU strategies, overridden and extended by every registered or installed
@@ -876,5 +898,5 @@ class CustomResourceAllocator(ResourcePreallocator):
 
 
 __all__ = ["AllocationError", "Claim", "CpuSchedulerEnhancer", "CustomResourceAllocator", "DiskIOOptimizer",
-           "MemoryPreallocator",
+           "MemoryPreallocator", "NetworkBandwidthManager",
            "PreallocatorConfig", "ResourceAllocator", "ResourcePreallocator"]
