@@ -28,6 +28,10 @@
 #endif
 #endif
 
+#if !defined(SKIP_REASON) && !defined(__GLIBC__)
+#define SKIP_REASON "not glibc (musl): no __libc_malloc to count the allocations through"
+#endif
+
 #ifndef SKIP_REASON
 static atomic_long mallocs;
 static atomic_int counting; /* set by the producer once warmed up */
