@@ -18,6 +18,7 @@ from prealloc import (
     ResourceRequest,
     ResourceType,
 )
+import prealloc.aio
 from prealloc.aio import AsyncPreallocator
 from engine_util import ExplodingStrategy, GatedStrategy, rules
 from osutil import vm_rss
@@ -87,6 +88,7 @@ def test_request_preallocation_runs_on_the_worker_and_the_memory_is_resident():
         assert allocator.closed  # owned by default
         assert not [t for t in threading.enumerate() if t.name.startswith("prealloc-aio-")]  # executor gone
         assert ready_fd not in asyncio.get_running_loop()._selector.get_map()  # the reader removed
+        assert allocator not in prealloc.aio._readers  # and its duplicate of the eventfd closed
 
     run(main())
 
@@ -350,5 +352,29 @@ def test_cancel_while_the_worker_is_allocating_gives_the_resource_back():
             await loop.run_in_executor(None, wait_until, lambda: slow.released)
             assert slow.held == 0 and len(allocator) == 0  # ... and the strategy gave it back
             assert slow.threads[0] != threading.get_ident()
+
+    run(main())
+
+
+def test_closing_the_allocator_under_a_waiting_coroutine_ends_the_wait():
+    gate = GatedStrategy(capacity=0)
+    allocator = ResourcePreallocator(allocation_strategies={CUSTOM: gate})
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        pre = AsyncPreallocator(allocator)
+        rid = allocator.submit(ResourceRequest(CUSTOM, 1))
+        waiting = asyncio.ensure_future(pre.wait_ready([rid]))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        await loop.run_in_executor(None, allocator.close)  # not through the face
+        # the close withdrew the request: the wait ends (True: it left PENDING) or says closed
+        try:
+            assert await asyncio.wait_for(waiting, LIMIT) is True
+        except RuntimeError as exc:
+            assert "closed" in str(exc)
+        await pre.aclose()
+        registered = set(loop._selector.get_map())
+        assert registered == {loop._ssock.fileno()}  # only the loop's own wake-up socket
 
     run(main())

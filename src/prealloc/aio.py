@@ -103,7 +103,11 @@ class _Readiness:
     def __init__(self, allocator: ResourceAllocator, loop: asyncio.AbstractEventLoop) -> None:
         self.allocator = allocator
         self.loop = loop
-        self.fd = allocator.readiness_fd()
+        # A duplicate of the allocator's eventfd: if the allocator is closed under the
+        # face, the signal its close writes still reaches this reader (the epoll
+        # registration lives while any descriptor of the file does), and the number the
+        # loop knows is not reused by an unrelated file until this reader lets it go.
+        self.fd = os.dup(allocator.readiness_fd())
         self.reading = False
         # id -> futures waiting for it to leave PENDING (a future may wait on several ids)
         self.waiters: dict[int, list[asyncio.Future[int]]] = {}
@@ -118,6 +122,8 @@ class _Readiness:
 
     # --- the reader
     def _want_reader(self) -> None:
+        if self.fd < 0:
+            raise RuntimeError("the allocator was closed")
         if not self.reading and (self.waiters or self.tracked):
             self.loop.add_reader(self.fd, self._on_readable)
             self.reading = True
@@ -129,6 +135,20 @@ class _Readiness:
             except (ValueError, OSError, RuntimeError):  # the loop or the fd closed meanwhile
                 pass
             self.reading = False
+
+    def _release_fd(self) -> None:
+        if self.reading:
+            try:
+                self.loop.remove_reader(self.fd)
+            except (ValueError, OSError, RuntimeError):  # the loop closed meanwhile
+                pass
+            self.reading = False
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        with _readers_lock:
+            if _readers.get(self.allocator) is self:
+                del _readers[self.allocator]
 
     def _on_readable(self) -> None:
         try:
@@ -142,6 +162,10 @@ class _Readiness:
 
     def scan(self) -> None:
         """Resolves the futures of ids that left PENDING, forgets tracked ids that did."""
+        if self.allocator.closed:  # closed under the face (aclose it first): end every wait
+            self._fail_all(RuntimeError("the allocator was closed"))
+            self._release_fd()
+            return
         ids = list(self.waiters.keys() | self.tracked.keys())
         if not ids:
             self._drop_reader_if_idle()
@@ -226,17 +250,20 @@ class _Readiness:
             self.allocator.off(FAILED, self._on_ending)
             self.allocator.off(EXPIRED, self._on_ending)
         self._listening = False
+        self._release_fd()
 
 
 # allocator -> its readiness reader (bound to one loop at a time)
 _readers: weakref.WeakKeyDictionary[ResourceAllocator, _Readiness] = weakref.WeakKeyDictionary()
-_readers_lock = threading.Lock()
+_readers_lock = threading.RLock()  # re-entered: a reader's close drops its entry
 
 
 def _readiness_for(allocator: ResourceAllocator) -> _Readiness:
     loop = asyncio.get_running_loop()
     with _readers_lock:
         reader = _readers.get(allocator)
+        if reader is not None and reader.fd < 0:
+            reader = None
         if reader is not None and reader.loop is not loop:
             if reader.loop.is_closed() or not (reader.waiters or reader.tracked):
                 reader.close()
