@@ -84,7 +84,7 @@ def test_request_preallocation_runs_on_the_worker_and_the_memory_is_resident():
             stats = pre.get_statistics()
             assert stats.needs == 1 and stats.needs_preallocated == 1
             assert pre._executor is not None  # the release ran on the face's executor
-            ready_fd = allocator.readiness_fd()
+            ready_fd = prealloc.aio._readers[allocator].fd  # the reader's duplicate of the eventfd
         assert allocator.closed  # owned by default
         assert not [t for t in threading.enumerate() if t.name.startswith("prealloc-aio-")]  # executor gone
         assert ready_fd not in asyncio.get_running_loop()._selector.get_map()  # the reader removed
