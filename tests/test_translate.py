@@ -548,3 +548,27 @@ def test_bad_observation_is_refused_and_changes_nothing(amount: float) -> None:
         sizer.observe(KEY, amount)
     assert sizer.observation_count(KEY) == 0
     assert sizer.snapshot() == {}
+
+
+def test_a_rules_file_nested_too_deeply_or_empty_is_refused(tmp_path):
+    deep = tmp_path / "deep.toml"
+    deep.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ValueError, match="deep|TOML"):
+        RuleTranslator.from_toml(deep)
+    empty = tmp_path / "empty.toml"
+    empty.write_text("# nothing here\n")
+    with pytest.raises(ValueError, match="no rules"):
+        RuleTranslator.from_toml(empty)
+
+
+def test_a_request_template_carries_the_strategys_options():
+    translator = RuleTranslator.from_dict({"rule": [{
+        "name": "warm", "match": {"type": "t"},
+        "request": [{"resource_type": "CACHE_SPACE", "need": 64,
+                     "properties": {"files": ["/usr/lib/*.so"], "max_mib": 64}}]}]})
+    (request,) = translator.translate(Prediction("p", "t", "v", 0.9, properties={"max_mib": 32}))
+    assert request.metadata.custom_properties == {"files": ["/usr/lib/*.so"], "max_mib": 32}
+    with pytest.raises(ValueError, match="properties"):
+        RuleTranslator.from_dict({"rule": [{"name": "bad", "match": {"type": "t"},
+                                            "request": [{"resource_type": "CACHE_SPACE", "need": 1,
+                                                         "properties": [1, 2]}]}]})

@@ -25,6 +25,12 @@ Rule file schema (TOML)::
     scale = 1.5                 # optional with need_from_value, default 1.0
     adaptive = false            # optional, default true: let the sizer resize this one
 
+    [[rule.request]]
+    resource_type = "CACHE_SPACE"
+    need = 256
+    properties = { files = ["/usr/lib/python3/**/*.so"], max_mib = 256 }  # optional: the
+                                # strategy's options (files, profile, directory, mode, ...)
+
 ``match`` keys:
 
 - ``type`` (required): equal to ``prediction.type``.
@@ -57,7 +63,8 @@ Each emitted request: ``predicted_need`` from the template, or from the
 type)``); ``confidence`` of the prediction; ``priority`` and ``duration`` of the
 template; ``deadline = prediction.expected_at``; metadata with the prediction's
 ``source_predictor_id``, ``target_application`` and ``target_process_id``,
-``triggering_pattern_id = rule name`` and a copy of ``prediction.properties``;
+``triggering_pattern_id = rule name`` and ``custom_properties``: the template's
+``properties`` overlaid with a copy of ``prediction.properties`` (the prediction's win);
 ``associated_prediction_id = prediction.id``.
 """
 from __future__ import annotations
@@ -270,6 +277,7 @@ class RequestTemplate:
     duration: float | None = None
     priority: float = 0.0
     adaptive: bool = True
+    properties: tuple[tuple[str, Any], ...] = ()  # the strategy's options, as custom_properties
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,7 +309,7 @@ _TOP_KEYS = frozenset({"rule"})
 _RULE_KEYS = frozenset({"name", "match", "request"})
 _MATCH_KEYS = frozenset({"type", "value", "target_application", "min_confidence"})
 _REQUEST_KEYS = frozenset(
-    {"resource_type", "need", "need_from_value", "scale", "duration", "priority", "adaptive"})
+    {"resource_type", "need", "need_from_value", "scale", "duration", "priority", "adaptive", "properties"})
 
 
 class RuleTranslator:
@@ -336,6 +344,10 @@ class RuleTranslator:
                 document = toml.load(rule_file)
             except toml.TOMLDecodeError as error:
                 raise ValueError(f"{path}: not valid TOML: {error}") from error
+            except RecursionError:  # the parser recurses per nesting level
+                raise ValueError(f"{path}: nested too deeply to be a rules file") from None
+        if not document.get("rule"):
+            raise ValueError(f"{path}: no rules ([[rule]] tables); a rules file must have at least one")
         return cls.from_dict(document, sizer=sizer, min_need=min_need)
 
     @classmethod
@@ -426,7 +438,7 @@ class RuleTranslator:
                 triggering_pattern_id=rule.name,
                 target_application=prediction.target_application,
                 target_process_id=prediction.target_process_id,
-                custom_properties=dict(prediction.properties),
+                custom_properties={**dict(template.properties), **prediction.properties},
             ),
             associated_prediction_id=prediction.id,
         )
@@ -550,8 +562,12 @@ def _parse_request(raw: Any, where: str) -> RequestTemplate:
     adaptive = raw.get("adaptive", True)
     if not isinstance(adaptive, bool):
         raise ValueError(f"{where}: field 'adaptive' must be true or false, not {adaptive!r}")
+    properties = raw.get("properties", {})
+    if not isinstance(properties, Mapping) or not all(isinstance(k, str) for k in properties):
+        raise ValueError(f"{where}: field 'properties' must be a table of named options, not {properties!r}")
     return RequestTemplate(resource_type=resource_type, need=need, need_from_value=need_from_value,
-                           scale=scale, duration=duration, priority=float(priority), adaptive=adaptive)
+                           scale=scale, duration=duration, priority=float(priority), adaptive=adaptive,
+                           properties=tuple(sorted(properties.items())))
 
 
 def _amount(raw: Mapping[str, Any], field_name: str, where: str) -> float:
