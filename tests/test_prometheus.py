@@ -67,6 +67,8 @@ def test_counters_gauges_and_held_bytes_follow_real_allocations(allocator):
     assert value(now, "prealloc_allocation_seconds_count") == 2
     assert value(now, "prealloc_allocation_seconds_sum") > 0
     assert value(now, "prealloc_metric_preallocation_failed_total", resource_type="CUSTOM") == 1
+    # the counters the compiled core keeps (a MetricsCollector source) are exposed too
+    assert value(now, "prealloc_metric_resource_allocated_total", resource_type="MEMORY") == 2
 
     with allocator.acquire(MEM, 8) as claim:
         assert claim.preallocated
