@@ -31,7 +31,7 @@ int main(void) {
     pa_pq_push(pq, 1, 1.0, 0.5, NAN);
     pa_pq_push(pq, 2, 5.0, 0.5, NAN);
     pa_pq_item_t item;
-    if (!pa_pq_pop(pq, &item) || item.value != 2) return 6;
+    if (pa_pq_pop(pq, &item) != 1 || item.value != 2) return 6;  /* 1 popped, 0 empty, <0 -errno */
 
     pa_memory_t mem;
     if (pa_memory_reserve(&mem, 1 << 20, PA_MEM_POPULATE) != 0) return 7;
