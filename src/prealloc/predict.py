@@ -21,7 +21,8 @@ Confidence of a next need B after A::
 ``prior`` keeps a transition seen once from looking certain. ``precision`` is what
 ``update_model`` teaches: each outcome of a prediction's request (the allocator calls
 it exactly once per request) marks its transition used or unused (expired or released
-unused); failed and cancelled requests teach nothing about the model. Counts of a
+unused); failed and cancelled requests teach nothing about the model (a prediction
+whose rule emits several requests learns from the first of them to end). Counts of a
 state decay by ``decay`` each time the state is left, so a changed habit is followed.
 
 Amounts: a need's amount is bucketed (quarter octaves); the amount predicted for a
