@@ -174,3 +174,40 @@ def test_check_config_cli(tmp_path):
                             capture_output=True, text=True)
     assert failed.returncode == 1
     assert "capacity: must be an integer" in failed.stderr and "nope: unknown key" in failed.stderr
+
+
+def test_the_built_in_predictor_from_the_file_runs_the_loop(tmp_path):
+    from prealloc.predict import MarkovPredictor
+
+    config = load_config(write(tmp_path, """
+        [predictor]
+        kind = "markov"
+        min_confidence = 0.4
+        max_predictions = 1
+        duration = 60
+    """))
+    model = config.predictor
+    assert isinstance(model, MarkovPredictor) and model.min_confidence == 0.4 and model.max_predictions == 1
+    assert [r.name for r in config.translator.rules][:1] == ["markov-MEMORY"]
+    for _ in range(4):
+        model.observe("a", ResourceType.CUSTOM, 1)
+        model.observe("b", ResourceType.CUSTOM, 2)
+    model.horizon = 0.0  # what was predicted before an allocator listened lapses
+    gate = GatedStrategy(100)
+    with ResourcePreallocator(config, allocation_strategies={ResourceType.CUSTOM: gate}) as pre:
+        model.observe("a", ResourceType.CUSTOM, 1)  # b's need of 2 is predicted and queued
+        [queued] = pre.allocations()
+        assert pre.wait_ready([queued.allocation_id], 10) and gate.held == 2
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[predictor]\nkind = 'oracle'", 'predictor.kind: must be "markov"'),
+    ("[predictor]\nkind = 'markov'\nmin_confidnce = 0.5", "predictor.min_confidnce: unknown key"),
+    ("[predictor]\nkind = 'markov'\nmax_states = 1.5", "predictor.max_states: must be an integer"),
+    ("[predictor]\nkind = 'markov'\ndecay = 0", "decay must be a number in (0, 1]"),
+    ("[predictor]\nkind = 'markov'\nduration = -1", "predictor.duration: must be a number of seconds > 0"),
+    ("predictor = 3", "predictor: must be a table"),
+])
+def test_bad_predictor_tables_are_refused_naming_the_key(tmp_path, text, needle):
+    errors = errors_of(tmp_path, text)
+    assert any(needle in e for e in errors), errors

@@ -34,6 +34,13 @@ Schema (every key optional; units as in ``prealloc.types``, seconds for times)::
     match = { type = "user_action", value = "open_*" }
     request = [{ resource_type = "MEMORY", need = 512 }]
 
+    [predictor]                         # the built-in MarkovPredictor (prealloc.predict)
+    kind = "markov"
+    min_confidence = 0.4                # its options: max_predictions, decay, prior,
+    duration = 30.0                     # horizon, max_states, max_outstanding, min_lead;
+                                        # duration: of its preallocations, for the
+                                        # translator made from it when [translator] is absent
+
 Strict: an unknown key is refused naming it (with the keys that are allowed there), a
 value of the wrong type naming the key and both types, a translator whose rules are
 empty (an empty rules file, ``rule = []``) is refused, as is input nested deeper than
@@ -41,9 +48,9 @@ empty (an empty rules file, ``rule = []``) is refused, as is input nested deeper
 ``MAX_FILE_BYTES``, and a file that is not UTF-8 TOML. Every problem found is reported
 at once: ``ConfigError.errors`` lists them, each naming its key path.
 
-Objects (monitors, strategies, emitters, predictors, loggers) are not configuration
-data: give them to ``PreallocatorConfig`` in code, after loading
-(``dataclasses.replace(config, predictor=...)``).
+Objects other than the built-in predictor (monitors, strategies, emitters, an outside
+predictor, loggers) are not configuration data: give them to ``PreallocatorConfig`` in
+code, after loading (``dataclasses.replace(config, predictor=...)``).
 """
 from __future__ import annotations
 
@@ -90,11 +97,14 @@ _SCALARS = {
     "default_duration": ("a number", _is_number),
     "allocation_workers": ("an integer", _is_int),
 }
-_TABLES = ("headroom", "quotas", "translator")
+_TABLES = ("headroom", "quotas", "translator", "predictor")
 _TOP_KEYS = frozenset(_SCALARS) | frozenset(_TABLES)
 _QUOTA_KEYS = ("per_request", "per_type", "per_application")
 _TRANSLATOR_KEYS = ("rules_file", "rule", "min_need", "sizer")
 _SIZER_KEYS = ("quantile", "decay", "window", "margin", "min_samples", "max_step", "floor", "ceiling")
+_MARKOV_INTS = ("max_predictions", "max_states", "max_outstanding")
+_MARKOV_NUMBERS = ("min_confidence", "decay", "prior", "horizon", "min_lead")
+_PREDICTOR_KEYS = ("kind", "id", "duration", *_MARKOV_INTS, *_MARKOV_NUMBERS)
 
 
 class ConfigError(ValueError):
@@ -271,6 +281,45 @@ def _translator(raw: Any, base_dir: Path, errors: list[str]) -> Any:
         return None
 
 
+def _predictor(raw: Any, errors: list[str]) -> tuple[Any, float | None]:
+    """The MarkovPredictor of a [predictor] table and the duration for its translator."""
+    from .predict import MarkovPredictor
+
+    if not isinstance(raw, dict):
+        errors.append(f"predictor: must be a table, not {_type_name(raw)}")
+        return None, None
+    before = len(errors)
+    _unknown(raw, _PREDICTOR_KEYS, "predictor", errors)
+    kind = raw.get("kind")
+    if kind != "markov":
+        errors.append(f"predictor.kind: must be \"markov\" (the built-in MarkovPredictor), not {kind!r}")
+    options: dict[str, Any] = {}
+    for key in _MARKOV_INTS:
+        if key in raw:
+            if not _is_int(raw[key]):
+                errors.append(f"predictor.{key}: must be an integer, not {_type_name(raw[key])}")
+            options[key] = raw[key]
+    for key in _MARKOV_NUMBERS:
+        if key in raw:
+            if not _is_number(raw[key]):
+                errors.append(f"predictor.{key}: must be a number, not {_type_name(raw[key])}")
+            options[key] = raw[key]
+    if "id" in raw:
+        if not isinstance(raw["id"], str) or not raw["id"]:
+            errors.append(f"predictor.id: must be a non-empty string, not {raw['id']!r}")
+        options["id"] = raw["id"]
+    duration = raw.get("duration", 30.0)
+    if not _is_number(duration) or duration <= 0:
+        errors.append(f"predictor.duration: must be a number of seconds > 0, not {duration!r}")
+    if len(errors) > before:
+        return None, None
+    try:
+        return MarkovPredictor(**options), float(duration)
+    except (TypeError, ValueError) as exc:
+        errors.append(f"predictor: {exc}")
+        return None, None
+
+
 def config_from_dict(document: Mapping[str, Any], *, source: str = "<config>",
                      base_dir: str | os.PathLike[str] | None = None) -> Any:
     """A validated PreallocatorConfig from a mapping shaped like the TOML file.
@@ -306,6 +355,12 @@ def config_from_dict(document: Mapping[str, Any], *, source: str = "<config>",
             errors.append(f"quotas: {exc}")
     if "translator" in document:
         values["translator"] = _translator(document["translator"], Path(base_dir or "."), errors)
+    if "predictor" in document:
+        model, duration = _predictor(document["predictor"], errors)
+        if model is not None:
+            values["predictor"] = model
+            if "translator" not in document:  # its predictions, turned into requests
+                values["translator"] = model.translator(duration=duration)
     if errors:
         raise ConfigError(source, errors)
     config = PreallocatorConfig(**{k: v for k, v in values.items() if v is not None})
