@@ -473,9 +473,29 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
         return self._claim(allocation_id, _check_target_pid(target_process_id))
 
     @abc.abstractmethod
+    def handle_prediction(self, prediction: Prediction) -> list[int]:
+        """A prediction in: what the allocator does with it (queue its requests, or
+        nothing at all for the reactive baseline)."""
+
     def acquire(self, resource_type: ResourceType | str, amount: float, *,
                 target_application: str | None = None, target_process_id: int | None = None) -> Claim:
-        """The moment of need: the consumer wants amount of resource_type now."""
+        """The moment of need. Claims a ready allocation of resource_type holding at least
+        amount for target_application (a hit: the resource was prepared ahead), or
+        allocates now, on this thread, when none is ready (a miss; for the reactive
+        allocator, every need). target_process_id: the process to hand it to (a CPU
+        claim pins it). Raises AllocationError when it cannot be had."""
+        self._check_open()
+        rtype = ResourceType.parse(resource_type)
+        amount = check_amount("amount", amount)
+        application = _check_application(target_application)
+        pid = _check_target_pid(target_process_id)
+        claim = self._claim_ready(rtype, application, amount, pid)
+        if claim is not None:
+            self.metrics.record_metric("preallocation_hit", resource_type=rtype.name)
+            return claim
+        self.metrics.record_metric("preallocation_miss", resource_type=rtype.name)
+        return self._acquire_at_need(rtype, amount, application, pid)
+
 
     def adjust_allocation(self, allocation_id: int, new_amount: float) -> bool:
         """Grows or shrinks a live allocation in place (memory by mremap, cores added or
@@ -755,25 +775,6 @@ class ResourcePreallocator(ResourceAllocator):
     @property
     def queue_size(self) -> int:
         return len(self._queue)
-
-    # ------------------------------------------------------------------ the need
-    def acquire(self, resource_type: ResourceType | str, amount: float, *,
-                target_application: str | None = None, target_process_id: int | None = None) -> Claim:
-        """Claims a ready allocation of resource_type holding at least amount for
-        target_application (a hit: the resource was prepared ahead), or allocates now
-        when none is ready (a miss). target_process_id: the process to hand it to (a CPU
-        claim pins it). Raises AllocationError when it cannot be had."""
-        self._check_open()
-        rtype = ResourceType.parse(resource_type)
-        amount = check_amount("amount", amount)
-        application = _check_application(target_application)
-        pid = _check_target_pid(target_process_id)
-        claim = self._claim_ready(rtype, application, amount, pid)
-        if claim is not None:
-            self.metrics.record_metric("preallocation_hit", resource_type=rtype.name)
-            return claim
-        self.metrics.record_metric("preallocation_miss", resource_type=rtype.name)
-        return self._acquire_at_need(rtype, amount, application, pid)
 
     # ------------------------------------------------------------------ the worker
     def _on_availability(self, availability: ResourceAvailability) -> None:

@@ -7,11 +7,15 @@ need to a usable resource, and the waste the preallocator pays for it.
 """
 from __future__ import annotations
 
-from .engine import Claim, ResourceAllocator, _check_application, _check_target_pid
-from .types import Prediction, ResourceType, check_amount
+from .engine import ResourceAllocator
+from .types import Prediction
 
 
 class ReactiveResourceAllocator(ResourceAllocator):
+    """Allocates at need only: acquire() allocates on the caller's thread and hands over
+    at once (an allocation made earlier with request_preallocation and still unclaimed is
+    taken first, as the preallocator would)."""
+
     DEFAULT_NAME = "ReactiveResourceAllocator"
 
     def handle_prediction(self, prediction: Prediction) -> list[int]:
@@ -22,18 +26,3 @@ class ReactiveResourceAllocator(ResourceAllocator):
             raise TypeError(f"prediction must be a Prediction, not {type(prediction).__name__}")
         prediction.validate()
         return []
-
-    def acquire(self, resource_type: ResourceType | str, amount: float, *,
-                target_application: str | None = None, target_process_id: int | None = None) -> Claim:
-        """Allocates now and hands over at once (an allocation made earlier with
-        request_preallocation and still unclaimed is taken first, as the preallocator
-        would)."""
-        self._check_open()
-        rtype = ResourceType.parse(resource_type)
-        amount = check_amount("amount", amount)
-        application = _check_application(target_application)
-        pid = _check_target_pid(target_process_id)
-        claim = self._claim_ready(rtype, application, amount, pid)
-        if claim is not None:
-            return claim
-        return self._acquire_at_need(rtype, amount, application, pid)
