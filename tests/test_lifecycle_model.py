@@ -99,7 +99,7 @@ class LedgerModel(RuleBasedStateMachine):
         if claim:
             try:
                 held = self.pre.claim(a.allocation_id)
-            except ValueError:  # expired first
+            except (KeyError, ValueError):  # expired first (and maybe finished already)
                 pass
             else:
                 threading.Event().wait(0.005)
@@ -133,6 +133,9 @@ class LedgerModel(RuleBasedStateMachine):
         if self.claims:
             rid = sorted(self.claims)[0]
             del self.claims[rid]  # unreleased: its finalizer hands it to the worker
+            # wait for the worker, so that the next steps draw from the same live set on
+            # every run (hypothesis replays examples and wants the same draws)
+            wait_until(lambda: getattr(self.pre.get_allocation(rid), "status", None) is not AllocationStatus.ACTIVE)
 
     @rule()
     def drop_views(self):
