@@ -1,6 +1,6 @@
 """The ``prealloc`` command line.
 
-    prealloc demo [--scale S] [--seed N] [--rounds R] [--lock] [--json] [-q] [-v]
+    prealloc demo [--scale S] [--seed N] [--rounds R] [--predictor trace|markov] [--lock] [--json] [-q] [-v]
     prealloc recover [--dir DIR] [--json]
     prealloc record --name NAME [--seconds S] [--dir DIR] [--method M] [--root DIR]... -- CMD ARGS...
     prealloc check-config FILE
@@ -77,6 +77,10 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[t
     parser.add_argument("--rounds", type=_rounds, default=demo.DEFAULT_ROUNDS,
                         help=f"replays of the trace per variant, interleaved (default {demo.DEFAULT_ROUNDS}; "
                              "more rounds, more samples behind the p99)")
+    parser.add_argument("--predictor", choices=demo.PREDICTORS, default="trace",
+                        help="where the preallocator's predictions come from: the trace's own (default), or "
+                             "the built-in MarkovPredictor learning online from the needs (on a trace whose "
+                             "applications follow a habit)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--lock", action="store_true", help="mlock the memory (best effort)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
@@ -203,7 +207,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr, flush=True)
 
     report = demo.run_demo(scale=args.scale, seed=args.seed, lock=args.lock, rounds=args.rounds,
-                           progress=None if args.quiet else progress)
+                           progress=None if args.quiet else progress, predictor=args.predictor)
     data = demo.report_as_dict(report)
     if args.json:
         json.dump(data, sys.stdout, indent=2)

@@ -21,6 +21,14 @@ The trace is deterministic for a seed. Only two inputs come from the machine, an
 both are explicit arguments of :func:`generate_trace`: the memory limit the trace's
 peak must stay under, and the number of cores this process may use.
 
+With ``predictor="markov"`` (``prealloc demo --predictor markov``) the preallocator's
+predictions come from the built-in :class:`~prealloc.predict.MarkovPredictor` instead of
+the trace: each served need is ``observe``d, the model predicts the next one, and the
+allocator tells it how each prediction's request ended (``update_model``). The trace's
+applications then follow a habit (each need is followed by its application's successor
+with probability ``MARKOV_HABIT``, else by a random one), since a chain learns nothing
+from applications drawn independently; the trace's own predictions are not used.
+
 ``prealloc demo`` (:mod:`prealloc.cli`) prints what :func:`run_demo` returns.
 """
 from __future__ import annotations
@@ -48,6 +56,7 @@ from .monitors import SystemResourceMonitor
 from .reactive import ReactiveResourceAllocator
 from .strategies import AllocationError, CpuAllocationStrategy, MemoryAllocationStrategy
 from .strategies.cpu import cores_for
+from .predict import MarkovPredictor, prediction_type
 from .translate import HOST_WARM_MEMORY_MIB, AdaptiveSizer, RuleTranslator
 from .types import (
     AllocationFeedback,
@@ -103,6 +112,8 @@ SAFE_SHARE = 0.25  # of the available memory, the most the trace may hold at its
 SAFE_CAP_MIB = 1024.0
 MIN_SAFE_MIB = 16.0  # below this the demo would measure page rounding, not allocation
 PREDICTION_TYPE = "app_launch"
+PREDICTORS = ("trace", "markov")
+MARKOV_HABIT = 0.8  # markov mode: the share of needs that follow their predecessor's successor
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,19 +203,24 @@ def _holding_intervals(events: Sequence[TraceEvent], amount_of_prealloc: dict[st
 
 
 def generate_trace(seed: int = 7, scale: float = 1.0, *, memory_limit_mib: float = SAFE_CAP_MIB,
-                   cores: int = 1, apps: Sequence[App] = APPS) -> Trace:
+                   cores: int = 1, apps: Sequence[App] = APPS, habit: float = 0.0) -> Trace:
     """The demo's workload: round(40 x scale) predictions (at least MIN_EVENTS), one
     every 75 ms on average, the same for the same seed and scale. Exactly
     round(20%) of them (at least one) are wrong and round(10%) (at least one) are
     confident below MIN_CONFIDENCE; those are right. Memory sizes are multiplied by
     one factor (at most 1) so the run never holds more than memory_limit_mib at once;
-    CPU needs are capped at ``cores`` cores."""
+    CPU needs are capped at ``cores`` cores. ``habit`` > 0: in the order the needs
+    arrive, each need's application is, with that probability, the successor (in
+    ``apps``) of the previous need's (drawn from a generator of its own, so the rest of
+    the trace is the same as with habit 0)."""
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite number > 0, not {scale!r}")
     if not (isinstance(memory_limit_mib, (int, float)) and memory_limit_mib > 0):
         raise ValueError(f"memory_limit_mib must be > 0, not {memory_limit_mib!r}")
     if not isinstance(cores, int) or cores < 1:
         raise ValueError(f"cores must be an int >= 1, not {cores!r}")
+    if isinstance(habit, bool) or not isinstance(habit, (int, float)) or not 0.0 <= habit <= 1.0:
+        raise ValueError(f"habit must be a number in [0, 1], not {habit!r}")
     rng = random.Random(seed)
     n = max(MIN_EVENTS, round(EVENTS_AT_SCALE_1 * scale))
     n_wrong = max(1, round(WRONG_SHARE * n))
@@ -222,6 +238,14 @@ def generate_trace(seed: int = 7, scale: float = 1.0, *, memory_limit_mib: float
             confidence=round(rng.uniform(*(UNSURE if i in low else CONFIDENT)), 4),
             arrives=i not in wrong, hold=round(rng.uniform(*HOLD_S), 6),
             use=round(rng.uniform(*USE_SHARE), 4), need_mib=0.0))
+    if habit > 0:
+        habit_rng = random.Random(seed + 0x5EED)
+        names = [a.name for a in apps]
+        previous: str | None = None
+        for i in sorted((e.index for e in raw if e.arrives), key=lambda k: raw[k].need_at):
+            if previous is not None and habit_rng.random() < habit:
+                raw[i] = dataclasses.replace(raw[i], app=names[(names.index(previous) + 1) % len(names)])
+            previous = raw[i].app
 
     # A preallocation is at most (1 + margin) x the largest use the sizer saw (or the
     # template before it learned), and a need holds at most the preallocation it claimed.
@@ -271,6 +295,23 @@ def build_translator(apps: Iterable[App], sizer: AdaptiveSizer | None = None, *,
                              "priority": app.priority, "adaptive": False})
         rules.append({"name": f"launch-{app.name}",
                       "match": {"type": PREDICTION_TYPE, "target_application": app.name},
+                      "request": requests})
+    return RuleTranslator.from_dict({"rule": rules}, sizer=sizer)
+
+
+def build_markov_translator(apps: Iterable[App], sizer: AdaptiveSizer | None = None, *,
+                            duration: float = DURATION_S) -> RuleTranslator:
+    """The rules for MarkovPredictor's predictions (``resource_usage:MEMORY`` for an
+    application, the amount as the value): that memory and the application's cores."""
+    rules = []
+    for app in apps:
+        requests: list[dict[str, Any]] = [
+            {"resource_type": "MEMORY", "need_from_value": True, "duration": duration, "priority": app.priority}]
+        if app.cpu_percent > 0:
+            requests.append({"resource_type": "CPU", "need": app.cpu_percent, "duration": duration,
+                             "priority": app.priority, "adaptive": False})
+        rules.append({"name": f"markov-{app.name}",
+                      "match": {"type": prediction_type(MEMORY), "target_application": app.name},
                       "request": requests})
     return RuleTranslator.from_dict({"rule": rules}, sizer=sizer)
 
@@ -436,8 +477,10 @@ def _serve_plain(event: TraceEvent, app: App) -> _NeedOutcome:
     return _NeedOutcome(app.name, latency)
 
 
-def _serve(allocator: ResourceAllocator, event: TraceEvent, app: App) -> _NeedOutcome:
-    """The consumer of one need: acquire, make usable, hold, release with real use."""
+def _serve(allocator: ResourceAllocator, event: TraceEvent, app: App,
+           observe: Callable[[str, ResourceType, float], Any] | None = None) -> _NeedOutcome:
+    """The consumer of one need: acquire, make usable, hold, release with real use.
+    ``observe``: told of the need once it is served (the Markov predictor)."""
     claims: list[tuple[Claim, float]] = []
     used_successfully = False
     try:
@@ -456,6 +499,8 @@ def _serve(allocator: ResourceAllocator, event: TraceEvent, app: App) -> _NeedOu
         # a preallocated buffer may be larger than the need: the consumer writes what it uses
         _first_pass(memory.resource, min(memory.resource.size, math.ceil(event.need_mib * MiB)))
         latency = time.perf_counter_ns() - start
+        if observe is not None:
+            observe(app.name, MEMORY, app.memory_mib)
         time.sleep(event.hold)  # the application's work
         used_successfully = True
         return _NeedOutcome(app.name, latency, len(claims), sum(c.preallocated for c, _ in claims))
@@ -551,8 +596,9 @@ class VariantResult:
 Allocator = ResourcePreallocator | ReactiveResourceAllocator
 
 
-def _replay_once(allocator: Allocator | None, trace: Trace, tag: str,
-                 ledger: _Ledger | None) -> tuple[list[_NeedOutcome], float, float, int]:
+def _replay_once(allocator: Allocator | None, trace: Trace, tag: str, ledger: _Ledger | None,
+                 observe: Callable[[str, ResourceType, float], Any] | None = None,
+                 ) -> tuple[list[_NeedOutcome], float, float, int]:
     """Drives the trace through allocator (None: the plain path) in real time. A driver
     thread sleeps until each event's time and hands predictions over on the spot; needs
     run on a thread pool large enough that holds overlap as the trace says. Afterwards
@@ -560,7 +606,8 @@ def _replay_once(allocator: Allocator | None, trace: Trace, tag: str,
     starts on an idle machine and the statistics are complete. Returns the outcomes,
     the wall time, the largest schedule lag and what was still live after the wait."""
     needs = trace.needs
-    events = trace.events if allocator is not None else ()  # the plain path has no predictor
+    # the plain path has no predictor; with a model (observe) the trace's predictions are not used
+    events = trace.events if allocator is not None and observe is None else ()
     schedule = sorted([(e.at, 0, e.index) for e in events] + [(e.need_at, 1, e.index) for e in needs])
     by_index = {e.index: e for e in trace.events}
     pool_size = min(32, 2 + int(_peak((e.need_at, e.need_at + e.hold, 1.0) for e in needs)))
@@ -609,7 +656,7 @@ def _replay_once(allocator: Allocator | None, trace: Trace, tag: str,
                         elif allocator is None:
                             futures.append(pool.submit(_serve_plain, event, app))
                         else:
-                            futures.append(pool.submit(_serve, allocator, event, app))
+                            futures.append(pool.submit(_serve, allocator, event, app, observe))
                 except Exception as exc:  # re-raised on the caller's thread
                     driver_error.append(exc)
 
@@ -653,6 +700,8 @@ class DemoReport:
     rss_after_bytes: int
     malloc_free_before_bytes: int | None = None
     malloc_free_after_bytes: int | None = None
+    predictor: str = "trace"  # where the preallocator's predictions came from (PREDICTORS)
+    predictor_counts: dict[str, Any] | None = None  # markov: observations, predictions, outcomes
 
     def ratio(self, slower: str, q: float = 50) -> float | None:
         """slower's latency percentile over the preallocated one's; None if either is
@@ -684,7 +733,9 @@ class DemoReport:
         def x(value: float | None) -> str:
             return "n/a" if value is None else f"{value:.1f}x"
 
-        text = (f"Over {self.rounds} interleaved round(s) (n={n} needs per variant), a preallocated need was "
+        text = ("Predictions came from the built-in MarkovPredictor, learned online from the needs. "
+                if self.predictor == "markov" else "")
+        text += (f"Over {self.rounds} interleaved round(s) (n={n} needs per variant), a preallocated need was "
                 f"usable (a full first pass written) after p50 {p(pre, 50)} ms / p99 {p(pre, 99)} ms, against "
                 f"{p(reactive, 50)} / {p(reactive, 99)} ms for the reactive allocator ({x(self.ratio(REACTIVE))} "
                 f"slower at p50, {x(self.ratio(REACTIVE, 99))} at p99) and {p(plain, 50)} / {p(plain, 99)} ms "
@@ -722,15 +773,19 @@ def _strategies(lock: bool, exclusive_cores: bool) -> dict[ResourceType, Any]:
 
 
 def run_demo(*, scale: float = 1.0, seed: int = 7, lock: bool = False, rounds: int = DEFAULT_ROUNDS,
-             progress: Callable[[str], None] | None = None) -> DemoReport:
+             progress: Callable[[str], None] | None = None, predictor: str = "trace") -> DemoReport:
     """Generates the trace for this machine and replays it ``rounds`` times through each
     variant — the preallocator, the reactive allocator, plain np.empty — in an order
     rotated every round, so drift of the machine (other tenants, the heap's warmth)
     falls on every variant alike. Both allocators live across the rounds (the sizer
     keeps learning) and are closed before it returns (or raises). ``progress`` gets a
-    line after each run."""
+    line after each run. ``predictor``: "trace" (the trace's predictions) or "markov"
+    (the built-in MarkovPredictor, on a trace with habits; see the module docstring)."""
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
         raise ValueError(f"rounds must be an int >= 1, not {rounds!r}")
+    if predictor not in PREDICTORS:
+        raise ValueError(f"predictor must be one of {PREDICTORS}, not {predictor!r}")
+    markov = predictor == "markov"
     say = progress or (lambda line: None)
     machine = Machine.probe()
     headroom = PreallocatorConfig().headroom.get(MEMORY, 0.0)  # the allocators' default, which both use
@@ -739,7 +794,8 @@ def run_demo(*, scale: float = 1.0, seed: int = 7, lock: bool = False, rounds: i
         raise RuntimeError(f"too little memory available for the demo: {machine.memory_available_mib:.0f} MiB "
                            f"available of {machine.memory_total_mib:.0f} MiB leaves {limit:.0f} MiB "
                            f"(at least {MIN_SAFE_MIB:.0f} MiB needed)")
-    trace = generate_trace(seed, scale, memory_limit_mib=limit, cores=machine.cores_usable)
+    trace = generate_trace(seed, scale, memory_limit_mib=limit, cores=machine.cores_usable,
+                           habit=MARKOV_HABIT if markov else 0.0)
     mlock_effective, mlock_detail = mlock_status(math.ceil(trace.peak_memory_mib * MiB))
     # Exclusive cores where the trace's worst overlap fits the machine; otherwise the
     # cores are shared, or most CPU needs would fail on contention rather than show latency.
@@ -758,9 +814,10 @@ def run_demo(*, scale: float = 1.0, seed: int = 7, lock: bool = False, rounds: i
     order: list[list[str]] = []
     allocators: dict[str, Allocator] = {}
     try:
+        model = MarkovPredictor(min_confidence=MIN_CONFIDENCE, max_predictions=1) if markov else None
         allocators[PREALLOCATED] = ResourcePreallocator(
-            translator=build_translator(trace.apps.values(), sizer), min_confidence=MIN_CONFIDENCE,
-            allocation_strategies=_strategies(lock, exclusive))
+            translator=(build_markov_translator if markov else build_translator)(trace.apps.values(), sizer),
+            min_confidence=MIN_CONFIDENCE, predictor=model, allocation_strategies=_strategies(lock, exclusive))
         allocators[REACTIVE] = ReactiveResourceAllocator(min_confidence=MIN_CONFIDENCE,
                                                          allocation_strategies=_strategies(lock, exclusive))
         for r in range(rounds):
@@ -770,8 +827,9 @@ def run_demo(*, scale: float = 1.0, seed: int = 7, lock: bool = False, rounds: i
                 result = results[label]
                 log.info("round %d, %s: replaying %d predictions and %d needs", r + 1, label,
                          len(trace.events) if label != PLAIN else 0, len(trace.needs))
-                outcomes, wall, lag, live = _replay_once(allocators.get(label), trace, f"{label}-{r}",
-                                                         ledgers.get(label))
+                outcomes, wall, lag, live = _replay_once(
+                    allocators.get(label), trace, f"{label}-{r}", ledgers.get(label),
+                    model.observe if model is not None and label == PREALLOCATED else None)
                 result.add(outcomes)
                 result.wall_s.append(wall)
                 result.schedule_lag_max_ms = max(result.schedule_lag_max_ms, lag)
@@ -793,12 +851,15 @@ def run_demo(*, scale: float = 1.0, seed: int = 7, lock: bool = False, rounds: i
     for key, size in sizer.snapshot().items():  # keys are (rule name, resource type)
         if isinstance(key, tuple) and key[1] is MEMORY:
             results[PREALLOCATED].learned_sizes_mib[str(key[0])] = size
+    counts = None if model is None else {"observations": model.observations, "predictions": model.emitted,
+                                         "outcomes": dict(model.outcomes)}
     gc.collect()
     _malloc_trim()
     return DemoReport(machine=machine, trace=trace, rounds=rounds, order=order, lock=lock,
                       memory_headroom=headroom, mlock_effective=mlock_effective, mlock_detail=mlock_detail,
                       variants=results, rss_before_bytes=rss_before, rss_after_bytes=vm_rss_bytes(),
-                      malloc_free_before_bytes=malloc_free_before, malloc_free_after_bytes=malloc_free_bytes())
+                      malloc_free_before_bytes=malloc_free_before, malloc_free_after_bytes=malloc_free_bytes(),
+                      predictor=predictor, predictor_counts=counts)
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:
@@ -869,7 +930,7 @@ def report_as_dict(report: DemoReport) -> dict[str, Any]:
                 "learned_sizes_mib": {k: round(size, 2) for k, size in v.learned_sizes_mib.items()},
             })
         variants[label] = entry
-    return {
+    data: dict[str, Any] = {
         "machine": {
             "cores_usable": m.cores_usable, "cores_online": m.cores_online,
             "memory_total_mib": round(m.memory_total_mib, 1),
@@ -902,6 +963,11 @@ def report_as_dict(report: DemoReport) -> dict[str, Any]:
                     "malloc_free_before": _mib(report.malloc_free_before_bytes),
                     "malloc_free_after": _mib(report.malloc_free_after_bytes)},
     }
+    if report.predictor != "trace":  # the default report keeps its keys
+        data["predictor"] = report.predictor
+        data["predictor_counts"] = report.predictor_counts
+        data["trace"]["habit"] = MARKOV_HABIT
+    return data
 
 
 def _mib(value: int | None) -> float | None:
