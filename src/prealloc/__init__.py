@@ -31,6 +31,10 @@ from .monitors import ResourceMonitor, SystemResourceMonitor
 from .quotas import QuotaExceeded, Quotas
 from .reactive import ReactiveResourceAllocator
 from .strategies import (
+    CacheSpaceStrategy,
+    DiskStrategy,
+    GpuMemoryStrategy,
+    NetworkBandwidthStrategy,
     AllocationError,
     AllocationStrategy,
     CpuAllocationStrategy,
@@ -39,7 +43,7 @@ from .strategies import (
     MemoryAllocationStrategy,
     NullAllocationStrategy,
 )
-from .translate import AdaptiveSizer, Rule, RuleTranslator, Translator
+from .translate import HOST_WARM_MIN_NEED, AdaptiveSizer, Rule, RuleTranslator, Translator
 from .types import (
     AllocationFeedback,
     AllocationStatus,
@@ -68,4 +72,22 @@ __all__ = [
     "ResourceAllocator", "ResourceAvailability", "ResourceMonitor", "ResourcePreallocator",
     "ResourceRequest", "ResourceType", "Rule", "RuleTranslator", "SubscriptionHandle",
     "SystemResourceMonitor", "Translator", "get_include", "get_library_dir", "__version__",
+    "CacheSpaceStrategy", "DiskStrategy", "GpuMemoryStrategy", "NetworkBandwidthStrategy", "HOST_WARM_MIN_NEED",
+    "AsyncPreallocator", "MarkovPredictor",
 ]
+
+# The asyncio face and the built-in predictor load on first use: `import prealloc` stays
+# cheap for hosts that need neither (prealloc.prometheus is imported by name only: its
+# package is an optional extra).
+_LAZY = {"AsyncPreallocator": ("aio", "AsyncPreallocator"), "MarkovPredictor": ("predict", "MarkovPredictor")}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        module, attribute = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attribute)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'prealloc' has no attribute {name!r}")

@@ -788,6 +788,7 @@ cdef class EngineCore:
         snapshot = self._snapshot_of(&rec, None, reason, None)
         self._forget_ids(record_id)
         self._note_failure(snapshot, reason, request)
+        self._signal_ready()
         return snapshot
 
     cdef bint _cancel(self, uint64_t record_id) except -1:
@@ -799,12 +800,15 @@ cdef class EngineCore:
         self._end_pending(&rec, "cancelled")
         self._forget_ids(record_id)
         self._cancelled += 1
+        self._signal_ready()
         self._metrics.record_metric("request_cancelled", resource_type=_TYPE_OF[rec.resource_type].name)
         return True
 
     cdef object _end_pending(self, pa_record_t *rec, str outcome):
         """A PENDING record's end (failed, cancelled, dropped at its deadline): no Python
-        code until the waiters are told. Returns its request."""
+        code until the waiters are told. Returns its request. The caller signals the
+        readiness fd once the end is fully told (a failure's event emitted), so an event
+        loop woken by it finds the reason."""
         if rec.timer:
             pa_ticker_cancel(self._ticker._ticker, rec.timer)
         pa_table_remove(self._table._table, rec.id)
@@ -813,7 +817,6 @@ cdef class EngineCore:
         self._owner_unref(rec.owner)
         if self._waiters:
             self._notify_waiters(rec.id)
-        self._signal_ready()
         if request is not None and self._predictor_update is not None \
                 and request.associated_prediction_id is not None:
             self._queue_outcome(_PredictionOutcome(request.associated_prediction_id, request.resource_type,
@@ -1198,6 +1201,7 @@ cdef class EngineCore:
                     snapshot = self._snapshot_of(&rec, None, reason, None)
                     self._forget_ids(ids[i])
                     self._note_failure(snapshot, reason, request)
+                    self._signal_ready()
                 else:
                     self._finish(ids[i], False, _EXPIRED_FEEDBACK)
             if n < 256:
