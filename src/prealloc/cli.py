@@ -4,6 +4,8 @@
     prealloc recover [--dir DIR] [--json]
     prealloc record --name NAME [--seconds S] [--dir DIR] [--method M] [--root DIR]... -- CMD ARGS...
     prealloc check-config FILE
+    prealloc status [--json] [--watch [SECONDS]] [--socket PATH] [--dir DIR]
+    prealloc doctor [--json] [--strict] [--socket PATH] [--dir DIR]
 
 Subcommands are argparse subparsers, each registered by a ``_add_<name>`` function
 that sets ``func`` (the handler, returning the exit status). Exit status: 0 on
@@ -99,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recover(subparsers)
     _add_record(subparsers)
     _add_check_config(subparsers)
+    _add_status(subparsers)
+    _add_doctor(subparsers)
     return parser
 
 
@@ -364,6 +368,78 @@ def _run_check_config(args: argparse.Namespace) -> int:
     else:
         print(f"OK: {args.file}: configuration")
     return 0
+
+
+# ---------------------------------------------------------------------------------------
+# status and doctor (prealloc.status, prealloc.doctor: imported when the command runs)
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and 0.1 <= value <= 3600):
+        raise argparse.ArgumentTypeError(f"must be >= 0.1 and <= 3600 seconds, not {text}")
+    return value
+
+
+def _refreshes(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {text}")
+    return value
+
+
+def _add_status(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "status", help="list the live reservations, journal entries, core holders and quota use of this machine",
+        description="Asks the machine broker (prealloc serve) for its status when one answers on the socket; "
+                    "else reads this machine's side-effect journal and core registry (nothing is changed: "
+                    "prealloc recover undoes what dead owners left). The output says which source was used. "
+                    "An owner is dead when no process has its pid and start time.")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (schema: prealloc.status)")
+    parser.add_argument("--watch", nargs="?", type=_interval, const=2.0, default=None, metavar="SECONDS",
+                        help="refresh every SECONDS (default 2) until Ctrl-C")
+    parser.add_argument("--count", type=_refreshes, default=None, help=argparse.SUPPRESS)  # --watch N times
+    parser.add_argument("--socket", default=None, help="the broker's socket (default: as prealloc.client finds it)")
+    parser.add_argument("--dir", default=None, help="the journal directory (default: as prealloc recover's)")
+    _add_verbose(parser, argparse.SUPPRESS)
+    parser.set_defaults(func=_run_status)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from . import status
+
+    return status.run(as_json=args.json, watch=args.watch, count=args.count, socket_path=args.socket,
+                      journal_dir=args.dir)
+
+
+def _add_doctor(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "doctor", help="say what this machine allows this process (mlock, huge pages, cgroups, RT, GPUs, ...)",
+        description="Checks what this process may do here — mlock and RLIMIT_MEMLOCK, transparent huge pages, "
+                    "MADV_POPULATE_WRITE, cachestat, PSI, cgroups and cpusets, isolated cpus, real-time "
+                    "scheduling, NVML and CUDA, CAP_NET_ADMIN and iproute2, the journal directory, the broker "
+                    "— trying each where that changes nothing, and gives the reason for every no. Exit status "
+                    "0; with --strict 1 when something the default configuration needs is missing (memory "
+                    "reservation, CPU affinity, a usable journal directory).")
+    parser.add_argument("--json", action="store_true", help="print the checks as JSON")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 when a check the default configuration needs says no")
+    parser.add_argument("--socket", default=None, help="the broker's socket to try")
+    parser.add_argument("--dir", default=None, help="the journal directory to check")
+    _add_verbose(parser, argparse.SUPPRESS)
+    parser.set_defaults(func=_run_doctor)
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    return doctor.run(as_json=args.json, strict=args.strict, journal_dir=args.dir, socket_path=args.socket)
 
 
 # ---------------------------------------------------------------------------------------
