@@ -47,7 +47,8 @@
  * reported as POPULATE.
  *
  * Resize. Shrinking unmaps the tail (it cannot fail for lack of room), then truncates a
- * memfd. Growing in place maps the new tail right after the mapping with
+ * memfd (a memfd sealed with F_SEAL_SHRINK, as the broker hands out, stays long: the
+ * truncate is refused and the other process's mapping stays valid). Growing in place maps the new tail right after the mapping with
  * MAP_FIXED_NOREPLACE, so the address never changes and a neighbour is never replaced
  * (-ENOMEM when one is there), then advises, locks and populates it; if that fails the
  * tail is unmapped: unchanged. We map the tail rather than mremap the whole because
@@ -94,6 +95,9 @@
 #endif
 #ifndef MFD_CLOEXEC
 #define MFD_CLOEXEC 0x0001U
+#endif
+#ifndef MFD_ALLOW_SEALING
+#define MFD_ALLOW_SEALING 0x0002U
 #endif
 #ifndef MAP_FIXED_NOREPLACE
 #define MAP_FIXED_NOREPLACE 0x100000 /* Linux 4.17; glibc < 2.28 lacks the name */
@@ -176,7 +180,10 @@ static void pa__sys_munlock(void *addr, size_t len) {
 
 static int pa__memfd_create(const char *name) {
 #ifdef SYS_memfd_create
-    long fd = syscall(SYS_memfd_create, name, MFD_CLOEXEC);
+    /* MFD_ALLOW_SEALING: the machine broker seals a memfd it hands to a client against
+     * shrinking (F_SEAL_SHRINK | F_SEAL_SEAL), so the client's mapping can never run past
+     * the end of the file (a SIGBUS). A memfd made without it refuses every seal. */
+    long fd = syscall(SYS_memfd_create, name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
     return fd >= 0 ? (int)fd : -errno;
 #else
     (void)name;
