@@ -10,8 +10,11 @@ here, and undoing it deletes the entry.
 One format for every kind: a JSON object with
 
 - ``kind``: what to undo — ``"affinity"``, ``"ioprio"``, ``"reserve_file"``,
-  ``"cgroup_weight"`` or ``"tc_htb"`` (HTB classes and filters; its fields and undo are
-  prealloc.strategies.network's);
+  ``"cgroup_weight"``, ``"tc_htb"`` (HTB classes and filters; its fields and undo are
+  prealloc.strategies.network's), ``"cpuset"`` (tasks moved off reserved cores: rest
+  cgroups made, cpusets shrunk, the moved tasks' masks; fields and undo are
+  prealloc.cpuset's) or ``"sched"`` (a scheduling policy set on another process's
+  threads: each value ``[policy, rt_priority, nice]``, restored like ``affinity``);
 - ``owner``: ``{"pid", "start"}`` of the process that made it (start time in clock ticks
   since boot, /proc/PID/stat field 22, so a reused pid is never taken for the owner);
 - the kind's own fields: for ``affinity`` and ``ioprio`` the target ``{"pid", "start"}``,
@@ -68,6 +71,8 @@ KIND_IOPRIO = "ioprio"
 KIND_RESERVE_FILE = "reserve_file"
 KIND_CGROUP_WEIGHT = "cgroup_weight"
 KIND_TC_HTB = "tc_htb"  # prealloc.strategies.network: HTB classes and filters on an interface
+KIND_CPUSET = "cpuset"  # prealloc.cpuset: other tasks moved off reserved cores
+KIND_SCHED = "sched"  # prealloc.strategies.cpu: [policy, rt_priority, nice] of another process's threads
 
 
 class UntrustedJournalDirectory(PermissionError):
@@ -338,12 +343,24 @@ def _undo_tc_htb(data: dict) -> RecoveredTarget:
     return undo_tc_entry(data)
 
 
+def _undo_cpuset(data: dict) -> RecoveredTarget:
+    from .cpuset import undo_entry
+    return undo_entry(data)
+
+
+def _undo_sched(data: dict) -> RecoveredTarget:
+    from .strategies.cpu import read_thread_sched, write_thread_sched
+    return _restore_threads(data, read_thread_sched, write_thread_sched, lambda v: list(v) if v is not None else [])
+
+
 _UNDO: dict[str, Callable[[dict], RecoveredTarget]] = {
     KIND_AFFINITY: _undo_affinity,
     KIND_IOPRIO: _undo_ioprio,
     KIND_RESERVE_FILE: _undo_reserve_file,
     KIND_CGROUP_WEIGHT: _undo_cgroup_weight,
     KIND_TC_HTB: _undo_tc_htb,
+    KIND_CPUSET: _undo_cpuset,
+    KIND_SCHED: _undo_sched,
 }
 
 
