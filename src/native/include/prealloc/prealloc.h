@@ -13,6 +13,7 @@
  *   pagecache.h page-cache warming, pinning and residency (readahead, MADV_POPULATE_READ,
  *               cachestat / mincore)
  *   disk.h      disk space reservation (fallocate) and I/O priority (ioprio_set)
+ *   client.h    the machine broker's client (`prealloc serve`: requests, claims by fd)
  */
 #ifndef PREALLOC_PREALLOC_H
 #define PREALLOC_PREALLOC_H
@@ -25,5 +26,6 @@
 #include "affinity.h"
 #include "pagecache.h"
 #include "disk.h"
+#include "client.h"
 
 #endif /* PREALLOC_PREALLOC_H */
