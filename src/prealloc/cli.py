@@ -4,6 +4,7 @@
     prealloc recover [--dir DIR] [--json]
     prealloc record --name NAME [--seconds S] [--dir DIR] [--method M] [--root DIR]... -- CMD ARGS...
     prealloc check-config FILE
+    prealloc serve [--socket PATH] [--group G] [--config FILE] [--metrics ADDR]
     prealloc status [--json] [--watch [SECONDS]] [--socket PATH] [--dir DIR]
     prealloc doctor [--json] [--strict] [--socket PATH] [--dir DIR]
 
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check_config(subparsers)
     _add_status(subparsers)
     _add_doctor(subparsers)
+    _add_serve(subparsers)
     return parser
 
 
@@ -472,6 +474,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG} {args.command}: error: {type(exc).__name__}: {exc}"
               + ("" if args.verbose else " (-v for the traceback)"), file=sys.stderr)
         return 1
+
+
+# ---------------------------------------------------------------------------------------
+# serve
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "serve", help="run the machine broker (one owner of this machine's reservations) in the foreground",
+        description="Runs the machine broker: one engine that owns this machine's reservations, serving "
+                    "client processes (prealloc.client.Client, <prealloc/client.h>) over a SOCK_SEQPACKET "
+                    "Unix socket (docs/protocol.md). Peers are identified by SO_PEERCRED; each sees only "
+                    "its own allocations, which are released when it disconnects. Logs to stderr; SIGHUP "
+                    "reloads the config file, SIGTERM drains and exits 0. Under systemd socket activation "
+                    "(LISTEN_FDS) the inherited socket is used.")
+    parser.add_argument("--socket", metavar="PATH", default=None,
+                        help="the socket to listen on (default: $PREALLOC_SOCKET, else "
+                             "/run/prealloc-broker/broker.sock as root, else the runtime dir)")
+    parser.add_argument("--group", metavar="G", default=None,
+                        help="the group the socket (mode 0660) belongs to: who may connect besides the owner")
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="the broker's TOML config (rate_limit, quotas per uid, [engine]; see prealloc.server)")
+    parser.add_argument("--metrics", metavar="ADDR", default=None,
+                        help="serve Prometheus metrics on HOST:PORT (the prometheus extra)")
+    _add_verbose(parser, argparse.SUPPRESS)
+    parser.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from . import server
+
+    if not args.verbose:
+        logging.getLogger().setLevel(logging.INFO)  # a daemon says what it does
+    return server.serve(args.socket, config_path=args.config, group=args.group, metrics_address=args.metrics)
 
 
 if __name__ == "__main__":

@@ -634,7 +634,7 @@ class Broker:
                 log.info("peer %r dropped after %d protocol errors", peer, peer.protocol_errors)
                 return False
             return True
-        if not peer.bucket.take():
+        if op != "bye" and not peer.bucket.take():  # leaving is never refused
             self.counters["rate_limited"] += 1
             self._send(peer, _error(request_id, "RateLimited",
                                     f"more than {self.config.rate_limit:g} requests per second"))

@@ -1,0 +1,492 @@
+"""The machine broker (prealloc serve) and its Python client, across real processes.
+
+What is checked goes through the operating system: the bytes a client process writes
+into a claimed MEMORY buffer are in the broker's own mapping (the same pages); the
+client's RssShmem rises by the claimed size while its RssAnon does not (no copy); a
+SIGKILLed client's holdings are released (the broker's allocations, its VmLck); a CPU
+pin of the client is undone at the client's end, at a drain and — after the broker is
+SIGKILLed — by the journal at the broker's next start (sched_getaffinity).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from prealloc import AllocationStatus, ResourceRequest, ResourceType
+from prealloc.client import Client
+from prealloc.protocol import Closed, RateLimited
+from prealloc.quotas import QuotaExceeded
+from prealloc.server import Broker, broker_config_from_dict
+
+MiB = 1 << 20
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def wait_for(predicate, what: str, limit: float = 30.0):
+    """Waits for an asynchronous end (a peer's thread releasing, a process starting);
+    the limit only turns a hang into a failure, nothing is asserted on time."""
+    deadline = time.monotonic() + limit
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def _connectable(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        probe.connect(os.fspath(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+class BrokerProcess:
+    """``prealloc serve`` in a process of its own."""
+
+    def __init__(self, tmp_path: Path, config: str | None = None, *, name: str = "broker",
+                 extra_env: dict[str, str] | None = None, argv: list[str] | None = None) -> None:
+        self.socket_path = tmp_path / f"{name}.sock"
+        self.config_path = None
+        args = [sys.executable, "-m", "prealloc", "serve", "--socket", str(self.socket_path)]
+        if config is not None:
+            self.config_path = tmp_path / f"{name}.toml"
+            self.config_path.write_text(config)
+            args += ["--config", str(self.config_path)]
+        env = dict(os.environ, **(extra_env or {}))
+        self.log_path = tmp_path / f"{name}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(argv or args, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        wait_for(lambda: self.proc.poll() is not None or _connectable(self.socket_path), "the broker to listen")
+        assert self.proc.poll() is None, self.log()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def broker_process(tmp_path):
+    made: list[BrokerProcess] = []
+
+    def make(config: str | None = None, **kwargs) -> BrokerProcess:
+        broker = BrokerProcess(tmp_path, config, name=f"broker{len(made)}", **kwargs)
+        made.append(broker)
+        return broker
+
+    yield make
+    for broker in made:
+        if broker.proc.poll() is None:
+            broker.kill()
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A broker on a thread of this process: the test can look at its own pages."""
+    with Broker(tmp_path / "inproc.sock", config=broker_config_from_dict({})) as running:
+        running.start()
+        yield running
+
+
+CLIENT_PRELUDE = f"""
+import os, sys
+sys.path.insert(0, {SRC!r})
+from prealloc.client import Client
+from prealloc import ResourceRequest, ResourceType
+
+def status(field):
+    for line in open('/proc/self/status'):
+        if line.startswith(field + ':'):
+            return int(line.split()[1]) * 1024
+    return 0
+
+def say(*words):
+    print(*words, flush=True)
+"""
+
+
+def client_process(script: str, *args: str) -> subprocess.Popen:
+    code = CLIENT_PRELUDE + textwrap.dedent(script)
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def read_line(proc: subprocess.Popen) -> list[str]:
+    line = proc.stdout.readline()
+    if not line:
+        raise AssertionError(f"client process ended: {proc.wait()} {proc.stderr.read()}")
+    return line.split()
+
+
+# ---------------------------------------------------------------------------------------
+# memory crosses the process boundary without a copy
+
+
+def test_memory_claim_maps_the_brokers_pages_in_the_client(broker):
+    size_mib = 32
+    proc = client_process(f"""
+        c = Client(sys.argv[1])
+        aid = c.request_preallocation(ResourceRequest(ResourceType.MEMORY, {size_mib}))
+        assert c.wait_ready([aid], timeout=30)
+        before_shmem, before_anon = status('RssShmem'), status('RssAnon')
+        claim = c.claim(aid)
+        buf = memoryview(claim.resource)
+        for offset in range(0, len(buf), 4096):
+            buf[offset] = offset // 4096 % 251
+        buf[:8] = b'prealloc'
+        say(aid, len(buf), status('RssShmem') - before_shmem, status('RssAnon') - before_anon)
+        sys.stdin.readline()
+        buf.release()
+        claim.release()
+        say('released', status('RssShmem') - before_shmem, len(c.allocations()))
+        sys.stdin.readline()
+    """, str(broker.socket_path))
+    try:
+        aid, length, shmem_growth, anon_growth = map(int, read_line(proc))
+        assert length == size_mib * MiB
+        # the client's resident set grew by the claimed pages, as shared memory ...
+        assert shmem_growth >= size_mib * MiB
+        # ... and not by a private copy of them
+        assert anon_growth < size_mib * MiB // 4
+        # the broker's own mapping shows what the client wrote: the same pages
+        claim = broker.claim_of(aid)
+        assert claim is not None
+        view = memoryview(claim.resource)
+        assert bytes(view[:8]) == b"prealloc"
+        assert [view[p * 4096] for p in range(2, 600, 97)] == [p % 251 for p in range(2, 600, 97)]
+        del view
+        # the memfd the client mapped is sealed against shrinking, for good
+        import fcntl
+        seals = fcntl.fcntl(claim.resource.fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_SEAL
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        word, shmem_after, left = read_line(proc)
+        assert word == "released" and int(left) == 0
+        assert int(shmem_after) < size_mib * MiB // 4  # unmapped in the client
+        wait_for(lambda: not broker.held(), "the broker to forget the allocation")
+        assert broker.allocator.allocations() == []
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_sigkilled_client_has_its_holdings_released(broker):
+    from osutil import vm_lck
+
+    baseline_lck = vm_lck()
+    proc = client_process("""
+        c = Client(sys.argv[1])
+        memory = c.acquire('memory', 4)
+        memory.resource[:4] = b'held'
+        queued = c.request_preallocation(ResourceRequest(ResourceType.MEMORY, 2))
+        c.wait_ready([queued], timeout=30)
+        cpu = c.acquire('cpu', 100)
+        say(memory.allocation_id, memory.allocation.details['locked'], sorted(cpu.resource)[0],
+            sorted(os.sched_getaffinity(0)) == sorted(cpu.resource))
+        sys.stdin.readline()
+    """, str(broker.socket_path))
+    try:
+        memory_id, locked, core, pinned = read_line(proc)
+        assert pinned == "True"
+        assert len(broker.held()) == 3
+        assert {a.status for a in broker.allocator.allocations()} == {AllocationStatus.ACTIVE,
+                                                                      AllocationStatus.ALLOCATED}
+        if locked == "True":
+            assert vm_lck() - baseline_lck >= 6 * MiB  # 4 + 2 MiB locked in the broker
+        proc.kill()
+        proc.wait()
+        wait_for(lambda: not broker.held(), "the dead client's holdings to be released")
+        assert broker.allocator.allocations() == []
+        assert broker.peers() == []
+        assert vm_lck() == baseline_lck
+        assert broker.usage() == {}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# ---------------------------------------------------------------------------------------
+# ownership
+
+
+def test_a_peer_cannot_touch_another_peers_allocations(broker):
+    with Client(broker.socket_path) as alice, Client(broker.socket_path) as bob:
+        aid = alice.request_preallocation(ResourceRequest(ResourceType.MEMORY, 2))
+        assert alice.wait_ready([aid], timeout=30)
+        for attempt in (lambda: bob.get_allocation(aid), lambda: bob.claim(aid), lambda: bob.release_allocation(aid),
+                        lambda: bob.adjust_allocation(aid, 4), lambda: bob.cancel_request(aid),
+                        lambda: bob.wait_ready([aid], timeout=0)):
+            with pytest.raises(KeyError, match=f"unknown allocation {aid}"):
+                attempt()
+        assert bob.allocations() == []
+        # bob's need is not served by alice's preallocation, even for the same application
+        with bob.acquire("memory", 2) as claim:
+            assert claim.preallocated is False
+            assert claim.allocation_id != aid
+        assert alice.get_allocation(aid).status is AllocationStatus.ALLOCATED
+        # alice's own need is
+        with alice.acquire("memory", 2) as claim:
+            assert claim.preallocated is True and claim.allocation_id == aid
+        assert alice.allocations() == []
+
+
+def test_only_root_lists_every_peer(broker):
+    with Client(broker.socket_path) as alice, Client(broker.socket_path) as bob:
+        aid = alice.request_preallocation(ResourceRequest(ResourceType.MEMORY, 1))
+        alice.wait_ready([aid], timeout=30)
+        if os.geteuid() == 0:
+            listed = bob.allocations(all=True)
+            assert [a.allocation_id for a in listed] == [aid]
+            assert listed[0].details["owner_pid"] == os.getpid()
+            assert [r["allocation_id"] for r in bob.status()["reservations"]] == [aid]
+        else:
+            with pytest.raises(PermissionError, match="only root"):
+                bob.allocations(all=True)
+            assert bob.status()["reservations"] == []
+        assert bob.allocations() == []
+
+
+def test_the_peer_is_who_so_peercred_says(broker):
+    with Client(broker.socket_path) as client:
+        assert client.server["peer"] == {"pid": os.getpid(), "uid": os.geteuid(), "gid": os.getegid()}
+        aid = client.request_preallocation(ResourceRequest(ResourceType.MEMORY, 1))
+        # what the client says of itself is not taken: the request's user is the peer's uid
+        assert client.status()["quotas"] == {str(os.geteuid()): {"memory": 1.0}}
+        client.release_allocation(aid)
+
+
+def test_cpu_pin_of_a_process_of_another_uid_is_refused(broker):
+    if os.geteuid() == 0:
+        pytest.skip("root may pin any process")
+    with Client(broker.socket_path) as client:
+        with pytest.raises(PermissionError, match="does not belong"):
+            client.acquire("cpu", 100, target_process_id=1)
+        assert client.allocations() == []
+
+
+# ---------------------------------------------------------------------------------------
+# limits
+
+
+def test_per_uid_quota_is_enforced_across_connections(tmp_path):
+    config = broker_config_from_dict({"quotas": {str(os.geteuid()): {"MEMORY": 8}}})
+    with Broker(tmp_path / "quota.sock", config=config) as broker:
+        broker.start()
+        with Client(broker.socket_path) as first, Client(broker.socket_path) as second:
+            a = first.request_preallocation(ResourceRequest(ResourceType.MEMORY, 4))
+            b = second.request_preallocation(ResourceRequest(ResourceType.MEMORY, 4))
+            with pytest.raises(QuotaExceeded, match="at most 8"):
+                second.request_preallocation(ResourceRequest(ResourceType.MEMORY, 1))
+            with pytest.raises(QuotaExceeded):
+                first.acquire("memory", 1)
+            assert len(broker.held()) == 2
+            assert broker.usage() == {os.geteuid(): {ResourceType.MEMORY: 8.0}}
+            first.release_allocation(a)
+            c = second.request_preallocation(ResourceRequest(ResourceType.MEMORY, 4))
+            assert broker.usage() == {os.geteuid(): {ResourceType.MEMORY: 8.0}}
+            second.release_allocation(b)
+            second.release_allocation(c)
+        wait_for(lambda: not broker.peers(), "the peers to close")
+        assert broker.usage() == {}
+
+
+def test_rate_limit_answers_rate_limited(tmp_path):
+    config = broker_config_from_dict({"rate_limit": 0.001, "rate_burst": 5})
+    with Broker(tmp_path / "rate.sock", config=config) as broker:
+        broker.start()
+        with Client(broker.socket_path) as client:  # hello is the first of the five
+            for _ in range(4):
+                client.get_statistics()
+            with pytest.raises(RateLimited):
+                client.get_statistics()
+            with pytest.raises(RateLimited):
+                client.request_preallocation(ResourceRequest(ResourceType.MEMORY, 1))
+        assert broker.held() == {}
+        with Client(broker.socket_path) as fresh:  # per peer: another connection has its own bucket
+            fresh.get_statistics()
+
+
+def test_bad_arguments_are_answered_and_change_nothing(broker):
+    with Client(broker.socket_path) as client:
+        with pytest.raises(ValueError, match="predicted_need"):
+            client._call("request_preallocation", {"resource_type": "memory", "predicted_need": -1})
+        with pytest.raises(ValueError, match="unknown resource type"):
+            client._call("request_preallocation", {"resource_type": "plutonium", "predicted_need": 1})
+        with pytest.raises(TypeError, match="allocation_id"):
+            client._call("claim", {"allocation_id": "seven"})
+        with pytest.raises(KeyError):
+            client.claim(12345)
+        assert client.allocations() == [] and broker.held() == {}
+
+
+def test_events_reach_the_subscriber(broker):
+    import threading
+
+    seen: list = []
+    arrived = threading.Event()
+    with Client(broker.socket_path) as client:
+        client.on("resource:allocated", lambda a: (seen.append(a), arrived.set()))
+        aid = client.request_preallocation(ResourceRequest(ResourceType.MEMORY, 1))
+        assert arrived.wait(30)
+        assert seen[0].allocation_id == aid and seen[0].status is AllocationStatus.ALLOCATED
+        assert client.release_allocation(aid)
+
+
+# ---------------------------------------------------------------------------------------
+# the broker's own life: SIGTERM, SIGHUP, SIGKILL, socket activation
+
+
+def test_sigterm_drains_releases_and_exits_0(broker_process):
+    running = broker_process()
+    before = os.sched_getaffinity(0)
+    client = Client(running.socket_path)
+    claim = client.acquire("cpu", 100)
+    assert os.sched_getaffinity(0) == set(claim.resource)
+    memory = client.acquire("memory", 2)
+    assert running.stop() == 0, running.log()
+    assert os.sched_getaffinity(0) == before  # the drain undid the pin
+    assert not running.socket_path.exists()
+    with pytest.raises(Closed):
+        client.get_statistics()
+    memory.resource[:1] = b"x"  # the mapping stays valid here until released
+    client.close()
+
+
+def test_sighup_reloads_the_quotas(broker_process):
+    uid = os.geteuid()
+    running = broker_process(f'[quotas.{uid}]\nMEMORY = 2\n')
+    with Client(running.socket_path) as client:
+        with pytest.raises(QuotaExceeded):
+            client.request_preallocation(ResourceRequest(ResourceType.MEMORY, 4))
+        running.config_path.write_text(f'[quotas.{uid}]\nMEMORY = 64\n')
+        running.proc.send_signal(signal.SIGHUP)
+
+        def admitted():
+            try:
+                return client.request_preallocation(ResourceRequest(ResourceType.MEMORY, 4))
+            except QuotaExceeded:
+                return None
+
+        aid = wait_for(admitted, "the reloaded quota")
+        assert client.get_allocation(aid) is not None
+        # a broken file keeps the old config
+        running.config_path.write_text("rate_limit = 'fast'\n")
+        running.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "keeping the old config" in running.log(), "the refused reload")
+        assert client.release_allocation(aid)
+    assert running.stop() == 0
+
+
+def test_sigkilled_broker_is_recovered_by_the_journal_at_its_next_start(broker_process):
+    before = os.sched_getaffinity(0)
+    if len(before) < 2:
+        pytest.skip("one usable cpu: a pin changes nothing to see")
+    first = broker_process()
+    client = Client(first.socket_path)
+    claim = client.acquire("cpu", 100)
+    pinned = set(claim.resource)
+    assert os.sched_getaffinity(0) == pinned
+    first.kill()  # no drain: the pin outlives the broker
+    assert os.sched_getaffinity(0) == pinned
+    second = broker_process()  # its CPU strategy recovers the dead broker's journal
+    assert os.sched_getaffinity(0) == before
+    with Client(second.socket_path) as fresh:
+        assert fresh.allocations() == []
+    client.close()
+    assert second.stop() == 0
+
+
+def test_socket_activation_takes_the_inherited_listening_socket(tmp_path, broker_process):
+    path = tmp_path / "activated.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(os.fspath(path))
+    listener.listen(16)
+    # what systemd does: the socket at fd 3, LISTEN_PID naming the broker, LISTEN_FDS=1
+    launcher = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_PID'] = str(os.getpid()); "
+                "os.environ['LISTEN_FDS'] = '1'; os.execv(sys.executable, [sys.executable, '-m', 'prealloc', "
+                "'serve'])")
+    env = {"PREALLOC_SOCKET": str(tmp_path / "not-this-one.sock")}
+    proc = subprocess.Popen([sys.executable, "-c", launcher, str(listener.fileno())], pass_fds=[listener.fileno()],
+                            env=dict(os.environ, **env), stderr=subprocess.PIPE)
+    listener.close()  # only the broker holds it now
+    try:
+        with Client(path) as client:
+            assert client.server["pid"] == proc.pid
+            aid = client.request_preallocation(ResourceRequest(ResourceType.MEMORY, 1))
+            assert client.wait_ready([aid], timeout=30)
+        assert not (tmp_path / "not-this-one.sock").exists()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, proc.stderr.read()
+        assert path.exists()  # the socket is systemd's: the broker does not remove it
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_second_broker_on_a_live_socket_refuses(broker_process):
+    running = broker_process()
+    with pytest.raises(RuntimeError, match="another broker"):
+        Broker(running.socket_path, config=broker_config_from_dict({}))
+    assert running.stop() == 0
+
+
+def test_the_socket_is_0660(broker_process):
+    running = broker_process()
+    assert running.socket_path.stat().st_mode & 0o777 == 0o660
+    assert running.stop() == 0
+
+
+def test_config_file_errors_name_the_key():
+    from prealloc.config_file import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        broker_config_from_dict({"rate_limit": -1, "quotas": {"no-such-user-here": {"MEMORY": 1}},
+                                 "speed": 3, "engine": {"capacity": "big"}})
+    text = str(caught.value)
+    for key in ("rate_limit", "no-such-user-here", "speed", "engine.capacity"):
+        assert key in text
+
+
+def test_contrib_units_name_the_protocols_socket():
+    contrib = Path(__file__).resolve().parents[1] / "contrib"
+    socket_unit = (contrib / "prealloc.socket").read_text()
+    assert "ListenSequentialPacket=/run/prealloc-broker/broker.sock" in socket_unit
+    assert "SocketMode=0660" in socket_unit
+    assert "prealloc serve" in (contrib / "prealloc.service").read_text()
+    from prealloc.server import load_broker_config
+
+    assert load_broker_config(contrib / "broker.toml").quota_for(12345)[ResourceType.MEMORY] == 4096
+
