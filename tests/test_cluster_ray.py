@@ -1,0 +1,310 @@
+"""prealloc.cluster on a real (local) Ray cluster: placement groups place the bundles, each
+bundle's node actor makes them real, and the OS says so (/proc/<actor pid>/status,
+sched_getaffinity of the actor process).
+
+One Ray start for the module: a simulated two-node cluster (ray.cluster_utils.Cluster,
+head with 2 CPUs + a node with 1) where it starts, else ``ray.init(num_cpus=2)`` and the
+SPREAD test skips saying why. Ray's session files and address file go under a temporary
+directory of this test's own (RAY_TMPDIR), so root and an unprivileged user never share
+/tmp/ray.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'prealloc[ray]')")
+
+from prealloc import AllocationStatus, Prediction, ResourceRequest, ResourceType  # noqa: E402
+from prealloc.engine import PreallocatorConfig  # noqa: E402
+from prealloc.translate import RuleTranslator  # noqa: E402
+
+from osutil import proc_status_kib  # noqa: E402
+
+MEMORY_MIB = 32
+
+
+def _gone(pid: int, timeout: float = 20.0) -> bool:
+    """Whether /proc/<pid> disappears within timeout (a Ray worker exits, then is reaped)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """(cluster or None, reason the cluster is single-node or None)."""
+    temp = tempfile.mkdtemp(prefix="pa-ray-")  # short: Ray's socket paths must fit 107 bytes
+    saved = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = temp
+    cluster = None
+    single_reason = None
+    try:
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 2, "include_dashboard": False, "object_store_memory": 80 << 20})
+        cluster.add_node(num_cpus=1, object_store_memory=80 << 20)
+        ray.init(address=cluster.address)
+        cluster.wait_for_nodes()
+    except Exception as exc:  # the simulated cluster did not start: one node, then
+        single_reason = f"a simulated two-node Ray cluster did not start here: {type(exc).__name__}: {exc}"
+        if ray.is_initialized():
+            ray.shutdown()
+        if cluster is not None:
+            try:
+                cluster.shutdown()
+            except Exception:
+                pass
+        cluster = None
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, _temp_dir=os.path.join(temp, "ray"),
+                     object_store_memory=80 << 20)
+        except Exception as exc2:
+            shutil.rmtree(temp, ignore_errors=True)
+            pytest.skip(f"Ray cannot start here: {type(exc2).__name__}: {exc2}")
+    yield cluster, single_reason
+    ray.shutdown()
+    if cluster is not None:
+        cluster.shutdown()
+    if saved is None:
+        os.environ.pop("RAY_TMPDIR", None)
+    else:
+        os.environ["RAY_TMPDIR"] = saved
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def pre(ray_cluster):
+    from prealloc.cluster import ClusterPreallocator
+
+    cp = ClusterPreallocator(placement_timeout=20, ready_timeout=30)
+    yield cp
+    cp.close()
+
+
+def _table_state(pg_id: str) -> str:
+    from ray.util.placement_group import placement_group_table
+
+    return placement_group_table()[pg_id]["state"]
+
+
+def test_request_is_placed_and_made_real_then_released(pre):
+    heard = []
+    pre.on("resource:allocated", heard.append)
+    request = pre.request_preallocation([ResourceRequest(ResourceType.MEMORY, MEMORY_MIB),
+                                         ResourceRequest(ResourceType.CPU, 100)])
+    assert request.wait(60), "not ready within 60 s"
+    assert request.status is AllocationStatus.ALLOCATED, request.failure_reason
+    assert _table_state(request.placement_group_id) == "CREATED"
+    memory, cpu = sorted(request.allocations, key=lambda a: a.resource_type)
+    assert memory.status is cpu.status is AllocationStatus.ALLOCATED
+    assert {a.allocation_id for a in heard} == {memory.allocation_id, cpu.allocation_id}
+    pid = memory.details["node_pid"]
+    assert pid == cpu.details["node_pid"] and pid != os.getpid()
+    assert memory.details["node_id"] in {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    # the OS: the actor's process holds the populated memfd pages, and is pinned to the
+    # cores its engine reserved
+    held_shmem = proc_status_kib("RssShmem", pid)
+    assert held_shmem >= MEMORY_MIB * 1024
+    assert proc_status_kib("VmRSS", pid) >= MEMORY_MIB * 1024
+    assert os.sched_getaffinity(pid) == set(cpu.details["cores"])
+    assert len(cpu.details["cores"]) == 1
+
+    assert pre.release(request)
+    assert request.status is AllocationStatus.RELEASED
+    assert all(a.status is AllocationStatus.RELEASED for a in request.allocations)
+    # node reservations first: what the actor held after its engine released, from its own
+    # /proc/self/status; then the placement group
+    after = memory.details["node_after_release"]
+    assert after["pid"] == pid
+    assert after["RssShmem"] <= held_shmem - MEMORY_MIB * 1024 + 1024
+    assert set(after["affinity"]) != set(cpu.details["cores"]) or len(os.sched_getaffinity(0)) == 1
+    assert after["VmLck"] == 0
+    assert _table_state(request.placement_group_id) == "REMOVED"
+    assert _gone(pid), f"node actor {pid} still runs after the release"
+    stats = pre.get_statistics()
+    assert stats.total_requests == 2 and stats.successful_allocations == 2 and stats.released == 2
+    assert stats.active_allocations == 0 and stats.in_flight == 0
+    assert not pre.release(request)  # ended already
+
+
+def test_claim_in_a_task_maps_the_node_memory_and_pins_the_task(pre):
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    request = pre.request_preallocation([ResourceRequest(ResourceType.MEMORY, MEMORY_MIB),
+                                         ResourceRequest(ResourceType.CPU, 100)])
+    assert request.wait(60) and request.status is AllocationStatus.ALLOCATED, request.failure_reason
+    cpu = next(a for a in request.allocations if a.resource_type is ResourceType.CPU)
+
+    @ray.remote(num_cpus=1)
+    def consumer():
+        from prealloc import cluster
+
+        def proc_status_kib(field):  # the worker cannot import the test tree's osutil
+            with open("/proc/self/status") as status:
+                return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+        before = proc_status_kib("RssShmem")
+        with cluster.claim("MEMORY") as memory:
+            view = memory.resource
+            mapped = proc_status_kib("RssShmem") - before  # MAP_POPULATE of the node's pages
+            view[0] = 7
+            view[len(view) - 1] = 9
+            ends = (view[0], view[len(view) - 1], len(view))
+            with cluster.claim("CPU") as cores:
+                pinned = os.sched_getaffinity(0)
+                held = sorted(cores.resource)
+            view.release()
+        return mapped, ends, held, sorted(pinned), sorted(os.sched_getaffinity(0)), os.getpid()
+
+    mapped, ends, held, pinned, after, task_pid = ray.get(consumer.options(
+        scheduling_strategy=PlacementGroupSchedulingStrategy(request._pg)).remote(), timeout=60)
+    assert ends == (7, 9, MEMORY_MIB << 20)
+    assert mapped >= MEMORY_MIB * 1024 - 4  # the same shared pages, already there
+    assert held == cpu.details["cores"] and pinned == held
+    assert after != pinned or len(os.sched_getaffinity(0)) == 1  # restored at release
+    # both claims were released by the consumer: the node ended them, the request follows
+    assert request.wait_ended(30), "the request did not end after its consumer released every claim"
+    assert all(a.status is AllocationStatus.RELEASED for a in request.allocations)
+    assert all(a.details.get("claimed") for a in request.allocations)
+    stats = pre.get_statistics()
+    assert stats.claimed == 2 and stats.used == 2 and stats.resource_hit_rate == 1.0
+    assert _table_state(request.placement_group_id) == "REMOVED"
+
+
+def test_claim_outside_a_bundle_is_refused(ray_cluster):
+    from prealloc import cluster
+
+    with pytest.raises(LookupError, match="placement group"):
+        cluster.claim("MEMORY")
+
+
+def test_infeasible_request_fails_within_its_bound_with_rays_reason(ray_cluster):
+    from prealloc.cluster import ClusterPreallocator
+
+    with ClusterPreallocator(placement_timeout=2, ready_timeout=10) as cp:
+        failed = []
+        cp.on("resource:failed", failed.append)
+        request = cp.request_preallocation(ResourceRequest(ResourceType.CPU, 6400))  # 64 cores
+        assert request.wait(30), "the placement bound did not end the request"
+        assert request.status is AllocationStatus.FAILED
+        assert "INFEASIBLE" in request.failure_reason and "not ready within 2 s" in request.failure_reason
+        assert [a.status for a in failed] == [AllocationStatus.FAILED]
+        assert failed[0].failure_reason == request.failure_reason
+        assert _table_state(request.placement_group_id) == "REMOVED"
+        stats = cp.get_statistics()
+        assert stats.total_requests == 1 and stats.failed_allocations == 1 and stats.in_flight == 0
+
+
+def test_killed_node_actor_fails_its_bundle_and_releases_the_others(pre):
+    request = pre.request_preallocation(ResourceRequest(ResourceType.MEMORY, MEMORY_MIB),
+                                        _placement("PACK", 2))
+    assert request.wait(60) and request.status is AllocationStatus.ALLOCATED, request.failure_reason
+    first, second = sorted(request.allocations, key=lambda a: a.details["bundle_index"])
+    dead_pid, other_pid = first.details["node_pid"], second.details["node_pid"]
+    assert dead_pid != other_pid
+    held_other = proc_status_kib("RssShmem", other_pid)
+    assert proc_status_kib("RssShmem", dead_pid) >= MEMORY_MIB * 1024 and held_other >= MEMORY_MIB * 1024
+    failed = []
+    pre.on("resource:failed", failed.append)
+    ray.kill(ray.get_actor(f"prealloc-bundle:{request.placement_group_id}:0", namespace="prealloc"))
+    assert request.wait_ended(30), "the node actor's death did not end the request"
+    assert request.status is AllocationStatus.FAILED
+    assert "bundle 0's node actor died" in request.failure_reason
+    assert first.status is AllocationStatus.FAILED and first.failure_reason == request.failure_reason
+    assert [a.allocation_id for a in failed] == [first.allocation_id]
+    # the dead node's holdings went with its process; the other bundle was released first
+    assert _gone(dead_pid)
+    assert second.status is AllocationStatus.RELEASED
+    assert second.details["node_after_release"]["RssShmem"] <= held_other - MEMORY_MIB * 1024 + 1024
+    assert _table_state(request.placement_group_id) == "REMOVED"
+    assert _gone(other_pid)
+
+
+def _placement(strategy: str, bundles: int):
+    from prealloc.cluster import Placement
+
+    return Placement(strategy=strategy, bundles=bundles)
+
+
+def test_spread_over_two_nodes_each_reservation_real(pre, ray_cluster):
+    cluster, single_reason = ray_cluster
+    if cluster is None:
+        pytest.skip(single_reason)
+    request = pre.request_preallocation(ResourceRequest(ResourceType.MEMORY, MEMORY_MIB),
+                                        _placement("STRICT_SPREAD", 2))
+    assert request.wait(60) and request.status is AllocationStatus.ALLOCATED, request.failure_reason
+    nodes = {a.details["node_id"] for a in request.allocations}
+    assert len(nodes) == 2
+    for allocation in request.allocations:
+        assert proc_status_kib("RssShmem", allocation.details["node_pid"]) >= MEMORY_MIB * 1024
+    assert pre.release(request)
+    assert _table_state(request.placement_group_id) == "REMOVED"
+
+
+def test_prediction_through_the_configs_translator(ray_cluster):
+    from prealloc.cluster import ClusterPreallocator
+
+    rules = RuleTranslator.from_dict({"rule": [{
+        "name": "shard", "match": {"type": "user_action", "value": "load_model"},
+        "request": [{"resource_type": "MEMORY", "need": 8, "duration": 600}]}]})
+    with ClusterPreallocator(PreallocatorConfig(translator=rules, min_confidence=0.5)) as cp:
+        assert cp.handle_prediction(Prediction("p0", "user_action", "load_model", confidence=0.1)) is None
+        request = cp.handle_prediction(Prediction("p1", "user_action", "load_model", confidence=0.9),
+                                       _placement("PACK", 1))
+        assert request is not None and request.wait(60), "not ready"
+        assert request.status is AllocationStatus.ALLOCATED, request.failure_reason
+        assert [a.resource_type for a in request.allocations] == [ResourceType.MEMORY]
+        assert request.expires_at is not None
+        assert cp.get_statistics().skipped_low_confidence == 1
+
+
+def test_bad_input_is_refused_and_places_nothing(ray_cluster):
+    from ray.util.placement_group import placement_group_table
+
+    from prealloc.cluster import ClusterPreallocator, Placement
+
+    groups = len(placement_group_table())
+    with ClusterPreallocator() as cp:
+        with pytest.raises(ValueError, match="placement strategy"):
+            cp.request_preallocation(ResourceRequest(ResourceType.MEMORY, 8), Placement(strategy="NEAR"))
+        with pytest.raises(ValueError, match="bundles"):
+            cp.request_preallocation(ResourceRequest(ResourceType.MEMORY, 8), Placement(bundles=0))
+        with pytest.raises(ValueError, match="requests"):
+            cp.request_preallocation([])
+        with pytest.raises(ValueError, match="predicted_need"):
+            cp.request_preallocation(ResourceRequest(ResourceType.MEMORY, -1))
+        with pytest.raises(TypeError, match="requests must be ResourceRequest"):
+            cp.request_preallocation(["MEMORY"])
+        with pytest.raises(ValueError, match="no translator"):
+            cp.handle_prediction(Prediction("p", "user_action", "x", confidence=1.0))
+        assert cp.get_statistics().total_requests == 0
+    with pytest.raises(ValueError, match="placement_timeout"):
+        ClusterPreallocator(placement_timeout=0)
+    assert len(placement_group_table()) == groups
+
+
+def test_bundle_resources_carry_what_ray_schedules_by(ray_cluster):
+    from prealloc.cluster import bundle_resources
+
+    requests = [ResourceRequest(ResourceType.CPU, 250), ResourceRequest(ResourceType.MEMORY, 64),
+                ResourceRequest(ResourceType.CACHE_SPACE, 100), ResourceRequest(ResourceType.GPU, 1024)]
+    assert bundle_resources(requests) == {"CPU": 3.0, "memory": float(64 << 20), "GPU": 1.0}
+    advertised = {"CPU": 8, "prealloc_cache_mib": 4096, "prealloc_gpu_mib": 8192}
+    assert bundle_resources(requests, advertised) == {
+        "CPU": 3.0, "memory": float(64 << 20), "GPU": 1.0, "prealloc_cache_mib": 100.0,
+        "prealloc_gpu_mib": 1024.0}
+    assert bundle_resources([ResourceRequest(ResourceType.CACHE_SPACE, 10)]) == {"CPU": 0.001}
