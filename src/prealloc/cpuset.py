@@ -12,8 +12,8 @@ How, per cpuset cgroup that holds tasks to move:
   one with child cgroups: a child ``prealloc-rest-<pid>-<start>-<n>`` is made under it
   with ``cpus`` = its cpus minus the reserved ones, and the tasks are moved into it (by
   tid, through ``tasks``); a task they fork later is born there, so it stays off too;
-- any other cgroup (a leaf holding only tasks to move): its ``cpuset.cpus`` is shrunk
-  by the reserved cores; a cgroup whose cpus would be empty is left as it is.
+- any other cgroup (a leaf whose every task is one to move): its ``cpuset.cpus`` is
+  shrunk by the reserved cores; one whose cpus would be empty gets a rest child too.
 
 Kernel threads stay (they cannot be moved, and many are per-cpu), and so do interrupts
 (IRQ affinity is the operator's; a cpuset does not cover it); tasks we keep stay, and so
@@ -279,7 +279,7 @@ def _sweep(root: Path, result: CpusetIsolation, keep: set[int], scope: str | fro
         if not cpus & reserved:
             continue
         movable: list[int] = []
-        has_kept = False
+        has_kept = has_others = False
         for tid in _tasks(cgroup):
             kthread = _is_kernel_thread(tid)
             if kthread is None:
@@ -291,12 +291,17 @@ def _sweep(root: Path, result: CpusetIsolation, keep: set[int], scope: str | fro
                 has_kept = True
             elif (scope_tids is not None and tid not in scope_tids) or (scope == "uid" and _task_uid(tid) != os.geteuid()):
                 counts["scope"] += 1
+                has_others = True
             else:
                 movable.append(tid)
         if not movable:
             continue
+        if not cpus - reserved:  # nowhere else to put them in this cgroup
+            result.refused += len(movable) if first else 0
+            continue
         leaf = not any(d for d in dirnames if not d.startswith(_REST_PREFIX))
-        shrink = cgroup != root and not has_kept and leaf and bool(cpus - reserved) and scope == "all"
+        # shrinking moves every task of the cgroup: only when all of them are to move
+        shrink = cgroup != root and not has_kept and not has_others and leaf and bool(cpus - reserved)
         plans.append((cgroup, movable, shrink))
     if first:
         result.kernel_threads_left, result.kept, result.out_of_scope = counts["kernel"], counts["kept"], counts["scope"]

@@ -75,6 +75,9 @@ KIND_CPUSET = "cpuset"  # prealloc.cpuset: other tasks moved off reserved cores
 KIND_SCHED = "sched"  # prealloc.strategies.cpu: [policy, rt_priority, nice] of another process's threads
 
 
+_SEQUENCE = itertools.count(1)
+
+
 class UntrustedJournalDirectory(PermissionError):
     """The journal directory is not a private directory of this user: using it would let
     another user plant entries that recovery acts on."""
@@ -198,7 +201,9 @@ class Journal:
     def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
         self.directory = Path(directory) if directory is not None else default_directory()
         self._owner = {"pid": os.getpid(), "start": process_start_time(os.getpid())}
-        self._sequence = itertools.count(1)  # next() is atomic: workers record concurrently
+        # one sequence for every Journal of the process (next() is atomic: workers record
+        # concurrently), so two journals (the CPU's, the disk's) never write one name
+        self._sequence = _SEQUENCE
 
     def unique_name(self, prefix: str) -> str:
         """A name nobody else makes: prefix-<our pid>-<our start time>-<sequence>."""
