@@ -33,7 +33,7 @@ def watcher(running):
     with Client(running.socket_path) as client:
         for rtype in ("memory", "cpu"):
             client.acquire(rtype, 1).release()
-        aid = client.request_preallocation(ResourceRequest(ResourceType.MEMORY, 1))
+        aid = client.submit(ResourceRequest(ResourceType.MEMORY, 1))
         client.wait_ready([aid], timeout=30)
         client.release_allocation(aid)
         client.initial_fds = _settled_fds(running, client)  # type: ignore[attr-defined]
@@ -193,7 +193,7 @@ def test_descriptor_flood_over_many_connections(running, baseline):
 def test_a_peer_that_vanishes_mid_claim_leaks_nothing(running, baseline):
     client = Client(running.socket_path)
     claim = client.acquire("memory", 1)
-    aid = client.request_preallocation(ResourceRequest(ResourceType.MEMORY, 1))
+    aid = client.submit(ResourceRequest(ResourceType.MEMORY, 1))
     assert client.wait_ready([aid], timeout=30)
     client._sock.close()  # no bye: the broker sees the end of the stream
     client._closed = True

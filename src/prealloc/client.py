@@ -326,14 +326,21 @@ class Client:
     def hello(self) -> dict[str, Any]:
         return dict(self._call("hello", {})[0])
 
-    def request_preallocation(self, request: ResourceRequest) -> int:
-        """Queues one request at the broker; its allocation id (PENDING)."""
+    def request_preallocation(self, request: ResourceRequest) -> ResourceAllocation:
+        """As in-process: the broker allocates now and answers the allocation —
+        ALLOCATED, or FAILED with failure_reason."""
         if not isinstance(request, ResourceRequest):
             raise TypeError(f"request must be a ResourceRequest, not {type(request).__name__}")
         request.validate()
-        return int(self._call("request_preallocation", request_to_json(request))[0]["allocation_id"])
+        return allocation_from_json(self._call("request_preallocation", request_to_json(request))[0])
 
-    submit = request_preallocation
+    def submit(self, request: ResourceRequest) -> int:
+        """Queues one request for the broker's worker; its allocation id (PENDING):
+        ``wait_ready`` then ``claim``."""
+        if not isinstance(request, ResourceRequest):
+            raise TypeError(f"request must be a ResourceRequest, not {type(request).__name__}")
+        request.validate()
+        return int(self._call("submit", request_to_json(request))[0]["allocation_id"])
 
     def handle_prediction(self, prediction: Prediction) -> list[int]:
         if not isinstance(prediction, Prediction):

@@ -37,7 +37,7 @@ MAX_PROTOCOL_ERRORS = 3
 MAX_ID = 2**53  # ids are JSON numbers every client can hold exactly (a double's integers)
 MAX_IDS_PER_CALL = 1024  # allocation_ids of one wait_ready
 
-OPS = ("hello", "request_preallocation", "handle_prediction", "wait_ready", "claim", "acquire",
+OPS = ("hello", "request_preallocation", "submit", "handle_prediction", "wait_ready", "claim", "acquire",
        "adjust_allocation", "release_allocation", "cancel_request", "get_allocation", "allocations",
        "get_statistics", "status", "subscribe", "bye")
 

@@ -859,6 +859,31 @@ class Broker:
                 "uid": os.geteuid(), "peer": {"pid": peer.pid, "uid": peer.uid, "gid": peer.gid}}
 
     def _op_request_preallocation(self, peer: Peer, args: dict[str, Any]) -> Any:
+        """As in-process: allocates now (on the peer's thread) and answers the
+        allocation — ALLOCATED, or FAILED with its reason."""
+        request = self._check_request(peer, request_from_json(args))
+        booked = [(request.resource_type, self._planned(request))]
+        with self._lock:
+            self._book(peer, booked)
+        try:
+            snapshot = self.allocator.request_preallocation(request)
+        except BaseException:
+            self._unbook(peer, booked)
+            raise
+        live = snapshot.status in (AllocationStatus.ALLOCATED, AllocationStatus.ACTIVE)
+        with self._lock:
+            if live:
+                self._register(peer, snapshot.allocation_id, request.resource_type, booked[0][1])
+        if not live:
+            self._unbook(peer, booked)
+        else:
+            self._forget_if_ended(snapshot.allocation_id)
+            if ALLOCATED in peer.subscribed:  # its event was emitted before the id was filed
+                self._make_listener(ALLOCATED)(snapshot)
+        return allocation_to_json(snapshot, owner_pid=peer.pid, owner_uid=peer.uid)
+
+    def _op_submit(self, peer: Peer, args: dict[str, Any]) -> Any:
+        """Queues the request for the engine's worker; answers its id (PENDING)."""
         request = self._check_request(peer, request_from_json(args))
         booked = [(request.resource_type, self._planned(request))]
         with self._lock:  # submit only queues: the lock is never held across a wait
@@ -1125,7 +1150,7 @@ class Broker:
         raise _Drop()
 
     _ops: dict[str, Callable[[Broker, Peer, dict[str, Any]], Any]] = {
-        "hello": _op_hello, "request_preallocation": _op_request_preallocation,
+        "hello": _op_hello, "request_preallocation": _op_request_preallocation, "submit": _op_submit,
         "handle_prediction": _op_handle_prediction, "wait_ready": _op_wait_ready, "claim": _op_claim,
         "acquire": _op_acquire, "adjust_allocation": _op_adjust_allocation,
         "release_allocation": _op_release_allocation, "cancel_request": _op_cancel_request,
