@@ -57,7 +57,7 @@ class BrokerProcess:
     """``prealloc serve`` in a process of its own."""
 
     def __init__(self, tmp_path: Path, config: str | None = None, *, name: str = "broker",
-                 extra_env: dict[str, str] | None = None, argv: list[str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, extra_args: list[str] | None = None) -> None:
         self.socket_path = tmp_path / f"{name}.sock"
         self.config_path = None
         args = [sys.executable, "-m", "prealloc", "serve", "--socket", str(self.socket_path)]
@@ -65,10 +65,11 @@ class BrokerProcess:
             self.config_path = tmp_path / f"{name}.toml"
             self.config_path.write_text(config)
             args += ["--config", str(self.config_path)]
+        args += extra_args or []
         env = dict(os.environ, **(extra_env or {}))
         self.log_path = tmp_path / f"{name}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(argv or args, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         wait_for(lambda: self.proc.poll() is not None or _connectable(self.socket_path), "the broker to listen")
         assert self.proc.poll() is None, self.log()
 
@@ -504,3 +505,20 @@ def test_request_preallocation_allocates_now_as_in_process(broker):
         with client.claim(allocation.allocation_id) as claim:
             assert len(claim.resource) == 2 * MiB and claim.preallocated is True
         assert client.allocations() == [] and broker.held() == {}
+
+
+def test_metrics_on_a_local_address(broker_process, tmp_path):
+    pytest.importorskip("prometheus_client", reason="the prometheus extra is not installed")
+    import urllib.request
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    running = broker_process(extra_args=["--metrics", f"127.0.0.1:{port}"])
+    with Client(running.socket_path) as client:
+        with client.acquire("memory", 1):
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    assert "prealloc_broker_connections 1.0" in text
+    assert 'prealloc_held_bytes{preallocator=' in text and "prealloc_broker_requests_total" in text
+    assert running.stop() == 0

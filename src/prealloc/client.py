@@ -258,9 +258,12 @@ class Client:
                     _close_all(fds)
                     self._dispatch(message)
                     continue
+                answer_id = message.get("id")
                 with self._lock:
-                    future = self._pending.pop(message.get("id"), None) if message.get("id") is not None \
-                        else (self._pending.pop(min(self._pending)) if self._pending else None)
+                    if type(answer_id) is int:
+                        future = self._pending.pop(answer_id, None)
+                    else:  # an error the broker could not tie to a request: the oldest waits for it
+                        future = self._pending.pop(min(self._pending)) if self._pending else None
                 if future is None:
                     _close_all(fds)
                 else:

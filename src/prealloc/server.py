@@ -143,8 +143,8 @@ def broker_config_from_dict(document: Mapping[str, Any], *, source: str = "<brok
     from .config_file import ConfigError, config_from_dict
 
     errors: list[str] = []
-    for key in sorted(set(document) - set(_BROKER_KEYS)):
-        errors.append(f"{key}: unknown key; allowed at the top: {sorted(_BROKER_KEYS)}")
+    for unknown in sorted(set(document) - set(_BROKER_KEYS)):
+        errors.append(f"{unknown}: unknown key; allowed at the top: {sorted(_BROKER_KEYS)}")
     config = BrokerConfig()
     for key in ("rate_limit", "rate_burst"):
         if key in document:
@@ -171,14 +171,14 @@ def broker_config_from_dict(document: Mapping[str, Any], *, source: str = "<brok
         errors.append("quotas: must be a table of uid or user name = {type = amount}")
     else:
         for who, limits in raw_quotas.items():
-            key: int | str
+            who_key: int | str
             if who == "*":
-                key = "*"
+                who_key = "*"
             elif who.isdigit():
-                key = int(who)
+                who_key = int(who)
             else:
                 try:
-                    key = pwd.getpwnam(who).pw_uid
+                    who_key = pwd.getpwnam(who).pw_uid
                 except KeyError:
                     errors.append(f"quotas.{who}: no such user")
                     continue
@@ -198,7 +198,7 @@ def broker_config_from_dict(document: Mapping[str, Any], *, source: str = "<brok
                     errors.append(f"quotas.{who}.{name}: must be a finite number >= 0, not {amount!r}")
                     continue
                 amounts[rtype] = float(amount)
-            config.quotas[key] = amounts
+            config.quotas[who_key] = amounts
     if "engine" in document:
         if not isinstance(document["engine"], dict):
             errors.append("engine: must be a table (the prealloc.config_file schema)")
@@ -947,8 +947,8 @@ class Broker:
         allocation_id = claim.allocation_id
         peer.claims[allocation_id] = claim
         snapshot = self.allocator.get_allocation(allocation_id)
-        result = allocation_to_json(snapshot, owner_pid=peer.pid, owner_uid=peer.uid) if snapshot is not None \
-            else {"allocation_id": allocation_id}
+        result: dict[str, Any] = allocation_to_json(snapshot, owner_pid=peer.pid, owner_uid=peer.uid) \
+            if snapshot is not None else {"allocation_id": allocation_id}
         result["preallocated"] = claim.preallocated
         if extra:
             result.update(extra)
@@ -992,7 +992,7 @@ class Broker:
         target = self._check_target(peer, args.get("target_process_id")) if rtype is ResourceType.CPU else None
         if rtype in _PATH_TYPES and peer.uid not in (0, os.geteuid()):
             raise PermissionError(f"{rtype.name} is served only to uid {os.geteuid()} and root")
-        probe = ResourceRequest(rtype, amount).validate()
+        probe = ResourceRequest(rtype, amount).validate()  # type: ignore[arg-type]  # checked here
         booked = [(rtype, self._planned(probe))]
         with self._lock:
             self._book(peer, booked)
@@ -1028,7 +1028,7 @@ class Broker:
         if snapshot is None:
             self._forget(allocation_id)
             raise KeyError(f"unknown allocation {allocation_id}")
-        probe = ResourceRequest(rtype, new_amount).validate()
+        probe = ResourceRequest(rtype, new_amount).validate()  # type: ignore[arg-type]  # checked here
         planned = self._planned(probe)
         growth = max(0.0, planned - booked)
         if growth:
