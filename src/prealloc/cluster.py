@@ -321,14 +321,19 @@ class _BundleNode:
     """The node actor of one bundle (a Ray actor class: made with ``ray.remote`` below)."""
 
     def __init__(self, engine_factory: Callable[[], NodeEngine]) -> None:
+        start = time.perf_counter()
         self._engine = engine_factory()
+        self._engine_start_s = time.perf_counter() - start
 
     def reserve(self, requests: list[ResourceRequest], timeout: float) -> list[ResourceAllocation]:
         node = ray.get_runtime_context().get_node_id()
+        start = time.perf_counter()
         snaps = self._engine.reserve(requests, timeout)
+        reserve_s = time.perf_counter() - start
         for snap in snaps:
             snap.details = {**snap.details, "node_id": node, "node_pid": os.getpid(),
-                            "node_allocation_id": snap.allocation_id}
+                            "node_allocation_id": snap.allocation_id,
+                            "node_engine_start_s": self._engine_start_s, "node_reserve_s": reserve_s}
         return snaps
 
     def snapshots(self) -> list[ResourceAllocation]:
@@ -338,7 +343,9 @@ class _BundleNode:
         return ray.get_runtime_context().get_node_id(), os.getpid()
 
     def claim(self, resource_type: str, consumer_pid: int) -> dict[str, Any]:
-        return self._engine.claim(ResourceType.parse(resource_type), consumer_pid)
+        handover = self._engine.claim(ResourceType.parse(resource_type), consumer_pid)
+        handover["node_id"] = ray.get_runtime_context().get_node_id()
+        return handover
 
     def release_claim(self, node_allocation_id: int, feedback: AllocationFeedback | None = None) -> bool:
         return self._engine.release_claim(node_allocation_id, feedback)
@@ -767,6 +774,8 @@ class ClusterPreallocator:
         self._finish(request, AllocationStatus.RELEASED, None, None)
 
     def _node_died(self, request: ClusterRequest, index: int, exc: BaseException) -> None:
+        if request.status.is_final:  # our own kill after the release: not news
+            return
         reason = f"bundle {index}'s node actor died: {type(exc).__name__}: {exc}"
         log.warning("cluster request %d: %s", request.request_id, reason)
         self._finish(request, AllocationStatus.FAILED, reason, None, dead_bundle=index)
@@ -906,12 +915,16 @@ class BundleClaim:
 
 
 def _bundle_nodes_here(placement_group_id: str, bundle_index: int | None) -> list[Any]:
-    here = ray.get_runtime_context().get_node_id()
-    table = placement_group_table().get(placement_group_id)
-    if table is None:
-        raise LookupError(f"placement group {placement_group_id} is unknown to the cluster")
-    indices = [bundle_index] if bundle_index is not None else \
-        [i for i, node in table["bundles_to_node_id"].items() if node == here]
+    if bundle_index is not None:
+        indices = [bundle_index]
+    else:
+        here = ray.get_runtime_context().get_node_id()
+        try:  # this one group's row, not the whole cluster's table
+            group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(placement_group_id)))
+            table = placement_group_table(group)
+        except Exception as exc:
+            raise LookupError(f"placement group {placement_group_id} is unknown to the cluster: {exc}") from exc
+        indices = [i for i, node in table.get("bundles_to_node_id", {}).items() if node == here]
     nodes = []
     for index in indices:
         try:
@@ -940,9 +953,6 @@ def claim(resource_type: ResourceType | str = ResourceType.MEMORY, *, bundle_ind
     nodes = _bundle_nodes_here(pg_id, bundle_index)
     here = context.get_node_id()
     for node in nodes:
-        node_id, node_pid = ray.get(node.node.remote())
-        if node_id != here:
-            raise LookupError(f"bundle {bundle_index} of {pg_id} is on node {node_id}, not on this node {here}")
         try:
             handover = ray.get(node.claim.remote(rtype.name, os.getpid()))
         except Exception as exc:  # Ray's RayTaskError wraps (and subclasses) the node's error
@@ -950,6 +960,9 @@ def claim(resource_type: ResourceType | str = ResourceType.MEMORY, *, bundle_ind
                 continue  # this bundle has none left: the next of this node may
             raise
         try:
+            if handover["node_id"] != here:
+                raise LookupError(f"bundle {bundle_index} of {pg_id} is on node {handover['node_id']}, "
+                                  f"not on this node {here}")
             return _take(node, handover)
         except BaseException:
             ray.get(node.release_claim.remote(handover["node_allocation_id"], None))
