@@ -522,3 +522,25 @@ def test_metrics_on_a_local_address(broker_process, tmp_path):
     assert "prealloc_broker_connections 1.0" in text
     assert 'prealloc_held_bytes{preallocator=' in text and "prealloc_broker_requests_total" in text
     assert running.stop() == 0
+
+
+def test_handle_prediction_through_the_brokers_translator(tmp_path):
+    from prealloc import Prediction
+
+    config = broker_config_from_dict({"engine": {"translator": {"rule": [
+        {"name": "open", "match": {"type": "user_action", "value": "open_*"},
+         "request": [{"resource_type": "MEMORY", "need": 2}]}]}}})
+    with Broker(tmp_path / "predict.sock", config=config) as broker:
+        broker.start()
+        with Client(broker.socket_path) as client, Client(broker.socket_path) as other:
+            ids = client.handle_prediction(Prediction(id="p1", type="user_action", predicted_value="open_editor",
+                                                      confidence=0.9))
+            assert len(ids) == 1 and client.wait_ready(ids, timeout=30)
+            assert [a.allocation_id for a in client.allocations()] == ids
+            assert client.handle_prediction(Prediction(id="p2", type="user_action", predicted_value="close",
+                                                       confidence=0.9)) == []
+            with pytest.raises(KeyError):
+                other.claim(ids[0])
+            with client.acquire("memory", 2) as claim:
+                assert claim.preallocated and claim.allocation_id == ids[0]
+        wait_for(lambda: not broker.held(), "the peers' ends")
