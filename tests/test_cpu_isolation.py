@@ -88,6 +88,22 @@ def test_two_strategies_in_one_process_never_share_an_exclusive_core():
             strategy.release(grant.handle)
 
 
+def test_two_cpu_scheduler_enhancers_never_both_get_a_core_exclusive():
+    from prealloc.engine import CpuSchedulerEnhancer
+    from prealloc.types import AllocationStatus
+
+    with CpuSchedulerEnhancer(translator=None) as first, CpuSchedulerEnhancer(translator=None) as second:
+        a = first.request_preallocation(ResourceRequest(ResourceType.CPU, 100))
+        b = second.request_preallocation(ResourceRequest(ResourceType.CPU, 100))
+        assert a.status is AllocationStatus.ALLOCATED
+        if len(ALLOWED) >= 2:
+            assert b.status is AllocationStatus.ALLOCATED
+            assert not set(a.details["cores"]) & set(b.details["cores"])
+        else:
+            assert b.status is AllocationStatus.FAILED
+        assert a.details["isolation"]["effective"] == ["affinity", "registry"]
+
+
 def test_a_child_of_fork_gets_a_registry_of_its_own():
     parent_registry = process_core_registry()
     strategy = CpuAllocationStrategy(isolation="affinity")

@@ -844,14 +844,16 @@ class CpuSchedulerEnhancer(ResourcePreallocator):
     DEFAULT_NAME = "CpuSchedulerEnhancer"
 
     def __init__(self, config: PreallocatorConfig | None = None, *, exclusive: bool = True,
-                 **overrides: Any) -> None:
+                 isolation: Any = None, **overrides: Any) -> None:
         self._exclusive = exclusive
+        self._isolation = isolation  # the default isolation level(s): prealloc.strategies.cpu
         super().__init__(config, **overrides)
 
     def _default_strategies(self) -> dict[ResourceType, AllocationStrategy]:
         from .strategies import CpuAllocationStrategy
 
-        return {ResourceType.CPU: CpuAllocationStrategy(exclusive=self._exclusive)}
+        # every enhancer of the process shares one core registry (and the machine's)
+        return {ResourceType.CPU: CpuAllocationStrategy(exclusive=self._exclusive, isolation=self._isolation)}
 
 
 class DiskIOOptimizer(ResourcePreallocator):
