@@ -115,6 +115,39 @@ def test_binding_refuses_symlinks_out_of_the_roots(files_dir):
         _native.PageCacheFiles([inside], [0, 0], None)
 
 
+def test_binding_one_pass_open_counts_before_and_refuses_stale(files_dir):
+    small = write_file(files_dir / "small.bin", 3 * PAGE)
+    big = write_file(files_dir / "big.bin", 2 * MiB)
+    changed = write_file(files_dir / "changed.bin", PAGE)
+    hot = write_file(files_dir / "hot.bin", 2 * PAGE)
+    with open(hot, "rb") as f:  # another program's pages, resident before the warming
+        f.read()
+    st = os.stat(changed)
+    paths = [small, big, changed, changed, hot]
+    with _native.PageCacheFiles(paths, roots=[str(files_dir)],
+                                expect_sizes=[3 * PAGE, -1, PAGE + 1, PAGE, None],
+                                expect_mtimes_ns=[-1, -1, -1, st.st_mtime_ns + 1, -1],
+                                willneed=True, count_before=True) as files:
+        assert files.open_errors == [0, 0, 116, 116, 0]  # ESTALE: size, then mtime differ
+        pages, methods, restricted = files.counts_before()
+        assert pages[4, 0] == 2 and pages[0, 0] == 0 and pages[1, 0] == 0  # before the readahead
+        assert methods[2] == "none" and not any(restricted)
+        assert files.warm(willneed=False, populate=True, start=0, stop=2) == 2
+        assert files.warm_methods[:2] == ["read", "populate_read"]  # small: pread; large: mapped
+        assert files.warm_methods[4] != "read"  # outside [start, stop): not warmed
+        with pytest.raises(ValueError, match="start and stop"):
+            files.warm(start=3, stop=2)
+        with pytest.raises(ValueError, match="start and stop"):
+            files.warm(stop=6)
+    assert cached(small) == 3 * PAGE and cached(big) == 2 * MiB
+    with _native.PageCacheFiles([small]) as files:
+        assert files.counts_before() is None  # not asked for
+    with pytest.raises(ValueError, match="expect_sizes"):
+        _native.PageCacheFiles([small], expect_sizes=[1, 2])
+    with pytest.raises(ValueError, match=r"expect_mtimes_ns\[0\]"):
+        _native.PageCacheFiles([small], expect_mtimes_ns=[-5])
+
+
 # -- the strategy -------------------------------------------------------------------------
 
 def test_allocate_makes_files_resident_and_caps_by_size(files_dir):
@@ -351,17 +384,21 @@ def test_profiles_missing_stale_huge_and_outside(files_dir, tmp_path_factory):
     huge = files_dir / "huge.bin"
     with open(huge, "wb") as f:  # sparse: 16 GiB of size, no blocks
         f.truncate(16 << 30)
-    profile = Profile.from_paths("app", [keep, changes, gone, str(huge), "/etc/passwd"])
+    touched = write_file(files_dir / "touched.bin", MiB)
+    profile = Profile.from_paths("app", [keep, changes, gone, touched, str(huge), "/etc/passwd"])
     save_profile(profile, profiles)
     with open(changes, "ab") as f:
         f.write(b"x")  # size changed since the recording: stale
+    st = os.stat(touched)
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))  # same size, new mtime: stale
     os.unlink(gone)  # gone: stale
     strategy = CacheSpaceStrategy(roots=[str(files_dir)], profile_dir=profiles)
     grant = strategy.allocate(request(5, profile="app"), 5, None)
     try:
         details = strategy.describe(grant.handle)
-        assert details["skipped"]["stale"] == 2
+        assert details["skipped"]["stale"] == 3
         assert details["skipped"]["outside_roots"] == 1  # /etc/passwd
+        assert cached(touched) == 0  # refused at open: never warmed
         assert details["profile"] == "app"
         # the huge file is capped by the amount: 1 MiB of keep + 4 MiB of huge
         assert details["bytes_requested"] == 5 * MiB

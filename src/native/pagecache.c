@@ -64,25 +64,62 @@ static bool pa__inside(const char *path, const char *root) {
     return strncmp(path, root, n) == 0 && (path[n] == '\0' || path[n] == '/');
 }
 
-static int pa__check_roots(int fd, const char *const *roots, size_t nroots) {
+/* The allowed roots, canonicalised once for a batch: realpath of each (a root that does
+ * not exist contains nothing and is left out); `all` when one of them is "/". */
+typedef struct pa__roots {
+    char **real;
+    size_t n;
+    bool any; /* roots were given (nroots > 0): the check applies */
+    bool all; /* ... and one of them is "/": every path passes */
+} pa__roots_t;
+
+static void pa__roots_free(pa__roots_t *r) {
+    for (size_t i = 0; i < r->n; i++) free(r->real[i]);
+    free(r->real);
+    memset(r, 0, sizeof(*r));
+}
+
+/* 0, -EINVAL (a root that is not absolute), -ENOMEM. */
+static int pa__roots_init(pa__roots_t *r, const char *const *roots, size_t nroots) {
+    memset(r, 0, sizeof(*r));
     if (nroots == 0) return 0;
-    char proc[64], real[PATH_MAX + 1], root_real[PATH_MAX];
+    r->any = true;
+    for (size_t i = 0; i < nroots; i++)
+        if (roots[i] == NULL || roots[i][0] != '/') return -EINVAL;
+    r->real = calloc(nroots, sizeof(char *));
+    if (!r->real) return -ENOMEM;
+    for (size_t i = 0; i < nroots; i++) {
+        char *real = realpath(roots[i], NULL);
+        if (real == NULL) {
+            if (errno == ENOMEM) {
+                pa__roots_free(r);
+                return -ENOMEM;
+            }
+            continue;
+        }
+        if (strcmp(real, "/") == 0) r->all = true;
+        r->real[r->n++] = real;
+    }
+    return 0;
+}
+
+static int pa__check_roots(int fd, const pa__roots_t *roots) {
+    if (!roots->any || roots->all) return 0;
+    char proc[64], real[PATH_MAX + 1];
     snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
     ssize_t len = readlink(proc, real, sizeof(real) - 1);
     if (len < 0) return -errno;
     if ((size_t)len >= sizeof(real) - 1) return -ENAMETOOLONG;
     real[len] = '\0';
-    for (size_t i = 0; i < nroots; i++) {
-        if (roots[i] == NULL || roots[i][0] != '/') return -EINVAL;
-        /* A root that does not exist contains nothing. */
-        if (realpath(roots[i], root_real) == NULL) continue;
-        if (pa__inside(real, root_real)) return 0;
-    }
+    for (size_t i = 0; i < roots->n; i++)
+        if (pa__inside(real, roots->real[i])) return 0;
     return -EACCES;
 }
 
-int pa_pagecache_open(pa_pagecache_file_t *f, const char *path, uint64_t offset, uint64_t length,
-                      const char *const *roots, size_t nroots) {
+/* pa_pagecache_open with the roots canonicalised already and, optionally, the size and
+ * mtime the file must have. */
+static int pa__open_one(pa_pagecache_file_t *f, const char *path, uint64_t offset, uint64_t length,
+                        const pa__roots_t *roots, uint64_t expect_size, int64_t expect_mtime_ns) {
     pa_pagecache_file_init(f);
     int rc = 0;
     if (path == NULL || path[0] == '\0') {
@@ -111,8 +148,16 @@ int pa_pagecache_open(pa_pagecache_file_t *f, const char *path, uint64_t offset,
         rc = -EINVAL;
         goto fail;
     }
-    if ((rc = pa__check_roots(fd, roots, nroots)) != 0) goto fail;
+    if ((rc = pa__check_roots(fd, roots)) != 0) goto fail;
+    int64_t mtime_ns = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
+    if ((expect_size != PA_PAGECACHE_ANY_SIZE && (uint64_t)st.st_size != expect_size) ||
+        (expect_mtime_ns != PA_PAGECACHE_ANY_MTIME && mtime_ns != expect_mtime_ns)) {
+        rc = -ESTALE;
+        goto fail;
+    }
     f->size = (uint64_t)st.st_size;
+    f->dev = (uint64_t)st.st_dev;
+    f->mtime_ns = mtime_ns;
     uint64_t start = offset & ~(pa__page() - 1);
     if (start > f->size) start = f->size;
     uint64_t end = (length == 0 || length > UINT64_MAX - offset) ? f->size : offset + length;
@@ -126,6 +171,20 @@ fail:
     f->fd = -1;
     f->noatime = false;
     f->open_error = -rc;
+    return rc;
+}
+
+int pa_pagecache_open(pa_pagecache_file_t *f, const char *path, uint64_t offset, uint64_t length,
+                      const char *const *roots, size_t nroots) {
+    pa__roots_t canon;
+    int rc = pa__roots_init(&canon, roots, nroots);
+    if (rc != 0) {
+        pa_pagecache_file_init(f);
+        f->open_error = -rc;
+        return rc;
+    }
+    rc = pa__open_one(f, path, offset, length, &canon, PA_PAGECACHE_ANY_SIZE, PA_PAGECACHE_ANY_MTIME);
+    pa__roots_free(&canon);
     return rc;
 }
 
@@ -158,9 +217,10 @@ static int pa__willneed(pa_pagecache_file_t *f, uint64_t chunk) {
     return 0;
 }
 
-static int pa__read_range(pa_pagecache_file_t *f) {
-    char *buf = malloc(PA__READ_BOUNCE);
-    if (!buf) return -ENOMEM;
+/* pread the range through buf (PA__READ_BOUNCE bytes; NULL: one is allocated). */
+static int pa__read_range(pa_pagecache_file_t *f, char *buf) {
+    char *own = NULL;
+    if (buf == NULL && (buf = own = malloc(PA__READ_BOUNCE)) == NULL) return -ENOMEM;
     int rc = 0;
     for (uint64_t done = 0; done < f->length;) {
         size_t want = f->length - done < PA__READ_BOUNCE ? (size_t)(f->length - done) : PA__READ_BOUNCE;
@@ -173,7 +233,7 @@ static int pa__read_range(pa_pagecache_file_t *f) {
         if (got == 0) break; /* truncated meanwhile: nothing more to cache */
         done += (uint64_t)got;
     }
-    free(buf);
+    free(own);
     return rc;
 }
 
@@ -193,7 +253,25 @@ static int pa__populate(pa_pagecache_file_t *f) {
     return 0;
 }
 
-int pa_pagecache_warm(pa_pagecache_file_t *f, unsigned flags, uint64_t chunk_bytes) {
+/* The readahead chunk of a device, looked up once per batch and device. */
+typedef struct pa__chunk_cache {
+    uint64_t given; /* the caller's chunk_bytes: nonzero overrides the lookup */
+    bool known;
+    uint64_t dev, bytes;
+} pa__chunk_cache_t;
+
+static uint64_t pa__chunk(pa__chunk_cache_t *c, const pa_pagecache_file_t *f) {
+    if (c->given) return c->given;
+    if (!c->known || c->dev != f->dev) {
+        c->bytes = pa_pagecache_chunk_bytes(f->fd);
+        c->dev = f->dev;
+        c->known = true;
+    }
+    return c->bytes;
+}
+
+/* One file's warm; buf: a PA__READ_BOUNCE buffer to reuse, or NULL. */
+static int pa__warm(pa_pagecache_file_t *f, unsigned flags, pa__chunk_cache_t *chunks, char *buf) {
     if (f->fd < 0) return -EBADF;
     if (flags & ~PA_PAGECACHE_ALL_FLAGS) return -EINVAL;
     f->warm_error = 0;
@@ -203,20 +281,29 @@ int pa_pagecache_warm(pa_pagecache_file_t *f, unsigned flags, uint64_t chunk_byt
     }
     int rc = 0;
     if (flags & PA_PAGECACHE_WILLNEED) {
-        uint64_t chunk = chunk_bytes ? chunk_bytes : pa_pagecache_chunk_bytes(f->fd);
-        rc = pa__willneed(f, chunk);
+        rc = pa__willneed(f, pa__chunk(chunks, f));
         f->warm_method = PA_PAGECACHE_WARM_WILLNEED;
     }
     if (rc == 0 && (flags & PA_PAGECACHE_POPULATE)) {
-        rc = pa__populate(f);
-        f->warm_method = PA_PAGECACHE_WARM_POPULATE;
-        if (rc == -EINVAL) {
-            rc = pa__read_range(f);
+        if (f->length <= PA_PAGECACHE_READ_MAX) {
+            rc = pa__read_range(f, buf); /* one syscall where a mapping costs three */
             f->warm_method = PA_PAGECACHE_WARM_READ;
+        } else {
+            rc = pa__populate(f);
+            f->warm_method = PA_PAGECACHE_WARM_POPULATE;
+            if (rc == -EINVAL) {
+                rc = pa__read_range(f, buf);
+                f->warm_method = PA_PAGECACHE_WARM_READ;
+            }
         }
     }
     f->warm_error = -rc;
     return rc;
+}
+
+int pa_pagecache_warm(pa_pagecache_file_t *f, unsigned flags, uint64_t chunk_bytes) {
+    pa__chunk_cache_t chunks = {.given = chunk_bytes};
+    return pa__warm(f, flags, &chunks, NULL);
 }
 
 int pa_pagecache_cachestat(int fd, uint64_t offset, uint64_t length, pa_pagecache_count_t *out) {
@@ -399,35 +486,75 @@ int pa_pagecache_close(pa_pagecache_file_t *f) {
     return rc;
 }
 
+int pa_pagecache_open_many_ex(pa_pagecache_file_t *files, size_t n, const pa_pagecache_open_args_t *args) {
+    if (args->flags & ~PA_PAGECACHE_WILLNEED) return -EINVAL;
+    pa__roots_t roots;
+    int rc = pa__roots_init(&roots, args->roots, args->nroots);
+    if (rc != 0) {
+        for (size_t i = 0; i < n; i++) {
+            pa_pagecache_file_init(&files[i]);
+            files[i].open_error = -rc;
+            if (args->before) memset(&args->before[i], 0, sizeof(args->before[i]));
+        }
+        return 0;
+    }
+    pa__chunk_cache_t chunks = {.given = args->chunk_bytes};
+    int opened = 0;
+    for (size_t i = 0; i < n; i++) {
+        pa_pagecache_file_t *f = &files[i];
+        rc = pa__open_one(f, args->paths[i], args->offsets ? args->offsets[i] : 0,
+                          args->lengths ? args->lengths[i] : 0, &roots,
+                          args->expect_size ? args->expect_size[i] : PA_PAGECACHE_ANY_SIZE,
+                          args->expect_mtime_ns ? args->expect_mtime_ns[i] : PA_PAGECACHE_ANY_MTIME);
+        if (args->before) {
+            if (rc != 0) memset(&args->before[i], 0, sizeof(args->before[i]));
+            else if (pa_pagecache_count(f, &args->before[i]) != 0) args->before[i].method = PA_PAGECACHE_COUNT_NONE;
+        }
+        if (rc != 0) continue;
+        opened++;
+        /* A small range now: the device reads it during the next lookup. */
+        if ((args->flags & PA_PAGECACHE_WILLNEED) && f->length <= PA_PAGECACHE_INLINE_MAX)
+            pa__warm(f, PA_PAGECACHE_WILLNEED, &chunks, NULL);
+    }
+    /* The large ranges after the last open: queued earlier, their megabytes would stand
+     * in front of every later lookup's inode read. */
+    if (args->flags & PA_PAGECACHE_WILLNEED)
+        for (size_t i = 0; i < n; i++)
+            if (files[i].fd >= 0 && files[i].length > PA_PAGECACHE_INLINE_MAX)
+                pa__warm(&files[i], PA_PAGECACHE_WILLNEED, &chunks, NULL);
+    pa__roots_free(&roots);
+    return opened;
+}
+
 int pa_pagecache_open_many(pa_pagecache_file_t *files, size_t n, const char *const *paths,
                            const uint64_t *offsets, const uint64_t *lengths,
                            const char *const *roots, size_t nroots) {
-    int opened = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (pa_pagecache_open(&files[i], paths[i], offsets ? offsets[i] : 0, lengths ? lengths[i] : 0, roots,
-                              nroots) == 0)
-            opened++;
-    }
-    return opened;
+    pa_pagecache_open_args_t args = {
+        .paths = paths, .offsets = offsets, .lengths = lengths, .roots = roots, .nroots = nroots};
+    return pa_pagecache_open_many_ex(files, n, &args);
 }
 
 int pa_pagecache_warm_many(pa_pagecache_file_t *files, size_t n, unsigned flags, uint64_t chunk_bytes) {
     if (flags & ~PA_PAGECACHE_ALL_FLAGS) return -EINVAL;
     int ok = 0;
+    pa__chunk_cache_t chunks = {.given = chunk_bytes};
+    char *buf = NULL;
+    if (flags & PA_PAGECACHE_POPULATE) buf = malloc(PA__READ_BOUNCE); /* NULL: each read allocates */
     /* Every WILLNEED first: the device gets the whole set queued before we wait on any. */
     if (flags & PA_PAGECACHE_WILLNEED)
         for (size_t i = 0; i < n; i++)
-            if (files[i].fd >= 0) pa_pagecache_warm(&files[i], PA_PAGECACHE_WILLNEED, chunk_bytes);
+            if (files[i].fd >= 0) pa__warm(&files[i], PA_PAGECACHE_WILLNEED, &chunks, NULL);
     for (size_t i = 0; i < n; i++) {
         if (files[i].fd < 0) continue;
         if (flags & PA_PAGECACHE_POPULATE) {
             int prior = files[i].warm_error;
-            if (pa_pagecache_warm(&files[i], PA_PAGECACHE_POPULATE, chunk_bytes) == 0 && prior == 0) ok++;
+            if (pa__warm(&files[i], PA_PAGECACHE_POPULATE, &chunks, buf) == 0 && prior == 0) ok++;
             else if (files[i].warm_error == 0) files[i].warm_error = prior;
         } else if (files[i].warm_error == 0) {
             ok++;
         }
     }
+    free(buf);
     return ok;
 }
 

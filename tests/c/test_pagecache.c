@@ -262,6 +262,84 @@ static void test_batch(void) {
     unlink(c);
 }
 
+/* Polls until f's range counts `want` cached pages (readahead is asynchronous); the
+ * bound only keeps a broken kernel from hanging the test. */
+static uint64_t wait_cached(const pa_pagecache_file_t *f, uint64_t want) {
+    uint64_t got = 0;
+    for (int i = 0; i < 500 && (got = cached_pages(f)) < want; i++) usleep(10000);
+    return got;
+}
+
+static void test_open_many_ex(void) {
+    char small[512], big[512], stale_size[512], stale_mtime[512], hot[512];
+    make_file("small.bin", 3 * page, small);
+    make_file("big.bin", 2 * MiB, big); /* > PA_PAGECACHE_INLINE_MAX: advised after the opens */
+    make_file("stale_size.bin", page, stale_size);
+    make_file("stale_mtime.bin", page, stale_mtime);
+    make_file("hot.bin", 4 * page, hot);
+    struct stat stm;
+    REQUIRE(stat(stale_mtime, &stm) == 0);
+    int fd = open(hot, O_RDONLY | O_CLOEXEC); /* another program's pages */
+    REQUIRE(fd >= 0);
+    char buf[4096];
+    while (read(fd, buf, sizeof(buf)) > 0) {
+    }
+    close(fd);
+    const char *paths[] = {small, big, stale_size, stale_mtime, hot};
+    uint64_t sizes[] = {3 * page, PA_PAGECACHE_ANY_SIZE, page + 1, page, 4 * page};
+    int64_t mtimes[] = {PA_PAGECACHE_ANY_MTIME, PA_PAGECACHE_ANY_MTIME, PA_PAGECACHE_ANY_MTIME,
+                        (int64_t)stm.st_mtim.tv_sec * 1000000000 + stm.st_mtim.tv_nsec + 1,
+                        PA_PAGECACHE_ANY_MTIME};
+    const char *roots[] = {dir};
+    pa_pagecache_count_t before[5];
+    pa_pagecache_file_t files[5];
+    pa_pagecache_open_args_t args = {.paths = paths, .expect_size = sizes, .expect_mtime_ns = mtimes,
+                                     .roots = roots, .nroots = 1, .flags = PA_PAGECACHE_WILLNEED,
+                                     .before = before};
+    CHECK_EQ_INT(pa_pagecache_open_many_ex(files, 5, &args), 3);
+    CHECK_EQ_INT(files[0].open_error, 0);
+    CHECK_EQ_INT(files[2].open_error, ESTALE); /* the size differs */
+    CHECK_EQ_INT(files[3].open_error, ESTALE); /* the mtime differs */
+    CHECK_EQ_INT(files[2].fd, -1);
+    CHECK_EQ_INT(before[2].method, PA_PAGECACHE_COUNT_NONE);
+    CHECK_EQ_INT(before[4].cached, 4); /* counted before the readahead */
+    if (droppable) {
+        CHECK_EQ_INT(before[0].cached, 0);
+        CHECK_EQ_INT(before[1].cached, 0);
+    }
+    /* both the inline (small) and the deferred (big) readahead were issued */
+    CHECK_EQ_INT(wait_cached(&files[0], 3), 3);
+    CHECK_EQ_INT(wait_cached(&files[1], 2 * MiB / page), 2 * MiB / page);
+    CHECK_EQ_INT(pa_pagecache_warm_many(files, 5, PA_PAGECACHE_POPULATE, 0), 3);
+    CHECK_EQ_INT(files[0].warm_method, PA_PAGECACHE_WARM_READ); /* <= PA_PAGECACHE_READ_MAX */
+    CHECK_EQ_INT(files[1].warm_method, PA_PAGECACHE_WARM_POPULATE);
+    CHECK_EQ_INT(cached_pages(&files[0]), 3);
+    CHECK_EQ_INT(cached_pages(&files[1]), 2 * MiB / page);
+    for (int i = 0; i < 5; i++) CHECK_EQ_INT(pa_pagecache_close(&files[i]), 0);
+    /* populate is not a flag of the open; a relative root opens nothing */
+    args.flags = PA_PAGECACHE_POPULATE;
+    CHECK_EQ_INT(pa_pagecache_open_many_ex(files, 5, &args), -EINVAL);
+    const char *bad_roots[] = {dir, "relative"};
+    args.flags = 0;
+    args.roots = bad_roots;
+    args.nroots = 2;
+    CHECK_EQ_INT(pa_pagecache_open_many_ex(files, 5, &args), 0);
+    for (int i = 0; i < 5; i++) {
+        CHECK_EQ_INT(files[i].open_error, EINVAL);
+        CHECK_EQ_INT(files[i].fd, -1);
+        CHECK_EQ_INT(before[i].method, PA_PAGECACHE_COUNT_NONE);
+    }
+    /* no roots, no expectations, no counts: every file opens */
+    pa_pagecache_open_args_t plain = {.paths = paths};
+    CHECK_EQ_INT(pa_pagecache_open_many_ex(files, 5, &plain), 5);
+    for (int i = 0; i < 5; i++) CHECK_EQ_INT(pa_pagecache_close(&files[i]), 0);
+    unlink(small);
+    unlink(big);
+    unlink(stale_size);
+    unlink(stale_mtime);
+    unlink(hot);
+}
+
 /* A file this process may not count (not its owner, not writable, not root): the
  * count is marked restricted instead of mincore's "all resident". As root, or for a test
  * binary owned by the caller, the count is a real one. */
@@ -310,6 +388,7 @@ int main(void) {
     RUN_TEST(test_pin_survives_dontneed);
     RUN_TEST(test_mark_and_evict_unmarked);
     RUN_TEST(test_batch);
+    RUN_TEST(test_open_many_ex);
     RUN_TEST(test_count_permission);
     RUN_TEST(test_chunk_bytes);
     rmdir(dir);

@@ -30,15 +30,17 @@ are read too (``warm_directories``), so lookups next to them hit cached entries.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import itertools
 import logging
 import math
 import os
 import resource
+import stat
 import threading
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 from .. import _native
 from ..profiles import load_profile
@@ -95,6 +97,21 @@ def _memory_pressure() -> float | None:
     return None
 
 
+def _ext(files: _native.PageCacheFiles) -> Any:
+    """files, typed for what _native.pyi does not list yet (counts_before, warm's
+    start/stop, the constructor's expectations: _pagecache.pxi has them)."""
+    return files
+
+
+class _Candidate(NamedTuple):
+    """A file of a request's set: its size (recorded by the profile, or stat'ed when a
+    pattern named it), the mtime a profile recorded (-1: any) and where it came from."""
+    path: str
+    size: int
+    mtime_ns: int
+    from_profile: bool
+
+
 def _inside(path: str, roots: Sequence[str]) -> bool:
     return any(root == "/" or path == root or path.startswith(root + "/") for root in roots)
 
@@ -106,7 +123,7 @@ class CacheWarming:
     def __init__(self, files: _native.PageCacheFiles, details: dict[str, Any]) -> None:
         self.files = files
         self.details = details
-        self.candidates: list[str] = []  # the request's whole file set, for adjust
+        self.candidates: list[_Candidate] = []  # the request's whole file set, for adjust
         self.lock = threading.Lock()
         self.claimed = False
         self.released = False
@@ -186,16 +203,22 @@ class CacheSpaceStrategy(AllocationStrategy):
 
     # -- which files -------------------------------------------------------------------
 
-    def _expand(self, pattern: str, skipped: dict[str, int], limit: int) -> list[str]:
+    def _allowed(self, path: str) -> bool:
+        """path lies inside the roots: lexically (the common case, no syscall), else
+        after resolving its symlinks (a root may itself be reached through one)."""
+        return _inside(path, self.roots) or _inside(os.path.realpath(path), self.roots)
+
+    def _expand(self, pattern: str, skipped: dict[str, int], limit: int) -> list[_Candidate]:
         """The files a path, glob or directory names, at most `limit` + 1 of them (a
-        glob or walk of a large tree stops there instead of listing it all)."""
+        glob or walk of a large tree stops there instead of listing it all), each with
+        its size now."""
         if not isinstance(pattern, str) or not os.path.isabs(pattern) or "\0" in pattern:
             raise AllocationError(f"cache_space: files must be absolute paths or globs, not {pattern!r}")
         if _GLOB_MAGIC & set(pattern):
             found = sorted(itertools.islice(glob.iglob(pattern, recursive=True), limit + 1))
         else:
             found = [pattern]
-        out: list[str] = []
+        out: list[_Candidate] = []
         for path in found:
             if len(out) > limit:
                 break
@@ -203,19 +226,33 @@ class CacheSpaceStrategy(AllocationStrategy):
             if not _inside(real, self.roots):
                 skipped["outside_roots"] += 1
                 continue
-            if os.path.isdir(real):
+            try:
+                st = os.stat(real)
+            except OSError:
+                skipped["missing"] += 1
+                continue
+            if stat.S_ISDIR(st.st_mode):
                 for directory, subdirs, names in os.walk(real):
                     subdirs.sort()
-                    out.extend(os.path.join(directory, n) for n in sorted(names))
+                    for name in sorted(names):
+                        full = os.path.join(directory, name)
+                        try:
+                            size = os.stat(full).st_size
+                        except OSError:
+                            skipped["missing"] += 1
+                            continue
+                        out.append(_Candidate(full, size, -1, False))
                     if len(out) > limit:
                         break
-            elif os.path.exists(real):
-                out.append(path)
             else:
-                skipped["missing"] += 1
+                out.append(_Candidate(path, st.st_size, -1, False))
         return out
 
-    def _file_set(self, request: ResourceRequest) -> tuple[list[str], dict[str, Any]]:
+    def _file_set(self, request: ResourceRequest) -> tuple[list[_Candidate], dict[str, Any]]:
+        """The request's files in order. A profile's entries are taken as recorded (path,
+        size, mtime): nothing is stat'ed here, the native open refuses what changed since
+        (stale) — after drop_caches every stat is an inode read, so the one in the open is
+        the only one paid."""
         props = request.metadata.custom_properties or {}
         skipped = {"missing": 0, "outside_roots": 0, "stale": 0, "not_regular": 0, "over_cap": 0}
         patterns = props.get("files")
@@ -230,10 +267,10 @@ class CacheSpaceStrategy(AllocationStrategy):
         if profile_name is not None and not isinstance(profile_name, str):
             raise AllocationError(f"cache_space: custom_properties['profile'] must be a name, "
                                   f"not {profile_name!r}")
-        paths: list[str] = []
+        found: list[_Candidate] = []
         for pattern in patterns or ():
-            paths.extend(self._expand(pattern, skipped, self.max_files - len(paths)))
-            if len(paths) > self.max_files:
+            found.extend(self._expand(pattern, skipped, self.max_files - len(found)))
+            if len(found) > self.max_files:
                 break
         if profile_name is not None:
             try:
@@ -242,11 +279,15 @@ class CacheSpaceStrategy(AllocationStrategy):
                 raise AllocationError(f"cache_space: no profile {profile_name!r}") from None
             except ValueError as exc:
                 raise AllocationError(f"cache_space: profile {profile_name!r}: {exc}") from None
-            current, stale = profile.current()
-            skipped["stale"] += stale
-            for entry in current:
-                paths.extend(self._expand(entry.path, skipped, max(0, self.max_files - len(paths))))
-        unique = list(dict.fromkeys(paths))
+            for entry in profile.files:
+                if len(found) > self.max_files:
+                    break
+                if not self._allowed(entry.path):
+                    skipped["outside_roots"] += 1
+                    continue
+                found.append(_Candidate(entry.path, entry.size, entry.mtime_ns, True))
+        seen: set[str] = set()
+        unique = [c for c in found if not (c.path in seen or seen.add(c.path))]  # type: ignore[func-returns-value]
         if len(unique) > self.max_files:
             skipped["over_cap"] += len(unique) - self.max_files
             unique = unique[:self.max_files]
@@ -264,16 +305,13 @@ class CacheSpaceStrategy(AllocationStrategy):
     def planned_amount(self, request: ResourceRequest, amount: float) -> float:
         """The amount capped by max_mib and by the size of the request's files."""
         try:
-            paths, info = self._file_set(request)
+            candidates, info = self._file_set(request)
             amount = self._cap_mib(amount, info)
         except AllocationError as exc:
             raise ValueError(str(exc)) from None
         total = 0
-        for path in paths:
-            try:
-                total += os.stat(path).st_size
-            except OSError:
-                pass
+        for candidate in candidates:
+            total += candidate.size
             if total >= amount * MiB:
                 return amount
         return min(amount, total / MiB)
@@ -292,37 +330,59 @@ class CacheSpaceStrategy(AllocationStrategy):
         if pressure is not None and pressure > self.pressure_limit:
             raise InsufficientResources(f"cache_space: memory pressure {pressure:.1f}% > "
                                         f"{self.pressure_limit:g}%: warming yields")
-        paths, info = self._file_set(request)
+        candidates, info = self._file_set(request)
         amount = self._cap_mib(amount, info)
-        if not paths:
+        if not candidates:
             raise AllocationError(f"cache_space: no files to warm (skipped: {info['skipped']})")
         target = max(1, math.ceil(amount * MiB))
-        chosen, lengths = self._choose(paths, target, info["skipped"])
-        files = _native.PageCacheFiles(chosen, None, lengths, self.roots)
+        # One native pass: open, check, count "before", and (unless the pages must be
+        # marked first) issue each file's readahead at once.
+        failed: dict[str, tuple[_Candidate, int]] = {}
+        earlier: dict[str, tuple[Any, str, bool]] = {}
+        while True:
+            chosen, lengths = self._choose([c for c in candidates if c.path not in failed], target)
+            files = self._open(chosen, lengths, willneed=not self.evict_on_unused, count_before=True)
+            errors = files.open_errors
+            refused = {c.path: (c, e) for c, e in zip(chosen, errors) if e}
+            short = sum(n for n, e in zip(files.lengths, errors) if not e) < target
+            if not (refused and short):
+                break
+            # Files refused at open (stale, gone, out of the roots) leave the target
+            # short: choose again without them (rare: a profile that aged).
+            pages, methods, restricted = _ext(files).counts_before()
+            for i, c in enumerate(chosen):
+                if not errors[i]:
+                    earlier.setdefault(c.path, (pages[i].copy(), methods[i], restricted[i]))
+            failed.update(refused)
+            files.close()
         try:
-            grant = self._warm(files, chosen, info, target, started)
+            grant = self._warm(files, chosen, list(failed.values()), earlier, info, target, started)
         except BaseException:
             files.close()
             raise
-        grant.handle.candidates = paths
+        grant.handle.candidates = candidates
         return grant
 
+    def _open(self, chosen: Sequence[_Candidate], lengths: Sequence[int], *, willneed: bool,
+              count_before: bool = False) -> _native.PageCacheFiles:
+        return _native.PageCacheFiles([c.path for c in chosen], None, lengths, self.roots,  # type: ignore[call-arg]
+                                      expect_sizes=[c.size if c.from_profile else -1 for c in chosen],
+                                      expect_mtimes_ns=[c.mtime_ns for c in chosen],
+                                      willneed=willneed, count_before=count_before)
+
     @staticmethod
-    def _choose(paths: Sequence[str], target: int, skipped: dict[str, int]) -> tuple[list[str], list[int]]:
-        """The files in order and the bytes of each up to target (the last one in part)."""
+    def _choose(candidates: Sequence[_Candidate], target: int) -> tuple[list[_Candidate], list[int]]:
+        """The files in order and the bytes of each up to target (the last one in part),
+        by their known sizes (a profile's entry that changed since is refused at open,
+        and its share of the target is not refilled)."""
         lengths, chosen = [], []
         left = target
-        for path in paths:
+        for candidate in candidates:
             if left <= 0:
                 break
-            try:
-                size = os.stat(path).st_size
-            except OSError:
-                skipped["missing"] += 1
-                continue
-            chosen.append(path)
-            lengths.append(min(size, left))
-            left -= size
+            chosen.append(candidate)
+            lengths.append(min(candidate.size, left))
+            left -= candidate.size
         return chosen, lengths
 
     def adjust(self, handle: Any, new_amount: float) -> float:
@@ -333,12 +393,12 @@ class CacheSpaceStrategy(AllocationStrategy):
             if handle.released:
                 raise AllocationError("cache_space: the allocation is released")
             target = max(1, math.ceil(new_amount * MiB))
-            chosen, lengths = self._choose(handle.candidates, target, {"missing": 0})
-            files = _native.PageCacheFiles(chosen, None, lengths, self.roots)
+            chosen, lengths = self._choose(handle.candidates, target)
+            files = self._open(chosen, lengths, willneed=True)
             try:
                 if not any(files.is_open):
                     raise InsufficientResources("cache_space: none of the files can be opened now")
-                files.warm(willneed=True, populate=self.populate)
+                files.warm(willneed=False, populate=self.populate)
                 old = handle.files
                 pinned = 0
                 if self.pin:
@@ -356,31 +416,38 @@ class CacheSpaceStrategy(AllocationStrategy):
                                   bytes_pinned=pinned, bytes_populated_uncounted=0)
             return after / MiB
 
-    def _warm(self, files: _native.PageCacheFiles, chosen: list[str], info: dict[str, Any],
-              target: int, started: float) -> Grant:
+    def _warm(self, files: _native.PageCacheFiles, chosen: list[_Candidate],
+              failed: list[tuple[_Candidate, int]], earlier: dict[str, tuple[Any, str, bool]],
+              info: dict[str, Any], target: int, started: float) -> Grant:
         skipped = info["skipped"]
-        for err in files.open_errors:
-            if err == 13:  # EACCES: the native check of the opened path against the roots
+        for candidate, err in failed + list(zip(chosen, files.open_errors)):
+            if err == errno.EACCES:  # the native check of the opened path against the roots
                 skipped["outside_roots"] += 1
-            elif err == 22:  # EINVAL: not a regular file
+            elif err == errno.EINVAL:  # not a regular file
                 skipped["not_regular"] += 1
+            elif err == errno.ESTALE or (err == errno.ENOENT and candidate.from_profile):
+                skipped["stale"] += 1  # a profile's entry changed or gone since the recording
             elif err:
                 skipped["missing"] += 1
         if not any(files.is_open):
-            raise AllocationError(f"cache_space: none of {len(chosen)} files could be opened "
+            raise AllocationError(f"cache_space: none of {len(chosen) + len(failed)} files could be opened "
                                   f"(skipped: {skipped})")
         handle = CacheWarming(files, {})
         lengths = files.lengths
         requested = sum(lengths)
-        before, uncounted = handle.residency()
-        _, methods, restricted = files.counts()
+        pages, methods, restricted = _ext(files).counts_before()
+        for i, c in enumerate(chosen):  # counted by an earlier pass, before its readahead
+            if c.path in earlier:
+                pages[i], methods[i], restricted[i] = earlier[c.path]
+        before = sum(min(int(pages[i, 0]) * PAGE, n) for i, n in enumerate(lengths) if not restricted[i])
+        uncounted = sum(n for n, r in zip(lengths, restricted) if r)
         if self.evict_on_unused:
-            files.mark()
-        files.warm(willneed=True, populate=False)
+            files.mark()  # before any readahead (the open issued none)
+            files.warm(willneed=True, populate=False)
         paused = False
         if self.populate:
             # One native batch per ~64 MiB, so rising pressure stops the warming.
-            paused = self._populate_in_batches(files, chosen, lengths)
+            paused = self._populate_in_batches(files, lengths)
         directories = self._list_directories(handle.paths) if self.warm_directories else 0
         pinned, pin_error = 0, None
         if self.pin:
@@ -448,26 +515,20 @@ class CacheSpaceStrategy(AllocationStrategy):
                 pass
         return listed
 
-    def _populate_in_batches(self, files: _native.PageCacheFiles, chosen: list[str],
-                             lengths: list[int]) -> bool:
-        if sum(lengths) <= _BATCH_BYTES:
-            files.warm(willneed=False, populate=True)
-            return False
-        # Larger sets: a sub-set per batch, opened on the same paths (the pages are
-        # shared; the handle's set is the one that is counted, pinned and closed).
+    def _populate_in_batches(self, files: _native.PageCacheFiles, lengths: list[int]) -> bool:
+        """Populates the set in slices of about _BATCH_BYTES, re-reading memory pressure
+        between them; True when pressure stopped it."""
         start, acc = 0, 0
-        for i, n in enumerate(lengths + [0]):
+        for i, n in enumerate(lengths):
             acc += n
-            if acc < _BATCH_BYTES and i < len(lengths):
+            if acc < _BATCH_BYTES and i + 1 < len(lengths):
                 continue
-            end = min(i + 1, len(lengths))
-            if start < end:
+            if start > 0:
                 pressure = _memory_pressure()
                 if pressure is not None and pressure > self.pressure_limit:
                     return True
-                with _native.PageCacheFiles(chosen[start:end], None, lengths[start:end], self.roots) as batch:
-                    batch.warm(willneed=False, populate=True)
-            start, acc = end, 0
+            _ext(files).warm(willneed=False, populate=True, start=start, stop=i + 1)
+            start, acc = i + 1, 0
         return False
 
     def claim(self, handle: Any, target_process_id: int | None = None) -> Any:
