@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from osutil import proc_status_kib
 from prealloc import AllocationStatus, ResourceRequest, ResourceType
 from prealloc.client import Client
 from prealloc.protocol import Closed, RateLimited
@@ -206,6 +207,7 @@ def test_sigkilled_client_has_its_holdings_released(broker):
     from osutil import vm_lck
 
     baseline_lck = vm_lck()
+    baseline_shmem = proc_status_kib("RssShmem") * 1024
     proc = client_process("""
         c = Client(sys.argv[1])
         memory = c.acquire('memory', 4)
@@ -225,12 +227,14 @@ def test_sigkilled_client_has_its_holdings_released(broker):
                                                                       AllocationStatus.ALLOCATED}
         if locked == "True":
             assert vm_lck() - baseline_lck >= 6 * MiB  # 4 + 2 MiB locked in the broker
+        assert proc_status_kib("RssShmem") * 1024 - baseline_shmem >= 6 * MiB  # the memfds' pages, here
         proc.kill()
         proc.wait()
         wait_for(lambda: not broker.held(), "the dead client's holdings to be released")
         assert broker.allocator.allocations() == []
         assert broker.peers() == []
         assert vm_lck() == baseline_lck
+        assert proc_status_kib("RssShmem") * 1024 - baseline_shmem < 1 * MiB
         assert broker.usage() == {}
     finally:
         proc.kill()
@@ -544,3 +548,35 @@ def test_handle_prediction_through_the_brokers_translator(tmp_path):
             with client.acquire("memory", 2) as claim:
                 assert claim.preallocated and claim.allocation_id == ids[0]
         wait_for(lambda: not broker.held(), "the peers' ends")
+
+
+def test_one_client_shared_by_threads(broker):
+    import threading
+
+    errors: list[BaseException] = []
+    events: list = []
+    with Client(broker.socket_path) as client:
+
+        def work(subscribe: bool, name: str) -> None:
+            try:
+                if subscribe:  # the reader thread takes over the answers midway
+                    client.on("resource:released", events.append)
+                for _ in range(10):
+                    # an application of its own: the others' preallocations are not its needs
+                    with client.acquire("memory", 1, target_application=name) as claim:
+                        memoryview(claim.resource)[0] = 7
+                    aid = client.submit(ResourceRequest(ResourceType.MEMORY, 1))
+                    assert client.wait_ready([aid], timeout=30)
+                    assert client.release_allocation(aid)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i == 3, f"thread-{i}")) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        assert client.allocations() == []
+        assert events  # the subscriber heard its releases
+    wait_for(lambda: not broker.held(), "the client's end")
