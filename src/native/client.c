@@ -320,6 +320,13 @@ static int leave(pa_client_t *c, int rc) {
     return rc;
 }
 
+/* A bad argument, refused before anything is sent: recorded like any failure. */
+static int invalid(pa_client_t *c, const char *what) {
+    set_error(c, -EINVAL, "", "invalid argument: %s", what);
+    pthread_mutex_unlock(&c->lock);
+    return -EINVAL;
+}
+
 /* A malformed result: the answer was in step, but not what the protocol promises. */
 static int bad_result(pa_client_t *c, const char *what) {
     set_error(c, -EPROTO, "", "the broker's result lacks %s", what);
@@ -504,13 +511,16 @@ void pa_client_request_options_init(pa_client_request_options_t *options) {
     options->request_id = NULL;
 }
 
-int pa_client_request(pa_client_t *client, const char *resource_type, double amount, double duration,
-                      const pa_client_request_options_t *options, uint64_t *allocation_id) {
-    if (!resource_type || !allocation_id || !isfinite(amount)) return -EINVAL;
+/* request_preallocation (allocates now, answers the allocation) and submit (queues it,
+ * answers its id) take the same arguments. */
+static int send_request(pa_client_t *client, const char *op, const char *resource_type, double amount,
+                        double duration, const pa_client_request_options_t *options, uint64_t *allocation_id) {
     int rc = enter(client);
     if (rc) return rc;
+    if (!resource_type || !allocation_id) return invalid(client, "resource_type and allocation_id may not be NULL");
+    if (!isfinite(amount)) return invalid(client, "amount must be a finite number");
     pa__jw_t w;
-    request_begin(client, &w, "request_preallocation");
+    request_begin(client, &w, op);
     pa__jw_key(&w, "resource_type");
     pa__jw_string(&w, resource_type);
     pa__jw_key(&w, "predicted_need");
@@ -546,10 +556,31 @@ int pa_client_request(pa_client_t *client, const char *resource_type, double amo
     }
     answer_t a;
     if ((rc = round_trip(client, &w, 0, &a))) return leave(client, rc);
-    if (pa__json_u64(pa__json_get(&a.doc, a.result, "allocation_id"), allocation_id))
+    if (pa__json_u64(pa__json_get(&a.doc, a.result, "allocation_id"), allocation_id)) {
         rc = bad_result(client, "an integer \"allocation_id\"");
+    } else {
+        /* request_preallocation answers the allocation: "failed" is an answer, not an
+         * error, in the protocol; to a C caller it is a failed call (the id still set) */
+        const pa__json_node_t *status = pa__json_get(&a.doc, a.result, "status");
+        if (status && status->type == PA__JSON_STRING && strcmp(status->str, "failed") == 0) {
+            const pa__json_node_t *reason = pa__json_get(&a.doc, a.result, "failure_reason");
+            rc = -EIO;
+            set_error(client, rc, "", "allocation %" PRIu64 " failed: %s", *allocation_id,
+                      reason && reason->type == PA__JSON_STRING ? reason->str : "(no reason given)");
+        }
+    }
     answer_close(&a);
     return leave(client, rc);
+}
+
+int pa_client_request(pa_client_t *client, const char *resource_type, double amount, double duration,
+                      const pa_client_request_options_t *options, uint64_t *allocation_id) {
+    return send_request(client, "request_preallocation", resource_type, amount, duration, options, allocation_id);
+}
+
+int pa_client_submit(pa_client_t *client, const char *resource_type, double amount, double duration,
+                     const pa_client_request_options_t *options, uint64_t *allocation_id) {
+    return send_request(client, "submit", resource_type, amount, duration, options, allocation_id);
 }
 
 int pa_client_request_memory(pa_client_t *client, double mib, double duration, uint64_t *allocation_id) {
@@ -558,9 +589,9 @@ int pa_client_request_memory(pa_client_t *client, double mib, double duration, u
 
 int pa_client_wait_ready(pa_client_t *client, const uint64_t *allocation_ids, size_t n, double timeout,
                          bool *ready) {
-    if ((!allocation_ids && n) || !ready) return -EINVAL;
     int rc = enter(client);
     if (rc) return rc;
+    if ((!allocation_ids && n) || !ready) return invalid(client, "allocation_ids (n > 0) and ready may not be NULL");
     pa__jw_t w;
     request_begin(client, &w, "wait_ready");
     pa__jw_key(&w, "allocation_ids");
@@ -667,9 +698,10 @@ static int read_claim(pa_client_t *c, answer_t *a, bool acquire, pa_client_claim
 }
 
 int pa_client_claim(pa_client_t *client, uint64_t allocation_id, pid_t target_pid, pa_client_claim_t *out) {
-    if (!out || target_pid < 0) return -EINVAL;
     int rc = enter(client);
     if (rc) return rc;
+    if (!out) return invalid(client, "out may not be NULL");
+    if (target_pid < 0) return invalid(client, "target_pid must be 0 or a pid");
     pa__jw_t w;
     request_begin(client, &w, "claim");
     pa__jw_key(&w, "allocation_id");
@@ -686,7 +718,10 @@ int pa_client_claim(pa_client_t *client, uint64_t allocation_id, pid_t target_pi
 }
 
 int pa_client_claim_memory(pa_client_t *client, uint64_t allocation_id, void **addr, size_t *size) {
-    if (!addr || !size) return -EINVAL;
+    if (!addr || !size) {
+        int rc = enter(client);
+        return rc ? rc : invalid(client, "addr and size may not be NULL");
+    }
     pa_client_claim_t claim;
     int rc = pa_client_claim(client, allocation_id, 0, &claim);
     if (rc) return rc;
@@ -703,7 +738,10 @@ int pa_client_claim_memory(pa_client_t *client, uint64_t allocation_id, void **a
 }
 
 int pa_client_claim_cpu(pa_client_t *client, uint64_t allocation_id, int *cores, size_t max, size_t *ncores) {
-    if (!cores && max) return -EINVAL;
+    if (!cores && max) {
+        int rc = enter(client);
+        return rc ? rc : invalid(client, "cores may be NULL only when max is 0");
+    }
     pa_client_claim_t claim;
     int rc = pa_client_claim(client, allocation_id, 0, &claim);
     if (rc) return rc;
@@ -722,9 +760,10 @@ int pa_client_claim_cpu(pa_client_t *client, uint64_t allocation_id, int *cores,
 
 int pa_client_acquire(pa_client_t *client, const char *resource_type, double amount,
                       const char *target_application, pa_client_claim_t *out) {
-    if (!resource_type || !out || !isfinite(amount)) return -EINVAL;
     int rc = enter(client);
     if (rc) return rc;
+    if (!resource_type || !out) return invalid(client, "resource_type and out may not be NULL");
+    if (!isfinite(amount)) return invalid(client, "amount must be a finite number");
     pa__jw_t w;
     request_begin(client, &w, "acquire");
     pa__jw_key(&w, "resource_type");
@@ -744,7 +783,10 @@ int pa_client_acquire(pa_client_t *client, const char *resource_type, double amo
 
 int pa_client_acquire_memory(pa_client_t *client, double mib, void **addr, size_t *size, uint64_t *allocation_id,
                              bool *preallocated) {
-    if (!addr || !size || !allocation_id) return -EINVAL;
+    if (!addr || !size || !allocation_id) {
+        int rc = enter(client);
+        return rc ? rc : invalid(client, "addr, size and allocation_id may not be NULL");
+    }
     pa_client_claim_t claim;
     int rc = pa_client_acquire(client, "memory", mib, NULL, &claim);
     if (rc) return rc;

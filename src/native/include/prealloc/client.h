@@ -139,14 +139,20 @@ typedef struct pa_client_request_options {
 
 PA_API void pa_client_request_options_init(pa_client_request_options_t *options);
 
-/* "request_preallocation": asks the broker to reserve amount of resource_type ("memory",
- * "cpu", "gpu", "network_bandwidth", "disk_io", "cache_space", "custom"; the unit is the
- * type's: MEMORY in MiB, CPU in cores) for duration seconds (NaN or <= 0: until
- * released) ahead of need. *allocation_id receives the broker's id. options nullable.
- * -EINVAL (amount not finite, resource_type NULL or not valid UTF-8; the broker's
- * ValueError for anything it refuses). */
+/* "request_preallocation": the broker reserves amount of resource_type ("memory", "cpu",
+ * "gpu", "network_bandwidth", "disk_io", "cache_space", "custom"; the unit is the type's:
+ * MEMORY in MiB, CPU in cores) for duration seconds (NaN or <= 0: until released) ahead
+ * of need, now, before it answers (as in-process). *allocation_id receives the broker's
+ * id; options nullable. -EIO when the broker answered the allocation "failed" (then
+ * *allocation_id names it and pa_client_last_error's message carries its
+ * failure_reason); -EINVAL (amount not finite, resource_type NULL or not valid UTF-8; the
+ * broker's ValueError for anything it refuses). */
 PA_API int pa_client_request(pa_client_t *client, const char *resource_type, double amount, double duration,
                              const pa_client_request_options_t *options, uint64_t *allocation_id);
+/* "submit": the queued form of pa_client_request: the broker answers at once with the
+ * id of a PENDING allocation its worker reserves later; pa_client_wait_ready, then claim. */
+PA_API int pa_client_submit(pa_client_t *client, const char *resource_type, double amount, double duration,
+                            const pa_client_request_options_t *options, uint64_t *allocation_id);
 /* pa_client_request(client, "memory", mib, duration, NULL, allocation_id) */
 PA_API int pa_client_request_memory(pa_client_t *client, double mib, double duration, uint64_t *allocation_id);
 
