@@ -378,3 +378,50 @@ def test_priority_of_a_target_process_is_journaled_and_restored_after_a_crash(sl
     kinds = sorted(r.kind for r in journal.recover(os.environ["PREALLOC_JOURNAL_DIR"]))
     assert kinds == ["affinity", "sched"]
     assert os.sched_getscheduler(sleeper.pid) == os.SCHED_OTHER  # ... restored by recovery
+
+
+@needs_cpuset
+@needs_two_cores
+def test_cpuset_puts_back_the_children_a_moved_task_forked_meanwhile():
+    spawner = subprocess.Popen(["sh", "-c", "while :; do sleep 5 & sleep 0.02; done"])
+    try:
+        strategy = CpuAllocationStrategy(isolation="cpuset", cpuset_scope={spawner.pid})
+        grant = strategy.allocate(request(), 100, None)
+        reserved = set(grant.handle.reservation.cores)
+        rest = Path(isolation(strategy, grant)["cpuset"]["rest_cgroups"][0])
+        try:
+            born_there = set()
+            while len(born_there) < 3:  # children born in the rest cgroup, off the core
+                born_there = set(int(t) for t in (rest / "tasks").read_text().split()) - {spawner.pid}
+            for tid in born_there:
+                try:
+                    assert not cpus_allowed(tid) & reserved
+                except FileNotFoundError:
+                    pass
+        finally:
+            strategy.release(grant.handle)
+        assert not rest.exists()  # everyone went back, then the rest cgroup was removed
+        for tid in born_there:
+            try:
+                assert cpus_allowed(tid) == ALLOWED
+            except FileNotFoundError:
+                pass
+        assert cpus_allowed(spawner.pid) == ALLOWED
+    finally:
+        children = Path(f"/proc/{spawner.pid}/task/{spawner.pid}/children").read_text().split()
+        spawner.kill()
+        spawner.wait()
+        for child in children:  # the `sleep 5`s it started
+            try:
+                os.kill(int(child), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@needs_cpuset
+def test_an_entry_journaled_just_before_a_crash_is_undone_without_error():
+    # the allocator died right after journaling: the rest cgroup it named was never made
+    data = {"root": str(CPUSET_ROOT), "reserved": [max(ALLOWED)], "shrunk": [], "moved": {},
+            "rest": [{"parent": str(CPUSET_ROOT), "path": str(CPUSET_ROOT / "prealloc-rest-1-1-1")}]}
+    done = cpuset.undo_entry(data)
+    assert done.kind == "cpuset" and done.removed is None

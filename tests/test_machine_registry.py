@@ -123,20 +123,25 @@ def test_a_child_of_fork_does_not_keep_the_parents_core(tmp_path):
     registry = MachineCoreRegistry(tmp_path / "cores")
     lock = registry.try_acquire(0)
     assert lock is not None
+    lock_fd = lock._fd
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: tells whether it can still see the lock's descriptor, then waits
         try:
-            os.fstat(lock._fd)  # before anything else opens a file and takes the number again
+            os.fstat(lock_fd)  # before anything else opens a file and takes the number again
             inherited = True
         except OSError:
             inherited = False
+        inherited = inherited or not lock.released  # a release here must not touch the parent's file
+        lock.release()
         os.write(write_end, str(inherited).encode())
         signal.pause()
         os._exit(0)
     try:
         os.close(write_end)
         assert os.read(read_end, 16) == b"False"  # closed in the child at fork
+        assert (tmp_path / "cores" / "core-0.lock").exists()  # the child's release left it alone
+        assert kernel_lock_pids(tmp_path / "cores" / "core-0.lock") == [os.getpid()]
         lock.release()
         # the child is alive; without closing its inherited descriptor it would hold the lock
         again = registry.try_acquire(0)

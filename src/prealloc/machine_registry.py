@@ -57,6 +57,7 @@ import os
 import stat
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -69,18 +70,23 @@ _PREFIX = "core-"
 _SUFFIX = ".lock"
 _LABEL_MAX = 4096
 
-# Descriptors of the locks this process holds; closed in a child of fork (see the module).
-_held_fds: set[int] = set()
+# The locks this process holds; in a child of fork each is closed and marked released
+# without touching its file (see the module): the file and the lock are the parent's.
+_held: weakref.WeakSet[CoreLock] = weakref.WeakSet()
 _held_lock = threading.Lock()
 
 
 def _close_inherited_locks() -> None:
-    for fd in list(_held_fds):
-        try:
-            os.close(fd)  # the parent's descriptor of the same open file keeps its lock
-        except OSError:
-            pass
-    _held_fds.clear()
+    global _held_lock
+    _held_lock = threading.Lock()  # a thread of the parent may have held it
+    for lock in list(_held):
+        fd, lock._fd = lock._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)  # the parent's descriptor of the same open file keeps its lock
+            except OSError:
+                pass
+    _held.clear()
 
 
 os.register_at_fork(after_in_child=_close_inherited_locks)
@@ -90,14 +96,16 @@ os.register_at_fork(after_in_child=_close_inherited_locks)
 class CoreHolder:
     """One core's lock, held now. pid is the process /proc/locks names as the holder;
     start, uid, level, allocation_id and since come from the file's label, and are None
-    when the label does not confirm it (``confirmed`` False: see the module)."""
+    when the label does not confirm it (``confirmed`` False: see the module).
+    allocation_id is what the holder named: the CPU strategy names the request's id (an
+    int or a string; it does not see the engine's allocation id)."""
 
     core: int
     pid: int | None
     start: int | None
     uid: int | None
     level: str | None
-    allocation_id: int | None
+    allocation_id: int | str | None
     since: float | None
     confirmed: bool = True
 
@@ -163,7 +171,7 @@ class CoreLock:
     """One core held in the machine registry. release() (or the end of a with-block, or
     the process's death) frees it. Made by :meth:`MachineCoreRegistry.try_acquire`."""
 
-    __slots__ = ("core", "path", "_fd", "_unlink", "_private")
+    __slots__ = ("core", "path", "_fd", "_unlink", "_private", "__weakref__")
 
     def __init__(self, core: int, path: Path, fd: int, unlink: bool, private: bool) -> None:
         self.core = core
@@ -183,7 +191,7 @@ class CoreLock:
             fd, self._fd = self._fd, None
             if fd is None:
                 return
-            _held_fds.discard(fd)
+            _held.discard(self)
         try:
             if self._unlink:
                 try:
@@ -253,7 +261,8 @@ class MachineCoreRegistry:
     def path_of(self, core: int) -> Path:
         return self.directory / f"{_PREFIX}{core}{_SUFFIX}"
 
-    def try_acquire(self, core: int, *, level: str = "registry", allocation_id: int | None = None) -> CoreLock | None:
+    def try_acquire(self, core: int, *, level: str = "registry",
+                    allocation_id: int | str | None = None) -> CoreLock | None:
         """Takes core, or None when another holder has it now. OSError when the directory
         cannot be made or trusted (UntrustedJournalDirectory) or a lock file is not a
         plain file."""
@@ -305,10 +314,11 @@ class MachineCoreRegistry:
                 except OSError:
                     pass
                 raise
-            with _held_lock:
-                _held_fds.add(fd)
-            return CoreLock(core, path, fd, unlink=not self.shared or st.st_uid == os.geteuid(),
+            lock = CoreLock(core, path, fd, unlink=not self.shared or st.st_uid == os.geteuid(),
                             private=not self.shared)
+            with _held_lock:
+                _held.add(lock)
+            return lock
         raise OSError(errno.EAGAIN, f"registry lock file {path} kept being replaced; giving up")
 
     def acquire_cores(self, cores: Iterable[int], **label: Any) -> list[CoreLock] | None:
@@ -395,5 +405,8 @@ class MachineCoreRegistry:
 
         since = label.get("since")
         level = label.get("level")
+        allocation_id = label.get("allocation_id")
+        if not isinstance(allocation_id, str):
+            allocation_id = _int("allocation_id")
         return CoreHolder(core, pid, start, _int("uid"), level if isinstance(level, str) else None,
-                          _int("allocation_id"), float(since) if isinstance(since, (int, float)) else None)
+                          allocation_id, float(since) if isinstance(since, (int, float)) else None)
