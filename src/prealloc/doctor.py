@@ -154,20 +154,41 @@ def check_memory() -> list[Check]:
 # page cache and pressure
 
 
-def check_cachestat() -> Check:
+def _cachestat_errno(path: str) -> int:
     from . import _native
 
-    fd = os.open(__file__, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         _native.pagecache_cachestat(fd)
     except OSError as exc:
-        why = ("the kernel lacks cachestat(2) (Linux 6.5+)" if exc.errno == errno.ENOSYS
-               else f"cachestat(2) refused: {os.strerror(exc.errno or 0)}")
-        return Check("cachestat", False, "page cache residency is counted with mincore(2) instead",
-                     why, facts={"errno": exc.errno})
+        return exc.errno or errno.EIO
     finally:
         os.close(fd)
-    return Check("cachestat", True, "cachestat(2) answers on a regular file")
+    return 0
+
+
+def check_cachestat() -> Check:
+    """cachestat(2) on a file of our own (the kernel answers for files we own or may
+    write; another user's file needs CAP_SYS_ADMIN, like mincore's rule), then on a
+    file of the installation when that is not ours."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile() as own:
+        own.write(b"prealloc doctor")
+        own.flush()
+        error = _cachestat_errno(own.name)
+    if error:
+        why = ("the kernel lacks cachestat(2) (Linux 6.5+)" if error == errno.ENOSYS
+               else f"cachestat(2) refused on a file of our own: {os.strerror(error)}")
+        return Check("cachestat", False, "page cache residency is counted with mincore(2) instead",
+                     why, facts={"errno": error, "others_files": None})
+    others: bool | None = None
+    if os.stat(__file__).st_uid != os.geteuid():
+        others = _cachestat_errno(__file__) == 0
+    return Check("cachestat", True, "cachestat(2) answers on files of our own" + (
+        "" if others is None else "; on other users' files too" if others else
+        "; other users' read-only files are refused (EPERM: counted with mincore)"),
+        facts={"errno": 0, "others_files": others})
 
 
 def check_pressure() -> list[Check]:

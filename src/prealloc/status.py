@@ -376,9 +376,13 @@ def collect(*, socket_path: str | None = None, journal_dir: str | os.PathLike[st
                             "broker": {"socket": path, "answered": answer is not None, "reason": why_not}}
     if answer is not None:
         rows = [_broker_row(r) for r in answer.get("reservations") or [] if isinstance(r, dict)]
-        entries = [_entry_row(e, None, None, None) for e in answer.get("journal") or []
+        entries = [_entry_row(e, e.get("name"), None, None) for e in answer.get("journal") or []
                    if isinstance(e, dict) and isinstance(e.get("owner"), dict)]
-        data.update(source="broker", source_detail=f"the broker at {path}",
+        detail = f"the broker at {path}"
+        if os.geteuid() != 0:
+            detail += (" (it lists a caller's own connection's reservations only, root's every one; "
+                       "the quota use covers this uid)")
+        data.update(source="broker", source_detail=detail,
                     reservations=rows,
                     journal={"directory": None, "available": True, "reason": "the broker's journal",
                              "entries": entries, "set_aside": []},
