@@ -144,13 +144,13 @@ RACER = textwrap.dedent("""
 def test_two_processes_racing_for_one_exclusive_core_exactly_one_wins():
     target = min(ALLOWED)
     racers = [subprocess.Popen([sys.executable, "-c", RACER, str(target)], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True) for _ in range(3)]
+                               stdout=subprocess.PIPE, text=True) for _ in range(2)]
     try:
         for racer in racers:
             racer.stdin.write("go\n")
             racer.stdin.flush()
         answers = [racer.stdout.readline().split(" ", 1) for racer in racers]
-        assert sorted(a[0] for a in answers) == ["lost", "lost", "won"]
+        assert sorted(a[0] for a in answers) == ["lost", "won"]
         assert [a[1].strip() for a in answers if a[0] == "won"] == [f"[{target}]"]
         assert all("held by other processes" in a[1] for a in answers if a[0] == "lost")
     finally:
