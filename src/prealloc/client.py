@@ -221,6 +221,7 @@ class Client:
 
     def _exchange(self, op: str, args: dict[str, Any]) -> tuple[Any, list[int]]:
         future: Future[tuple[Any, list[int]]] | None = None
+        early_events: list[dict[str, Any]] = []
         with self._lock:
             request_id = next(self._ids)
             data = encode_message({"v": VERSION, "id": request_id, "op": op, "args": args})
@@ -236,12 +237,15 @@ class Client:
             if future is None:
                 while True:
                     message, fds = self._recv()
-                    if "event" in message:
+                    if "event" in message:  # subscribed, the reader not started yet
                         _close_all(fds)
-                        continue  # only a subscriber gets events; a late one is dropped here
+                        early_events.append(message)
+                        continue
                     if message.get("id") == request_id or message.get("id") is None:
                         break
                     _close_all(fds)
+        for event in early_events:  # outside the lock: a listener may call the client
+            self._dispatch(event)
         if future is not None:
             message, fds = future.result()
         if not message.get("ok"):
@@ -304,9 +308,13 @@ class Client:
         if not callable(listener):
             raise TypeError(f"listener must be callable, not {type(listener).__name__}")
         name = canonical_event(event)
-        self._call("subscribe", {"events": [name]})
-        with self._listeners_lock:
+        with self._listeners_lock:  # before the subscription: its first event finds it
             self._listeners.setdefault(name, []).append(listener)
+        try:
+            self._call("subscribe", {"events": [name]})
+        except BaseException:
+            self.off(name, listener)
+            raise
         with self._lock:
             if self._reader is None:
                 self._reader = threading.Thread(target=self._read_loop, name="prealloc-client-reader", daemon=True)
