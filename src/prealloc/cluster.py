@@ -207,34 +207,55 @@ class NodeEngine(Protocol):
 
 
 class _SharedMemoryPreallocator(ResourcePreallocator):
-    """The node's engine: every built-in strategy, MEMORY memfd-backed (handed over by
-    /proc/<pid>/fd, see the module docstring)."""
+    """The node's engine: the built-in strategies of the bundle's types (a node actor
+    lives for one bundle, so it starts no strategy, monitor or NVML probe it will never
+    use), MEMORY memfd-backed (handed over by /proc/<pid>/fd, see the module docstring)."""
 
-    def __init__(self, *, lock_memory: bool, **overrides: Any) -> None:
+    def __init__(self, *, lock_memory: bool, types: frozenset[ResourceType], **overrides: Any) -> None:
         self._lock_memory = lock_memory
+        self._types = types
         super().__init__(**overrides)
 
-    def _default_strategies(self) -> dict[ResourceType, Any]:
-        from .strategies import MemoryAllocationStrategy
+    def _default_monitors(self) -> dict[ResourceType, Any]:
+        if ResourceType.GPU in self._types:
+            return super()._default_monitors()
+        from .monitors import SystemResourceMonitor
 
-        strategies = super()._default_strategies()
+        monitor = SystemResourceMonitor()
+        return {t: monitor for t in monitor.supported_types}
+
+    def _default_strategies(self) -> dict[ResourceType, Any]:
+        from .strategies import CpuAllocationStrategy, MemoryAllocationStrategy
+
+        if self._types <= {ResourceType.MEMORY, ResourceType.CPU}:
+            strategies: dict[ResourceType, Any] = {}
+            if ResourceType.CPU in self._types:
+                strategies[ResourceType.CPU] = CpuAllocationStrategy()
+        else:
+            strategies = super()._default_strategies()
         strategies[ResourceType.MEMORY] = MemoryAllocationStrategy(shareable=True, lock=self._lock_memory)
         return strategies
 
 
 class EmbeddedNodeEngine:
-    """A ResourcePreallocator in the node actor's own process."""
+    """A ResourcePreallocator in the node actor's own process, started at the first
+    reserve with the strategies of the bundle's types."""
 
     def __init__(self, *, lock_memory: bool = False) -> None:
-        self._pre = _SharedMemoryPreallocator(lock_memory=lock_memory)
+        self._lock_memory = lock_memory
+        self._pre: _SharedMemoryPreallocator | None = None
         self._ids: list[int] = []
         self._claims: dict[int, Any] = {}
         self._claimed: set[int] = set()  # ever claimed
         self._ended: dict[int, ResourceAllocation] = {}  # the last snapshot of each that ended
         self._lock = threading.Lock()
         self._all_ended = threading.Event()
-        for event in (RELEASED, EXPIRED, FAILED):
-            self._pre.on(event, self._on_end)
+        self.start_s = 0.0
+
+    def _engine(self) -> _SharedMemoryPreallocator:
+        if self._pre is None:
+            raise RuntimeError("the node engine has reserved nothing yet")
+        return self._pre
 
     def _on_end(self, allocation: ResourceAllocation) -> None:
         # the engine's worker or a releasing thread: only bookkeeping here
@@ -245,6 +266,14 @@ class EmbeddedNodeEngine:
                     self._all_ended.set()
 
     def reserve(self, requests: Sequence[ResourceRequest], timeout: float) -> list[ResourceAllocation]:
+        if self._pre is not None:
+            raise RuntimeError("a node engine reserves one bundle, once")
+        start = time.perf_counter()
+        self._pre = _SharedMemoryPreallocator(lock_memory=self._lock_memory,
+                                              types=frozenset(r.resource_type for r in requests))
+        for event in (RELEASED, EXPIRED, FAILED):
+            self._pre.on(event, self._on_end)
+        self.start_s = time.perf_counter() - start
         me = os.getpid()
         for request in requests:
             request = replace(request, metadata=replace(request.metadata))
@@ -262,9 +291,11 @@ class EmbeddedNodeEngine:
     def snapshots(self) -> list[ResourceAllocation]:
         """Every allocation of the bundle: live ones read now, ended ones as they ended
         (a request dropped before it was allocated is left out)."""
+        if self._pre is None:
+            return []
         out = []
         for node_id in self._ids:
-            snap = self._pre.get_allocation(node_id)
+            snap = self._engine().get_allocation(node_id)
             if snap is None:
                 with self._lock:
                     snap = self._ended.get(node_id)
@@ -276,14 +307,14 @@ class EmbeddedNodeEngine:
     def claim(self, resource_type: ResourceType, consumer_pid: int) -> dict[str, Any]:
         with self._lock:
             for node_id in self._ids:
-                snap = self._pre.get_allocation(node_id)
+                snap = self._engine().get_allocation(node_id)
                 if snap is None or snap.resource_type is not resource_type \
                         or snap.status is not AllocationStatus.ALLOCATED:
                     continue
                 if resource_type is ResourceType.CPU:
-                    held = self._pre.claim(node_id, target_process_id=consumer_pid)
+                    held = self._engine().claim(node_id, target_process_id=consumer_pid)
                 else:
-                    held = self._pre.claim(node_id)
+                    held = self._engine().claim(node_id)
                 self._claims[node_id] = held
                 self._claimed.add(node_id)
                 handover: dict[str, Any] = {"node_allocation_id": node_id, "pid": os.getpid(),
@@ -308,12 +339,13 @@ class EmbeddedNodeEngine:
         return self._all_ended.wait(timeout)
 
     def statistics(self) -> PreallocatorStatistics:
-        return self._pre.get_statistics()
+        return self._engine().get_statistics()
 
     def close(self) -> None:
         with self._lock:
             self._claims.clear()
-        self._pre.close()  # releases everything, restores every pin
+        if self._pre is not None:
+            self._pre.close()  # releases everything, restores every pin
         self._all_ended.set()
 
 
@@ -321,19 +353,18 @@ class _BundleNode:
     """The node actor of one bundle (a Ray actor class: made with ``ray.remote`` below)."""
 
     def __init__(self, engine_factory: Callable[[], NodeEngine]) -> None:
-        start = time.perf_counter()
         self._engine = engine_factory()
-        self._engine_start_s = time.perf_counter() - start
 
     def reserve(self, requests: list[ResourceRequest], timeout: float) -> list[ResourceAllocation]:
         node = ray.get_runtime_context().get_node_id()
         start = time.perf_counter()
         snaps = self._engine.reserve(requests, timeout)
-        reserve_s = time.perf_counter() - start
+        engine_start_s = float(getattr(self._engine, "start_s", 0.0))
+        reserve_s = time.perf_counter() - start - engine_start_s
         for snap in snaps:
             snap.details = {**snap.details, "node_id": node, "node_pid": os.getpid(),
                             "node_allocation_id": snap.allocation_id,
-                            "node_engine_start_s": self._engine_start_s, "node_reserve_s": reserve_s}
+                            "node_engine_start_s": engine_start_s, "node_reserve_s": reserve_s}
         return snaps
 
     def snapshots(self) -> list[ResourceAllocation]:
