@@ -32,6 +32,9 @@ One recovery: :func:`recover` — run when a CPU or disk strategy is created and
   is still exactly one we applied gets its previous value back; a thread whose value
   differs was changed by someone else since and is left alone;
 - cgroup_weight: the previous weight is written back if the file still holds ours;
+- cpuset: prealloc.cpuset.undo_entry (rest cgroups widened, emptied into their parents
+  and removed; shrunk cpusets given back their cpus if they still hold ours); sched: like
+  affinity, each thread still on the policy we set gets its previous one;
 - reserve_file: the file is removed if it is still a regular file owned by us and (when
   the entry knows them) has the recorded device and inode; the name is one we made
   unique (our pid, start time and a sequence) and created with O_EXCL, so an entry

@@ -471,9 +471,9 @@ class CpuAllocationStrategy(AllocationStrategy):
                     handle.cpuset = cpuset_mod.isolate(cores, keep_pids=keep_pids, scope=self.cpuset_scope,
                                                        journal=self._effects)
                 except (cpuset_mod.CpusetUnavailable, PermissionError) as exc:
-                    handle.reasons["cpuset"] = f"cpuset: {exc.strerror or exc}"
+                    handle.reasons["cpuset"] = str(exc.strerror or exc)
                 except OSError as exc:
-                    handle.reasons["cpuset"] = f"cpuset: moving tasks failed and was undone: {exc}"
+                    handle.reasons["cpuset"] = f"moving tasks failed and was undone: {exc}"
 
     def _prioritise_process(self, handle: CoreGrant, pid: int) -> None:
         assert handle.priority_spec is not None
