@@ -32,6 +32,12 @@ journal entry (kind ``cpuset``, see prealloc.journal) is written before anything
 and updated before each further batch of moves, so a SIGKILL at any point leaves an entry
 whose undo finds the machine in a state it can restore.
 
+Two cpuset allocations at once (other cores): the second shrinks the first's rest
+cgroup too (journaled like any shrink), so while both live the tasks are off both; if
+the first is released first, its tasks go back to its parent cgroup, whose cpus include
+the second's cores — they may run there until the second is released (or adjusted).
+Stacking them properly needs one owner of the machine's cpusets (the broker).
+
 Scope: ``"all"`` (default), ``"uid"`` (tasks of our effective uid) or an explicit set of
 pids (their threads; tests and tools use it not to move the whole machine).
 
@@ -267,8 +273,8 @@ def _sweep(root: Path, result: CpusetIsolation, keep: set[int], scope: str | fro
     counts = {"kernel": 0, "kept": 0, "scope": 0}
     for dirpath, dirnames, _files in os.walk(root):
         cgroup = Path(dirpath)
-        if str(cgroup) in rest_paths or cgroup.name.startswith(_REST_PREFIX):
-            dirnames.clear()  # ours, or another allocation's rest: already off its cores
+        if str(cgroup) in rest_paths:
+            dirnames.clear()  # ours: already off the cores
             continue
         if str(cgroup) in shrunk_paths:
             continue
@@ -299,7 +305,7 @@ def _sweep(root: Path, result: CpusetIsolation, keep: set[int], scope: str | fro
         if not cpus - reserved:  # nowhere else to put them in this cgroup
             result.refused += len(movable) if first else 0
             continue
-        leaf = not any(d for d in dirnames if not d.startswith(_REST_PREFIX))
+        leaf = all(str(cgroup / d) in rest_paths for d in dirnames)  # a parent's cpus cover its children's
         # shrinking moves every task of the cgroup: only when all of them are to move
         shrink = cgroup != root and not has_kept and not has_others and leaf and bool(cpus - reserved)
         plans.append((cgroup, movable, shrink))
