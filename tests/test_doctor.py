@@ -4,6 +4,7 @@
 the answers turn to no with the reason."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import pwd
@@ -83,19 +84,27 @@ def drop_for_exec(cap: int) -> None:
     drop_capability(cap)
 
 
-def _lower_memlock_and_drop_ipc_lock():
+def _less_privileged():
+    """A child limited like an ordinary user: 8 MiB to lock, no real-time priority, and
+    without CAP_IPC_LOCK, CAP_SYS_NICE and CAP_NET_ADMIN."""
     resource.setrlimit(resource.RLIMIT_MEMLOCK, (8 * MiB, 8 * MiB))
-    drop_for_exec(CAP_IPC_LOCK)
+    resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0))
+    for cap in (CAP_IPC_LOCK, CAP_SYS_NICE, CAP_NET_ADMIN):
+        drop_for_exec(cap)
 
 
-def test_a_process_limited_to_8_mib_without_cap_ipc_lock_is_told_why(tmp_path):
-    _, data = run_doctor("--dir", str(tmp_path), "--socket", str(tmp_path / "no.sock"),
-                         preexec=_lower_memlock_and_drop_ipc_lock)
-    check = by_name(data)["mlock_beyond_limit"]
+def test_a_less_privileged_child_is_told_why(tmp_path):
+    _, data = run_doctor("--dir", str(tmp_path), "--socket", str(tmp_path / "no.sock"), preexec=_less_privileged)
+    checks = by_name(data)
+    check = checks["mlock_beyond_limit"]
     assert check["ok"] is False
     assert check["facts"]["rlimit_memlock_soft"] == 8 * MiB and check["facts"]["cap_ipc_lock"] is False
     assert "RLIMIT_MEMLOCK is 8388608 bytes (8 MiB)" in check["reason"] and "CAP_IPC_LOCK" in check["reason"]
-    assert by_name(data)["mlock"]["ok"] is True  # one page is within 8 MiB
+    assert checks["mlock"]["ok"] is True  # one page is within 8 MiB
+    assert checks["rt_scheduling"]["ok"] is False and checks["rt_scheduling"]["facts"]["probe_errno"] != 0
+    assert "RLIMIT_RTPRIO is 0" in checks["rt_scheduling"]["reason"]
+    assert checks["cap_net_admin"]["ok"] is False and "CAP_NET_ADMIN" in checks["cap_net_admin"]["reason"]
+    assert checks["network_bandwidth"]["ok"] is False and checks["network_bandwidth"]["reason"]
 
 
 def test_as_an_unprivileged_user(tmp_path):
@@ -136,28 +145,37 @@ def test_as_an_unprivileged_user(tmp_path):
     assert "CAP_IPC_LOCK is not held" in checks["mlock_beyond_limit"]["reason"]
     assert checks["cap_net_admin"]["ok"] is False and "CAP_NET_ADMIN" in checks["cap_net_admin"]["reason"]
     cpuset = checks["cpuset_writable"]
-    if cpuset["facts"].get("cgroup"):
-        st = Path(cpuset["facts"]["cgroup"]).stat()
+    if cpuset["facts"].get("v1_root"):
+        st = Path(cpuset["facts"]["v1_root"]).stat()
         if st.st_uid == 0 and not st.st_mode & 0o002:
             assert cpuset["ok"] is False and "owner uid 0" in cpuset["reason"]
             assert f"we are uid {uid}" in cpuset["reason"]
 
 
-def test_strict_fails_on_an_untrusted_journal_directory(tmp_path):
+def _doctor_in_process(*argv: str) -> tuple[int, dict]:
+    out = io.StringIO()
+    rc = doctor.run(as_json=True, strict="--strict" in argv, journal_dir=argv[-1], out=out,
+                    socket_path=argv[-1] + ".no-broker.sock")
+    return rc, json.loads(out.getvalue())
+
+
+def test_strict_fails_on_an_untrusted_journal_directory(tmp_path, capsys):
     good = tmp_path / "good"
     good.mkdir(mode=0o700)
-    rc, data = run_doctor("--strict", "--dir", str(good), "--socket", str(tmp_path / "no.sock"), check_rc=None)
+    rc, data = _doctor_in_process("--strict", str(good))
     assert rc == (0 if data["strict_ok"] else 1)
     assert by_name(data)["journal_directory"]["ok"] is True
     bad = tmp_path / "bad"
     bad.mkdir()
     os.chmod(bad, 0o777)
-    rc, data = run_doctor("--strict", "--dir", str(bad), "--socket", str(tmp_path / "no.sock"), check_rc=None)
+    rc, data = _doctor_in_process("--strict", str(bad))
     journal = by_name(data)["journal_directory"]
     assert rc == 1 and data["strict_ok"] is False
     assert journal["ok"] is False and "writable by others" in journal["reason"] and journal["facts"]["mode"] == "777"
-    rc, _ = run_doctor("--dir", str(bad), "--socket", str(tmp_path / "no.sock"), check_rc=None)
-    assert rc == 0  # without --strict: the answer, not a failure
+    assert _doctor_in_process(str(bad))[0] == 0  # without --strict: the answer, not a failure
+    # the command's exit status is doctor.run's
+    assert cli.main(["doctor", "--strict", "--dir", str(bad), "--socket", str(tmp_path / "x.sock")]) == 1
+    assert "MISSING journal_directory" in capsys.readouterr().out
 
 
 def test_a_missing_journal_directory_is_creatable_and_not_created(tmp_path):
@@ -220,19 +238,27 @@ def test_cgroups_match_mountinfo(answers):
     assert answers["cgroups"]["ok"] is bool(versions)
 
 
+def _v1_cpuset_mount() -> Path | None:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[2] == "cgroup" and "cpuset" in fields[3].split(","):
+            return Path(fields[1])
+    return None
+
+
 def test_cpuset_answer_matches_access_and_writes_nothing(answers):
     check = answers["cpuset_writable"]
-    if check["facts"].get("cgroup") is None:
+    root = _v1_cpuset_mount()
+    if root is None:
         assert check["ok"] is False and "cpuset" in check["reason"]
         return
-    directory = Path(check["facts"]["cgroup"])
-    cpus = directory / "cpuset.cpus"
-    assert check["facts"]["cpus_writable"] is (cpus.exists() and os.access(cpus, os.W_OK))
-    assert check["facts"]["can_create_child"] is os.access(directory, os.W_OK | os.X_OK)
-    before = cpus.read_text() if cpus.exists() else None
-    after_check = doctor.check_cpuset()
-    assert after_check.facts == check["facts"]
-    assert (cpus.read_text() if cpus.exists() else None) == before
+    assert check["facts"]["v1_root"] == str(root)
+    assert check["ok"] is os.access(root, os.W_OK | os.X_OK) is check["facts"]["can_create_child"]
+    cpus = root / "cpuset.cpus"
+    before = (sorted(p.name for p in root.iterdir() if p.is_dir()), cpus.read_text())
+    again = doctor.check_cpuset()
+    assert again.facts == check["facts"]
+    assert (sorted(p.name for p in root.iterdir() if p.is_dir()), cpus.read_text()) == before
 
 
 def test_rt_scheduling_matches_the_limits(answers):
@@ -242,21 +268,6 @@ def test_rt_scheduling_matches_the_limits(answers):
     assert facts["cap_sys_nice"] is has_capability(CAP_SYS_NICE)
     assert facts["sched_rt_runtime_us"] == int(Path("/proc/sys/kernel/sched_rt_runtime_us").read_text())
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the probe ran in a child: we are unchanged
-
-
-def _no_rt_rights():
-    resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0))
-    drop_for_exec(CAP_SYS_NICE)
-    drop_for_exec(CAP_NET_ADMIN)
-
-
-def test_without_rtprio_cap_sys_nice_and_cap_net_admin_doctor_says_why(tmp_path):
-    _, data = run_doctor("--dir", str(tmp_path), "--socket", str(tmp_path / "no.sock"), preexec=_no_rt_rights)
-    checks = by_name(data)
-    assert checks["rt_scheduling"]["ok"] is False and checks["rt_scheduling"]["facts"]["probe_errno"] != 0
-    assert "RLIMIT_RTPRIO is 0" in checks["rt_scheduling"]["reason"]
-    assert checks["cap_net_admin"]["ok"] is False and "CAP_NET_ADMIN" in checks["cap_net_admin"]["reason"]
-    assert checks["network_bandwidth"]["ok"] is False and checks["network_bandwidth"]["reason"]
 
 
 def test_cap_net_admin_and_iproute2_match_the_process(answers):

@@ -293,32 +293,37 @@ def _who_may_write(path: Path) -> str:
 
 
 def check_cpuset() -> Check:
+    """What the CPU strategy's ``cpuset`` level needs (prealloc.cpuset): the cgroup v1
+    cpuset hierarchy, and the right to make cgroups in its root (it moves other tasks
+    into ``prealloc-rest-*`` children there) — access(2), nothing written. This
+    process's own cpuset and its ``cpuset.cpus`` are reported too."""
+    from . import cpuset
     from .monitors.system import _controller_directories
 
-    found = _controller_directories("cpuset", ("cpuset.cpus.effective",))
-    if found is None:
-        return Check("cpuset_writable", False, "no cpuset controller for this process",
-                     "cpuset is neither mounted as cgroup v1 nor enabled in this process's cgroup v2 "
-                     "(cgroup.subtree_control of its parent lacks cpuset)")
-    version, directories = found
-    own = directories[0]
-    cpus = own / "cpuset.cpus"
-    cpus_writable = cpus.exists() and os.access(cpus, os.W_OK)
-    can_create = os.access(own, os.W_OK | os.X_OK)
-    facts: dict[str, Any] = {"version": version, "cgroup": str(own), "cpus_writable": cpus_writable,
-                             "can_create_child": can_create}
-    extra = ""
-    if version == 2:
-        facts["cpus_exclusive"] = (own / "cpuset.cpus.exclusive").exists()
-        facts["partition"] = (own / "cpuset.cpus.partition").exists()
-        extra = (f"; cpuset.cpus.exclusive {'present' if facts['cpus_exclusive'] else 'absent'}, "
-                 f"cpuset.cpus.partition {'present' if facts['partition'] else 'absent'}")
-    ok = cpus_writable or can_create
-    detail = (f"v{version} cpuset {own}: cpuset.cpus {'writable' if cpus_writable else 'not writable'}, "
-              f"child cpusets {'can' if can_create else 'cannot'} be made{extra} (checked with access(2); "
-              "nothing written)")
-    reason = None if ok else f"neither {cpus.name} nor the directory is writable: {_who_may_write(own)}"
-    return Check("cpuset_writable", ok, detail, reason, facts=facts)
+    facts: dict[str, Any] = {"v1_root": None, "can_create_child": False, "cgroup": None, "cpus_writable": None}
+    own = _controller_directories("cpuset", ("cpuset.cpus.effective",))
+    if own is not None:
+        version, directories = own
+        cpus = directories[0] / "cpuset.cpus"
+        facts.update(version=version, cgroup=str(directories[0]),
+                     cpus_writable=cpus.exists() and os.access(cpus, os.W_OK))
+    root = cpuset.v1_cpuset_root()
+    if root is None:
+        v2 = cpuset._v2_has_cpuset()
+        return Check("cpuset_writable", False, "no cgroup v1 cpuset hierarchy",
+                     "only a cgroup v2 cpuset exists here, and prealloc's cpuset level drives v1 (v2 partitions, "
+                     "cpuset.cpus.partition=isolated, are not supported yet)" if v2 else
+                     "no cpuset controller is mounted (neither cgroup v1 cpuset nor a v2 cpuset)", facts=facts)
+    can_create = os.access(root, os.W_OK | os.X_OK)
+    facts.update(v1_root=str(root), can_create_child=can_create)
+    own_words = ("" if facts["cgroup"] is None else
+                 f"; this process's cpuset {facts['cgroup']}: cpuset.cpus "
+                 f"{'writable' if facts['cpus_writable'] else 'not writable'}")
+    detail = (f"v1 cpuset at {root}: cgroups {'can' if can_create else 'cannot'} be made there{own_words} "
+              "(checked with access(2); nothing written)")
+    reason = None if can_create else (f"the cpuset level makes cgroups in {root}, which this process may not: "
+                                      f"{_who_may_write(root)} (needs root or a delegated cpuset)")
+    return Check("cpuset_writable", can_create, detail, reason, facts=facts)
 
 
 def _cpu_list_file(path: str) -> str | None:
@@ -329,9 +334,11 @@ def _cpu_list_file(path: str) -> str | None:
 
 
 def check_isolated_cpus() -> Check:
+    from .strategies.cpu import isolated_cpus
+
     isolated = _cpu_list_file("/sys/devices/system/cpu/isolated")
     nohz = _cpu_list_file("/sys/devices/system/cpu/nohz_full")
-    ok = bool(isolated)
+    ok = bool(isolated_cpus())  # what the CPU strategy's isolated level reads
     detail = f"isolated: {isolated or 'none'}; nohz_full: {nohz or 'none'}"
     if ok:
         reason = None
@@ -362,9 +369,12 @@ def _try_rt_in_child() -> int:
 
 
 def check_rt_scheduling() -> Check:
+    from .strategies.cpu import rt_runtime_us
+
     soft, hard = resource.getrlimit(resource.RLIMIT_RTPRIO)
     cap = _has_cap(CAP_SYS_NICE)
-    runtime = _cpu_list_file("/proc/sys/kernel/sched_rt_runtime_us")
+    runtime_us = rt_runtime_us()  # the CPU strategy's priority level checks the same
+    runtime = None if runtime_us is None else str(runtime_us)
     period = _cpu_list_file("/proc/sys/kernel/sched_rt_period_us")
     facts: dict[str, Any] = {"rlimit_rtprio_soft": soft, "rlimit_rtprio_hard": hard, "cap_sys_nice": cap,
                              "sched_rt_runtime_us": int(runtime) if runtime else None,
