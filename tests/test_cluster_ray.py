@@ -198,6 +198,23 @@ def test_claim_in_a_task_maps_the_node_memory_and_pins_the_task(ray_cluster):
     pre.close()
 
 
+def test_expiry_releases_the_node_then_removes_the_group(pre):
+    expired = []
+    pre.on("resource:expired", expired.append)
+    request = pre.request_preallocation(ResourceRequest(ResourceType.MEMORY, MEMORY_MIB, duration=1.0))
+    assert request.wait(60) and request.status is AllocationStatus.ALLOCATED, request.failure_reason
+    (allocation,) = request.allocations
+    pid = allocation.details["node_pid"]
+    assert proc_status_kib("RssShmem", pid) >= MEMORY_MIB * 1024
+    assert request.wait_ended(30), "the request did not expire"
+    assert request.status is AllocationStatus.EXPIRED and allocation.status is AllocationStatus.EXPIRED
+    assert [a.allocation_id for a in expired] == [allocation.allocation_id]
+    assert _table_state(request.placement_group_id) == "REMOVED"
+    assert _gone(pid)
+    stats = pre.get_statistics()
+    assert stats.expired == 1 and stats.active_allocations == 0 and stats.used == 0
+
+
 def test_claim_outside_a_bundle_is_refused(ray_cluster):
     from prealloc import cluster
 

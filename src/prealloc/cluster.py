@@ -523,6 +523,8 @@ class ClusterPreallocator:
         ``wait_ready`` / ``request.wait`` until it is ALLOCATED or FAILED. ValueError /
         TypeError for bad input (nothing is placed)."""
         self._check_open()
+        if not ray.is_initialized():
+            raise RuntimeError("Ray is not initialised: call ray.init() (or ray.init(address=...)) first")
         placement = replace(placement) if placement is not None else Placement()
         if not isinstance(placement, Placement):
             raise TypeError(f"placement must be a Placement, not {type(placement).__name__}")
@@ -802,7 +804,9 @@ class ClusterPreallocator:
                 self._update(request, {index: snaps})
         # every bundle's allocations ended on their nodes (claims released by their
         # consumers, expiries): the request is over, its group goes
-        self._finish(request, AllocationStatus.RELEASED, None, None)
+        expired = bool(request.allocations) and all(a.status is AllocationStatus.EXPIRED
+                                                     for a in request.allocations)
+        self._finish(request, AllocationStatus.EXPIRED if expired else AllocationStatus.RELEASED, None, None)
 
     def _node_died(self, request: ClusterRequest, index: int, exc: BaseException) -> None:
         if request.status.is_final:  # our own kill after the release: not news
