@@ -134,7 +134,8 @@ def check_priority(value: Any, what: str = "priority") -> dict[str, Any]:
 
 
 def read_thread_sched(tid: int) -> list[int]:
-    """[policy, rt_priority, nice] of one thread (what kind ``sched`` journals)."""
+    """[policy, rt_priority, nice] of one thread (what kind ``sched`` journals); policy
+    includes SCHED_RESET_ON_FORK when set."""
     return [os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority,
             os.getpriority(os.PRIO_PROCESS, tid)]
 
@@ -142,7 +143,7 @@ def read_thread_sched(tid: int) -> list[int]:
 def write_thread_sched(tid: int, value: Any) -> None:
     policy, rt_priority, nice = (int(v) for v in value)
     os.sched_setscheduler(tid, policy, os.sched_param(rt_priority))
-    if policy not in (os.SCHED_FIFO, os.SCHED_RR):
+    if policy & ~os.SCHED_RESET_ON_FORK not in (os.SCHED_FIFO, os.SCHED_RR):
         os.setpriority(os.PRIO_PROCESS, tid, nice)
 
 
@@ -217,7 +218,10 @@ def apply_priority(tids: Iterable[int], spec: dict[str, Any], *, journal: Journa
         if not _has_cap(_CAP_SYS_NICE) and soft != resource.RLIM_INFINITY and 0 < soft < rt_priority:
             reasons.append(f"rt_priority {rt_priority} lowered to RLIMIT_RTPRIO {soft} (no CAP_SYS_NICE)")
             rt_priority = soft
-        candidates.append((f"{_POLICY_NAMES[policy]} {rt_priority}", [policy, rt_priority, 0]))
+        # reset on fork: a child the thread forks does not keep a real-time policy that
+        # nobody will ever take back
+        candidates.append((f"{_POLICY_NAMES[policy]} {rt_priority}",
+                           [policy | os.SCHED_RESET_ON_FORK, rt_priority, 0]))
     candidates.append((f"nice {spec['nice']}", [os.SCHED_OTHER, 0, spec["nice"]]))
     change = PriorityChange(requested, None, None, {}, None)
     for words, value in candidates:
