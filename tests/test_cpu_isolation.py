@@ -427,3 +427,44 @@ def test_an_entry_journaled_just_before_a_crash_is_undone_without_error():
             "rest": [{"parent": str(CPUSET_ROOT), "path": str(CPUSET_ROOT / "prealloc-rest-1-1-1")}]}
     done = cpuset.undo_entry(data)
     assert done.kind == "cpuset" and done.removed is None
+
+
+@needs_two_cores
+def test_adjust_takes_and_gives_back_machine_registry_cores():
+    from prealloc.machine_registry import MachineCoreRegistry
+
+    strategy = CpuAllocationStrategy()
+    registry = MachineCoreRegistry(strategy.machine_registry.directory)
+    grant = strategy.allocate(request(), 100, None)
+    try:
+        mine = lambda: {h.core for h in registry.holders() if h.pid == os.getpid()}  # noqa: E731
+        assert mine() == set(grant.handle.reservation.cores)
+        assert strategy.adjust(grant.handle, 200) == 200.0
+        assert mine() == set(grant.handle.reservation.cores) and len(mine()) == 2
+        assert strategy.adjust(grant.handle, 100) == 100.0
+        assert mine() == set(grant.handle.reservation.cores) and len(mine()) == 1
+    finally:
+        strategy.release(grant.handle)
+    assert {h.core for h in registry.holders() if h.pid == os.getpid()} == set()
+
+
+@needs_two_cores
+def test_adjust_cannot_grow_onto_a_core_another_process_holds():
+    other_core = max(ALLOWED)
+    holder = subprocess.Popen([sys.executable, "-c", RACER, str(other_core)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    strategy = CpuAllocationStrategy(core.CoreReservations({min(ALLOWED), other_core}))
+    try:
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().startswith("won")
+        grant = strategy.allocate(request(), 100, None)
+        assert grant.handle.reservation.cores == {min(ALLOWED)}
+        with pytest.raises(InsufficientResources, match="held by another process"):
+            strategy.adjust(grant.handle, 200)
+        assert grant.handle.reservation.cores == {min(ALLOWED)}  # nothing changed
+        assert [lock.core for lock in grant.handle.core_locks] == [min(ALLOWED)]
+        strategy.release(grant.handle)
+    finally:
+        holder.kill()
+        holder.wait()
