@@ -346,3 +346,31 @@ def test_status_comes_from_the_broker_when_one_answers(tmp_path, journal_dir):
         except subprocess.TimeoutExpired:
             broker.kill()
             broker.wait()
+
+
+def test_every_kind_is_described_by_what_it_changed(journal_dir, no_broker):
+    dead = {"pid": 1 << 30, "start": 3}
+    kinds = {
+        "e-a.json": {"kind": "affinity", "target": {"pid": 1 << 30, "start": 1}, "applied": [[0, 1]],
+                     "previous": {"7": [0, 1, 2]}, "default": [0, 1, 2]},
+        "e-b.json": {"kind": "ioprio", "target": {"pid": 1 << 30, "start": 1}, "applied": [16385], "previous": {},
+                     "default": 0},
+        "e-c.json": {"kind": "reserve_file", "path": "/data/reserve-1"},
+        "e-d.json": {"kind": "cgroup_weight", "path": "/sys/fs/cgroup/x/io.weight", "previous": 100, "applied": 500},
+        "e-e.json": {"kind": "tc_htb", "ifname": "veth0", "netns": "ns1", "classes": [{"classid": 1}]},
+        "e-f.json": {"kind": "cpuset", "root": "/sys/fs/cgroup/cpuset", "reserved": [1], "rest": ["r"],
+                     "shrunk": [], "moved": {"11": {}, "12": {}}},
+        "e-g.json": {"kind": "sched", "target": {"pid": 1 << 30, "start": 1}, "applied": [[1, 10, 0]],
+                     "previous": {"9": [0, 0, 0]}, "default": [0, 0, 0]},
+    }
+    for name, data in kinds.items():
+        (journal_dir / name).write_text(json.dumps({**data, "owner": dead, "uid": os.geteuid()}))
+    what = {e["file"]: e["what"] for e in status.collect(journal_dir=journal_dir, socket_path=no_broker)
+            ["journal"]["entries"]}
+    assert "cpus 0-1" in what["e-a.json"] and "(target gone)" in what["e-a.json"]
+    assert "I/O priority 16385" in what["e-b.json"]
+    assert what["e-c.json"] == "reserve file /data/reserve-1"
+    assert "500 (was 100)" in what["e-d.json"] and "io.weight" in what["e-d.json"]
+    assert what["e-e.json"] == "1 HTB class(es) on veth0 in netns ns1"
+    assert what["e-f.json"].startswith("2 task(s) moved off cpus 1 under /sys/fs/cgroup/cpuset")
+    assert "[1, 10, 0]" in what["e-g.json"]

@@ -87,10 +87,25 @@ def command_of(pid: Any) -> str | None:
         return None
 
 
+class _Owners:
+    """(alive, command) of each (pid, start) asked about, looked up once per refresh:
+    a host with a thousand entries is one /proc read, not a thousand."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[Any, Any], tuple[bool | None, str | None]] = {}
+
+    def __call__(self, pid: Any, start: Any) -> tuple[bool | None, str | None]:
+        key = (pid, start)
+        found = self._known.get(key)
+        if found is None:
+            alive = owner_alive(pid, start)
+            # the command of a reused pid would name another program: only a live owner's
+            found = self._known[key] = (alive, command_of(pid) if alive else None)
+        return found
+
+
 def _owner_facts(pid: Any, start: Any) -> tuple[bool | None, str | None]:
-    alive = owner_alive(pid, start)
-    # the command of a reused pid would name another program: only a live owner's
-    return alive, command_of(pid) if alive else None
+    return _Owners()(pid, start)
 
 
 # ---------------------------------------------------------------------------------------
@@ -216,13 +231,20 @@ def describe_entry(data: dict[str, Any]) -> tuple[str, int | None]:
     target: dict[str, Any] = _field(data, "target", dict, {})
     target_pid = target.get("pid") if isinstance(target.get("pid"), int) else None
     applied: list[Any] = _field(data, "applied", list, [])
-    if kind in (journal.KIND_AFFINITY, journal.KIND_IOPRIO):
+    if kind in (journal.KIND_AFFINITY, journal.KIND_IOPRIO, "sched"):
         alive = owner_alive(target_pid, target.get("start"))
         threads = len(data["previous"]) if isinstance(data.get("previous"), dict) else 0
-        value = (f"cpus {_cpu_list(applied[-1])}" if kind == journal.KIND_AFFINITY and applied
-                 else f"I/O priority {applied[-1]}" if applied else "?")
+        value = ("?" if not applied else f"cpus {_cpu_list(applied[-1])}" if kind == journal.KIND_AFFINITY
+                 else f"I/O priority {applied[-1]}" if kind == journal.KIND_IOPRIO
+                 else f"scheduling [policy, rt priority, nice] {applied[-1]}")
         gone = "" if alive else " (target gone)"
         return f"process {target_pid} ({threads} thread(s)) set to {value}{gone}", target_pid
+    if kind == "cpuset":  # prealloc.cpuset: other tasks moved off reserved cores
+        count = len(_field(data, "moved", dict, {}))  # tid -> what to give back
+        rest: list[Any] = _field(data, "rest", list, [])
+        shrunk: list[Any] = _field(data, "shrunk", list, [])
+        return (f"{count} task(s) moved off cpus {_cpu_list(data.get('reserved'))} under {data.get('root')} "
+                f"({len(rest)} rest cgroup(s), {len(shrunk)} shrunk)"), None
     if kind == journal.KIND_RESERVE_FILE:
         return f"reserve file {data.get('path')}", None
     if kind == journal.KIND_CGROUP_WEIGHT:
@@ -235,10 +257,11 @@ def describe_entry(data: dict[str, Any]) -> tuple[str, int | None]:
     return f"kind {kind!r}", None
 
 
-def _entry_row(data: dict[str, Any], name: str | None, age_s: float | None, state: str | None) -> dict[str, Any]:
+def _entry_row(data: dict[str, Any], name: str | None, age_s: float | None, state: str | None,
+               owners: _Owners | None = None) -> dict[str, Any]:
     owner: dict[str, Any] = _field(data, "owner", dict, {})
     pid, start = owner.get("pid"), owner.get("start")
-    alive, command = _owner_facts(pid, start)
+    alive, command = (owners or _Owners())(pid, start)
     what, target_pid = describe_entry(data)
     if state is None:
         state = "live" if alive else "owner dead"
@@ -249,6 +272,7 @@ def _entry_row(data: dict[str, Any], name: str | None, age_s: float | None, stat
 
 def read_journal(directory: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """The journal's entries, read and never changed (see the module)."""
+    owners = _Owners()
     folder = Path(directory) if directory is not None else journal.default_directory()
     result: dict[str, Any] = {"directory": str(folder), "available": True, "reason": None,
                               "entries": [], "set_aside": []}
@@ -289,7 +313,8 @@ def read_journal(directory: str | os.PathLike[str] | None = None) -> dict[str, A
         if data is None:
             continue  # vanished, or not a file of ours (the reader logs it)
         recoverer = name.rsplit(".recovering-", 1)[1] if claimed else None
-        result["entries"].append(_entry_row(data, name, age, f"being recovered by {recoverer}" if claimed else None))
+        result["entries"].append(_entry_row(data, name, age, f"being recovered by {recoverer}" if claimed else None,
+                                            owners))
     return result
 
 
