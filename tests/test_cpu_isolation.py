@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -392,9 +393,13 @@ def test_cpuset_puts_back_the_children_a_moved_task_forked_meanwhile():
         reserved = set(grant.handle.reservation.cores)
         rest = Path(isolation(strategy, grant)["cpuset"]["rest_cgroups"][0])
         try:
-            born_there = set()
-            while len(born_there) < 3:  # children born in the rest cgroup, off the core
+            born_there: set[int] = set()
+            for _ in range(1000):  # children born in the rest cgroup, off the core (bounded: never hangs)
                 born_there = set(int(t) for t in (rest / "tasks").read_text().split()) - {spawner.pid}
+                if len(born_there) >= 3:
+                    break
+                time.sleep(0.01)
+            assert len(born_there) >= 3, "the spawner forked nothing in the rest cgroup"
             for tid in born_there:
                 try:
                     assert not cpus_allowed(tid) & reserved
