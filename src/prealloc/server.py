@@ -109,8 +109,8 @@ class BrokerConfig:
 
     TOML::
 
-        rate_limit = 1000        # requests per second per peer (a token bucket)
-        rate_burst = 200         # requests a peer may send at once
+        rate_limit = 5000        # requests per second per peer (a token bucket)
+        rate_burst = 1000        # requests a peer may send at once
         max_connections = 256
         max_allocations = 4096   # live allocations per peer
         lock_memory = true       # mlock MEMORY where the broker may (best effort)
@@ -121,8 +121,8 @@ class BrokerConfig:
         allocation_workers = 2
     """
 
-    rate_limit: float = 1000.0
-    rate_burst: float = 200.0
+    rate_limit: float = 5000.0
+    rate_burst: float = 1000.0
     max_connections: int = 256
     max_allocations: int = 4096
     lock_memory: bool = True
