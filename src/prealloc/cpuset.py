@@ -97,6 +97,8 @@ def v1_cpuset_root() -> Path | None:
 
 
 def _v2_has_cpuset() -> bool:
+    """Whether a cgroup v2 hierarchy offers the cpuset controller (whose partitions
+    prealloc does not use yet)."""
     for line in Path("/proc/self/mounts").read_text().splitlines():
         fields = line.split()
         if len(fields) >= 3 and fields[2] == "cgroup2":
@@ -105,6 +107,9 @@ def _v2_has_cpuset() -> bool:
             except OSError:
                 return False
     return False
+
+
+v2_has_cpuset = _v2_has_cpuset  # public: prealloc doctor asks it
 
 
 def _read(path: Path) -> str:
