@@ -120,7 +120,7 @@ def run(rounds: int, mib: int, groups: int, seed: int = 1) -> dict[str, Any]:
                 parts["placement"].append(request.placement_ready_at - request.created_at)
                 parts["node engine start"].append(details["node_engine_start_s"])
                 parts["node reserve"].append(details["node_reserve_s"])
-                strategy = PlacementGroupSchedulingStrategy(request._pg)
+                strategy = PlacementGroupSchedulingStrategy(request.placement_group)
                 tasks = ["own buffer", "prealloc"]
                 rng.shuffle(tasks)
                 for task in tasks:

@@ -183,7 +183,7 @@ def test_claim_in_a_task_maps_the_node_memory_and_pins_the_task(ray_cluster):
         return mapped, ends, held, sorted(pinned), sorted(os.sched_getaffinity(0)), os.getpid()
 
     mapped, ends, held, pinned, after, task_pid = ray.get(consumer.options(
-        scheduling_strategy=PlacementGroupSchedulingStrategy(request._pg)).remote(), timeout=60)
+        scheduling_strategy=PlacementGroupSchedulingStrategy(request.placement_group)).remote(), timeout=60)
     assert ends == (7, 9, MEMORY_MIB << 20)
     assert mapped >= MEMORY_MIB * 1024 - 4  # the same shared pages, already there
     assert held == cpu.details["cores"] and pinned == held

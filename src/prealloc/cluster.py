@@ -438,6 +438,12 @@ class ClusterRequest:
         """Blocks until the request is ALLOCATED or ended; False on timeout."""
         return self._settled.wait(timeout)
 
+    @property
+    def placement_group(self) -> Any:
+        """Ray's PlacementGroup (for ``PlacementGroupSchedulingStrategy``); None before
+        it was created."""
+        return self._pg
+
     def wait_ended(self, timeout: float | None = None) -> bool:
         """Blocks until the request has ended (released, expired, failed); False on timeout."""
         return self._done.wait(timeout)
