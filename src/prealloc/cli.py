@@ -229,12 +229,13 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _add_recover(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
-        "recover", help="undo what a host that died without releasing left behind (CPU pins, cgroup I/O weights, "
-                        "I/O priorities, reserve files)",
+        "recover", help="undo what a host that died without releasing left behind (CPU pins, cpuset moves, "
+                        "scheduling policies, cgroup I/O weights, I/O priorities, reserve files, tc classes)",
         description="Reads the side-effect journal (prealloc.journal) and, for every entry whose owner "
                     "process is dead, undoes it: each thread of a target that still has the CPU mask or "
-                    "I/O priority the owner set gets its previous one back (threads changed by someone "
-                    "else since are left alone), a reserve file the owner created is removed, and so "
+                    "I/O priority or scheduling policy the owner set gets its previous one back (threads "
+                    "changed by someone else since are left alone), tasks a cpuset level moved off reserved "
+                    "cores go back to their cgroups, a reserve file the owner created is removed, and so "
                     "are its traffic-control classes and filters (the last one takes its HTB root). "
                     "Entries of live owners are not touched. CPU and disk strategies do the same when "
                     "they start; this command is for operators and boot scripts.")
@@ -270,10 +271,16 @@ def _run_recover(args: argparse.Namespace) -> int:
         elif r.kind == journal.KIND_TC_HTB:
             print(f"traffic control {r.removed}: removed" if r.removed else
                   "traffic control: " + ("interface or namespace gone" if r.target_gone else "left alone"))
+        elif r.kind == journal.KIND_CPUSET:
+            print("cpuset: cgroups gone; entry removed" if r.target_gone else
+                  f"cpuset: {len(r.restored_threads)} task(s) back on every core they had"
+                  + (f", {r.removed} removed" if r.removed else "")
+                  + (f", left {len(r.left_alone)} cgroup(s) changed by someone else" if r.left_alone else ""))
         elif r.target_gone:
             print(f"process {r.target_pid}: gone; entry removed")
         else:
-            print(f"process {r.target_pid}: restored the {'CPU mask' if r.kind == journal.KIND_AFFINITY else 'I/O priority'}"
+            what = {journal.KIND_AFFINITY: "CPU mask", journal.KIND_SCHED: "scheduling policy"}.get(r.kind, "I/O priority")
+            print(f"process {r.target_pid}: restored the {what}"
                   f" of {len(r.restored_threads)} thread(s)"
                   + (f", left {len(r.left_alone)} changed by someone else" if r.left_alone else ""))
     return 0
