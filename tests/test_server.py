@@ -459,16 +459,16 @@ def test_socket_activation_takes_the_inherited_listening_socket(tmp_path, broker
         proc.wait()
 
 
-def test_a_second_broker_on_a_live_socket_refuses(broker_process):
-    running = broker_process()
+def test_the_socket_is_0660_of_its_group_and_served_by_one_broker(broker_process):
+    gid = os.getegid()
+    running = broker_process(extra_args=["--group", str(gid)])
+    info = running.socket_path.stat()
+    assert info.st_mode & 0o777 == 0o660 and info.st_gid == gid
     with pytest.raises(RuntimeError, match="another broker"):
         Broker(running.socket_path, config=broker_config_from_dict({}))
-    assert running.stop() == 0
-
-
-def test_the_socket_is_0660(broker_process):
-    running = broker_process()
-    assert running.socket_path.stat().st_mode & 0o777 == 0o660
+    assert running.socket_path.exists()  # the refused one left the live socket alone
+    with Client(running.socket_path) as client:
+        assert client.server["pid"] == running.pid
     assert running.stop() == 0
 
 

@@ -356,10 +356,8 @@ class Broker:
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._signals: collections.deque[int] = collections.deque()
         self.counters: collections.Counter[str] = collections.Counter()
-        self._owns_allocator = allocator is None
-        self.allocator = allocator if allocator is not None else self._make_allocator(config)
-        for name in EVENT_NAMES:
-            self.allocator.on(name, self._make_listener(name))
+        # the socket first: a second broker on a live socket is refused before it builds
+        # an engine (and its recovery would touch what the live one holds)
         self._created_path: Path | None = None
         self.socket_path: Path | None = None
         if listen_fd is None:
@@ -368,15 +366,26 @@ class Broker:
             self._listener = _adopt_listener(listen_fd)
             name = self._listener.getsockname()
             self.socket_path = Path(name) if isinstance(name, str) and name else None
-            log.info("listening on the inherited socket %s (fd %d)", self.socket_path, listen_fd)
         else:
             path = Path(socket_path) if socket_path is not None else default_socket_path()
             self._listener = _bind_listener(path, group, default=socket_path is None)
             self.socket_path = self._created_path = path
-            log.info("listening on %s", path)
+        self._owns_allocator = allocator is None
         self._metrics_server: Any = None
-        if metrics_address:
-            self._metrics_server = self._start_metrics(metrics_address)
+        try:
+            self.allocator = allocator if allocator is not None else self._make_allocator(config)
+            for event_name in EVENT_NAMES:
+                self.allocator.on(event_name, self._make_listener(event_name))
+            if metrics_address:
+                self._metrics_server = self._start_metrics(metrics_address)
+        except BaseException:
+            self._close_listener()
+            if self._owns_allocator and hasattr(self, "allocator"):
+                self.allocator.close()
+            os.close(self._wake_fd)
+            raise
+        log.info("listening on %s%s", self.socket_path,
+                 f" (inherited fd {listen_fd})" if listen_fd is not None else "")
         self._thread: threading.Thread | None = None
 
     @staticmethod
@@ -530,8 +539,7 @@ class Broker:
         self.counters["reloads"] += 1
         log.info("SIGHUP: reloaded %s", self.config_path)
 
-    def _drain(self) -> None:
-        self._stopping = True
+    def _close_listener(self) -> None:
         try:
             self._listener.close()
         except OSError:
@@ -541,6 +549,11 @@ class Broker:
                 os.unlink(self._created_path)
             except OSError:
                 pass
+            self._created_path = None
+
+    def _drain(self) -> None:
+        self._stopping = True
+        self._close_listener()
         with self._lock:
             peers = list(self._peers.values())
         for peer in peers:
