@@ -10,8 +10,9 @@ What is compared, as a user would run them (a fresh process each time, wall time
 
 with 0 and with N (default 1000) journal entries, made by ``journal.Journal.record``
 (reserve_file entries of this live process), interleaved round by round. Also the
-in-process cost of :func:`prealloc.status.collect` (no interpreter start), to tell the
-import from the reading. Reports medians and the ratio status / ls+cat.
+in-process cost of :func:`prealloc.status.collect` + ``format_text`` (no interpreter
+start) and the start of an interpreter that only imports ``prealloc.cli`` (the floor of
+every ``prealloc`` command), to tell the import from the reading. Reports medians and the ratio status / ls+cat.
 
     python benchmarks/bench_status.py [--entries N] [--rounds R]
 """
@@ -61,6 +62,7 @@ def main() -> None:
                     "prealloc status": [sys.executable, "-m", "prealloc", "status", "--dir", str(directory),
                                         "--socket", no_broker],
                     "ls -l + cat": ["sh", "-c", f"ls -l '{directory}' && cat '{directory}'/*.json 2>/dev/null"],
+                    "import prealloc": [sys.executable, "-c", "import prealloc.cli"],
                 }
                 for name, argv in commands.items():
                     times.setdefault((count, name), []).append(wall(argv))
@@ -71,12 +73,14 @@ def main() -> None:
                 assert len(data["journal"]["entries"]) == count
         print(f"{args.rounds} rounds, interleaved; median wall time in ms (python {sys.version.split()[0]}, "
               f"{os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f})")
-        print(f"{'entries':>8}  {'prealloc status':>16}  {'ls -l + cat':>12}  {'ratio':>6}  {'collect+format':>15}")
+        print(f"{'entries':>8}  {'prealloc status':>16}  {'ls -l + cat':>12}  {'ratio':>6}  {'collect+format':>15}"
+              f"  {'import prealloc.cli':>20}")
         for count in dirs:
             ours = statistics.median(times[(count, "prealloc status")]) * 1e3
             theirs = statistics.median(times[(count, "ls -l + cat")]) * 1e3
             inner = statistics.median(times[(count, "collect + format, in process")]) * 1e3
-            print(f"{count:>8}  {ours:>16.1f}  {theirs:>12.1f}  {ours / theirs:>5.1f}x  {inner:>15.1f}")
+            floor = statistics.median(times[(count, "import prealloc")]) * 1e3
+            print(f"{count:>8}  {ours:>16.1f}  {theirs:>12.1f}  {ours / theirs:>5.1f}x  {inner:>15.1f}  {floor:>20.1f}")
 
 
 if __name__ == "__main__":
