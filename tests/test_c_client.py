@@ -45,6 +45,7 @@ HOST = r"""
 #include <errno.h>
 #include <inttypes.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -209,6 +210,47 @@ static int bench(const char *path, int n, double mib) {
     return 0;
 }
 
+/* threads sharing one client: each does request / claim / write / check / release */
+typedef struct shared { pa_client_t *client; int cycles; int failures; int index; } shared_t;
+
+static void *worker(void *arg) {
+    shared_t *s = arg;
+    for (int i = 0; i < s->cycles; i++) {
+        uint64_t id;
+        void *addr;
+        size_t size;
+        int rc = pa_client_request_memory(s->client, 1, 0, &id);
+        if (!rc) rc = pa_client_claim_memory(s->client, id, &addr, &size);
+        if (rc) { fprintf(stderr, "thread %d: rc %d\n", s->index, rc); s->failures++; continue; }
+        memset(addr, s->index + 1, size);
+        for (size_t k = 0; k < size; k += 4096)
+            if (((unsigned char *)addr)[k] != s->index + 1) s->failures++;
+        if (pa_client_release(s->client, id, NULL)) s->failures++;
+    }
+    return NULL;
+}
+
+static int threads(const char *path, int nthreads, int cycles) {
+    int fds_before = open_fds();
+    pa_client_t *c;
+    int rc = pa_client_connect(path, &c);
+    if (rc) { printf("connect rc=%d\n", rc); return 2; }
+    pthread_t tids[16];
+    shared_t shared[16];
+    for (int t = 0; t < nthreads; t++) {
+        shared[t] = (shared_t){c, cycles, 0, t};
+        pthread_create(&tids[t], NULL, worker, &shared[t]);
+    }
+    int failures = 0;
+    for (int t = 0; t < nthreads; t++) {
+        pthread_join(tids[t], NULL);
+        failures += shared[t].failures;
+    }
+    pa_client_close(c);
+    printf("THREADS failures=%d fds_before=%d fds_after=%d\n", failures, fds_before, open_fds());
+    return 0;
+}
+
 /* one claim against a scripted peer: the result, the next call's, descriptors before/after */
 static int hostile(const char *path) {
     int fds_before = open_fds();
@@ -233,6 +275,7 @@ int main(int argc, char **argv) {
     if (strcmp(argv[2], "errors") == 0) return errors(argv[1]);
     if (strcmp(argv[2], "bench") == 0) return bench(argv[1], atoi(argv[3]), atof(argv[4]));
     if (strcmp(argv[2], "hostile") == 0) return hostile(argv[1]);
+    if (strcmp(argv[2], "threads") == 0) return threads(argv[1], atoi(argv[3]), atoi(argv[4]));
     return 1;
 }
 """
@@ -253,30 +296,42 @@ SOURCE_ROOT = Path(__file__).resolve().parent.parent
 CLIENT_SOURCES = [SOURCE_ROOT / "src" / "native" / name for name in ("client.c", "client_json.c")]
 
 
-@pytest.fixture(scope="module")
-def sanitized_host(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same host built from the checkout's client sources under ASan and UBSan, so the
-    hostile answers below also run where an overread, a leak or a double close aborts."""
+def _sanitized_host(tmp_path_factory: pytest.TempPathFactory, sanitizers: str) -> Path:
+    """The same host built from the checkout's client sources under the sanitizers (ASan +
+    UBSan: an overread, a leak or a double close aborts; TSan: a race between threads
+    sharing a client is reported)."""
     if not all(path.is_file() for path in CLIENT_SOURCES):
         pytest.skip("the client's C sources are not beside the tests (an installed-package run)")
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler on this machine")
-    directory = tmp_path_factory.mktemp("c_client_asan")
+    directory = tmp_path_factory.mktemp("c_client_" + sanitizers.replace(",", "_"))
     (directory / "host.c").write_text(HOST)
     exe = directory / "host"
-    flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+    flags = [f"-fsanitize={sanitizers}", "-fno-omit-frame-pointer", "-g"]
+    if "undefined" in sanitizers:
+        flags.append("-fno-sanitize-recover=undefined")
     build = subprocess.run([cc, "-std=c11", "-O1", "-Wall", "-Werror", *flags, "-o", str(exe),
                             str(directory / "host.c"), *map(str, CLIENT_SOURCES),
                             f"-I{SOURCE_ROOT / 'src' / 'native' / 'include'}", f"-I{SOURCE_ROOT / 'src' / 'native'}",
                             "-lpthread", "-lm"], capture_output=True, text=True)
     if build.returncode != 0 and "sanitize" in build.stderr and "unrecognized" in build.stderr:
-        pytest.skip(f"{cc} has no ASan/UBSan: {build.stderr[-200:]}")
+        pytest.skip(f"{cc} has no -fsanitize={sanitizers}: {build.stderr[-200:]}")
     assert build.returncode == 0, build.stderr
     probe = subprocess.run([str(exe)], capture_output=True, text=True)
-    if "AddressSanitizer" in probe.stderr and probe.returncode != 1:
-        pytest.skip(f"ASan cannot run here: {probe.stderr[-200:]}")
+    if "Sanitizer" in probe.stderr and probe.returncode != 1:
+        pytest.skip(f"-fsanitize={sanitizers} cannot run here: {probe.stderr[-200:]}")
     return exe
+
+
+@pytest.fixture(scope="module")
+def sanitized_host(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _sanitized_host(tmp_path_factory, "address,undefined")
+
+
+@pytest.fixture(scope="module")
+def tsan_host(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _sanitized_host(tmp_path_factory, "thread")
 
 
 @pytest.fixture(scope="module")
@@ -461,6 +516,22 @@ def test_broker_errors_arrive_as_errno_with_their_type(host: Path, broker):
         assert lines["NULLOUT"]["rc"] == str(-errno.EINVAL)
         # the foreign allocation is untouched
         assert other.get_allocation(foreign) is not None
+
+
+@needs_broker
+@pytest.mark.parametrize("build", ["installed", "tsan"])
+def test_threads_share_one_client(request: pytest.FixtureRequest, broker, build: str):
+    """4 threads on one client, each claiming, writing and checking its own MEMORY: the
+    mutex keeps requests and answers paired (TSan build: and no data race)."""
+    proc, path = broker
+    host = request.getfixturevalue("host" if build == "installed" else "tsan_host")
+    out = subprocess.run([str(host), str(path), "threads", "4", "10"], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, TSAN_OPTIONS="halt_on_error=1"))
+    assert out.returncode == 0, out
+    fields = _lines(out.stdout)["THREADS"]
+    assert fields["failures"] == "0", out
+    assert fields["fds_before"] == fields["fds_after"]
+    assert "WARNING: ThreadSanitizer" not in out.stderr, out.stderr
 
 
 # ---- a hostile peer: answers that break the protocol on purpose ----
