@@ -374,3 +374,19 @@ def test_every_kind_is_described_by_what_it_changed(journal_dir, no_broker):
     assert what["e-e.json"] == "1 HTB class(es) on veth0 in netns ns1"
     assert what["e-f.json"].startswith("2 task(s) moved off cpus 1 under /sys/fs/cgroup/cpuset")
     assert "[1, 10, 0]" in what["e-g.json"]
+
+
+def test_a_silent_broker_is_reported_and_the_local_records_read(tmp_path, journal_dir, monkeypatch):
+    pytest.importorskip("prealloc.client", reason="prealloc.client is not in this version")
+    path = tmp_path / "silent.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen(1)  # connects are queued, never answered
+    monkeypatch.setattr(status, "BROKER_TIMEOUT_S", 0.5)
+    try:
+        data = status.collect(journal_dir=journal_dir, socket_path=str(path))
+    finally:
+        listener.close()
+    assert data["source"] == "local" and data["broker"]["answered"] is False
+    assert str(path) in data["broker"]["reason"] and "timed out" in data["broker"]["reason"].lower()
+    assert data["journal"]["directory"] == str(journal_dir)

@@ -58,6 +58,7 @@ from typing import Any, Callable, TextIO
 from . import journal
 
 SCHEMA_VERSION = 1
+BROKER_TIMEOUT_S = 10.0  # a broker that does not answer by then is reported, and the local records read
 NOT_AVAILABLE = "not available in this version"
 _CLEAR = "\x1b[H\x1b[2J"  # cursor home, erase the screen
 
@@ -117,13 +118,11 @@ def default_socket_path() -> str:
     of $PREALLOC_SOCKET, the root broker's socket, this user's that exists; the last one
     tried when none does."""
     try:
-        from .client import default_socket_path as client_default  # type: ignore[attr-defined]
-    except ImportError:
-        client_default = None
-    if client_default is not None:
-        found = client_default()
-        if found is not None:
-            return os.fspath(found)
+        from .protocol import client_socket_path
+    except ImportError:  # a version without the broker: the protocol's order, by hand
+        pass
+    else:
+        return os.fspath(client_socket_path())
     candidates = []
     if os.environ.get("PREALLOC_SOCKET"):
         candidates.append(os.environ["PREALLOC_SOCKET"])
@@ -155,7 +154,7 @@ def _ask_broker(socket_path: str) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"{socket_path} is not a socket"
     client = None
     try:
-        client = Client(socket_path=socket_path)
+        client = Client(socket_path=socket_path, timeout=BROKER_TIMEOUT_S)
         answer = client.status()
     except Exception as exc:  # a broker that refuses or misbehaves: say so, read locally
         return None, f"no broker answered at {socket_path}: {type(exc).__name__}: {exc}"
