@@ -580,3 +580,44 @@ def test_one_client_shared_by_threads(broker):
         assert client.allocations() == []
         assert events  # the subscriber heard its releases
     wait_for(lambda: not broker.held(), "the client's end")
+
+
+def test_out_of_descriptors_pauses_accepting_until_a_peer_ends(tmp_path):
+    limit = 64  # the broker's descriptors: a dozen peers (3 each) beside the engine's own
+    code = ("import resource, sys, runpy; resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d)); "
+            "sys.argv = ['prealloc', 'serve', '--socket', sys.argv[1]]; runpy.run_module('prealloc', run_name='__main__')"
+            % (limit, limit))
+    path = tmp_path / "emfile.sock"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stderr=subprocess.DEVNULL)
+    hello = b'{"v": 1, "id": 1, "op": "hello"}'
+    socks = []
+    try:
+        wait_for(lambda: proc.poll() is not None or _connectable(path), "the broker to listen")
+        served = 0
+        for _ in range(limit):  # more peers than descriptors
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            sock.settimeout(3)
+            sock.connect(os.fspath(path))
+            socks.append(sock)
+            sock.send(hello)
+            try:
+                if not sock.recv(1 << 17):
+                    break  # refused
+            except (TimeoutError, ConnectionResetError):
+                break  # waiting in the backlog: the descriptors ran out
+            served += 1
+        assert 0 < served < limit
+        assert proc.poll() is None
+        for sock in socks:
+            sock.close()
+        socks.clear()
+        # the peers ended: accepting resumed, a new peer is served
+        with Client(path, timeout=30) as client:
+            assert client.server["pid"] == proc.pid
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        for sock in socks:
+            sock.close()
+        proc.kill()
+        proc.wait()

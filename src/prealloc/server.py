@@ -39,6 +39,7 @@ strategy made at the next start recovers the pins a killed broker left behind.
 from __future__ import annotations
 
 import collections
+import errno
 import fcntl
 import grp
 import logging
@@ -402,6 +403,7 @@ class Broker:
 
     def serve(self) -> int:
         """Runs until SIGTERM / SIGINT (drains, then returns 0); SIGHUP reloads."""
+        _raise_fd_limit()
         previous = {}
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             previous[signum] = signal.signal(signum, self._on_signal)
@@ -442,15 +444,24 @@ class Broker:
         selector.register(self._listener, selectors.EVENT_READ)
         selector.register(self._wake_fd, selectors.EVENT_READ)
         try:
+            accepting = True
             while not self._stopping:
                 for key, _ in selector.select():
                     if key.fileobj is self._listener:
-                        self._accept()
+                        if not self._accept():
+                            # out of descriptors: a listener left registered would wake
+                            # us at once, forever; a peer's end (which frees some) wakes
+                            # us through the wake fd instead
+                            selector.unregister(self._listener)
+                            accepting = False
                     else:
                         try:
                             os.eventfd_read(self._wake_fd)
                         except BlockingIOError:
                             pass
+                        if not accepting:
+                            selector.register(self._listener, selectors.EVENT_READ)
+                            accepting = True
                 while self._signals:
                     signum = self._signals.popleft()
                     if signum == signal.SIGHUP:
@@ -462,16 +473,18 @@ class Broker:
             selector.close()
             self._drain()
 
-    def _accept(self) -> None:
+    def _accept(self) -> bool:
+        """Takes every pending connection; False when the process is out of
+        descriptors (EMFILE / ENFILE: accepting waits for a peer to end)."""
         while True:
             try:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE and friends: keep serving the others
+                return True
+            except OSError as exc:  # keep serving the others
                 log.warning("accept failed: %s", exc)
                 self.counters["accept_errors"] += 1
-                return
+                return exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
             try:
                 self._admit_peer(sock)
             except Exception:
@@ -575,7 +588,8 @@ class Broker:
                 self._metrics_server.shutdown()
             except Exception:
                 pass
-        os.close(self._wake_fd)
+        if all(p.thread is None or not p.thread.is_alive() for p in peers):
+            os.close(self._wake_fd)  # else a peer still blocked would write to a reused number
         log.info("drained: %d connections served", self.counters["connections"])
         self._stopped.set()
 
@@ -718,6 +732,10 @@ class Broker:
             self._forget(allocation_id)
         with self._lock:
             self._peers.pop(peer.serial, None)
+        try:
+            os.eventfd_write(self._wake_fd, 1)  # descriptors were freed: accepting may resume
+        except OSError:
+            pass  # drained and closed meanwhile
         for close in (peer.sock.close, lambda: os.close(peer.pidfd), lambda: os.close(peer.event_fd)):
             try:
                 close()
@@ -1230,6 +1248,19 @@ class Broker:
         started = start_http_server(port, addr=host, registry=registry)
         log.info("metrics on http://%s:%d/metrics", host, port)
         return started[0] if isinstance(started, tuple) else None
+
+
+def _raise_fd_limit() -> None:
+    """The soft RLIMIT_NOFILE up to the hard one: the broker keeps a memfd per MEMORY
+    allocation and three descriptors per peer, more than the usual 1024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.info("RLIMIT_NOFILE stays %d: %s", soft, exc)
 
 
 def _error(request_id: int | None, kind: str, message: str) -> dict[str, Any]:
