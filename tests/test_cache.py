@@ -139,9 +139,17 @@ def test_binding_one_pass_open_counts_before_and_refuses_stale(files_dir):
             files.warm(start=3, stop=2)
         with pytest.raises(ValueError, match="start and stop"):
             files.warm(stop=6)
+        assert files.dirs_listed == 0  # not asked for
     assert cached(small) == 3 * PAGE and cached(big) == 2 * MiB
     with _native.PageCacheFiles([small]) as files:
         assert files.counts_before() is None  # not asked for
+    sub = files_dir / "sub"
+    sub.mkdir()
+    inner = write_file(sub / "inner.bin", PAGE)
+    with _native.PageCacheFiles([small, big, inner], roots=[str(files_dir)], list_dirs=True) as files:
+        assert files.dirs_listed == 2  # files_dir and sub, each once
+    with _native.PageCacheFiles([small, inner], roots=[str(sub)], list_dirs=True) as files:
+        assert files.dirs_listed == 1 and files.open_errors[0] == 13  # files_dir is outside
     with pytest.raises(ValueError, match="expect_sizes"):
         _native.PageCacheFiles([small], expect_sizes=[1, 2])
     with pytest.raises(ValueError, match=r"expect_mtimes_ns\[0\]"):

@@ -486,8 +486,76 @@ int pa_pagecache_close(pa_pagecache_file_t *f) {
     return rc;
 }
 
+/* The directories a batch has read, by a 64-bit hash of the path (a collision only skips
+ * a warm-up read, it never reads anything it should not). Open addressing, 0 = empty. */
+typedef struct pa__dirset {
+    uint64_t *slots;
+    size_t cap, used;
+    char *buf; /* getdents64 buffer */
+} pa__dirset_t;
+
+#define PA__DENTS_BUF ((size_t)64 << 10)
+
+static uint64_t pa__hash(const char *s, size_t n) {
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)s[i]) * 1099511628211ull;
+    return h ? h : 1;
+}
+
+/* true when h was not in the set (now it is); false when present or out of memory. */
+static bool pa__dirset_add(pa__dirset_t *d, uint64_t h) {
+    if (d->used * 2 >= d->cap) {
+        size_t cap = d->cap ? d->cap * 2 : 64;
+        uint64_t *slots = calloc(cap, sizeof(uint64_t));
+        if (!slots) return false;
+        for (size_t i = 0; i < d->cap; i++) {
+            if (!d->slots[i]) continue;
+            size_t j = (size_t)(d->slots[i] & (cap - 1));
+            while (slots[j]) j = (j + 1) & (cap - 1);
+            slots[j] = d->slots[i];
+        }
+        free(d->slots);
+        d->slots = slots;
+        d->cap = cap;
+    }
+    size_t j = (size_t)(h & (d->cap - 1));
+    while (d->slots[j]) {
+        if (d->slots[j] == h) return false;
+        j = (j + 1) & (d->cap - 1);
+    }
+    d->slots[j] = h;
+    d->used++;
+    return true;
+}
+
+/* Reads the directory of path (its lexical parent) once per batch; 1 when read now. */
+static int pa__list_dir(pa__dirset_t *d, const char *path, const pa__roots_t *roots) {
+    const char *slash = path ? strrchr(path, '/') : NULL;
+    if (slash == NULL) return 0;
+    size_t n = slash == path ? 1 : (size_t)(slash - path);
+    if (n >= PATH_MAX || !pa__dirset_add(d, pa__hash(path, n))) return 0;
+    if (d->buf == NULL && (d->buf = malloc(PA__DENTS_BUF)) == NULL) return 0;
+    char dirpath[PATH_MAX];
+    memcpy(dirpath, path, n);
+    dirpath[n] = '\0';
+    const int base = O_RDONLY | O_DIRECTORY | O_NONBLOCK | O_CLOEXEC;
+    int fd = open(dirpath, base | O_NOATIME);
+    if (fd < 0 && errno == EPERM) fd = open(dirpath, base);
+    if (fd < 0) return 0;
+    int listed = 0;
+    if (pa__check_roots(fd, roots) == 0) {
+        long got;
+        while ((got = syscall(SYS_getdents64, fd, d->buf, PA__DENTS_BUF)) > 0) {
+        }
+        listed = got == 0;
+    }
+    close(fd);
+    return listed;
+}
+
 int pa_pagecache_open_many_ex(pa_pagecache_file_t *files, size_t n, const pa_pagecache_open_args_t *args) {
-    if (args->flags & ~PA_PAGECACHE_WILLNEED) return -EINVAL;
+    if (args->flags & ~(PA_PAGECACHE_WILLNEED | PA_PAGECACHE_LIST_DIRS)) return -EINVAL;
+    if (args->dirs_listed) *args->dirs_listed = 0;
     pa__roots_t roots;
     int rc = pa__roots_init(&roots, args->roots, args->nroots);
     if (rc != 0) {
@@ -499,9 +567,13 @@ int pa_pagecache_open_many_ex(pa_pagecache_file_t *files, size_t n, const pa_pag
         return 0;
     }
     pa__chunk_cache_t chunks = {.given = args->chunk_bytes};
+    pa__dirset_t dirs = {0};
     int opened = 0;
     for (size_t i = 0; i < n; i++) {
         pa_pagecache_file_t *f = &files[i];
+        if ((args->flags & PA_PAGECACHE_LIST_DIRS) && pa__list_dir(&dirs, args->paths[i], &roots) &&
+            args->dirs_listed)
+            ++*args->dirs_listed;
         rc = pa__open_one(f, args->paths[i], args->offsets ? args->offsets[i] : 0,
                           args->lengths ? args->lengths[i] : 0, &roots,
                           args->expect_size ? args->expect_size[i] : PA_PAGECACHE_ANY_SIZE,
@@ -522,6 +594,8 @@ int pa_pagecache_open_many_ex(pa_pagecache_file_t *files, size_t n, const pa_pag
         for (size_t i = 0; i < n; i++)
             if (files[i].fd >= 0 && files[i].length > PA_PAGECACHE_INLINE_MAX)
                 pa__warm(&files[i], PA_PAGECACHE_WILLNEED, &chunks, NULL);
+    free(dirs.slots);
+    free(dirs.buf);
     pa__roots_free(&roots);
     return opened;
 }

@@ -10,6 +10,7 @@ from libc.stdint cimport int64_t
 
 cdef extern from "prealloc/pagecache.h" nogil:
     uint64_t PA_PAGECACHE_READ_MAX
+    unsigned PA_PAGECACHE_LIST_DIRS
     uint64_t PA_PAGECACHE_ANY_SIZE
     int64_t PA_PAGECACHE_ANY_MTIME
 
@@ -24,6 +25,7 @@ cdef extern from "prealloc/pagecache.h" nogil:
         unsigned flags
         uint64_t chunk_bytes
         pa_pagecache_count_t *before
+        uint64_t *dirs_listed
 
     int pa_pagecache_open_many_ex(pa_pagecache_file_t *files, size_t n, const pa_pagecache_open_args_t *args)
 
@@ -46,9 +48,14 @@ cdef class PageCacheFiles:
     is refused with ESTALE. willneed: issue each file's readahead right after it opened,
     in the same pass (the device reads it while the next file is looked up).
     count_before: count each file's residency in that pass, before its readahead
-    (counts_before())."""
+    (counts_before()). list_dirs: in that pass, read the directory of each file once,
+    before its first file is opened and before the large readaheads are queued, so the
+    names a program looks up there and that are not in the set (symlinks, failed
+    lookups) are found in the cache (directories outside `roots` are not read;
+    dirs_listed says how many were)."""
 
     cdef pa_pagecache_file_t *_files
+    cdef readonly uint64_t dirs_listed
     cdef pa_pagecache_count_t *_before
     cdef size_t _n
     cdef pthread_mutex_t _lock
@@ -61,7 +68,8 @@ cdef class PageCacheFiles:
         pthread_mutex_init(&self._lock, NULL)
 
     def __init__(self, paths, offsets=None, lengths=None, roots=None, *, expect_sizes=None,
-                 expect_mtimes_ns=None, bint willneed=False, bint count_before=False):
+                 expect_mtimes_ns=None, bint willneed=False, bint count_before=False,
+                 bint list_dirs=False):
         encoded = [os.fsencode(p) for p in paths]
         encoded_roots = [os.fsencode(r) for r in (roots or ())]
         cdef size_t n = len(encoded), nroots = len(encoded_roots), i
@@ -108,8 +116,9 @@ cdef class PageCacheFiles:
         args.expect_mtime_ns = &mtime_view[0] if n and expect_mtimes_ns is not None else NULL
         args.roots = c_roots
         args.nroots = nroots
-        args.flags = PA_PAGECACHE_WILLNEED if willneed else 0
+        args.flags = (PA_PAGECACHE_WILLNEED if willneed else 0) | (PA_PAGECACHE_LIST_DIRS if list_dirs else 0)
         args.before = before
+        args.dirs_listed = &self.dirs_listed
         with nogil:
             pa_pagecache_open_many_ex(files, n, &args)
         PyMem_Free(c_paths)

@@ -293,10 +293,13 @@ static void test_open_many_ex(void) {
     const char *roots[] = {dir};
     pa_pagecache_count_t before[5];
     pa_pagecache_file_t files[5];
+    uint64_t listed = 99;
     pa_pagecache_open_args_t args = {.paths = paths, .expect_size = sizes, .expect_mtime_ns = mtimes,
-                                     .roots = roots, .nroots = 1, .flags = PA_PAGECACHE_WILLNEED,
-                                     .before = before};
+                                     .roots = roots, .nroots = 1,
+                                     .flags = PA_PAGECACHE_WILLNEED | PA_PAGECACHE_LIST_DIRS,
+                                     .before = before, .dirs_listed = &listed};
     CHECK_EQ_INT(pa_pagecache_open_many_ex(files, 5, &args), 3);
+    CHECK_EQ_INT(listed, 1); /* five files, one directory, read once */
     CHECK_EQ_INT(files[0].open_error, 0);
     CHECK_EQ_INT(files[2].open_error, ESTALE); /* the size differs */
     CHECK_EQ_INT(files[3].open_error, ESTALE); /* the mtime differs */
@@ -329,6 +332,21 @@ static void test_open_many_ex(void) {
         CHECK_EQ_INT(files[i].fd, -1);
         CHECK_EQ_INT(before[i].method, PA_PAGECACHE_COUNT_NONE);
     }
+    /* a directory outside the roots is not read (the file in it is refused too) */
+    char subdir[512], in_sub[512];
+    snprintf(subdir, sizeof(subdir), "%s/sub", dir);
+    REQUIRE(mkdir(subdir, 0755) == 0);
+    make_file("sub/x.bin", page, in_sub);
+    const char *two[] = {small, in_sub};
+    const char *sub_roots[] = {subdir};
+    pa_pagecache_open_args_t in_roots = {.paths = two, .roots = sub_roots, .nroots = 1,
+                                         .flags = PA_PAGECACHE_LIST_DIRS, .dirs_listed = &listed};
+    CHECK_EQ_INT(pa_pagecache_open_many_ex(files, 2, &in_roots), 1);
+    CHECK_EQ_INT(files[0].open_error, EACCES);
+    CHECK_EQ_INT(listed, 1); /* sub, not dir */
+    for (int i = 0; i < 2; i++) CHECK_EQ_INT(pa_pagecache_close(&files[i]), 0);
+    unlink(in_sub);
+    rmdir(subdir);
     /* no roots, no expectations, no counts: every file opens */
     pa_pagecache_open_args_t plain = {.paths = paths};
     CHECK_EQ_INT(pa_pagecache_open_many_ex(files, 5, &plain), 5);

@@ -26,7 +26,8 @@ whose page-cache state the kernel does not reveal to this process (see
 
 What a file list cannot cover: failed lookups (gcc probes ~290 paths that do not
 exist) in directories that hold none of the files. The directories of the warmed files
-are read too (``warm_directories``), so lookups next to them hit cached entries.
+are read too (``warm_directories``, in the native open pass before the large readaheads
+are queued), so lookups next to them — symlinks, failed probes — hit cached blocks.
 """
 from __future__ import annotations
 
@@ -113,6 +114,8 @@ class _Candidate(NamedTuple):
 
 
 def _inside(path: str, roots: Sequence[str]) -> bool:
+    if "/" in roots:
+        return path.startswith("/")
     return any(root == "/" or path == root or path.startswith(root + "/") for root in roots)
 
 
@@ -341,7 +344,8 @@ class CacheSpaceStrategy(AllocationStrategy):
         earlier: dict[str, tuple[Any, str, bool]] = {}
         while True:
             chosen, lengths = self._choose([c for c in candidates if c.path not in failed], target)
-            files = self._open(chosen, lengths, willneed=not self.evict_on_unused, count_before=True)
+            files = self._open(chosen, lengths, willneed=not self.evict_on_unused, count_before=True,
+                               list_dirs=self.warm_directories)
             errors = files.open_errors
             refused = {c.path: (c, e) for c, e in zip(chosen, errors) if e}
             short = sum(n for n, e in zip(files.lengths, errors) if not e) < target
@@ -364,11 +368,12 @@ class CacheSpaceStrategy(AllocationStrategy):
         return grant
 
     def _open(self, chosen: Sequence[_Candidate], lengths: Sequence[int], *, willneed: bool,
-              count_before: bool = False) -> _native.PageCacheFiles:
+              count_before: bool = False, list_dirs: bool = False) -> _native.PageCacheFiles:
         return _native.PageCacheFiles([c.path for c in chosen], None, lengths, self.roots,  # type: ignore[call-arg]
                                       expect_sizes=[c.size if c.from_profile else -1 for c in chosen],
                                       expect_mtimes_ns=[c.mtime_ns for c in chosen],
-                                      willneed=willneed, count_before=count_before)
+                                      willneed=willneed, count_before=count_before,
+                                      list_dirs=list_dirs)
 
     @staticmethod
     def _choose(candidates: Sequence[_Candidate], target: int) -> tuple[list[_Candidate], list[int]]:
@@ -448,7 +453,7 @@ class CacheSpaceStrategy(AllocationStrategy):
         if self.populate:
             # One native batch per ~64 MiB, so rising pressure stops the warming.
             paused = self._populate_in_batches(files, lengths)
-        directories = self._list_directories(handle.paths) if self.warm_directories else 0
+        directories = int(_ext(files).dirs_listed)
         pinned, pin_error = 0, None
         if self.pin:
             budget = memlock_budget()
@@ -496,24 +501,6 @@ class CacheSpaceStrategy(AllocationStrategy):
         log.debug("cache_space warmed %d of %d bytes (%d resident before) in %.3f s", after, requested,
                   before, handle.details["warm_seconds"])
         return Grant(after / MiB, handle)
-
-    def _list_directories(self, paths: Sequence[str]) -> int:
-        """Reads the directories of the warmed files (within the roots), so their blocks
-        and dentries are cached too: a program's failed lookups next to the files it
-        opens (an import system's or a compiler's search path) then hit memory. The
-        directories elsewhere on a search path are still not covered."""
-        listed = 0
-        for directory in dict.fromkeys(os.path.dirname(p) for p in paths):
-            if not _inside(os.path.realpath(directory), self.roots):
-                continue
-            try:
-                with os.scandir(directory) as entries:
-                    for _ in entries:
-                        pass
-                listed += 1
-            except OSError:
-                pass
-        return listed
 
     def _populate_in_batches(self, files: _native.PageCacheFiles, lengths: list[int]) -> bool:
         """Populates the set in slices of about _BATCH_BYTES, re-reading memory pressure

@@ -64,6 +64,16 @@
  * readahead chunk is looked up once per device, not per file (sysfs reads), and the
  * roots are canonicalised once per batch.
  *
+ * Directories (PA_PAGECACHE_LIST_DIRS). A program also looks up names that are not in a
+ * file list — symlinks (libfoo.so.1 -> libfoo.so.1.2.3), the names an import system or a
+ * compiler's search path probes and does not find. Where those lie in the directory of a
+ * listed file, reading the whole directory (getdents64 until its end, the names thrown
+ * away) puts its blocks in the cache, so the lookups need no disk. It is done in the open
+ * pass, the first time a directory is met and before the large readaheads are queued
+ * (behind them each directory read waited for megabytes); a directory outside the roots
+ * (the path the kernel opened, as for files) is not read. Names looked up in
+ * directories that hold no listed file stay uncovered.
+ *
  * Waste. cachestat's `evicted` counts the shadow entries reclaim leaves for pages it
  * evicted, so a warmed page pushed out before the need shows up there; pages dropped by
  * POSIX_FADV_DONTNEED (invalidation) leave none and are not counted. Whether a warmed
@@ -92,6 +102,10 @@ extern "C" {
 #define PA_PAGECACHE_WILLNEED (1u << 0) /* chunked POSIX_FADV_WILLNEED (asynchronous) */
 #define PA_PAGECACHE_POPULATE (1u << 1) /* MADV_POPULATE_READ / pread: resident on return */
 #define PA_PAGECACHE_ALL_FLAGS 0x3u
+
+/* Open flag (pa_pagecache_open_args_t.flags only): read the directory of every file,
+ * once each, just before the first of its files is opened. */
+#define PA_PAGECACHE_LIST_DIRS (1u << 8)
 
 /* Ranges up to this many bytes are advised right after their open in the batch open. */
 #define PA_PAGECACHE_INLINE_MAX ((uint64_t)256 << 10)
@@ -163,10 +177,12 @@ typedef struct pa_pagecache_open_args {
     size_t nroots;
     unsigned flags;                  /* PA_PAGECACHE_WILLNEED: readahead of every file, a
                                         small one right after its open, the large ones
-                                        after the last open (POPULATE is not accepted) */
+                                        after the last open (POPULATE is not accepted);
+                                        PA_PAGECACHE_LIST_DIRS: see there */
     uint64_t chunk_bytes;            /* 0: the device's (pa_pagecache_chunk_bytes) */
     pa_pagecache_count_t *before;    /* NULL, or n counts taken after the open and before
                                         the readahead (zeroed, method NONE, if not open) */
+    uint64_t *dirs_listed;           /* NULL, or out: directories read (LIST_DIRS) */
 } pa_pagecache_open_args_t;
 
 /* Fills *f as an empty (closed) file. */
@@ -221,8 +237,9 @@ PA_API int pa_pagecache_warm_many(pa_pagecache_file_t *files, size_t n, unsigned
 /* The one-pass open (see "Many small files"): opens files[i] as pa_pagecache_open does,
  * refuses with -ESTALE (in open_error) a file whose size or mtime differ from the
  * expected ones, counts it into before[i] and issues its readahead (small ranges at once,
- * large ones after the last open). Returns how many opened; -EINVAL for flags other than
- * WILLNEED. A root that is not absolute opens nothing (every open_error EINVAL, 0). */
+ * large ones after the last open), reading directories first with LIST_DIRS. Returns how
+ * many opened; -EINVAL for flags other than WILLNEED | LIST_DIRS. A root that is not
+ * absolute opens nothing (every open_error EINVAL, 0). */
 PA_API int pa_pagecache_open_many_ex(pa_pagecache_file_t *files, size_t n, const pa_pagecache_open_args_t *args);
 PA_API int pa_pagecache_count_many(const pa_pagecache_file_t *files, size_t n, pa_pagecache_count_t *out);
 
