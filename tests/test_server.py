@@ -621,3 +621,25 @@ def test_out_of_descriptors_pauses_accepting_until_a_peer_ends(tmp_path):
             sock.close()
         proc.kill()
         proc.wait()
+
+
+def test_a_forked_child_does_not_speak_for_its_parent(broker):
+    with Client(broker.socket_path) as client:
+        aid = client.submit(ResourceRequest(ResourceType.MEMORY, 1))
+        pid = os.fork()
+        if pid == 0:  # the child: the inherited client is closed, a new one is its own peer
+            try:
+                ok = client.closed
+                with Client(broker.socket_path) as own:
+                    try:
+                        own.get_allocation(aid)
+                        ok = False
+                    except KeyError:
+                        pass
+            except BaseException:
+                ok = False
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert client.get_allocation(aid) is not None  # the parent's connection is untouched
+        assert client.release_allocation(aid)

@@ -165,9 +165,31 @@ def _drop_claim(client_ref: Callable[[], Client | None], allocation_id: int, fd:
         client._dropped.append(allocation_id)
 
 
+_open_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _forget_inherited_clients() -> None:
+    """In a child of fork(): the connections are the parent's (the broker knows the
+    parent by SO_PEERCRED), so the child's copies are closed, unused; its own Client
+    makes a connection of its own."""
+    for client in list(_open_clients):
+        client._closed = True
+        try:
+            client._sock.close()  # the child's copy only: the parent's connection stays
+        except OSError:
+            pass
+        for claim in list(client._claims.values()):
+            claim._finalizer.detach()
+    _open_clients.clear()
+
+
+os.register_at_fork(after_in_child=_forget_inherited_clients)
+
+
 class Client:
     """A connection to the machine broker (``socket_path``: see docs/protocol.md for
-    the default). The allocator's methods, answered by the broker."""
+    the default). The allocator's methods, answered by the broker. Not inherited
+    across fork(): a child makes its own."""
 
     def __init__(self, socket_path: str | os.PathLike[str] | None = None, *, client_name: str | None = None,
                  timeout: float | None = None) -> None:
@@ -191,6 +213,7 @@ class Client:
         self._reader: threading.Thread | None = None
         self._pending: dict[int, Future[tuple[Any, list[int]]]] = {}
         self.server = self._call("hello", {"client": f"prealloc.client pid {os.getpid()}"})[0]
+        _open_clients.add(self)
 
     # ------------------------------------------------------------------ the wire
     def _recv(self) -> tuple[dict[str, Any], list[int]]:
