@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import random
+import secrets
 import shutil
 import statistics
 import sys
@@ -186,8 +187,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if __name__ != "__main__":  # imported (pytest): Ray's workers cannot import this file
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     temp = tempfile.mkdtemp(prefix="pa-rayb-")  # Ray's files of this run only
-    saved = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = temp
+    # and its token in the environment, not written to ~/.ray
+    ours = {"RAY_TMPDIR": temp, "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    # (RAY_AUTH_MODE stays unset: ray.init then turns token mode on itself, refreshing
+    # the config it read at import, and restoring removes what it set)
+    saved = {name: os.environ.get(name) for name in (*ours, "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ.pop("RAY_AUTH_MODE", None)
+    os.environ.update(ours)
     try:
         ray.init(num_cpus=2, include_dashboard=False, _temp_dir=os.path.join(temp, "ray"),
                  object_store_memory=80 << 20, log_to_driver=False)
@@ -196,10 +203,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         finally:
             ray.shutdown()
     finally:
-        if saved is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         shutil.rmtree(temp, ignore_errors=True)
     print(json.dumps(results, indent=2) if args.json else report(results))
     return results

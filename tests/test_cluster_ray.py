@@ -6,11 +6,13 @@ One Ray start for the module: a simulated two-node cluster (ray.cluster_utils.Cl
 head with 2 CPUs + a node with 1) where it starts, else ``ray.init(num_cpus=2)`` and the
 SPREAD test skips saying why. Ray's session files and address file go under a temporary
 directory of this test's own (RAY_TMPDIR), so root and an unprivileged user never share
-/tmp/ray.
+/tmp/ray, and its auth token is one of ours in the environment (RAY_AUTH_TOKEN), so
+nothing is written to a HOME that may not be writable.
 """
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -47,8 +49,15 @@ def _gone(pid: int, timeout: float = 20.0) -> bool:
 def ray_cluster():
     """(cluster or None, reason the cluster is single-node or None)."""
     temp = tempfile.mkdtemp(prefix="pa-ray-")  # short: Ray's socket paths must fit 107 bytes
-    saved = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = temp
+    # Ray's files under our directory; its token authentication with a token of ours in
+    # the environment (Ray would write one to ~/.ray, which CI's unprivileged HOME is not)
+    ours = {"RAY_TMPDIR": temp, "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    # (RAY_AUTH_MODE stays unset: ray.init then turns token mode on itself, refreshing
+    # the config it read at import, and restoring removes what it set)
+    saved = {name: os.environ.get(name) for name in (*ours, "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ.pop("RAY_AUTH_MODE", None)
+    os.environ.update(ours)
     cluster = None
     single_reason = None
     try:
@@ -79,10 +88,11 @@ def ray_cluster():
     ray.shutdown()
     if cluster is not None:
         cluster.shutdown()
-    if saved is None:
-        os.environ.pop("RAY_TMPDIR", None)
-    else:
-        os.environ["RAY_TMPDIR"] = saved
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     shutil.rmtree(temp, ignore_errors=True)
 
 
