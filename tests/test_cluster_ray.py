@@ -254,10 +254,17 @@ def test_spread_over_two_nodes_then_a_killed_node_actor_fails_its_bundle(pre, ra
     cluster did not start: the node actor's death is tested either way)."""
     cluster, single_reason = ray_cluster
     strategy = "STRICT_SPREAD" if cluster is not None else "PACK"
-    request = pre.request_preallocation(ResourceRequest(ResourceType.MEMORY, MEMORY_MIB),
-                                        _placement(strategy, 2))
+    request = pre.request_preallocation([ResourceRequest(ResourceType.MEMORY, MEMORY_MIB),
+                                         ResourceRequest(ResourceType.CPU, 100)], _placement(strategy, 2))
     assert request.wait(60) and request.status is AllocationStatus.ALLOCATED, request.failure_reason
-    first, second = sorted(request.allocations, key=lambda a: a.details["bundle_index"])
+    by_type = {t: sorted((a for a in request.allocations if a.resource_type is t),
+                         key=lambda a: a.details["bundle_index"]) for t in (ResourceType.MEMORY, ResourceType.CPU)}
+    first, second = by_type[ResourceType.MEMORY]
+    cores = [set(a.details["cores"]) for a in by_type[ResourceType.CPU]]
+    # two engines on one machine: the machine-wide registry keeps their exclusive cores apart
+    assert not cores[0] & cores[1], cores
+    for allocation, held in zip(by_type[ResourceType.CPU], cores):
+        assert os.sched_getaffinity(allocation.details["node_pid"]) == held
     if cluster is not None:
         assert first.details["node_id"] != second.details["node_id"]
     dead_pid, other_pid = first.details["node_pid"], second.details["node_pid"]
@@ -271,7 +278,8 @@ def test_spread_over_two_nodes_then_a_killed_node_actor_fails_its_bundle(pre, ra
     assert request.status is AllocationStatus.FAILED
     assert "bundle 0's node actor died" in request.failure_reason
     assert first.status is AllocationStatus.FAILED and first.failure_reason == request.failure_reason
-    assert [a.allocation_id for a in failed] == [first.allocation_id]
+    assert sorted(a.allocation_id for a in failed) == sorted(
+        a.allocation_id for a in request.allocations if a.details["bundle_index"] == 0)
     # the dead node's holdings went with its process; the other bundle was released first
     assert _gone(dead_pid)
     assert second.status is AllocationStatus.RELEASED

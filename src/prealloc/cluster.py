@@ -31,9 +31,9 @@ the engine: its own ``ResourcePreallocator`` in its own process (:class:`Embedde
 It is the only piece that touches the node's resources; :class:`NodeEngine` is the
 contract, so a broker client can take its place (``ClusterPreallocator(node_engine=...)``)
 without the cluster side changing. Embedded, two bundles placed on one node run two
-engines, each with its own core registry: Ray keeps their CPU counts within the node's,
-but exclusive cores are exclusive per engine only (the broker's one registry per machine
-is what makes them exclusive across bundles).
+engines: Ray keeps their CPU counts within the node's, and the CPU strategy's
+machine-wide registry (prealloc.machine_registry, a flock per core) keeps their exclusive
+cores apart — among the processes of one uid, which Ray's workers are.
 
 Claim. ``prealloc.cluster.claim()`` inside a task or actor scheduled into the bundle gets
 its node's resource. Ray cannot pass file descriptors, and a buffer in the node actor's
