@@ -425,8 +425,8 @@ def test_sigkilled_broker_is_recovered_by_the_journal_at_its_next_start(broker_p
     first.kill()  # no drain: the pin outlives the broker
     assert os.sched_getaffinity(0) == pinned
     second = broker_process()  # its CPU strategy recovers the dead broker's journal
-    assert os.sched_getaffinity(0) == before
-    with Client(second.socket_path) as fresh:
+    with Client(second.socket_path) as fresh:  # answered once the engine is made
+        assert os.sched_getaffinity(0) == before
         assert fresh.allocations() == []
     client.close()
     assert second.stop() == 0
