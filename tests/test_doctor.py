@@ -107,6 +107,35 @@ def test_a_less_privileged_child_is_told_why(tmp_path):
     assert checks["network_bandwidth"]["ok"] is False and checks["network_bandwidth"]["reason"]
 
 
+def _interpreter_for(user: pwd.struct_passwd, env: dict) -> list[str]:
+    """The start of a command line, ``[*prefix, "prealloc", ARGS...]``, that runs this
+    build's prealloc as `user`: this interpreter with -m, or — where it lives under a directory the user
+    cannot enter (a pyenv in /root) — the system's interpreter of the same version with
+    this venv's site-packages added (their .pth files, the editable install's hook among
+    them, processed). Skips, saying why, when neither starts prealloc as that user."""
+    import shutil
+    import site
+
+    candidates = [[sys.executable, "-m"]]
+    system = shutil.which(f"python{sys.version_info.major}.{sys.version_info.minor}", path="/usr/local/bin:/usr/bin")
+    if system is not None:
+        boot = (f"import runpy, site, sys; [site.addsitedir(d) for d in {site.getsitepackages()!r}]; "
+                "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
+        candidates.append([system, "-c", boot])
+    why = []
+    for prefix in candidates:
+        try:
+            reach = subprocess.run([*prefix, "prealloc", "--version"], user=user.pw_uid, env=env,
+                                   capture_output=True, text=True, timeout=120)
+        except PermissionError as exc:
+            why.append(f"{prefix[0]}: {exc.strerror}")
+            continue
+        if reach.returncode == 0:
+            return prefix
+        why.append(f"{prefix[0]}: {reach.stderr.strip().splitlines()[-1:]}")
+    pytest.skip(f"pa-user cannot run this build (chmod -R a+rX the checkout and the venv): {why}")
+
+
 def test_as_an_unprivileged_user(tmp_path):
     """Doctor run by an unprivileged user — this process when it is one, else pa-user
     (RLIMIT_MEMLOCK 8 MiB, no capabilities): mlock beyond the limit and CAP_NET_ADMIN are
@@ -119,17 +148,10 @@ def test_as_an_unprivileged_user(tmp_path):
         except KeyError:
             pytest.skip("no pa-user account on this machine (useradd -m pa-user)")
         env.update(HOME="/tmp")
-        try:
-            reach = subprocess.run([sys.executable, "-c", "import prealloc._native"], user=user.pw_uid, env=env,
-                                   capture_output=True, text=True, timeout=120)
-        except PermissionError as exc:
-            pytest.skip(f"pa-user cannot run this interpreter ({exc}); run this file as pa-user instead")
-        if reach.returncode != 0:
-            pytest.skip(f"pa-user cannot import this build (chmod -R a+rX the checkout and the venv): "
-                        f"{reach.stderr.strip().splitlines()[-1:]}")
+        command = _interpreter_for(user, env)
         uid, name = user.pw_uid, user.pw_name
     else:
-        uid, name = os.geteuid(), None
+        uid, name, command = os.geteuid(), None, [sys.executable, "-m"]
         soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
         if has_capability(CAP_IPC_LOCK) or soft == resource.RLIM_INFINITY:
             pytest.skip("this unprivileged process may lock without limit (CAP_IPC_LOCK or RLIMIT_MEMLOCK unlimited)")
@@ -137,7 +159,10 @@ def test_as_an_unprivileged_user(tmp_path):
     def limits():
         resource.setrlimit(resource.RLIMIT_MEMLOCK, (8 * MiB, 8 * MiB))
 
-    _, data = run_doctor("--socket", str(tmp_path / "no.sock"), preexec=limits, user=name, env=env)
+    done = subprocess.run([*command, "prealloc", "doctor", "--json", "--socket", str(tmp_path / "no.sock")],
+                          capture_output=True, text=True, timeout=120, preexec_fn=limits, user=name, env=env)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
     checks = by_name(data)
     assert data["uid"] == uid
     assert checks["mlock_beyond_limit"]["ok"] is False
