@@ -428,7 +428,6 @@ class ClusterRequest:
     placement_group_id: str | None = None
     allocations: list[ResourceAllocation] = field(default_factory=list)
     expires_at: float | None = None
-    _claimed: int = 0  # claims the nodes reported at the last refresh
     _pg: Any = None
     _nodes: list[Any] = field(default_factory=list)
     _done: threading.Event = field(default_factory=threading.Event)
