@@ -48,7 +48,9 @@ static int new_node(parser_t *p, uint8_t type, size_t *index) {
     pa__json_doc_t *doc = p->doc;
     if (doc->count == doc->capacity) {
         if (doc->capacity >= PA__JSON_MAX_NODES) return -E2BIG;
-        size_t cap = doc->capacity ? doc->capacity * 2 : 16;
+        /* first guess from the input (a value takes ~8 bytes or more in the broker's
+         * answers), so a typical answer takes one allocation, not a series */
+        size_t cap = doc->capacity ? doc->capacity * 2 : 16 + p->len / 8;
         if (cap > PA__JSON_MAX_NODES) cap = PA__JSON_MAX_NODES;
         pa__json_node_t *nodes = realloc(doc->nodes, cap * sizeof *nodes);
         if (!nodes) return -ENOMEM;
