@@ -232,11 +232,14 @@ def describe_entry(data: dict[str, Any]) -> tuple[str, int | None]:
     applied: list[Any] = _field(data, "applied", list, [])
     if kind in (journal.KIND_AFFINITY, journal.KIND_IOPRIO, "sched"):
         alive = owner_alive(target_pid, target.get("start"))
+        gone = "" if alive else " (target gone)"
+        what = {journal.KIND_AFFINITY: "CPU mask", journal.KIND_IOPRIO: "I/O priority"}.get(kind, "scheduling")
+        if not applied:  # a summary (the broker's status sends kind, owner and target only)
+            return f"{what} of process {target_pid}{gone}", target_pid
         threads = len(data["previous"]) if isinstance(data.get("previous"), dict) else 0
-        value = ("?" if not applied else f"cpus {_cpu_list(applied[-1])}" if kind == journal.KIND_AFFINITY
+        value = (f"cpus {_cpu_list(applied[-1])}" if kind == journal.KIND_AFFINITY
                  else f"I/O priority {applied[-1]}" if kind == journal.KIND_IOPRIO
                  else f"scheduling [policy, rt priority, nice] {applied[-1]}")
-        gone = "" if alive else " (target gone)"
         return f"process {target_pid} ({threads} thread(s)) set to {value}{gone}", target_pid
     if kind == "cpuset":  # prealloc.cpuset: other tasks moved off reserved cores
         count = len(_field(data, "moved", dict, {}))  # tid -> what to give back
