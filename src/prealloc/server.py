@@ -95,6 +95,7 @@ SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5; Python 3.11 lac
 SD_LISTEN_FDS_START = 3
 MAX_EVENTS_QUEUED = 1024  # per peer; beyond it events are dropped and counted
 SEND_TIMEOUT = 10.0  # a peer that does not read its answers for this long is dropped
+DRAIN_GRACE = 2.0  # how long a drain lets peers release their own before closing the engine
 EVENT_NAMES = (ALLOCATED, RELEASED, EXPIRED, FAILED)
 _CLOSE_FEEDBACK = AllocationFeedback(used_successfully=False, reason_for_release="broker peer closed")
 _PATH_TYPES = (ResourceType.CACHE_SPACE, ResourceType.DISK_IO)  # their custom_properties name paths
@@ -552,6 +553,13 @@ class Broker:
         self.counters["reloads"] += 1
         log.info("SIGHUP: reloaded %s", self.config_path)
 
+    @staticmethod
+    def _join_peers(peers: list[Peer], limit: float) -> None:
+        deadline = time.monotonic() + limit
+        for peer in peers:
+            if peer.thread is not None:
+                peer.thread.join(max(0.0, deadline - time.monotonic()))
+
     def _close_listener(self) -> None:
         try:
             self._listener.close()
@@ -574,15 +582,16 @@ class Broker:
                 peer.sock.shutdown(socket.SHUT_RDWR)  # its thread wakes, releases, closes
             except OSError:
                 pass
-        deadline = time.monotonic() + 30.0
-        for peer in peers:
-            if peer.thread is not None:
-                peer.thread.join(max(0.0, deadline - time.monotonic()))
+        # A peer that is reading ends at once and releases its own; one blocked in the
+        # engine (a wait_ready without timeout, a long populate) is woken by the engine's
+        # close, which releases whatever is left.
+        self._join_peers(peers, DRAIN_GRACE)
         if self._owns_allocator:
             try:
-                self.allocator.close()  # whatever a peer still blocked had: released here
+                self.allocator.close()
             except Exception:
                 log.exception("closing the engine failed")
+        self._join_peers(peers, 30.0)
         if self._metrics_server is not None:
             try:
                 self._metrics_server.shutdown()
