@@ -1010,9 +1010,10 @@ class Broker:
 
     def _op_claim(self, peer: Peer, args: dict[str, Any]) -> Any:
         allocation_id = self._own(peer, args.get("allocation_id"))
-        snapshot = self.allocator.get_allocation(allocation_id)
+        with self._lock:
+            rtype = peer.held[allocation_id][0] if allocation_id in peer.held else None
         target = None
-        if snapshot is not None and snapshot.resource_type is ResourceType.CPU:
+        if rtype is ResourceType.CPU:
             target = self._check_target(peer, args.get("target_process_id"))
         claim = self.allocator.claim(allocation_id, target_process_id=target)
         try:
