@@ -5,6 +5,9 @@
   batch      push_many + pop_many over numpy arrays (the GIL released inside) vs the
              same heapq + Lock per item
   threads    2 producers + 2 consumers moving N items: batch calls vs heapq + Lock
+  interleaved  the batch and threads shapes again, ours and the baseline taking turns
+             round by round (load on a shared machine hits both alike): the median of the
+             per-round ratios is the figure to read (extra_info)
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import heapq
 import itertools
 import math
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -193,3 +197,86 @@ def test_pq_threads_baseline_heapq_lock(benchmark):
 
     per_item(benchmark, N, baseline=True)
     benchmark.pedantic(_threaded, args=(push_chunk, pop_chunk), rounds=5)
+
+
+def _median(xs: list[float]) -> float:
+    return float(np.median(np.array(xs)))
+
+
+def _interleave(benchmark, items: int, rounds: int, kinds: dict) -> None:
+    """Each round times every kind once, in a rotating order; extra_info gets, for each kind
+    but the baseline ("heapq"), the median of the per-round ratios heapq time / its time."""
+    names = list(kinds)
+    times: dict[str, list[float]] = {k: [] for k in names}
+
+    def run() -> None:
+        for r in range(rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for k in order:
+                start = time.perf_counter()
+                kinds[k]()
+                times[k].append(time.perf_counter() - start)
+
+    for k in names:  # warm every kind once (node caches, heapq's list)
+        kinds[k]()
+    per_item(benchmark, items * rounds * len(names))
+    benchmark.pedantic(run, rounds=1)
+    for k in names:
+        if k == "heapq":
+            continue
+        ratios = [b / a for a, b in zip(times[k], times["heapq"])]
+        benchmark.extra_info[f"{k}_vs_heapq_median"] = round(_median(ratios), 2)
+        benchmark.extra_info[f"{k}_ratio_min_max"] = f"{min(ratios):.2f}-{max(ratios):.2f}"
+        benchmark.extra_info[f"{k}_ns_per_item"] = round(_median(times[k]) / items * 1e9)
+    benchmark.extra_info["heapq_ns_per_item"] = round(_median(times["heapq"]) / items * 1e9)
+
+
+@pytest.mark.parametrize("n", [N, N_LARGE], ids=["2e4", "2e5"])
+def test_pq_batch_interleaved_ratio(benchmark, n):
+    """push_many + pop_many of n items (unindexed and indexed queues) against heapq + Lock
+    per item, taking turns round by round."""
+    benchmark.group = f"pq: push+pop batch, {n} items, interleaved rounds"
+    ids, p, c, d = _batch_arrays(n)
+    items = _items(n)
+    queues = {False: core.PriorityQueue(indexed=False), True: core.PriorityQueue(indexed=True)}
+    h = LockedHeap()
+
+    def native(indexed):
+        q = queues[indexed]
+
+        def run():
+            q.push_many(ids, p, c, d)
+            assert q.pop_many(n).size == n
+        return run
+
+    def heap():
+        for item in items:
+            h.push(*item)
+        for _ in range(n):
+            h.pop()
+
+    _interleave(benchmark, n, 5 if n == N_LARGE else 11,
+                {"unindexed": native(False), "indexed": native(True), "heapq": heap})
+
+
+def test_pq_threads_interleaved_ratio(benchmark):
+    """The 2 producers + 2 consumers shape, ours (batch calls) and heapq + Lock taking turns."""
+    benchmark.group = "pq: 2 producers + 2 consumers, interleaved rounds"
+    q = core.PriorityQueue(indexed=False)
+    h = LockedHeap()
+
+    def ours_push(idx):
+        q.push_many(IDS[idx], PRIORITIES[idx], CONFIDENCES[idx], DEADLINES[idx])
+
+    def heap_push(idx):
+        for i in idx.tolist():
+            h.push(*ITEMS[i])
+
+    def heap_pop():
+        got = 0
+        while got < 256 and h.pop() is not None:
+            got += 1
+        return got
+
+    _interleave(benchmark, N, 7, {"batch": lambda: _threaded(ours_push, lambda: q.pop_many(256).size),
+                                  "heapq": lambda: _threaded(heap_push, heap_pop)})

@@ -45,7 +45,60 @@
  * pushes and another pops; the size is a striped counter, one stripe (and line) owned by
  * each thread, so it is neither a shared hot line nor a locked add. A batch push sorts
  * each chunk by key before inserting it (each search then follows the previous one's
- * cached path). Costs per operation, measured with cachegrind: benchmarks/README.md.
+ * cached path); a larger batch is sorted by groups of up to PQ_BATCH_GROUP and inserted
+ * with finger searches (below). Costs per operation, measured with cachegrind:
+ * benchmarks/README.md.
+ *
+ * Finger search (batch push)
+ * --------------------------
+ * A batch's items are inserted in ascending key order, PQ_BATCH_CHUNK per operation, and
+ * each insert after the first of its operation searches from a finger left by the insert
+ * before it instead of from head: at[i] = that insert's predecessor at level i, or the
+ * inserted node itself at the levels it was linked at (levels a search did not reach keep
+ * an older entry). The search climbs from level height-1 to the first level j whose
+ * at[j]'s successor stops a search for the key (a node whose level-0 link is unmarked and
+ * whose key is larger, or tail), and from at[j] runs the ordinary search (locate_preds'
+ * loop) at levels j..0; if no level qualifies, or any CAS of the insert fails, it searches
+ * from head as a single push does. Why this is as safe as a search from head:
+ *   (F1) Memory. Every finger node was reached in the current operation, which EBR
+ *        protects until op_end: none is freed before the search reads it, and every node
+ *        reached from it is protected as in any search that was preempted at that node
+ *        (a link only ever points at a node linked after it or at its successor when the
+ *        link was marked/frozen, which was reachable then). The finger is dropped at
+ *        op_end (test_pq_finger pops and frees everything between two operations of one
+ *        batch; a finger kept across them reaches a freed node).
+ *   (F2) A valid start. The ordinary search's results are correct from any start node S
+ *        with: S is head, or S is deleted, or key(S) < key — because nothing before S can
+ *        be a live node with a larger key (before a deleted node everything is deleted,
+ *        and inserts land behind the deleted prefix, never before one of its nodes; before
+ *        a live S the live nodes have smaller keys) — and S is linked at the search's top
+ *        level (a node reached by walking that level, or head). Every finger entry is one
+ *        of: head; a predecessor the earlier search passed (deleted, or key < the earlier
+ *        key < this key, since the run ascends: keys are immutable and deletion is
+ *        permanent, so this stays true); or the inserted node at a level its CAS linked.
+ *        An inserted node is *not* an entry at a level its tower did not reach: its link
+ *        there is a private value, and a node linked behind it would be reachable at the
+ *        level above but not at that one (the shape restructure's freeze exists to rule
+ *        out). A finger entry removed from its level since (head moved past it) has a
+ *        frozen link at that level: the walk follows it, and a CAS on it fails and ends
+ *        the tower, as for any predecessor in a search from head.
+ *   (F3) The `del` rule. The insert's upper levels rely on: whenever an upper level's
+ *        successor is the last deleted node D (whose deletion only its predecessor's mark
+ *        shows), the level-0 walk started at or before D, so it passed D and returned it as
+ *        `del`. A search from head has this because each level starts where the level
+ *        above stopped: level i-1's walk starts at preds[i] and stops at or before
+ *        succs[i], or passes it — which it does only once succs[i]'s level-0 link is
+ *        marked (its key is larger), and a successor with a marked link ends the tower —
+ *        so level 0 starts before every succs[i] that can still be D. The finger search
+ *        keeps that shape: one start node at[j] for levels j..0, each level starting at
+ *        the predecessor the level above found. Mixing
+ *        entries per level (level 0 from at[0], level i from at[i]) would break it — a
+ *        level-0 start behind D with an upper level stopping before D — which is why the
+ *        search descends from a single entry. The other checks (n or succs[i] turned
+ *        deleted, frozen links, the retry from head when an upper CAS fails) are unchanged.
+ * Linearizability: the batch's items are separate pushes overlapping the call; tickets are
+ * taken (in input order) before any item is visible, so the sorted insertion order is one
+ * of the orders their overlap allows.
  *
  * Cancellation (PA_PQ_INDEXED)
  * ----------------------------
@@ -175,6 +228,11 @@ void pa__pq_stats(uint64_t *out, bool reset) {
 #endif
 #ifndef PQ_TEST_LEVEL
 #define PQ_TEST_LEVEL(cap) 0u
+#endif
+/* PQ_GROUP_HOOK(pq) runs in a sorted group push between two of its operations (where no
+ * node the previous operation saw is protected any more). */
+#ifndef PQ_GROUP_HOOK
+#define PQ_GROUP_HOOK(pq) ((void)0)
 #endif
 
 typedef struct pq_node {
@@ -658,9 +716,9 @@ static int index_insert(pq_op_t *op, pq_node_t *n) {
 /* Fills preds/succs for key at levels top..0; returns the last deleted node the level-0
  * search passed (Lindén-Jonsson's `del`), or NULL. Deleted nodes count as smaller than
  * every key, so level 0 always ends behind the deleted prefix. */
-static pq_node_t *locate_preds(pa_pq_t *pq, const uint64_t *key, int top, pq_node_t **preds,
-                               pq_node_t **succs) {
-    pq_node_t *pred = pq->head, *del = NULL;
+static pq_node_t *locate_from(pq_node_t *start, const uint64_t *key, int top, pq_node_t **preds,
+                              pq_node_t **succs) {
+    pq_node_t *pred = start, *del = NULL;
     for (int i = top; i >= 0; i--) {
         /* acquire (all link loads below): pairs with the release CAS that linked the node
          * (or the fetch-or / restructure CAS continuing it), so its key is visible */
@@ -685,6 +743,46 @@ static pq_node_t *locate_preds(pa_pq_t *pq, const uint64_t *key, int top, pq_nod
         succs[i] = cur;
     }
     return del;
+}
+
+/* The ordinary search: from head, at levels top..0. */
+static inline pq_node_t *locate_preds(pa_pq_t *pq, const uint64_t *key, int top, pq_node_t **preds,
+                                      pq_node_t **succs) {
+    return locate_from(pq->head, key, top, preds, succs);
+}
+
+/* A finger for a run of inserts in ascending key order inside one operation: at[i] is a
+ * node linked at level i that the previous inserts of the run left behind (their
+ * predecessors, or the inserted node itself where its tower was linked), valid for levels
+ * 0 .. levels-1; levels 0 = none yet. See "Finger search" in the design comment. */
+typedef struct pq_finger {
+    pq_node_t *at[PQ_MAX_LEVEL];
+    int levels;
+#ifdef PA_PQ_DEBUG
+    uint64_t last[4]; /* the previous key of the run: keys must ascend */
+#endif
+} pq_finger_t;
+
+/* Finger search for key: climbs the finger from level 0 until a level j >= height - 1
+ * whose finger node's successor stops a search for key (a node not known deleted with a
+ * larger key, or tail), then searches from that one node at levels j..0 exactly as
+ * locate_preds does from head. Fills preds/succs at levels 0..j and returns `del` as
+ * locate_preds; *searched = j. -1 in *searched: no usable level (the caller searches
+ * from head). */
+static pq_node_t *locate_finger(const pq_finger_t *f, const uint64_t *key, int height, pq_node_t **preds,
+                                pq_node_t **succs, int *searched) {
+    for (int j = height - 1; j < f->levels; j++) {
+        pq_node_t *c = f->at[j];
+        PQ_ASSERT_LIVE(c);
+        /* acquire (link loads): as in locate_preds */
+        pq_node_t *s = unmark(pa__load_acquire(next_at(c, j)));
+        PQ_ASSERT_LIVE(s);
+        if (is_marked(pa__load_acquire(&s->next0)) || key_less(s->key, key)) continue;
+        *searched = j;
+        return locate_from(c, key, j, preds, succs);
+    }
+    *searched = -1;
+    return NULL;
 }
 
 /* Continues the level-i search from `del` (a deleted node the search stopped before):
@@ -717,8 +815,10 @@ static unsigned levels_in_use(pa_pq_t *pq) {
 }
 
 /* levels from levels_in_use; n->level is capped by the caller (levels + 1 for a single
- * push, a few more for a batch chunk); the search starts at the higher of the two */
-static void skiplist_insert(pa_pq_t *pq, pq_node_t *n, unsigned levels) {
+ * push, a few more for a batch chunk); the search starts at the higher of the two. f
+ * (nullable): the finger of a run of inserts in ascending key order in this operation;
+ * the first search starts from it and it is updated for the next insert of the run. */
+static void skiplist_insert(pa_pq_t *pq, pq_node_t *n, unsigned levels, pq_finger_t *f) {
     pq_node_t *preds[PQ_MAX_LEVEL], *succs[PQ_MAX_LEVEL];
     const int height = n->level;
     uint32_t top = pa__load_relaxed(&pq->top);
@@ -728,16 +828,29 @@ static void skiplist_insert(pa_pq_t *pq, pq_node_t *n, unsigned levels) {
     const int top_index = (height > (int)levels ? height : (int)levels) - 1;
 
     pa__store_relaxed(&n->inserting, 1);
-    pq_node_t *del;
+    pq_node_t *del = NULL;
+    int searched = -1; /* preds/succs hold levels 0..searched */
+#ifdef PA_PQ_DEBUG
+    if (f && f->levels > 0 && !key_less(f->last, n->key)) {
+        fprintf(stderr, "pq: finger run out of key order\n");
+        abort();
+    }
+#endif
+    if (f && f->levels > 0) del = locate_finger(f, n->key, height, preds, succs, &searched);
     for (;;) {
-        del = locate_preds(pq, n->key, top_index, preds, succs);
+        if (searched < 0) {
+            del = locate_preds(pq, n->key, top_index, preds, succs);
+            searched = top_index;
+        }
         pa__store_relaxed(&n->next0, (uintptr_t)succs[0]);
         uintptr_t expected = (uintptr_t)succs[0]; /* fails if preds[0] got marked meanwhile */
         /* release: publishes n (key, value, state, next0, inserting) to every acquire load
          * of this link: searches, delete-min's walk and fetch-or */
         if (pa__cas_strong_acq_rel(&preds[0]->next0, &expected, (uintptr_t)n)) break;
         PQ_STAT(PQS_INSERT0_FAIL, 1);
+        searched = -1; /* retry from head */
     }
+    int linked = 1; /* levels of n linked */
     for (int i = 1; i < height;) {
         if (del != NULL && succs[i] == del) {
             /* The successor at this level is the last deleted node. An upper-level search
@@ -759,15 +872,26 @@ static void skiplist_insert(pa_pq_t *pq, pq_node_t *n, unsigned levels) {
         PQ_INSERT_HOOK(pq, n, i);
         /* release: as for level 0 (publishes n->up[i-1]) */
         if (pa__cas_strong_acq_rel(&preds[i]->up[i - 1], &expected, (uintptr_t)n)) {
-            i++;
+            linked = ++i;
         } else if (is_marked(expected)) {
             PQ_STAT(PQS_INSERTUP_FAIL, 1);
             break; /* restructure froze the predecessor's link: the tower ends here */
         } else {
             PQ_STAT(PQS_INSERTUP_FAIL, 1);
             del = locate_preds(pq, n->key, top_index, preds, succs);
+            searched = top_index;
             if (succs[0] != n) break; /* n was deleted meanwhile */
         }
+    }
+    if (f) {
+        /* The next insert of the run (a larger key) may start from any of these: each is
+         * head, deleted, or smaller than n; n itself only at the levels it is linked at. */
+        for (int i = 0; i <= searched; i++) f->at[i] = preds[i];
+        for (int i = 0; i < linked; i++) f->at[i] = n;
+        if (searched + 1 > f->levels) f->levels = searched + 1;
+#ifdef PA_PQ_DEBUG
+        memcpy(f->last, n->key, sizeof f->last);
+#endif
     }
     /* release: pairs with delete-min's acquire load; our upper links happen before any
      * cut that passes n */
@@ -1000,7 +1124,7 @@ static int push_one(pq_op_t *op, uint64_t value, double priority, double confide
             node_release(op, n); /* aborted before linking: the skiplist never holds it */
             continue;
         }
-        skiplist_insert(pq, n, levels);
+        skiplist_insert(pq, n, levels, NULL);
         if (!op->indexed) break;
         uint32_t s = ST_PENDING;
         /* acq_rel: the push's completion; loses to a pop that already took the node (then
@@ -1053,6 +1177,15 @@ static void sort_nodes(pq_node_t **a, pq_node_t **tmp, size_t n) {
     }
 }
 
+/* The tower cap for a batch of n nodes whose heights are drawn before any is linked:
+ * Pugh's cap (one level above those in use) would stunt a batch pushed into a small queue
+ * — the first chunk into an empty one would be all height 1 or 2, a near-linked list. The
+ * batch itself fills log4(n) more levels (p = 1/4), so the cap is raised by that much. */
+static unsigned batch_cap(unsigned levels, size_t n) {
+    unsigned grow = (unsigned)(63 - __builtin_clzll((unsigned long long)n | 1)) / PQ_LEVEL_LOG2P;
+    return levels + 1 + grow < PQ_MAX_LEVEL ? levels + 1 + grow : PQ_MAX_LEVEL;
+}
+
 /* One chunk of an unindexed batch push: every node is allocated first (so a failure
  * pushes nothing of the chunk and the pushed items stay a prefix of the input), keyed
  * with the chunk's arrival numbers in input order, then inserted in key order — each
@@ -1063,13 +1196,7 @@ static int push_chunk_sorted(pq_op_t *op, size_t chunk, const uint64_t *values, 
                              const double *confidences, const double *deadlines) {
     pa_pq_t *const pq = op->pq;
     pq_node_t *nodes[PQ_BATCH_CHUNK], *tmp[PQ_BATCH_CHUNK];
-    /* Heights are drawn before any node of the chunk is linked, so Pugh's cap (one level
-     * above those in use) would stunt a chunk pushed into a small queue — the first chunk
-     * into an empty one would be all height 1 or 2, a near-linked list. The chunk itself
-     * fills log4(chunk) more levels (p = 1/4), so the cap is raised by that much. */
-    unsigned grow = (unsigned)(63 - __builtin_clzll((unsigned long long)chunk | 1)) / PQ_LEVEL_LOG2P;
-    unsigned levels = levels_in_use(pq);
-    unsigned cap = levels + 1 + grow < PQ_MAX_LEVEL ? levels + 1 + grow : PQ_MAX_LEVEL;
+    unsigned cap = batch_cap(levels_in_use(pq), chunk); /* heights drawn before any is linked */
     for (size_t k = 0; k < chunk; k++) {
         nodes[k] = node_alloc(op->t, random_level(op->t, cap));
         if (!nodes[k]) {
@@ -1088,7 +1215,115 @@ static int push_chunk_sorted(pq_op_t *op, size_t chunk, const uint64_t *values, 
     }
     sort_nodes(nodes, tmp, chunk);
     size_add(op, (int64_t)chunk);
-    for (size_t k = 0; k < chunk; k++) skiplist_insert(pq, nodes[k], levels_in_use(pq));
+    pq_finger_t finger;
+    finger.levels = 0;
+    for (size_t k = 0; k < chunk; k++) skiplist_insert(pq, nodes[k], levels_in_use(pq), &finger);
+    return 0;
+}
+
+/* Batches larger than a chunk are pushed in groups of up to PQ_BATCH_GROUP items, each
+ * sorted by key as a whole before any of it is linked: the group's inserts then arrive in
+ * ascending order, each a finger search from the one before, and into a queue that holds
+ * fewer items than the group most of them land next to their predecessor (a sorted run is
+ * appended, not searched). The nodes are allocated in key order, so a pop walk over them
+ * reads memory in the order the allocator handed it out. */
+#define PQ_BATCH_GROUP 65536
+
+typedef struct pq_sort_key {
+    uint64_t k[4];
+} pq_sort_key_t;
+
+/* Sorts keys ascending (insertion sort of runs of 8, then bottom-up merges through tmp,
+ * which has room for n); keys are unique (the arrival word differs). */
+static void sort_keys(pq_sort_key_t *a, pq_sort_key_t *tmp, size_t n) {
+    for (size_t lo = 0; lo < n; lo += 8) {
+        size_t hi = lo + 8 < n ? lo + 8 : n;
+        for (size_t i = lo + 1; i < hi; i++) {
+            pq_sort_key_t x = a[i];
+            size_t j = i;
+            while (j > lo && key_less(x.k, a[j - 1].k)) {
+                a[j] = a[j - 1];
+                j--;
+            }
+            a[j] = x;
+        }
+    }
+    pq_sort_key_t *src = a, *dst = tmp;
+    for (size_t width = 8; width < n; width *= 2) {
+        for (size_t lo = 0; lo < n; lo += 2 * width) {
+            size_t mid = lo + width < n ? lo + width : n, hi = lo + 2 * width < n ? lo + 2 * width : n;
+            size_t i = lo, j = mid, k = lo;
+            while (i < mid && j < hi) dst[k++] = key_less(src[j].k, src[i].k) ? src[j++] : src[i++];
+            while (i < mid) dst[k++] = src[i++];
+            while (j < hi) dst[k++] = src[j++];
+        }
+        pq_sort_key_t *t = src;
+        src = dst;
+        dst = t;
+    }
+    if (src != a) memcpy(a, src, n * sizeof *a);
+}
+
+/* One group of an unindexed batch push (n > PQ_BATCH_CHUNK items): keys with the
+ * group's arrival numbers in input order, sorted; every node allocated (in key order,
+ * chained privately through next0) before any is linked, so a failure pushes nothing of
+ * the group; then linked in key order, PQ_BATCH_CHUNK per operation, each operation's
+ * inserts one finger run. -ENOMEM before anything is linked; 1: the sort buffer could
+ * not be had (nothing done: the caller pushes the group chunk by chunk instead). */
+static int push_group_sorted(pa_pq_t *pq, size_t n, const uint64_t *values, const double *priorities,
+                             const double *confidences, const double *deadlines) {
+    pq_op_t op;
+    /* The reclamation record first: once this thread has one, op_begin cannot fail */
+    if (!op_begin(&op, pq)) return -ENOMEM;
+    op_end(&op);
+    pq_sort_key_t *keys = malloc(2 * n * sizeof *keys);
+    if (!keys) return 1;
+    pq_thread_t *const t = op.t;
+    uint64_t ticket = pa__fetch_add_relaxed(&pq->arrival, n);
+    for (size_t k = 0; k < n; k++) {
+        keys[k].k[0] = ~enc_asc(priorities[k]);
+        keys[k].k[1] = ~enc_asc(confidences[k]);
+        keys[k].k[2] = (isnan(deadlines[k]) || isinf(deadlines[k])) ? UINT64_MAX : enc_asc(deadlines[k]);
+        keys[k].k[3] = ticket + k;
+    }
+    sort_keys(keys, keys + n, n);
+    unsigned cap = batch_cap(levels_in_use(pq), n); /* as in push_chunk_sorted */
+    pq_node_t *first = NULL, *last = NULL;
+    for (size_t k = 0; k < n; k++) {
+        pq_node_t *x = node_alloc(t, random_level(t, cap));
+        if (!x) {
+            while (first) { /* never published */
+                pq_node_t *next = (pq_node_t *)pa__load_relaxed(&first->next0);
+                node_recycle(first);
+                first = next;
+            }
+            free(keys);
+            return -ENOMEM;
+        }
+        memcpy(x->key, keys[k].k, sizeof x->key);
+        x->value = values[keys[k].k[3] - ticket];
+        /* private until linked: a chain through next0 (node_alloc zeroed x's) */
+        if (last) pa__store_relaxed(&last->next0, (uintptr_t)x);
+        else first = x;
+        last = x;
+    }
+    free(keys);
+    size_t left = n;
+    while (left) {
+        (void)op_begin(&op, pq); /* cannot fail: this thread holds its record (above) */
+        size_t chunk = batch_chunk(left);
+        size_add(&op, (int64_t)chunk);
+        pq_finger_t finger;
+        finger.levels = 0;
+        for (size_t k = 0; k < chunk; k++) {
+            pq_node_t *x = first;
+            first = (pq_node_t *)pa__load_relaxed(&x->next0);
+            skiplist_insert(pq, x, levels_in_use(pq), &finger);
+        }
+        left -= chunk;
+        op_end(&op);
+        PQ_GROUP_HOOK(pq);
+    }
     return 0;
 }
 
@@ -1108,6 +1343,22 @@ int pa_pq_push_many(pa_pq_t *pq, size_t n, const uint64_t *values, const double 
             break;
         }
         size_t chunk = batch_chunk(n - done);
+        if (!indexed && n - done > PQ_BATCH_CHUNK) {
+            op_end(&op);
+            size_t group = n - done < PQ_BATCH_GROUP ? n - done : PQ_BATCH_GROUP;
+            rc = push_group_sorted(pq, group, values + done, priorities + done, confidences + done,
+                                   deadlines + done);
+            if (rc == 0) {
+                done += group;
+                continue;
+            }
+            if (rc < 0) break;
+            rc = 0; /* no sort buffer: this group chunk by chunk */
+            if (!op_begin(&op, pq)) {
+                rc = -ENOMEM;
+                break;
+            }
+        }
         if (!indexed) {
             /* one counter update reserves the chunk's arrival numbers, in input order (so
              * equal keys keep it) */
