@@ -46,6 +46,7 @@ HOST = r"""
 #include <inttypes.h>
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -210,6 +211,58 @@ static int bench(const char *path, int n, double mib) {
     return 0;
 }
 
+static void print_affinity(const char *label) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    sched_getaffinity(0, sizeof set, &set);
+    printf("%s", label);
+    for (int cpu = 0; cpu < CPU_SETSIZE; cpu++)
+        if (CPU_ISSET(cpu, &set)) printf(" %d", cpu);
+    printf("\n");
+}
+
+/* a CPU claim: the broker pins this process; then release */
+static int cpu(const char *path) {
+    pa_client_t *c;
+    int rc = pa_client_connect(path, &c);
+    if (rc) { printf("connect rc=%d\n", rc); return 2; }
+    print_affinity("BEFORE");
+    uint64_t id;
+    if ((rc = pa_client_request(c, "cpu", 1, 0, NULL, &id))) { report(c, "REQUEST", rc); pa_client_close(c); return 0; }
+    int cores[8];
+    size_t ncores = 0;
+    rc = pa_client_claim_cpu(c, id, cores, 8, &ncores);
+    report(c, "CLAIM", rc);
+    printf("CORES n=%zu", ncores);
+    for (size_t i = 0; i < ncores && i < 8; i++) printf(" %d", cores[i]);
+    printf("\n");
+    print_affinity("PINNED");
+    report(c, "RELEASE", pa_client_release(c, id, NULL));
+    print_affinity("AFTER");
+    /* a CPU allocation claimed as memory: -EMEDIUMTYPE, the claim stands until released */
+    if ((rc = pa_client_request(c, "cpu", 1, 0, NULL, &id))) { report(c, "REQUEST2", rc); pa_client_close(c); return 0; }
+    void *addr;
+    size_t size;
+    report(c, "AS_MEMORY", pa_client_claim_memory(c, id, &addr, &size));
+    report(c, "RELEASE2", pa_client_release(c, id, NULL));
+    print_affinity("AFTER2");
+    pa_client_close(c);
+    return 0;
+}
+
+/* pa_client_connect(NULL): the protocol's default order */
+static int default_path(void) {
+    pa_client_t *c;
+    int rc = pa_client_connect(NULL, &c);
+    printf("DEFAULT rc=%d\n", rc);
+    if (rc) return 0;
+    pa_client_hello_t hello;
+    rc = pa_client_hello(c, NULL, &hello);
+    printf("HELLO rc=%d peer_pid=%d self=%d\n", rc, (int)hello.peer_pid, (int)getpid());
+    pa_client_close(c);
+    return 0;
+}
+
 /* threads sharing one client: each does request / claim / write / check / release */
 typedef struct shared { pa_client_t *client; int cycles; int failures; int index; } shared_t;
 
@@ -275,6 +328,8 @@ int main(int argc, char **argv) {
     if (strcmp(argv[2], "errors") == 0) return errors(argv[1]);
     if (strcmp(argv[2], "bench") == 0) return bench(argv[1], atoi(argv[3]), atof(argv[4]));
     if (strcmp(argv[2], "hostile") == 0) return hostile(argv[1]);
+    if (strcmp(argv[2], "cpu") == 0) return cpu(argv[1]);
+    if (strcmp(argv[2], "default") == 0) return default_path();
     if (strcmp(argv[2], "threads") == 0) return threads(argv[1], atoi(argv[3]), atoi(argv[4]));
     return 1;
 }
@@ -516,6 +571,63 @@ def test_broker_errors_arrive_as_errno_with_their_type(host: Path, broker):
         assert lines["NULLOUT"]["rc"] == str(-errno.EINVAL)
         # the foreign allocation is untouched
         assert other.get_allocation(foreign) is not None
+
+
+@needs_broker
+def test_cpu_claim_pins_the_host_and_release_restores_it(host: Path, broker):
+    proc, path = broker
+    out = subprocess.run([str(host), str(path), "cpu"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out
+    lines = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines() if line.strip()}
+    if "REQUEST" in lines:
+        pytest.skip(f"the broker could not reserve a core here: {out.stdout}")
+    before = set(map(int, lines["BEFORE"]))
+
+    def rc(name: str) -> str:
+        return _fields("x " + " ".join(lines[name]))["rc"]
+
+    assert rc("CLAIM") == "0", out.stdout
+    count, cores = int(lines["CORES"][0].split("=")[1]), set(map(int, lines["CORES"][1:]))
+    assert count == len(cores) == 1 and cores <= before
+    assert set(map(int, lines["PINNED"])) == cores  # sched_getaffinity of the host itself
+    assert rc("RELEASE") == "0"
+    assert set(map(int, lines["AFTER"])) == before  # restored on release
+    assert rc("AS_MEMORY") == str(-errno.EMEDIUMTYPE), out.stdout
+    assert rc("RELEASE2") == "0"
+    assert set(map(int, lines["AFTER2"])) == before
+
+
+@needs_broker
+def test_connect_null_follows_the_protocols_order(host: Path, broker, tmp_path: Path):
+    proc, path = broker
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "PREALLOC_SOCKET")}
+    out = subprocess.run([str(host), "-", "default"], capture_output=True, text=True, timeout=60,
+                         env=dict(env, PREALLOC_SOCKET=str(path)))
+    lines = _lines(out.stdout)
+    assert lines["DEFAULT"]["rc"] == "0", out.stdout
+    assert lines["HELLO"]["peer_pid"] == lines["HELLO"]["self"]
+    # $XDG_RUNTIME_DIR/prealloc-broker.sock when $PREALLOC_SOCKET names nothing there
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    (runtime / "prealloc-broker.sock").symlink_to(path)
+    if not Path("/run/prealloc-broker/broker.sock").exists():
+        out = subprocess.run([str(host), "-", "default"], capture_output=True, text=True, timeout=60,
+                             env=dict(env, PREALLOC_SOCKET=str(tmp_path / "absent.sock"),
+                                      XDG_RUNTIME_DIR=str(runtime)))
+        assert _lines(out.stdout)["DEFAULT"]["rc"] == "0", out.stdout
+    # a /tmp directory for this uid that others may write is refused, not trusted
+    squat = Path(f"/tmp/prealloc-broker-{os.geteuid()}")
+    if squat.exists() or Path("/run/prealloc-broker/broker.sock").exists():
+        return  # a real broker's (or this machine's root broker's): leave it alone
+    squat.mkdir()
+    try:
+        squat.chmod(0o777)
+        (squat / "broker.sock").symlink_to(path)
+        out = subprocess.run([str(host), "-", "default"], capture_output=True, text=True, timeout=60, env=env)
+        assert _lines(out.stdout)["DEFAULT"]["rc"] == str(-errno.EPERM), out.stdout
+    finally:
+        (squat / "broker.sock").unlink(missing_ok=True)
+        squat.rmdir()
 
 
 @needs_broker
