@@ -422,6 +422,9 @@ def test_sigkilled_broker_is_recovered_by_the_journal_at_its_next_start(broker_p
     claim = client.acquire("cpu", 100)
     pinned = set(claim.resource)
     assert os.sched_getaffinity(0) == pinned
+    # the pin of this process is in the broker's journal, and the status shows it to us
+    entries = client.status()["journal"]
+    assert [e["target"]["pid"] for e in entries if e["kind"] == "affinity"] == [os.getpid()]
     first.kill()  # no drain: the pin outlives the broker
     assert os.sched_getaffinity(0) == pinned
     second = broker_process()  # its CPU strategy recovers the dead broker's journal

@@ -1293,7 +1293,9 @@ def _close_received_fds(ancdata: list[tuple[int, int, bytes]]) -> int:
 
 
 def _journal_entries(uid: int | None) -> list[dict[str, Any]]:
-    """The journal's entries (their kind, owner, target), at most 256."""
+    """The journal's entries (their kind, owner, target), at most 256; for a uid, only
+    those whose target is a process of that uid (another user's pins are not its
+    business)."""
     from . import journal
 
     try:
@@ -1310,9 +1312,16 @@ def _journal_entries(uid: int | None) -> list[dict[str, Any]]:
                 data = json.loads(entry_file.read(65536))
         except (OSError, ValueError):
             continue
-        if isinstance(data, dict):
-            out.append({"name": name, "kind": data.get("kind", "affinity"), "owner": data.get("owner"),
-                        "target": data.get("target")})
+        if not isinstance(data, dict):
+            continue
+        target = data.get("target")
+        if uid is not None:
+            pid = target.get("pid") if isinstance(target, dict) else None
+            uids = _process_uids(pid) if type(pid) is int and pid > 0 else None
+            if uids is None or uids[0] != uid:
+                continue
+        out.append({"name": name, "kind": data.get("kind", "affinity"), "owner": data.get("owner"),
+                    "target": target})
     return out
 
 
