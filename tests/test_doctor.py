@@ -47,7 +47,7 @@ def test_every_no_has_a_reason_and_every_check_its_fields(answers):
     expected = {"memory_reservation", "madv_populate_write", "mlock", "mlock_beyond_limit",
                 "transparent_huge_pages", "cpu_affinity", "cachestat", "psi", "psi_trigger", "cgroups",
                 "cpuset_writable", "isolated_cpus", "rt_scheduling", "nvml", "cuda", "cap_net_admin", "iproute2",
-                "network_bandwidth", "journal_directory", "broker"}
+                "network_bandwidth", "journal_directory", "core_registry", "broker"}
     assert set(answers) == expected
     for check in answers.values():
         assert set(check) == {"name", "ok", "detail", "reason", "required", "facts"}
@@ -327,3 +327,25 @@ def test_the_table_gives_every_no_its_reason(tmp_path, capsys):
         if fields[0] != "why:" and fields[1] == "no":
             assert lines[i + 1].strip().startswith("why: "), line
     assert lines[-1].startswith("default configuration: ")
+
+
+def test_core_registry_answer_follows_its_directory(tmp_path):
+    machine_registry = pytest.importorskip("prealloc.machine_registry")
+    if machine_registry.shared_directory() is not None:
+        pytest.skip("PREALLOC_REGISTRY_DIR names a shared registry: the journal directory does not choose it")
+    journal_dir = tmp_path / "journal"
+    registry_dir = machine_registry.registry_directory_for(journal_dir)
+    missing = doctor.check_core_registry(journal_dir)
+    assert missing.ok is True and "will be created" in missing.detail and not registry_dir.exists()
+    registry_dir.mkdir(mode=0o700)
+    lock = machine_registry.MachineCoreRegistry(registry_dir).try_acquire(max(os.sched_getaffinity(0)))
+    assert lock is not None
+    try:
+        held = doctor.check_core_registry(journal_dir)
+        assert held.ok is True and held.facts["held"] == 1
+    finally:
+        lock.release()
+    registry_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(registry_dir, 0o777)
+    untrusted = doctor.check_core_registry(journal_dir)
+    assert untrusted.ok is False and "writable by others" in untrusted.reason

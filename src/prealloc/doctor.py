@@ -24,7 +24,8 @@ cannot work without; the checks marked ``required``:
   refuse an untrusted one.
 
 Everything else (mlock, huge pages, MADV_POPULATE_WRITE, cachestat, PSI, cgroups,
-cpusets, isolated cpus, real-time scheduling, GPUs, traffic control, the broker) makes a
+cpusets, isolated cpus, real-time scheduling, GPUs, traffic control, the machine-wide
+core registry, the broker) makes a
 strategy better or possible but the defaults run without it: a no there is reported and
 the strategy degrades, saying so in ``details``.
 """
@@ -491,6 +492,45 @@ def check_journal(directory: str | os.PathLike[str] | None = None) -> Check:
                  None if creatable else f"it cannot be created: {_who_may_write(ancestor)}", True, facts)
 
 
+def check_core_registry(journal_dir: str | os.PathLike[str] | None = None) -> Check:
+    """The machine-wide core registry's directory (prealloc.machine_registry), checked as
+    the CPU strategy's ``registry`` level checks it before locking — but not created:
+    private (the journal's rules) or shared ($PREALLOC_REGISTRY_DIR: root's or ours,
+    sticky where world-writable). Without it the level is not effective and says why."""
+    try:
+        from . import machine_registry
+    except ImportError:
+        return Check("core_registry", False, "no machine-wide core registry",
+                     "the machine-wide core registry is not available in this version")
+    from . import journal
+
+    directory = None
+    if journal_dir is not None:
+        directory = machine_registry.shared_directory() or machine_registry.registry_directory_for(journal_dir)
+    registry = machine_registry.MachineCoreRegistry(directory)
+    facts: dict[str, Any] = {"directory": str(registry.directory), "shared": registry.shared, "exists": False}
+    try:
+        if registry.shared:
+            machine_registry._check_shared_directory(registry.directory)
+            exists = True
+        else:
+            exists = journal.check_directory(registry.directory, create=False)
+    except (OSError, journal.UntrustedJournalDirectory) as exc:
+        return Check("core_registry", False, f"{registry.directory} cannot be used ({registry.describe()})",
+                     f"{exc}; exclusive cores stay exclusive within this process only", facts=facts)
+    facts["exists"] = exists
+    held = len(registry.holders()) if exists else 0
+    facts["held"] = held
+    if exists:
+        return Check("core_registry", True, f"exclusive among {registry.describe()}; {held} core(s) held now",
+                     facts=facts)
+    ancestor = registry.directory.parent
+    creatable = os.access(ancestor, os.W_OK | os.X_OK)
+    return Check("core_registry", creatable, f"{registry.directory} does not exist yet"
+                 + ("; it will be created 0700 on first use" if creatable else ""),
+                 None if creatable else f"it cannot be created: {_who_may_write(ancestor)}", facts=facts)
+
+
 def check_broker(socket_path: str | None = None) -> Check:
     from .status import _ask_broker, default_socket_path
 
@@ -531,6 +571,7 @@ def run_checks(*, journal_dir: str | None = None, socket_path: str | None = None
         ("gpu", check_gpu),
         ("network", check_network),
         ("journal_directory", lambda: check_journal(journal_dir)),
+        ("core_registry", lambda: check_core_registry(journal_dir)),
         ("broker", lambda: check_broker(socket_path)),
     ):
         checks.extend(_guarded(name, probe))
