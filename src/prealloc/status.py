@@ -160,12 +160,10 @@ def _ask_broker(socket_path: str) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"no broker answered at {socket_path}: {type(exc).__name__}: {exc}"
     finally:
         if client is not None:
-            close = getattr(client, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:
-                    pass
+            try:
+                client.close()
+            except OSError:
+                pass
     if not isinstance(answer, dict):
         return None, f"the broker at {socket_path} answered status with {type(answer).__name__}, not an object"
     return answer, None
