@@ -646,3 +646,23 @@ def test_a_forked_child_does_not_speak_for_its_parent(broker):
         assert os.waitstatus_to_exitcode(status) == 0
         assert client.get_allocation(aid) is not None  # the parent's connection is untouched
         assert client.release_allocation(aid)
+
+
+def test_adjust_before_the_claim_and_not_after_it(tmp_path):
+    config = broker_config_from_dict({"quotas": {str(os.geteuid()): {"MEMORY": 6}}})
+    with Broker(tmp_path / "adjust.sock", config=config) as broker:
+        broker.start()
+        with Client(broker.socket_path) as client:
+            aid = client.submit(ResourceRequest(ResourceType.MEMORY, 2))
+            assert client.wait_ready([aid], timeout=30)
+            assert client.adjust_allocation(aid, 4) is True
+            assert client.get_allocation(aid).allocated_amount == 4.0
+            assert broker.usage() == {os.geteuid(): {ResourceType.MEMORY: 4.0}}
+            with pytest.raises(QuotaExceeded):  # the growth is checked against the uid's quota
+                client.adjust_allocation(aid, 8)
+            assert broker.usage() == {os.geteuid(): {ResourceType.MEMORY: 4.0}}
+            with client.claim(aid) as claim:
+                assert len(claim.resource) == 4 * MiB
+                with pytest.raises(ValueError, match="sealed"):
+                    client.adjust_allocation(aid, 2)
+            assert broker.usage() == {}
