@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     resident: dict[str, list[float]] = {n: [] for n in works}
     rng = random.Random(11)
     all_profiles = list(profiles.values())
+    load_start = os.getloadavg()  # the machine may be shared: say how loaded it was
     for _ in range(args.rounds):
         for name, work in works.items():
             order = list(VARIANTS)
@@ -180,8 +181,11 @@ def main(argv: list[str] | None = None) -> dict:
                     warming[name]["vmtouch"].append(time.perf_counter() - started)
                 times[name][variant].append(run(work))
 
-    results: dict = {"rounds": args.rounds, "drop": args.drop, "workloads": {}}
-    print(f"\nrounds={args.rounds} drop={args.drop} db={args.db_mib} MiB  (medians, ms)")
+    load = os.getloadavg()
+    results: dict = {"rounds": args.rounds, "drop": args.drop, "workloads": {},
+                     "loadavg": {"start": load_start, "end": load}}
+    print(f"\nrounds={args.rounds} drop={args.drop} db={args.db_mib} MiB  (medians, ms); "
+          f"load average {load_start[0]:.1f} at the start, {load[0]:.1f} at the end")
     print("| workload | files | MiB | cold | prealloc | warm | vmtouch -t | cold/prealloc | prealloc/warm "
           "| warming: prealloc | warming: vmtouch -t |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -553,6 +553,13 @@ static int pa__list_dir(pa__dirset_t *d, const char *path, const pa__roots_t *ro
     return listed;
 }
 
+/* Whether a range is advised before it is populated: a small one (queue depth across
+ * files), or part of a file (the fault readahead of a populate would read around and
+ * past it, more than was asked); a whole large file is left to the fault readahead. */
+static bool pa__advise_before_populate(const pa_pagecache_file_t *f) {
+    return f->length <= PA_PAGECACHE_INLINE_MAX || f->offset != 0 || f->length != f->size;
+}
+
 int pa_pagecache_open_many_ex(pa_pagecache_file_t *files, size_t n, const pa_pagecache_open_args_t *args) {
     if (args->flags & ~(PA_PAGECACHE_WILLNEED | PA_PAGECACHE_LIST_DIRS)) return -EINVAL;
     if (args->dirs_listed) *args->dirs_listed = 0;
@@ -588,11 +595,11 @@ int pa_pagecache_open_many_ex(pa_pagecache_file_t *files, size_t n, const pa_pag
         if ((args->flags & PA_PAGECACHE_WILLNEED) && f->length <= PA_PAGECACHE_INLINE_MAX)
             pa__warm(f, PA_PAGECACHE_WILLNEED, &chunks, NULL);
     }
-    /* The large ranges after the last open: queued earlier, their megabytes would stand
-     * in front of every later lookup's inode read. */
+    /* Large ranges of part of a file after the last open; whole large files not at all
+     * (see "Large files" in the header). */
     if (args->flags & PA_PAGECACHE_WILLNEED)
         for (size_t i = 0; i < n; i++)
-            if (files[i].fd >= 0 && files[i].length > PA_PAGECACHE_INLINE_MAX)
+            if (files[i].fd >= 0 && files[i].length > PA_PAGECACHE_INLINE_MAX && pa__advise_before_populate(&files[i]))
                 pa__warm(&files[i], PA_PAGECACHE_WILLNEED, &chunks, NULL);
     free(dirs.slots);
     free(dirs.buf);
@@ -614,10 +621,12 @@ int pa_pagecache_warm_many(pa_pagecache_file_t *files, size_t n, unsigned flags,
     pa__chunk_cache_t chunks = {.given = chunk_bytes};
     char *buf = NULL;
     if (flags & PA_PAGECACHE_POPULATE) buf = malloc(PA__READ_BOUNCE); /* NULL: each read allocates */
-    /* Every WILLNEED first: the device gets the whole set queued before we wait on any. */
+    /* Every WILLNEED first: the device gets the whole set queued before we wait on any —
+     * with POPULATE only the small ranges (see "Large files" in the header). */
     if (flags & PA_PAGECACHE_WILLNEED)
         for (size_t i = 0; i < n; i++)
-            if (files[i].fd >= 0) pa__warm(&files[i], PA_PAGECACHE_WILLNEED, &chunks, NULL);
+            if (files[i].fd >= 0 && (!(flags & PA_PAGECACHE_POPULATE) || pa__advise_before_populate(&files[i])))
+                pa__warm(&files[i], PA_PAGECACHE_WILLNEED, &chunks, NULL);
     for (size_t i = 0; i < n; i++) {
         if (files[i].fd < 0) continue;
         if (flags & PA_PAGECACHE_POPULATE) {

@@ -310,9 +310,9 @@ static void test_open_many_ex(void) {
         CHECK_EQ_INT(before[0].cached, 0);
         CHECK_EQ_INT(before[1].cached, 0);
     }
-    /* both the inline (small) and the deferred (big) readahead were issued */
+    /* the small range was advised in the pass, the large one left to populate */
     CHECK_EQ_INT(wait_cached(&files[0], 3), 3);
-    CHECK_EQ_INT(wait_cached(&files[1], 2 * MiB / page), 2 * MiB / page);
+    if (droppable) CHECK_EQ_INT(cached_pages(&files[1]), 0);
     CHECK_EQ_INT(pa_pagecache_warm_many(files, 5, PA_PAGECACHE_POPULATE, 0), 3);
     CHECK_EQ_INT(files[0].warm_method, PA_PAGECACHE_WARM_READ); /* <= PA_PAGECACHE_READ_MAX */
     CHECK_EQ_INT(files[1].warm_method, PA_PAGECACHE_WARM_POPULATE);

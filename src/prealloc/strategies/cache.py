@@ -6,12 +6,15 @@ The amount is MiB of file data made resident. Which files: the request's
 else the strategy's own ``files`` / ``profile``. The amount is capped by the files'
 size; files are taken in order until it is reached (the last one in part).
 
-Allocate (on the engine's worker): open every file within ``roots`` (the native side
-checks the path the kernel really opened, so a symlink or ``..`` cannot lead out, and it
-never hands contents to anyone), count what is resident already (cachestat, mincore
-where cachestat is missing), issue chunked WILLNEED for the whole set, then populate
-(MADV_POPULATE_READ) so the pages are resident before ALLOCATED is reported, batch by
-batch, stopping when memory pressure (PSI ``some avg10`` of the monitor's availability,
+Allocate (on the engine's worker), in one native pass over the set: open every file
+within ``roots`` (the native side checks the path the kernel really opened, so a symlink
+or ``..`` cannot lead out, and it never hands contents to anyone; a profile's entry whose
+size or mtime changed since the recording is refused there, stale — no stat of its own
+in Python), count what is resident already (cachestat, mincore where cachestat is
+missing), read its directory once, and issue WILLNEED for the small files; then populate
+(a pread for small files, MADV_POPULATE_READ for the others, whose faults drive the
+kernel's own readahead — measured faster than chunked WILLNEED, see pagecache.h "Large
+files") so the pages are resident before ALLOCATED is reported, batch by batch, stopping when memory pressure (PSI ``some avg10`` of the monitor's availability,
 or read here) passes ``pressure_limit`` — warming is a soft reservation that yields.
 Optionally pin (mlock) within RLIMIT_MEMLOCK; what was asked and what was pinned, and
 why not, go to the details. Claim re-counts and re-warms what fell out since (warmed
@@ -448,11 +451,13 @@ class CacheSpaceStrategy(AllocationStrategy):
         uncounted = sum(n for n, r in zip(lengths, restricted) if r)
         if self.evict_on_unused:
             files.mark()  # before any readahead (the open issued none)
-            files.warm(willneed=True, populate=False)
         paused = False
         if self.populate:
-            # One native batch per ~64 MiB, so rising pressure stops the warming.
-            paused = self._populate_in_batches(files, lengths)
+            # One native batch per ~64 MiB, so rising pressure stops the warming. Large
+            # files are not advised: populate's faults read them ahead, in large folios.
+            paused = self._populate_in_batches(files, lengths, willneed=self.evict_on_unused)
+        else:
+            files.warm(willneed=True, populate=False)  # asynchronous only: every file
         directories = int(_ext(files).dirs_listed)
         pinned, pin_error = 0, None
         if self.pin:
@@ -502,7 +507,8 @@ class CacheSpaceStrategy(AllocationStrategy):
                   before, handle.details["warm_seconds"])
         return Grant(after / MiB, handle)
 
-    def _populate_in_batches(self, files: _native.PageCacheFiles, lengths: list[int]) -> bool:
+    def _populate_in_batches(self, files: _native.PageCacheFiles, lengths: list[int], *,
+                             willneed: bool = False) -> bool:
         """Populates the set in slices of about _BATCH_BYTES, re-reading memory pressure
         between them; True when pressure stopped it."""
         start, acc = 0, 0
@@ -514,7 +520,7 @@ class CacheSpaceStrategy(AllocationStrategy):
                 pressure = _memory_pressure()
                 if pressure is not None and pressure > self.pressure_limit:
                     return True
-            _ext(files).warm(willneed=False, populate=True, start=start, stop=i + 1)
+            _ext(files).warm(willneed=willneed, populate=True, start=start, stop=i + 1)
             start, acc = i + 1, 0
         return False
 
