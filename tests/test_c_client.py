@@ -51,6 +51,7 @@ HOST = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -250,6 +251,38 @@ static int cpu(const char *path) {
     return 0;
 }
 
+/* fork with a live client and mapping: the child is refused and closes its copy quietly */
+static int forked(const char *path) {
+    pa_client_t *c;
+    int rc = pa_client_connect(path, &c);
+    if (rc) { printf("connect rc=%d\n", rc); return 2; }
+    uint64_t id;
+    void *addr;
+    size_t size;
+    bool pre;
+    if ((rc = pa_client_acquire_memory(c, 1, &addr, &size, &id, &pre))) { report(c, "acquire", rc); return 3; }
+    memset(addr, 0x5a, size);
+    fflush(stdout);
+    pid_t child = fork();
+    if (child == 0) {
+        pa_client_error_t e;
+        int hello = pa_client_hello(c, NULL, NULL), last = pa_client_last_error(c, &e);
+        int release = pa_client_release(c, id, NULL);
+        ((unsigned char *)addr)[0] = 0x11; /* MAP_SHARED: the same pages as the parent's */
+        pa_client_close(c);
+        printf("CHILD hello=%d last=%d release=%d\n", hello, last, release);
+        fflush(stdout);
+        _exit(0);
+    }
+    int status;
+    waitpid(child, &status, 0);
+    rc = pa_client_hello(c, NULL, NULL);
+    printf("PARENT hello=%d first=%d second=%d\n", rc, ((unsigned char *)addr)[0], ((unsigned char *)addr)[1]);
+    report(c, "RELEASE", pa_client_release(c, id, NULL));
+    pa_client_close(c);
+    return 0;
+}
+
 /* pa_client_connect(NULL): the protocol's default order */
 static int default_path(void) {
     pa_client_t *c;
@@ -329,6 +362,7 @@ int main(int argc, char **argv) {
     if (strcmp(argv[2], "bench") == 0) return bench(argv[1], atoi(argv[3]), atof(argv[4]));
     if (strcmp(argv[2], "hostile") == 0) return hostile(argv[1]);
     if (strcmp(argv[2], "cpu") == 0) return cpu(argv[1]);
+    if (strcmp(argv[2], "fork") == 0) return forked(argv[1]);
     if (strcmp(argv[2], "default") == 0) return default_path();
     if (strcmp(argv[2], "threads") == 0) return threads(argv[1], atoi(argv[3]), atoi(argv[4]));
     return 1;
@@ -428,7 +462,8 @@ def broker(tmp_path_factory: pytest.TempPathFactory):
     env.pop("PREALLOC_SOCKET", None)
     log = open(tmp_path / "broker.log", "w+")
     proc = subprocess.Popen(_serve_command(path), stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 30
+    # generous: an editable install rebuilds the extension on import (minutes on a busy box)
+    deadline = time.monotonic() + 300
     while not path.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
@@ -595,6 +630,19 @@ def test_cpu_claim_pins_the_host_and_release_restores_it(host: Path, broker):
     assert rc("AS_MEMORY") == str(-errno.EMEDIUMTYPE), out.stdout
     assert rc("RELEASE2") == "0"
     assert set(map(int, lines["AFTER2"])) == before
+
+
+@needs_broker
+def test_forked_child_is_refused_and_leaves_the_parents_connection(host: Path, broker):
+    proc, path = broker
+    out = subprocess.run([str(host), str(path), "fork"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out
+    lines = _lines(out.stdout)
+    assert lines["CHILD"] == {"hello": str(-errno.ECHILD), "last": str(-errno.ECHILD),
+                              "release": str(-errno.ECHILD)}
+    # the child's close said nothing to the broker: the parent's connection and claim stand
+    assert lines["PARENT"] == {"hello": "0", "first": str(0x11), "second": str(0x5a)}
+    assert lines["RELEASE"]["rc"] == "0"
 
 
 @needs_broker

@@ -414,6 +414,7 @@ int pa_client_fd(const pa_client_t *client) { return client ? client->fd : -EINV
 
 int pa_client_last_error(pa_client_t *client, pa_client_error_t *out) {
     if (!client || !out) return -EINVAL;
+    if (getpid() != client->owner_pid) return -ECHILD; /* the mutex may be a parent thread's */
     pthread_mutex_lock(&client->lock);
     *out = client->error;
     pthread_mutex_unlock(&client->lock);
@@ -429,8 +430,17 @@ static void unmap_all(pa_client_t *c) {
 
 void pa_client_close(pa_client_t *client) {
     if (!client) return;
+    if (getpid() != client->owner_pid) {
+        /* A forked child's copy: the mutex may have been held by a parent thread at the
+         * fork (it would never be unlocked here), so neither lock nor destroy it; the
+         * child is the only user of its copy. No "bye": the socket is the parent's too. */
+        close(client->fd);
+        unmap_all(client);
+        free(client);
+        return;
+    }
     pthread_mutex_lock(&client->lock);
-    if (getpid() == client->owner_pid && !client->broken) {
+    if (!client->broken) {
         /* "bye", and a short wait for its answer so the broker has read it before the
          * hang-up; either way closing the socket releases the connection's holdings. */
         pa__jw_t w;

@@ -56,9 +56,15 @@
  * calls. pa_client_last_error copies the error of the last call that finished on the
  * client, whichever thread made it. pa_client_close must not race other calls on it.
  *
- * fork: a child must not use its parent's client (-ECHILD); pa_client_close in the child
- * closes its copy of the socket and unmaps its copies of the mappings without telling
- * the broker (the parent's connection and holdings stay).
+ * fork: a child must not use its parent's client (every call, pa_client_last_error
+ * included, answers -ECHILD); pa_client_close in the child closes its copy of the socket
+ * and unmaps its copies of the mappings without telling the broker and without touching
+ * the mutex (the parent's connection and holdings stay).
+ *
+ * Cost: one sendmsg and one recvmsg per call (plus the events skipped), O(message) to
+ * encode and read, one malloc'ed document per answer; the client holds two buffers of
+ * PA_CLIENT_MAX_MESSAGE + 1 bytes and one record per live mapping (release: O(mappings)).
+ * Progress: blocking (a mutex and the broker's answer).
  *
  * Signals: the client sends with MSG_NOSIGNAL (a dead broker is -ECONNRESET / -EPIPE, not
  * SIGPIPE) and retries calls interrupted by a signal (EINTR).
