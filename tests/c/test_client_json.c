@@ -9,14 +9,40 @@
  *
  * Every input is parsed from a heap copy of exactly its length, so a read one byte past
  * the message is an ASan error, not luck.
+ *
+ * Last, the client over the codec (prealloc/client.h) against a scripted peer on a Unix
+ * socket (a thread of this test speaking the protocol: hello, request, a MEMORY claim
+ * with a sealed memfd, release, then an answer with too many descriptors): so the musl,
+ * ASan/UBSan and TSan lanes run the client's send/receive/map paths too, and the test
+ * counts this process's descriptors before and after. The real broker is
+ * tests/test_c_client.py's.
  */
+#define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <locale.h>
+#include <pthread.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <unistd.h>
 #include <math.h>
 #include <stdint.h>
 
 #include "../../src/native/client_json.h"
 #include "pa_test.h"
+#include "prealloc/client.h"
+
+#ifndef F_SEAL_SHRINK
+#define F_ADD_SEALS 1033
+#define F_SEAL_SEAL 0x0001
+#define F_SEAL_SHRINK 0x0002
+#endif
+#ifndef MFD_ALLOW_SEALING
+#define MFD_ALLOW_SEALING 0x0002U
+#endif
 
 /* Parses s[0..n) from an exact-size heap copy. */
 static int parse_n(const char *s, size_t n, pa__json_doc_t *doc) {
@@ -470,6 +496,170 @@ static void test_locale_independence(void) {
     setlocale(LC_NUMERIC, "C");
 }
 
+/* ---- the client against a scripted peer ---- */
+
+typedef struct peer {
+    int listener;
+    int failures;
+} peer_t;
+
+static int open_fd_count(void) {
+    DIR *d = opendir("/proc/self/fd");
+    if (!d) return -1;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)))
+        if (e->d_name[0] != '.') n++;
+    closedir(d);
+    return n - 1;
+}
+
+static void send_with_fds(int fd, const char *text, const int *fds, size_t nfds) {
+    struct iovec iov = {(void *)text, strlen(text)};
+    union {
+        struct cmsghdr align;
+        char buf[CMSG_SPACE(sizeof(int) * 8)];
+    } control;
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+    if (nfds) {
+        msg.msg_control = control.buf;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+        struct cmsghdr *h = CMSG_FIRSTHDR(&msg);
+        h->cmsg_level = SOL_SOCKET;
+        h->cmsg_type = SCM_RIGHTS;
+        h->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+        memcpy(CMSG_DATA(h), fds, sizeof(int) * nfds);
+    }
+    sendmsg(fd, &msg, MSG_NOSIGNAL);
+}
+
+static int sealed_memfd(size_t size) {
+    int fd = (int)syscall(SYS_memfd_create, "test_client", MFD_ALLOW_SEALING);
+    if (fd < 0) return -1;
+    if (ftruncate(fd, (off_t)size) || fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_SEAL)) {
+        close(fd);
+        return -1;
+    }
+    pwrite(fd, "\x2a", 1, 0);
+    return fd;
+}
+
+/* Answers one connection: each request by its op, as the broker would, except "claim" of
+ * allocation 9, which gets six descriptors (more than MAX_FDS). */
+static void *scripted_peer(void *arg) {
+    peer_t *p = arg;
+    int conn = accept(p->listener, NULL, NULL);
+    if (conn < 0) {
+        p->failures++;
+        return NULL;
+    }
+    char buf[PA_CLIENT_MAX_MESSAGE + 1], answer[1024];
+    ssize_t n;
+    while ((n = recv(conn, buf, sizeof buf, 0)) > 0) {
+        pa__json_doc_t doc;
+        if (pa__json_parse(buf, (size_t)n, &doc, NULL)) {
+            p->failures++;
+            break;
+        }
+        const pa__json_node_t *root = &doc.nodes[0], *args = pa__json_get(&doc, root, "args");
+        uint64_t id = 0, allocation_id = 0;
+        pa__json_u64(pa__json_get(&doc, root, "id"), &id);
+        pa__json_u64(pa__json_get(&doc, args, "allocation_id"), &allocation_id);
+        const pa__json_node_t *op = pa__json_get(&doc, root, "op");
+        const char *name = op && op->type == PA__JSON_STRING ? op->str : "";
+        if (strcmp(name, "hello") == 0) {
+            snprintf(answer, sizeof answer, "{\"v\":1,\"id\":%llu,\"ok\":true,\"result\":{\"versions\":[1],"
+                     "\"server\":\"scripted\",\"pid\":%d,\"uid\":%d,\"peer\":{\"pid\":%d,\"uid\":%d,\"gid\":%d}}}",
+                     (unsigned long long)id, (int)getpid(), (int)getuid(), (int)getpid(), (int)getuid(), (int)getgid());
+            send_with_fds(conn, answer, NULL, 0);
+        } else if (strcmp(name, "request_preallocation") == 0) {
+            snprintf(answer, sizeof answer, "{\"v\":1,\"id\":%llu,\"ok\":true,\"result\":{\"allocation_id\":"
+                     "18446744073709551615,\"status\":\"allocated\",\"resource_type\":\"memory\"}}",
+                     (unsigned long long)id);
+            send_with_fds(conn, answer, NULL, 0);
+        } else if (strcmp(name, "claim") == 0 && allocation_id == 9) {
+            int fds[6];
+            for (int i = 0; i < 6; i++) fds[i] = sealed_memfd(4096);
+            snprintf(answer, sizeof answer, "{\"v\":1,\"id\":%llu,\"ok\":true,\"fds\":6,\"result\":{}}",
+                     (unsigned long long)id);
+            send_with_fds(conn, answer, fds, 6);
+            for (int i = 0; i < 6; i++) close(fds[i]);
+        } else if (strcmp(name, "claim") == 0) {
+            int fd = sealed_memfd(1 << 16);
+            snprintf(answer, sizeof answer, "{\"v\":1,\"id\":%llu,\"ok\":true,\"fds\":1,\"result\":{"
+                     "\"allocation_id\":%llu,\"resource_type\":\"memory\",\"amount\":0.0625,"
+                     "\"memory\":{\"size\":65536,\"offset\":0},\"unknown_field\":[{}]}}",
+                     (unsigned long long)id, (unsigned long long)allocation_id);
+            send_with_fds(conn, answer, &fd, 1);
+            close(fd);
+        } else if (strcmp(name, "release_allocation") == 0) {
+            snprintf(answer, sizeof answer, allocation_id == 7
+                     ? "{\"v\":1,\"id\":%llu,\"ok\":false,\"error\":{\"type\":\"KeyError\",\"message\":\"unknown allocation 7\"}}"
+                     : "{\"v\":1,\"id\":%llu,\"ok\":true,\"result\":{\"released\":true}}",
+                     (unsigned long long)id);
+            send_with_fds(conn, answer, NULL, 0);
+        } else {
+            snprintf(answer, sizeof answer, "{\"v\":1,\"id\":%llu,\"ok\":true,\"result\":{}}",
+                     (unsigned long long)id);
+            send_with_fds(conn, answer, NULL, 0);
+        }
+        pa__json_doc_free(&doc);
+    }
+    close(conn);
+    return NULL;
+}
+
+static void test_client_against_a_scripted_peer(void) {
+    char path[108];
+    snprintf(path, sizeof path, "/tmp/pa-test-client-%d.sock", (int)getpid());
+    unlink(path);
+    int before = open_fd_count();
+    peer_t peer = {.listener = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0)};
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    snprintf(addr.sun_path, sizeof addr.sun_path, "%s", path);
+    REQUIRE(peer.listener >= 0);
+    REQUIRE(bind(peer.listener, (struct sockaddr *)&addr, sizeof addr) == 0 && listen(peer.listener, 1) == 0);
+    pthread_t thread;
+    REQUIRE(pthread_create(&thread, NULL, scripted_peer, &peer) == 0);
+
+    pa_client_t *c = NULL;
+    CHECK_EQ_INT(pa_client_connect(path, NULL), -EINVAL);
+    REQUIRE(pa_client_connect(path, &c) == 0);
+    pa_client_hello_t hello;
+    CHECK_EQ_INT(pa_client_hello(c, "test", &hello), 0);
+    CHECK(strcmp(hello.server, "scripted") == 0 && hello.peer_pid == getpid());
+    uint64_t id = 0;
+    CHECK_EQ_INT(pa_client_request_memory(c, 0.0625, 0, &id), 0);
+    CHECK(id == UINT64_MAX); /* all 64 bits of an allocation id survive */
+    CHECK_EQ_INT(pa_client_request_memory(c, NAN, 0, &id), -EINVAL);
+    pa_client_error_t e;
+    CHECK(pa_client_last_error(c, &e) == 0 && e.code == -EINVAL && e.type[0] == '\0');
+    void *mem = NULL;
+    size_t size = 0;
+    CHECK_EQ_INT(pa_client_claim_memory(c, 5, &mem, &size), 0);
+    CHECK(size == 65536 && mem && ((unsigned char *)mem)[0] == 0x2a);
+    if (mem) memset(mem, 1, size); /* writable, MAP_SHARED */
+    CHECK_EQ_INT(pa_client_last_error(c, &e), 0);
+    CHECK_EQ_INT(e.code, 0);
+    bool released = false;
+    CHECK_EQ_INT(pa_client_release(c, 5, &released), 0);
+    CHECK(released);
+    CHECK_EQ_INT(pa_client_release(c, 7, NULL), -ENOENT);
+    CHECK(pa_client_last_error(c, &e) == 0 && strcmp(e.type, "KeyError") == 0 &&
+          strcmp(e.message, "unknown allocation 7") == 0);
+    /* six descriptors: MSG_CTRUNC, every received one closed, the connection out of step */
+    CHECK_EQ_INT(pa_client_claim_memory(c, 9, &mem, &size), -EPROTO);
+    CHECK_EQ_INT(pa_client_hello(c, NULL, NULL), -ENOTCONN);
+    pa_client_close(c);
+    pa_client_close(NULL);
+    pthread_join(thread, NULL);
+    close(peer.listener);
+    unlink(path);
+    CHECK_EQ_INT(peer.failures, 0);
+    CHECK_EQ_INT(open_fd_count(), before); /* no descriptor left behind, in either side */
+    CHECK_EQ_INT(pa_client_connect(path, &c), -ENOENT);
+}
+
 int main(void) {
     RUN_TEST(test_valid_document);
     RUN_TEST(test_scalars_at_top_level);
@@ -483,5 +673,6 @@ int main(void) {
     RUN_TEST(test_writer_bounds);
     RUN_TEST(test_writer_refusals);
     RUN_TEST(test_locale_independence);
+    RUN_TEST(test_client_against_a_scripted_peer);
     TEST_MAIN_END();
 }
