@@ -85,7 +85,8 @@ def test_binding_warms_and_counts(files_dir):
         pages, methods, _ = files.counts()
         assert pages[0, 0] == 0 and cached(a) == 0
         assert files.warm() == 2
-        assert files.warm_methods[0] == "populate_read"
+        assert files.warm_methods[0] == "read"  # pread: the default
+        assert files.warm(mapped=True) == 2 and files.warm_methods[0] == "populate_read"
         pages, methods, _ = files.counts()
         assert pages[0, 0] == 3 * MiB // PAGE and pages[2, 0] == 6
         assert methods[0] in ("cachestat", "mincore") and methods[1] == "none"
@@ -132,8 +133,8 @@ def test_binding_one_pass_open_counts_before_and_refuses_stale(files_dir):
         pages, methods, restricted = files.counts_before()
         assert pages[4, 0] == 2 and pages[0, 0] == 0 and pages[1, 0] == 0  # before the readahead
         assert methods[2] == "none" and not any(restricted)
-        assert files.warm(willneed=False, populate=True, start=0, stop=2) == 2
-        assert files.warm_methods[:2] == ["read", "populate_read"]  # small: pread; large: mapped
+        assert files.warm(willneed=False, populate=True, start=0, stop=2, mapped=True) == 2
+        assert files.warm_methods[:2] == ["read", "populate_read"]  # small: read even when mapped
         assert files.warm_methods[4] != "read"  # outside [start, stop): not warmed
         with pytest.raises(ValueError, match="start and stop"):
             files.warm(start=3, stop=2)
@@ -172,7 +173,7 @@ def test_allocate_makes_files_resident_and_caps_by_size(files_dir):
         assert details["bytes_requested"] == 6 * MiB
         assert details["bytes_resident_before"] == 0
         assert details["bytes_resident_after"] == 6 * MiB
-        assert details["method"] == "populate_read"
+        assert details["method"] == "read"
         assert details["bytes_pinned"] == 0 and details["pin_requested"] is False
         assert details["warm_seconds"] >= 0
         assert details["directories_listed"] == 1

@@ -285,10 +285,16 @@ static int pa__warm(pa_pagecache_file_t *f, unsigned flags, pa__chunk_cache_t *c
         f->warm_method = PA_PAGECACHE_WARM_WILLNEED;
     }
     if (rc == 0 && (flags & PA_PAGECACHE_POPULATE)) {
-        if (f->length <= PA_PAGECACHE_READ_MAX) {
-            rc = pa__read_range(f, buf); /* one syscall where a mapping costs three */
+        /* pread by default (see "Reading, not mapping" in the header); a mapping when
+         * asked (PA_PAGECACHE_MAP) for a range that is not small, or when no buffer can
+         * be had (a mapping needs none). */
+        bool map = (flags & PA_PAGECACHE_MAP) && f->length > PA_PAGECACHE_READ_MAX;
+        if (!map) {
+            rc = pa__read_range(f, buf); /* buf NULL: it allocates one */
             f->warm_method = PA_PAGECACHE_WARM_READ;
-        } else {
+            map = rc == -ENOMEM;
+        }
+        if (map) {
             rc = pa__populate(f);
             f->warm_method = PA_PAGECACHE_WARM_POPULATE;
             if (rc == -EINVAL) {
@@ -631,7 +637,7 @@ int pa_pagecache_warm_many(pa_pagecache_file_t *files, size_t n, unsigned flags,
         if (files[i].fd < 0) continue;
         if (flags & PA_PAGECACHE_POPULATE) {
             int prior = files[i].warm_error;
-            if (pa__warm(&files[i], PA_PAGECACHE_POPULATE, &chunks, buf) == 0 && prior == 0) ok++;
+            if (pa__warm(&files[i], flags & (PA_PAGECACHE_POPULATE | PA_PAGECACHE_MAP), &chunks, buf) == 0 && prior == 0) ok++;
             else if (files[i].warm_error == 0) files[i].warm_error = prior;
         } else if (files[i].warm_error == 0) {
             ok++;

@@ -10,6 +10,8 @@ from libc.stdint cimport int64_t
 
 cdef extern from "prealloc/pagecache.h" nogil:
     uint64_t PA_PAGECACHE_READ_MAX
+    uint64_t PA_PAGECACHE_INLINE_MAX
+    unsigned PA_PAGECACHE_MAP
     unsigned PA_PAGECACHE_LIST_DIRS
     uint64_t PA_PAGECACHE_ANY_SIZE
     int64_t PA_PAGECACHE_ANY_MTIME
@@ -33,6 +35,7 @@ cdef extern from "prealloc/pagecache.h" nogil:
 PAGECACHE_WILLNEED = PA_PAGECACHE_WILLNEED
 PAGECACHE_POPULATE = PA_PAGECACHE_POPULATE
 PAGECACHE_READ_MAX = PA_PAGECACHE_READ_MAX
+PAGECACHE_INLINE_MAX = PA_PAGECACHE_INLINE_MAX
 
 _WARM_METHODS = {0: "none", 1: "willneed", 2: "populate_read", 3: "read"}
 _COUNT_METHODS = {0: "none", 1: "cachestat", 2: "mincore"}
@@ -143,12 +146,14 @@ cdef class PageCacheFiles:
         return self._n
 
     def warm(self, *, bint willneed=True, bint populate=True, uint64_t chunk_bytes=0,
-             Py_ssize_t start=0, stop=None):
-        """Warms every open file of [start, stop): WILLNEED for all first (asynchronous,
-        chunked), then populate each (resident on return; ranges up to
-        PAGECACHE_READ_MAX bytes by a pread into a reused buffer). Returns how many warmed
-        without error."""
-        cdef unsigned flags = (PA_PAGECACHE_WILLNEED if willneed else 0) | (PA_PAGECACHE_POPULATE if populate else 0)
+             Py_ssize_t start=0, stop=None, bint mapped=False):
+        """Warms every open file of [start, stop): WILLNEED first (asynchronous, chunked;
+        with populate, not for whole files over PAGECACHE_INLINE_MAX bytes), then
+        populate each (resident on return: a pread into a reused buffer, or with mapped
+        MADV_POPULATE_READ for ranges over PAGECACHE_READ_MAX bytes). Returns how many
+        warmed without error."""
+        cdef unsigned flags = ((PA_PAGECACHE_WILLNEED if willneed else 0) | (PA_PAGECACHE_POPULATE if populate else 0)
+                               | (PA_PAGECACHE_MAP if mapped else 0))
         cdef Py_ssize_t end = <Py_ssize_t>self._n if stop is None else stop
         if start < 0 or end < start or end > <Py_ssize_t>self._n:
             raise ValueError(f"start and stop must satisfy 0 <= start <= stop <= {self._n}, not {start}, {stop}")

@@ -128,7 +128,7 @@ static void test_populate_and_counts(void) {
     REQUIRE(pa_pagecache_open(&f, path, 0, 0, NULL, 0) == 0);
     uint64_t pages = 8 * MiB / page;
     if (droppable) CHECK(cached_pages(&f) < pages / 2);
-    CHECK_EQ_INT(pa_pagecache_warm(&f, PA_PAGECACHE_WILLNEED | PA_PAGECACHE_POPULATE, 0), 0);
+    CHECK_EQ_INT(pa_pagecache_warm(&f, PA_PAGECACHE_WILLNEED | PA_PAGECACHE_POPULATE | PA_PAGECACHE_MAP, 0), 0);
     CHECK_EQ_INT(f.warm_method, PA_PAGECACHE_WARM_POPULATE);
     CHECK_EQ_INT(cached_pages(&f), pages);
 
@@ -256,6 +256,7 @@ static void test_batch(void) {
     CHECK_EQ_INT(counts[2].cached, 2 * MiB / page);
     CHECK_EQ_INT(counts[3].cached, 3);
     CHECK_EQ_INT(pa_pagecache_warm_many(files, 4, 0x40, 0), -EINVAL);
+    CHECK_EQ_INT(files[0].warm_method, PA_PAGECACHE_WARM_READ);
     for (int i = 0; i < 4; i++) CHECK_EQ_INT(pa_pagecache_close(&files[i]), 0);
     unlink(a);
     unlink(b);
@@ -314,6 +315,9 @@ static void test_open_many_ex(void) {
     CHECK_EQ_INT(wait_cached(&files[0], 3), 3);
     if (droppable) CHECK_EQ_INT(cached_pages(&files[1]), 0);
     CHECK_EQ_INT(pa_pagecache_warm_many(files, 5, PA_PAGECACHE_POPULATE, 0), 3);
+    CHECK_EQ_INT(files[0].warm_method, PA_PAGECACHE_WARM_READ);
+    CHECK_EQ_INT(files[1].warm_method, PA_PAGECACHE_WARM_READ); /* reading is the default */
+    CHECK_EQ_INT(pa_pagecache_warm_many(files, 5, PA_PAGECACHE_POPULATE | PA_PAGECACHE_MAP, 0), 3);
     CHECK_EQ_INT(files[0].warm_method, PA_PAGECACHE_WARM_READ); /* <= PA_PAGECACHE_READ_MAX */
     CHECK_EQ_INT(files[1].warm_method, PA_PAGECACHE_WARM_POPULATE);
     CHECK_EQ_INT(cached_pages(&files[0]), 3);

@@ -11,10 +11,11 @@ within ``roots`` (the native side checks the path the kernel really opened, so a
 or ``..`` cannot lead out, and it never hands contents to anyone; a profile's entry whose
 size or mtime changed since the recording is refused there, stale — no stat of its own
 in Python), count what is resident already (cachestat, mincore where cachestat is
-missing), read its directory once, and issue WILLNEED for the small files; then populate
-(a pread for small files, MADV_POPULATE_READ for the others, whose faults drive the
-kernel's own readahead — measured faster than chunked WILLNEED, see pagecache.h "Large
-files") so the pages are resident before ALLOCATED is reported, batch by batch, stopping when memory pressure (PSI ``some avg10`` of the monitor's availability,
+missing), read its directory once, and issue WILLNEED for the small files; then read
+every range (pread into a reused buffer: a whole large file is left to the kernel's own
+readahead, measured faster than chunked WILLNEED, and the program after a read-based
+warming ran faster than after MADV_POPULATE_READ — pagecache.h "Large files", "Reading,
+not mapping") so the pages are resident before ALLOCATED is reported, batch by batch, stopping when memory pressure (PSI ``some avg10`` of the monitor's availability,
 or read here) passes ``pressure_limit`` — warming is a soft reservation that yields.
 Optionally pin (mlock) within RLIMIT_MEMLOCK; what was asked and what was pinned, and
 why not, go to the details. Claim re-counts and re-warms what fell out since (warmed
@@ -488,8 +489,8 @@ class CacheSpaceStrategy(AllocationStrategy):
             "bytes_pinned": pinned,
             "pin_requested": self.pin,
             "pin_error": pin_error,
-            "method": "populate_read" if self.populate and "populate_read" in files.warm_methods
-                      else ("read" if "read" in files.warm_methods else "willneed"),
+            "method": ("populate_read" if "populate_read" in files.warm_methods else "read")
+                      if self.populate else "willneed",
             "count_method": "cachestat" if "cachestat" in methods else ("mincore" if "mincore" in methods
                                                                         else "none"),
             "count_restricted": any(restricted),

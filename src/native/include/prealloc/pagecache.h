@@ -24,15 +24,14 @@
  *      first few hundred KiB to MiB; the chunk is read from /sys/class/bdi/M:m
  *      (pa_pagecache_chunk_bytes), 128 KiB when unknown. Issued for all files before any
  *      synchronous step, so the device sees a deep queue.
- *   3. warm, certainly: MADV_POPULATE_READ (Linux >= 5.14) on a read-only MAP_SHARED
- *      mapping of the range waits until every page is in the page cache and reports an I/O
- *      error instead of a later SIGBUS. Where the kernel does not know it (EINVAL), the
- *      range is pread() into a bounce buffer, which also leaves it cached. The mapping
- *      is dropped afterwards unless the file is pinned. A range of at most
- *      PA_PAGECACHE_READ_MAX bytes is pread() into a reused buffer instead (method READ):
- *      one syscall, where a mapping costs three (mmap, madvise, munmap — the last one a
- *      TLB shootdown); a read of a page waits for it to be up to date just as populate
- *      does, so residency is as certain.
+ *   3. warm, certainly: the range is pread() into a reused 1 MiB buffer (method READ):
+ *      a read returns only once its pages are up to date in the page cache (or fails
+ *      with the I/O error), so every page is resident on return. With PA_PAGECACHE_MAP,
+ *      a range over PA_PAGECACHE_READ_MAX bytes is populated instead: MADV_POPULATE_READ
+ *      (Linux >= 5.14) on a read-only MAP_SHARED mapping, which copies nothing (pread
+ *      again where the kernel does not know it, EINVAL); the mapping is dropped
+ *      afterwards unless the file is pinned. See "Reading, not mapping" for why reading
+ *      is the default.
  *   4. pin (optional): mlock of the mapping, bounded by a byte budget the caller computes
  *      from RLIMIT_MEMLOCK (requested vs effective: pinned_bytes and pin_error). Locked,
  *      mapped pages survive POSIX_FADV_DONTNEED and reclaim until unpinned.
@@ -64,16 +63,23 @@
  * looked up once per device, not per file (sysfs reads), and the roots are canonicalised
  * once per batch.
  *
- * Large files. When residency must be certain (POPULATE), a large range is not advised
- * at all: MADV_POPULATE_READ's faults drive the kernel's own readahead (sequential,
- * asynchronous ahead of the faults, in large folios where the filesystem has them),
- * where POSIX_FADV_WILLNEED's forced readahead allocates order-0 pages one by one.
- * Measured on a 221 MiB database (6.18, ext4, load ~8 on 2 vCPUs, 21 rounds): WILLNEED
- * then populate warmed in 696 ms and the query after it took 131 ms; populate alone
- * 205 ms and 88 ms (vmtouch -t: 360 and 70; fully warm: 64). So a whole large file is
- * not advised when it is also populated (warm_many with both flags, the batch open);
- * part of a file still is — the fault readahead reads around the fault and past the
- * range's end, more than was asked — and WILLNEED alone still advises everything.
+ * Large files. When residency must be certain (POPULATE), a whole large file is not
+ * advised at all: the reads (or a populate's faults) drive the kernel's own readahead
+ * (sequential, asynchronous ahead of the reader, in large folios where the filesystem
+ * has them), where POSIX_FADV_WILLNEED's forced readahead allocates order-0 pages one by
+ * one. Measured on a 221 MiB database (6.18, ext4, load ~8 on 2 vCPUs, 21 rounds):
+ * WILLNEED then populate warmed in 696 ms and the query after it took 131 ms; populate
+ * alone 205 ms and 88 ms (vmtouch -t: 360 and 70; fully warm: 64). So a whole large file
+ * is not advised when it is also populated (warm_many with both flags, the batch open);
+ * part of a file still is — the kernel's readahead reads around and past the range's
+ * end, more than was asked — and WILLNEED alone still advises everything.
+ *
+ * Reading, not mapping. With every page resident by the kernel's count either way, the
+ * program that came next ran faster after a read-based warming than after
+ * MADV_POPULATE_READ: the same query, 9 rounds, load ~5: populate 96 ms, pread of the
+ * files 76, cat 75, vmtouch -t 78, for a warming of 175 / 193 / 190 / 187 ms. Why was not
+ * found (folio sizes and LRU state differ between the two paths); the default follows
+ * the measurement and costs a copy (~10 % more warming time here).
  *
  * Directories (PA_PAGECACHE_LIST_DIRS). A program also looks up names that are not in a
  * file list — symlinks (libfoo.so.1 -> libfoo.so.1.2.3), the names an import system or a
@@ -112,7 +118,8 @@ extern "C" {
 /* Warm flags. */
 #define PA_PAGECACHE_WILLNEED (1u << 0) /* chunked POSIX_FADV_WILLNEED (asynchronous) */
 #define PA_PAGECACHE_POPULATE (1u << 1) /* MADV_POPULATE_READ / pread: resident on return */
-#define PA_PAGECACHE_ALL_FLAGS 0x3u
+#define PA_PAGECACHE_MAP (1u << 2)      /* with POPULATE: MADV_POPULATE_READ, not pread */
+#define PA_PAGECACHE_ALL_FLAGS 0x7u
 
 /* Open flag (pa_pagecache_open_args_t.flags only): read the directory of every file,
  * once each, just before the first of its files is opened. */
@@ -122,7 +129,7 @@ extern "C" {
  * and are the only ones warm_many advises when it also populates. */
 #define PA_PAGECACHE_INLINE_MAX ((uint64_t)256 << 10)
 
-/* Ranges up to this many bytes are made resident by pread into a reused buffer. */
+/* Ranges up to this many bytes are read even with PA_PAGECACHE_MAP. */
 #define PA_PAGECACHE_READ_MAX ((uint64_t)128 << 10)
 
 /* "Any size" / "any mtime" for pa_pagecache_open_args_t's expectations. */
