@@ -96,6 +96,8 @@
  *        level-0 start behind D with an upper level stopping before D — which is why the
  *        search descends from a single entry. The other checks (n or succs[i] turned
  *        deleted, frozen links, the retry from head when an upper CAS fails) are unchanged.
+ * Memory: a group's sort buffer is 64 bytes per item (4 MiB at most), malloc'ed per group;
+ * when that fails the group is pushed chunk by chunk (each chunk sorted, with its own run).
  * Linearizability: the batch's items are separate pushes overlapping the call; tickets are
  * taken (in input order) before any item is visible, so the sorted insertion order is one
  * of the orders their overlap allows.

@@ -45,6 +45,14 @@ static void *starved_thread(void *arg) {
     CHECK_EQ_INT(pa_pq_push(the_pq, 5, 1.0, 1.0, NAN), -ENOMEM);
     CHECK_EQ_INT(pa_pq_push_many(the_pq, 1, &v, &p, &c, &d, &pushed), -ENOMEM);
     CHECK_EQ_INT(pushed, 0);
+    /* a batch large enough for the sorted group path */
+    enum { BIG = 300 };
+    static uint64_t bv[BIG];
+    static double bp[BIG], bc[BIG], bd[BIG];
+    for (int i = 0; i < BIG; i++) bv[i] = 100 + (uint64_t)i, bp[i] = i % 3, bc[i] = 0.5, bd[i] = NAN;
+    pushed = 99;
+    CHECK_EQ_INT(pa_pq_push_many(the_pq, BIG, bv, bp, bc, bd, &pushed), -ENOMEM);
+    CHECK_EQ_INT(pushed, 0);
     CHECK_EQ_INT(pa_pq_size(the_pq), 1); /* nothing changed */
     /* memory back: the same thread registers and works */
     fail_alloc = 0;

@@ -60,11 +60,14 @@ PA_API void pa_pq_destroy(pa_pq_t *pq);
 PA_API int pa_pq_push(pa_pq_t *pq, uint64_t value, double priority, double confidence, double deadline);
 
 /* Pushes n items: values[i] with priorities[i], confidences[i], deadlines[i] (NaN or +inf:
- * none). Every key is checked first: -EINVAL pushes nothing. Then the items are pushed in
- * input order (equal keys come out in input order) until one fails (-EEXIST on an indexed
- * queue, -ENOMEM); *pushed (nullable) receives how many were pushed — the first *pushed
- * items are queued, and withdrawing them is the caller's choice. Each item is a separate
- * push; the batch shares the per-operation costs (reclamation epoch, arrival numbers). */
+ * none). Every key is checked first: -EINVAL pushes nothing. Then the items are pushed
+ * (equal keys come out in input order: arrival numbers follow the input) until one fails
+ * (-EEXIST on an indexed queue, -ENOMEM); *pushed (nullable) receives how many were pushed
+ * — the first *pushed items are queued, and withdrawing them is the caller's choice. Each
+ * item is a separate push; the batch shares the per-operation costs (reclamation epoch,
+ * arrival numbers). On an unindexed queue the items are linked in key order, a group at a
+ * time (up to 65 536 items, sorted first; a group that cannot be allocated pushes none of
+ * itself), each insert searching from the one before it. */
 PA_API int pa_pq_push_many(pa_pq_t *pq, size_t n, const uint64_t *values, const double *priorities,
                            const double *confidences, const double *deadlines, size_t *pushed);
 
