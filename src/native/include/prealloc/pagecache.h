@@ -22,8 +22,9 @@
  *      max(read_ahead_kb, max_sectors_kb) of the device (the kernel's
  *      force_page_cache_ra clamps it), so a single WILLNEED of a 200 MB file reads only the
  *      first few hundred KiB to MiB; the chunk is read from /sys/class/bdi/M:m
- *      (pa_pagecache_chunk_bytes), 128 KiB when unknown. Issued for all files before any
- *      synchronous step, so the device sees a deep queue.
+ *      (pa_pagecache_chunk_bytes), 128 KiB when unknown. Issued before any synchronous
+ *      step, so the device sees a deep queue — for small ranges and parts of files; a
+ *      whole large file that is also made certain (3) is not advised ("Large files").
  *   3. warm, certainly: the range is pread() into a reused 1 MiB buffer (method READ):
  *      a read returns only once its pages are up to date in the page cache (or fails
  *      with the I/O error), so every page is resident on return. With PA_PAGECACHE_MAP,
