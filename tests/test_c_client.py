@@ -654,14 +654,18 @@ def test_connect_null_follows_the_protocols_order(host: Path, broker, tmp_path: 
     lines = _lines(out.stdout)
     assert lines["DEFAULT"]["rc"] == "0", out.stdout
     assert lines["HELLO"]["peer_pid"] == lines["HELLO"]["self"]
-    # $XDG_RUNTIME_DIR/prealloc-broker.sock when $PREALLOC_SOCKET names nothing there
+    # $PREALLOC_SOCKET naming nothing is an error, not a reason to try another broker
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700)
     (runtime / "prealloc-broker.sock").symlink_to(path)
+    out = subprocess.run([str(host), "-", "default"], capture_output=True, text=True, timeout=60,
+                         env=dict(env, PREALLOC_SOCKET=str(tmp_path / "absent.sock"),
+                                  XDG_RUNTIME_DIR=str(runtime)))
+    assert _lines(out.stdout)["DEFAULT"]["rc"] == str(-errno.ENOENT), out.stdout
+    # without it, $XDG_RUNTIME_DIR/prealloc-broker.sock
     if not Path("/run/prealloc-broker/broker.sock").exists():
         out = subprocess.run([str(host), "-", "default"], capture_output=True, text=True, timeout=60,
-                             env=dict(env, PREALLOC_SOCKET=str(tmp_path / "absent.sock"),
-                                      XDG_RUNTIME_DIR=str(runtime)))
+                             env=dict(env, XDG_RUNTIME_DIR=str(runtime)))
         assert _lines(out.stdout)["DEFAULT"]["rc"] == "0", out.stdout
     # a /tmp directory for this uid that others may write is refused, not trusted
     squat = Path(f"/tmp/prealloc-broker-{os.geteuid()}")

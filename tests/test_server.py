@@ -666,3 +666,23 @@ def test_adjust_before_the_claim_and_not_after_it(tmp_path):
                 with pytest.raises(ValueError, match="sealed"):
                     client.adjust_allocation(aid, 2)
             assert broker.usage() == {}
+
+
+def test_client_socket_path_takes_the_users_variable_and_refuses_a_squatted_tmp_dir(monkeypatch, tmp_path):
+    from prealloc import protocol
+
+    named = tmp_path / "absent.sock"
+    monkeypatch.setenv("PREALLOC_SOCKET", str(named))
+    assert protocol.client_socket_path() == named  # named by the user: no fall-through
+    squat = Path(f"/tmp/prealloc-broker-{os.geteuid()}")
+    if squat.exists():
+        pytest.skip(f"{squat} exists (a real broker's): left alone")
+    squat.mkdir()
+    try:
+        squat.chmod(0o777)  # as another user who made it first would leave it
+        with pytest.raises(PermissionError, match="refusing"):
+            protocol._checked_tmp_socket(squat / "broker.sock")
+        squat.chmod(0o700)
+        assert protocol._checked_tmp_socket(squat / "broker.sock") == squat / "broker.sock"
+    finally:
+        squat.rmdir()

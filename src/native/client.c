@@ -343,7 +343,7 @@ static bool path_exists(const char *path) {
 /* The protocol's default order (docs/protocol.md, "Where the socket is"). */
 static int default_socket_path(char *out, size_t cap) {
     const char *env = secure_getenv(PA_CLIENT_SOCKET_ENV);
-    if (env && *env && path_exists(env)) {
+    if (env && *env) { /* named by the user: used even when absent (connect says ENOENT) */
         if ((size_t)snprintf(out, cap, "%s", env) >= cap) return -ENAMETOOLONG;
         return 0;
     }

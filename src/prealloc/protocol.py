@@ -14,6 +14,7 @@ import enum
 import json
 import math
 import os
+import stat
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -394,14 +395,32 @@ def client_socket_path() -> Path:
     socket, then this uid's — the first that exists (the last when none does)."""
     env = os.environ.get("PREALLOC_SOCKET")
     if env:
-        return Path(env)
+        return Path(env)  # named by the user: used even when absent (the error says so)
     candidates = [runtime_socket_path(0)]
     if os.geteuid() != 0:
         candidates.append(runtime_socket_path())
     for path in candidates:
         if path.exists():
-            return path
-    return candidates[-1]
+            return _checked_tmp_socket(path)
+    return _checked_tmp_socket(candidates[-1])
+
+
+def _checked_tmp_socket(path: Path) -> Path:
+    """/tmp is everyone's: a /tmp/prealloc-broker-<uid> another user made first could
+    hold a fake broker that hands out what it likes. Such a directory is refused."""
+    directory = path.parent
+    if not directory.name.startswith("prealloc-broker-") or directory.parent != Path("/tmp"):
+        return path
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        return path
+    uid = os.geteuid()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o022:
+        raise PermissionError(f"{directory}: not a directory of uid {uid} closed to others "
+                              f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); "
+                              "refusing to connect to a broker socket in it")
+    return path
 
 
 
