@@ -102,10 +102,12 @@ def _memory_pressure() -> float | None:
     return None
 
 
-def _ext(files: _native.PageCacheFiles) -> Any:
-    """files, typed for what _native.pyi does not list yet (counts_before, warm's
-    start/stop, the constructor's expectations: _pagecache.pxi has them)."""
-    return files
+def _counted_before(files: _native.PageCacheFiles) -> tuple[Any, list[str], list[bool]]:
+    """The residency counted at open; every set here is opened with count_before=True."""
+    before = files.counts_before()
+    if before is None:
+        raise RuntimeError("cache_space: a file set opened without count_before")
+    return before
 
 
 class _Candidate(NamedTuple):
@@ -357,7 +359,7 @@ class CacheSpaceStrategy(AllocationStrategy):
                 break
             # Files refused at open (stale, gone, out of the roots) leave the target
             # short: choose again without them (rare: a profile that aged).
-            pages, methods, restricted = _ext(files).counts_before()
+            pages, methods, restricted = _counted_before(files)
             for i, c in enumerate(chosen):
                 if not errors[i]:
                     earlier.setdefault(c.path, (pages[i].copy(), methods[i], restricted[i]))
@@ -373,7 +375,7 @@ class CacheSpaceStrategy(AllocationStrategy):
 
     def _open(self, chosen: Sequence[_Candidate], lengths: Sequence[int], *, willneed: bool,
               count_before: bool = False, list_dirs: bool = False) -> _native.PageCacheFiles:
-        return _native.PageCacheFiles([c.path for c in chosen], None, lengths, self.roots,  # type: ignore[call-arg]
+        return _native.PageCacheFiles([c.path for c in chosen], None, lengths, self.roots,
                                       expect_sizes=[c.size if c.from_profile else -1 for c in chosen],
                                       expect_mtimes_ns=[c.mtime_ns for c in chosen],
                                       willneed=willneed, count_before=count_before,
@@ -444,7 +446,7 @@ class CacheSpaceStrategy(AllocationStrategy):
         handle = CacheWarming(files, {})
         lengths = files.lengths
         requested = sum(lengths)
-        pages, methods, restricted = _ext(files).counts_before()
+        pages, methods, restricted = _counted_before(files)
         for i, c in enumerate(chosen):  # counted by an earlier pass, before its readahead
             if c.path in earlier:
                 pages[i], methods[i], restricted[i] = earlier[c.path]
@@ -459,7 +461,7 @@ class CacheSpaceStrategy(AllocationStrategy):
             paused = self._populate_in_batches(files, lengths, willneed=self.evict_on_unused)
         else:
             files.warm(willneed=True, populate=False)  # asynchronous only: every file
-        directories = int(_ext(files).dirs_listed)
+        directories = int(files.dirs_listed)
         pinned, pin_error = 0, None
         if self.pin:
             budget = memlock_budget()
@@ -521,7 +523,7 @@ class CacheSpaceStrategy(AllocationStrategy):
                 pressure = _memory_pressure()
                 if pressure is not None and pressure > self.pressure_limit:
                     return True
-            _ext(files).warm(willneed=willneed, populate=True, start=start, stop=i + 1)
+            files.warm(willneed=willneed, populate=True, start=start, stop=i + 1)
             start, acc = i + 1, 0
         return False
 
