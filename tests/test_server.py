@@ -274,12 +274,16 @@ def test_only_root_lists_every_peer(broker):
             listed = bob.allocations(all=True)
             assert [a.allocation_id for a in listed] == [aid]
             assert listed[0].details["owner_pid"] == os.getpid()
-            assert [r["allocation_id"] for r in bob.status()["reservations"]] == [aid]
         else:
             with pytest.raises(PermissionError, match="only root"):
                 bob.allocations(all=True)
-            assert bob.status()["reservations"] == []
+        # status shows bob his uid's holdings (alice is his uid too: a `prealloc status`
+        # beside a host), while only alice's connection may touch them
+        [row] = bob.status()["reservations"]
+        assert row["allocation_id"] == aid and row["owner_uid"] == os.geteuid()
         assert bob.allocations() == []
+        with pytest.raises(KeyError):
+            bob.release_allocation(aid)
 
 
 def test_the_peer_is_who_so_peercred_says(broker):

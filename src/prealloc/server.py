@@ -1149,10 +1149,12 @@ class Broker:
         return self.status(None if peer.uid == 0 else peer)
 
     def status(self, peer: Peer | None = None) -> dict[str, Any]:
-        """The status op's answer: every peer's rows (peer None), or one peer's."""
+        """The status op's answer: every peer's rows (peer None), or the rows of every
+        connection of the peer's uid (a `prealloc status` run beside a host is a
+        connection of its own; it may look at its uid's holdings, not touch them)."""
         now = time.monotonic()
         with self._lock:
-            owned = [(aid, p) for aid, p in self._owners.items() if peer is None or p is peer]
+            owned = [(aid, p) for aid, p in self._owners.items() if peer is None or p.uid == peer.uid]
             usage = {str(uid): {t.name.lower(): v for t, v in u.items()}
                      for uid, u in self._usage.items() if peer is None or uid == peer.uid}
         rows = []
