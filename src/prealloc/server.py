@@ -1016,12 +1016,17 @@ class Broker:
         if rtype is ResourceType.CPU:
             target = self._check_target(peer, args.get("target_process_id"))
         claim = self.allocator.claim(allocation_id, target_process_id=target)
+        return self._hand_over_or_release(peer, claim)
+
+    def _hand_over_or_release(self, peer: Peer, claim: Claim) -> Any:
+        """The claim's answer; a claim that cannot be handed over (the peer gone, no fd
+        left) is released at once rather than held for nobody."""
         try:
             return self._hand_over(peer, claim)
         except BaseException:
-            peer.claims.pop(allocation_id, None)
+            peer.claims.pop(claim.allocation_id, None)
             claim.release(_CLOSE_FEEDBACK)
-            self._forget(allocation_id)
+            self._forget(claim.allocation_id)
             raise
 
     def _op_acquire(self, peer: Peer, args: dict[str, Any]) -> Any:
@@ -1049,13 +1054,7 @@ class Broker:
                 self._unbook_locked(peer, booked)
             else:
                 self._register(peer, allocation_id, rtype, booked[0][1])
-        try:
-            return self._hand_over(peer, claim)
-        except BaseException:
-            peer.claims.pop(allocation_id, None)
-            claim.release(_CLOSE_FEEDBACK)
-            self._forget(allocation_id)
-            raise
+        return self._hand_over_or_release(peer, claim)
 
     def _op_adjust_allocation(self, peer: Peer, args: dict[str, Any]) -> Any:
         allocation_id = self._own(peer, args.get("allocation_id"))
