@@ -739,17 +739,27 @@ class Broker:
             except Exception:
                 log.exception("releasing %d of %r failed", allocation_id, peer)
             self._forget(allocation_id)
+        for close in (peer.sock.close, lambda: os.close(peer.pidfd)):
+            try:
+                close()
+            except OSError:
+                pass
         with self._lock:
+            # under the lock: a listener that found this peer before its allocations were
+            # forgotten writes its eventfd under the lock too, so it never writes to the
+            # number after close (another connection may have been given it by then)
+            try:
+                os.close(peer.event_fd)
+            except OSError:
+                pass
+            peer.event_fd = -1
+            # gone from the peers only once its descriptors are: status's connection count
+            # never runs ahead of the fd table
             self._peers.pop(peer.serial, None)
         try:
             os.eventfd_write(self._wake_fd, 1)  # descriptors were freed: accepting may resume
         except OSError:
             pass  # drained and closed meanwhile
-        for close in (peer.sock.close, lambda: os.close(peer.pidfd), lambda: os.close(peer.event_fd)):
-            try:
-                close()
-            except OSError:
-                pass
         log.debug("peer %r closed; %d allocations released", peer, len(held))
 
     # ------------------------------------------------------------------ the registry
@@ -846,10 +856,12 @@ class Broker:
                     peer.events.append({"v": VERSION, "event": name,
                                         "data": allocation_to_json(snapshot, owner_pid=peer.pid,
                                                                    owner_uid=peer.uid)})
-                    try:
-                        os.eventfd_write(peer.event_fd, 1)
-                    except OSError:
-                        pass  # the peer closed meanwhile
+                    with self._lock:  # see _close_peer: the fd is closed under this lock
+                        if peer.event_fd >= 0:
+                            try:
+                                os.eventfd_write(peer.event_fd, 1)  # non-blocking: never waits
+                            except OSError:
+                                pass  # a counter at its maximum: the peer is woken already
             if ended:
                 self._forget(allocation_id)
 
