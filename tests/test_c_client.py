@@ -855,7 +855,7 @@ def test_bench_c_client_against_python_client(host: Path, broker, capsys):
                 t0 = time.perf_counter_ns()
                 allocation_id = client.request_preallocation(ResourceRequest(ResourceType.MEMORY, 1)).allocation_id
                 t1 = time.perf_counter_ns()
-                assert client.wait_ready([allocation_id], timeout=10)
+                assert client.wait_ready([allocation_id], timeout=120)
                 t2 = time.perf_counter_ns()
                 claim = client.claim(allocation_id)
                 t3 = time.perf_counter_ns()

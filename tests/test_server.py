@@ -159,7 +159,7 @@ def test_memory_claim_maps_the_brokers_pages_in_the_client(broker):
     proc = client_process(f"""
         c = Client(sys.argv[1])
         aid = c.submit(ResourceRequest(ResourceType.MEMORY, {size_mib}))
-        assert c.wait_ready([aid], timeout=30)
+        assert c.wait_ready([aid], timeout=120)
         before_shmem, before_anon = status('RssShmem'), status('RssAnon')
         claim = c.claim(aid)
         buf = memoryview(claim.resource)
@@ -213,7 +213,7 @@ def test_sigkilled_client_has_its_holdings_released(broker):
         memory = c.acquire('memory', 4)
         memory.resource[:4] = b'held'
         queued = c.submit(ResourceRequest(ResourceType.MEMORY, 2))
-        c.wait_ready([queued], timeout=30)
+        c.wait_ready([queued], timeout=120)
         cpu = c.acquire('cpu', 100)
         say(memory.allocation_id, memory.allocation.details['locked'], sorted(cpu.resource)[0],
             sorted(os.sched_getaffinity(0)) == sorted(cpu.resource))
@@ -248,7 +248,7 @@ def test_sigkilled_client_has_its_holdings_released(broker):
 def test_a_peer_cannot_touch_another_peers_allocations(broker):
     with Client(broker.socket_path) as alice, Client(broker.socket_path) as bob:
         aid = alice.submit(ResourceRequest(ResourceType.MEMORY, 2))
-        assert alice.wait_ready([aid], timeout=30)
+        assert alice.wait_ready([aid], timeout=120)
         for attempt in (lambda: bob.get_allocation(aid), lambda: bob.claim(aid), lambda: bob.release_allocation(aid),
                         lambda: bob.adjust_allocation(aid, 4), lambda: bob.cancel_request(aid),
                         lambda: bob.wait_ready([aid], timeout=0)):
@@ -269,7 +269,7 @@ def test_a_peer_cannot_touch_another_peers_allocations(broker):
 def test_only_root_lists_every_peer(broker):
     with Client(broker.socket_path) as alice, Client(broker.socket_path) as bob:
         aid = alice.submit(ResourceRequest(ResourceType.MEMORY, 1))
-        alice.wait_ready([aid], timeout=30)
+        alice.wait_ready([aid], timeout=120)
         if os.geteuid() == 0:
             listed = bob.allocations(all=True)
             assert [a.allocation_id for a in listed] == [aid]
@@ -456,7 +456,7 @@ def test_socket_activation_takes_the_inherited_listening_socket(tmp_path, broker
         with Client(path) as client:
             assert client.server["pid"] == proc.pid
             aid = client.submit(ResourceRequest(ResourceType.MEMORY, 1))
-            assert client.wait_ready([aid], timeout=30)
+            assert client.wait_ready([aid], timeout=120)
         assert not (tmp_path / "not-this-one.sock").exists()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, proc.stderr.read()
@@ -573,7 +573,7 @@ def test_one_client_shared_by_threads(broker):
                     with client.acquire("memory", 1, target_application=name) as claim:
                         memoryview(claim.resource)[0] = 7
                     aid = client.submit(ResourceRequest(ResourceType.MEMORY, 1))
-                    assert client.wait_ready([aid], timeout=30)
+                    assert client.wait_ready([aid], timeout=120)
                     assert client.release_allocation(aid)
             except BaseException as exc:
                 errors.append(exc)
@@ -658,7 +658,7 @@ def test_adjust_before_the_claim_and_not_after_it(tmp_path):
         broker.start()
         with Client(broker.socket_path) as client:
             aid = client.submit(ResourceRequest(ResourceType.MEMORY, 2))
-            assert client.wait_ready([aid], timeout=30)
+            assert client.wait_ready([aid], timeout=120)
             assert client.adjust_allocation(aid, 4) is True
             assert client.get_allocation(aid).allocated_amount == 4.0
             assert broker.usage() == {os.geteuid(): {ResourceType.MEMORY: 4.0}}

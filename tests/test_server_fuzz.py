@@ -34,7 +34,7 @@ def watcher(running):
         for rtype in ("memory", "cpu"):
             client.acquire(rtype, 1).release()
         aid = client.submit(ResourceRequest(ResourceType.MEMORY, 1))
-        client.wait_ready([aid], timeout=30)
+        client.wait_ready([aid], timeout=120)
         client.release_allocation(aid)
         client.initial_fds = _settled_fds(running, client)  # type: ignore[attr-defined]
         yield client
@@ -194,7 +194,7 @@ def test_a_peer_that_vanishes_mid_claim_leaks_nothing(running, baseline):
     client = Client(running.socket_path)
     claim = client.acquire("memory", 1)
     aid = client.submit(ResourceRequest(ResourceType.MEMORY, 1))
-    assert client.wait_ready([aid], timeout=30)
+    assert client.wait_ready([aid], timeout=120)
     client._sock.close()  # no bye: the broker sees the end of the stream
     client._closed = True
     claim._unmap()
