@@ -99,6 +99,9 @@ DRAIN_GRACE = 2.0  # how long a drain lets peers release their own before closin
 EVENT_NAMES = (ALLOCATED, RELEASED, EXPIRED, FAILED)
 _CLOSE_FEEDBACK = AllocationFeedback(used_successfully=False, reason_for_release="broker peer closed")
 _PATH_TYPES = (ResourceType.CACHE_SPACE, ResourceType.DISK_IO)  # their custom_properties name paths
+# Errors that mean this process is out of descriptors (or kernel memory for one): accepting
+# waits for a peer to end rather than spinning on the listener
+_NO_DESCRIPTORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 
 # ---------------------------------------------------------------------------------------
@@ -485,9 +488,16 @@ class Broker:
             except OSError as exc:  # keep serving the others
                 log.warning("accept failed: %s", exc)
                 self.counters["accept_errors"] += 1
-                return exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+                return exc.errno not in _NO_DESCRIPTORS
             try:
                 self._admit_peer(sock)
+            except OSError as exc:
+                sock.close()
+                if exc.errno in _NO_DESCRIPTORS:  # its pidfd or eventfd: as accept's EMFILE
+                    log.warning("connection dropped: %s", exc)
+                    self.counters["accept_errors"] += 1
+                    return False
+                log.exception("could not take a connection")
             except Exception:
                 log.exception("could not take a connection")
                 sock.close()
@@ -499,12 +509,16 @@ class Broker:
         pidfd = -1
         try:
             pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
-        except OSError:
+        except OSError as exc:
+            if exc.errno in _NO_DESCRIPTORS:
+                raise
             # older kernels: the pid SO_PEERCRED names, opened now (the peer is blocked
             # in connect's answer or alive: a reused pid would need it dead already)
             try:
                 pidfd = os.pidfd_open(pid)
-            except OSError:
+            except OSError as exc:
+                if exc.errno in _NO_DESCRIPTORS:
+                    raise
                 pidfd = -1
         if pidfd < 0:
             log.info("peer pid %d is gone before accept", pid)
@@ -525,7 +539,11 @@ class Broker:
             os.close(pidfd)
             return
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(SEND_TIMEOUT), 0))
-        peer = Peer(next(self._serials), sock, pid, uid, gid, pidfd, self.config)
+        try:
+            peer = Peer(next(self._serials), sock, pid, uid, gid, pidfd, self.config)
+        except BaseException:  # its eventfd (EMFILE): the pidfd is not left behind
+            os.close(pidfd)
+            raise
         with self._lock:
             self._peers[peer.serial] = peer
         self.counters["connections"] += 1
