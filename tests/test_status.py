@@ -323,15 +323,14 @@ def test_status_comes_from_the_broker_when_one_answers(tmp_path, journal_dir):
             assert data["quotas"]["source"] == "broker"
             assert data["quotas"]["by_uid"][str(os.geteuid())]["memory"] >= 4
             mine = [r for r in data["reservations"] if r["owner_pid"] == os.getpid()]
-            if os.geteuid() == 0:
-                assert len(mine) == 1 and set(mine[0]) == ROW_KEYS
-                assert mine[0]["resource_type"] == "memory" and mine[0]["origin"] == "broker"
-                assert mine[0]["effective"] is not None and mine[0]["effective"] >= 4
-                assert mine[0]["owner_alive"] is True and mine[0]["owner_uid"] == 0
-            else:
-                # the protocol lists a non-root caller's own connection's rows only: the
-                # status command's connection holds nothing, its uid's quota use shows it
-                assert mine == [] and "own connection" in data["source_detail"]
+            # the status command is a connection of its own: the broker lists it every
+            # reservation of its uid (root: of every uid)
+            assert len(mine) == 1 and set(mine[0]) == ROW_KEYS
+            assert mine[0]["resource_type"] == "memory" and mine[0]["origin"] == "broker"
+            assert mine[0]["effective"] is not None and mine[0]["effective"] >= 4
+            assert mine[0]["owner_alive"] is True and mine[0]["owner_uid"] == os.geteuid()
+            if os.geteuid() != 0:
+                assert "this uid's reservations" in data["source_detail"]
             release = getattr(claim, "release", None) or getattr(claim, "close")
             release()
             after = status_json(journal_dir, str(path))

@@ -18,7 +18,8 @@ shareable (a memfd per reservation). State and its owners:
 Identity. A peer is who SO_PEERCRED says at accept (pid, uid, gid), with a pidfd of that
 pid (SO_PEERPIDFD where the kernel has it, else pidfd_open): nothing the client sends
 names it. It sees and touches only the allocations its own connection made (another's
-id answers KeyError, as an unknown one does), except uid 0 listing with ``all``; its
+id answers KeyError, as an unknown one does), except uid 0 listing with ``all``, and
+``status``, which shows it (to look at) every connection's rows of its uid; its
 preallocations are matched by ``acquire`` only for itself (the broker files them under
 the peer's own application key). A CPU pin targets the peer's process, or a process of
 the peer's uid (root: any), checked through a pidfd before and after.

@@ -405,8 +405,7 @@ def collect(*, socket_path: str | None = None, journal_dir: str | os.PathLike[st
                    if isinstance(e, dict) and isinstance(e.get("owner"), dict)]
         detail = f"the broker at {path}"
         if os.geteuid() != 0:
-            detail += (" (it lists a caller's own connection's reservations only, root's every one; "
-                       "the quota use covers this uid)")
+            detail += " (it lists this uid's reservations, root's every one)"
         data.update(source="broker", source_detail=detail,
                     reservations=rows,
                     journal={"directory": None, "available": True, "reason": "the broker's journal",
