@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import resource
+import textwrap
 from pathlib import Path
 
 
@@ -138,3 +139,19 @@ def lock_size(wanted: int, *, unit: int = 1 << 20, at_least: int = 1 << 20) -> i
         pytest.skip(f"RLIMIT_MEMLOCK {soft} bytes (no CAP_IPC_LOCK) leaves {budget} bytes to lock, "
                     f"less than the {at_least} this test needs")
     return size
+
+
+# A host that pins another process (argv[2]) with the CPU strategy, journaled in the
+# directory argv[1], prints the cores, then waits to be killed: what a crashed host leaves
+PINNING_HOST = textwrap.dedent("""
+    import os, sys, time
+    os.environ["PREALLOC_JOURNAL_DIR"] = sys.argv[1]
+    from prealloc.strategies.cpu import CpuAllocationStrategy
+    from prealloc.types import RequestMetadata, ResourceRequest, ResourceType
+    strategy = CpuAllocationStrategy()
+    request = ResourceRequest(ResourceType.CPU, 100.0,
+                              metadata=RequestMetadata(target_process_id=int(sys.argv[2])))
+    grant = strategy.allocate(request, 100.0, None)
+    print(" ".join(map(str, sorted(grant.handle.reservation.cores))), flush=True)
+    time.sleep(60)
+""")

@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from osutil import cpus_allowed, thread_ids
+from osutil import PINNING_HOST, cpus_allowed, thread_ids
 from prealloc import _native, cli, core, journal
 from prealloc.strategies.cpu import CpuAllocationStrategy
 from prealloc.strategies.disk import DiskStrategy
@@ -25,18 +25,7 @@ from prealloc.types import RequestMetadata, ResourceRequest, ResourceType
 ALL = core.get_affinity(0)
 needs_two_cores = pytest.mark.skipif(len(ALL) < 2, reason="pinning to a subset needs 2 or more usable cores")
 
-HOST = textwrap.dedent("""
-    import os, sys, time
-    os.environ["PREALLOC_JOURNAL_DIR"] = sys.argv[1]
-    from prealloc.strategies.cpu import CpuAllocationStrategy
-    from prealloc.types import RequestMetadata, ResourceRequest, ResourceType
-    strategy = CpuAllocationStrategy()
-    request = ResourceRequest(ResourceType.CPU, 100.0,
-                              metadata=RequestMetadata(target_process_id=int(sys.argv[2])))
-    grant = strategy.allocate(request, 100.0, None)
-    print(" ".join(map(str, sorted(grant.handle.reservation.cores))), flush=True)
-    time.sleep(60)
-""")
+HOST = PINNING_HOST
 
 
 def entries(directory) -> list[str]:

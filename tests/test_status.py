@@ -17,25 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from osutil import cpus_allowed, thread_ids
+from osutil import PINNING_HOST, cpus_allowed, thread_ids
 from prealloc import cli, core, journal, status
 
 ALL = core.get_affinity(0)
 needs_two_cores = pytest.mark.skipif(len(ALL) < 2, reason="pinning to a subset needs 2 or more usable cores")
 
-# a host that pins another process with the CPU strategy (journaled), then waits to be killed
-HOST = textwrap.dedent("""
-    import os, sys, time
-    os.environ["PREALLOC_JOURNAL_DIR"] = sys.argv[1]
-    from prealloc.strategies.cpu import CpuAllocationStrategy
-    from prealloc.types import RequestMetadata, ResourceRequest, ResourceType
-    strategy = CpuAllocationStrategy()
-    request = ResourceRequest(ResourceType.CPU, 100.0,
-                              metadata=RequestMetadata(target_process_id=int(sys.argv[2])))
-    grant = strategy.allocate(request, 100.0, None)
-    print(" ".join(map(str, sorted(grant.handle.reservation.cores))), flush=True)
-    time.sleep(60)
-""")
+HOST = PINNING_HOST
 
 ROW_KEYS = {"allocation_id", "owner_pid", "owner_start", "owner_uid", "owner_alive", "command", "resource_type",
             "requested", "effective", "status", "age_s", "expires_in_s", "cores", "origin"}
