@@ -1151,33 +1151,130 @@ int pa_pq_push(pa_pq_t *pq, uint64_t value, double priority, double confidence, 
 #define PQ_BATCH_CHUNK 256
 static inline size_t batch_chunk(size_t left) { return left < PQ_BATCH_CHUNK ? left : PQ_BATCH_CHUNK; }
 
-/* Sorts nodes by key (a merge sort: no callback per comparison, stable is not needed as
- * keys are unique). tmp has room for n. */
-static void sort_nodes(pq_node_t **a, pq_node_t **tmp, size_t n) {
-    /* insertion sort of runs of 8, then bottom-up merges */
-    for (size_t lo = 0; lo < n; lo += 8) {
-        size_t hi = lo + 8 < n ? lo + 8 : n;
-        for (size_t i = lo + 1; i < hi; i++) {
-            pq_node_t *x = a[i];
-            size_t j = i;
-            while (j > lo && key_less(x->key, a[j - 1]->key)) {
-                a[j] = a[j - 1];
-                j--;
-            }
-            a[j] = x;
-        }
-    }
-    for (size_t width = 8; width < n; width *= 2) {
-        for (size_t lo = 0; lo < n; lo += 2 * width) {
-            size_t mid = lo + width < n ? lo + width : n, hi = lo + 2 * width < n ? lo + 2 * width : n;
-            size_t i = lo, j = mid, k = lo;
-            while (i < mid && j < hi) tmp[k++] = key_less(a[j]->key, a[i]->key) ? a[j++] : a[i++];
-            while (i < mid) tmp[k++] = a[i++];
-            while (j < hi) tmp[k++] = a[j++];
-        }
-        for (size_t i = 0; i < n; i++) a[i] = tmp[i];
+/* Sorting a batch's keys. A key record is the node's four key words; the arrival word
+ * k[3] is the item's ticket, and tickets are given in input order, so k[3] - first ticket
+ * is the item's index in the input. */
+typedef struct pq_sort_key {
+    uint64_t k[4];
+} pq_sort_key_t;
+
+/* enc_asc without branches, for the batch loops: x + 0.0 is +0.0 for both zeros (and x
+ * otherwise), then negatives flip every bit, the rest the sign bit. */
+static inline uint64_t enc_asc_flat(double d) {
+    uint64_t u = pa__double_bits(d + 0.0);
+    return u ^ ((uint64_t)((int64_t)u >> 63) | (1ull << 63));
+}
+
+static void make_keys(pq_sort_key_t *keys, size_t n, const double *priorities, const double *confidences,
+                      const double *deadlines, uint64_t ticket) {
+    const uint64_t exp_mask = 0x7ff0000000000000ull; /* all ones: inf or NaN, "no deadline" */
+    for (size_t k = 0; k < n; k++) {
+        keys[k].k[0] = ~enc_asc_flat(priorities[k]);
+        keys[k].k[1] = ~enc_asc_flat(confidences[k]);
+        uint64_t e = enc_asc_flat(deadlines[k]);
+        keys[k].k[2] = (pa__double_bits(deadlines[k]) & exp_mask) == exp_mask ? UINT64_MAX : e;
+        keys[k].k[3] = ticket + k;
     }
 }
+
+/* At most this many keys are sorted by insertion (a radix level costs a few hundred
+ * instructions of its own) */
+#define PQ_SORT_LEAF 16
+
+/* Sorts the n keys of x ascending by their first three words, stably: keys equal there
+ * keep their order in x. On keys made in input order (k[3] ascending) that is the order
+ * of the whole key, k[3] included. y (room for n) is scratch; the result ends in y when
+ * into_y, else in x. An MSD radix sort: a level distributes the keys into y by a digit
+ * of up to 8 bits (fewer when n < 256: about one key per bucket) with a counting sort
+ * (one pass to count, one to move: stable), and sorts each bucket by the bits below the
+ * digit the same way. The digit starts at bit `top` of word k[w], where all keys agree on
+ * every bit before it: w < 0 means not known, and the level first finds the highest bit
+ * in which the keys differ (one pass: OR of every key XOR the first); a bucket's keys
+ * agree down to its level's digit, so a bucket starts just below it; a digit in which
+ * all keys agree (the count finds them in one bucket) sends the level back to the search.
+ * So constant digits cost no move (small-integer priorities leave most of k[0] equal, a
+ * batch of one confidence all of k[1]), and keys equal in all three words (w = 3) end a
+ * level at once. Stack: the largest bucket is sorted by looping in the same frame, the
+ * others (each at most half the level) by recursion, so the depth is at most log2(n): 16
+ * frames of ~1 KiB for a group, 8 for a chunk. Termination: each level either moves the
+ * keys by a digit whose top bit differs among them (every bucket is smaller than the
+ * level) or, after the search, ends or starts at a bit that differs. */
+static void sort_keys_into(pq_sort_key_t *x, pq_sort_key_t *y, size_t n, bool into_y, int w, int top) {
+    for (;;) {
+        if (n <= PQ_SORT_LEAF) {
+            for (size_t i = 1; i < n; i++) {
+                pq_sort_key_t v = x[i];
+                size_t j = i;
+                while (j > 0 && key_less(v.k, x[j - 1].k)) {
+                    x[j] = x[j - 1];
+                    j--;
+                }
+                x[j] = v;
+            }
+            if (into_y) memcpy(y, x, n * sizeof *x);
+            return;
+        }
+        if (w < 0) {
+            uint64_t d0 = 0, d1 = 0, d2 = 0;
+            for (size_t i = 1; i < n; i++) {
+                d0 |= x[i].k[0] ^ x[0].k[0];
+                d1 |= x[i].k[1] ^ x[0].k[1];
+                d2 |= x[i].k[2] ^ x[0].k[2];
+            }
+            uint64_t d = d0 ? d0 : d1 ? d1 : d2;
+            w = d0 ? 0 : d1 ? 1 : d2 ? 2 : 3;
+            if (d) top = 63 - __builtin_clzll(d);
+        }
+        if (w > 2) { /* equal in k[0..2]: in x's order already */
+            if (into_y) memcpy(y, x, n * sizeof *x);
+            return;
+        }
+        unsigned bits = 63u - (unsigned)__builtin_clzll((unsigned long long)n);
+        if (bits > 8) bits = 8;
+        unsigned shift = (unsigned)top + 1 >= bits ? (unsigned)top + 1 - bits : 0;
+        uint64_t mask = (1u << bits) - 1;
+        unsigned nb = 1u << bits;
+        uint32_t end[256]; /* counts, then each bucket's start, then its end */
+        memset(end, 0, nb * sizeof end[0]);
+        for (size_t i = 0; i < n; i++) end[(x[i].k[w] >> shift) & mask]++;
+        uint32_t sum = 0;
+        bool one = false;
+        for (unsigned b = 0; b < nb; b++) {
+            uint32_t c = end[b];
+            one |= c == n;
+            end[b] = sum;
+            sum += c;
+        }
+        if (one) { /* the keys agree on this digit: find where they differ */
+            w = -1;
+            continue;
+        }
+        for (size_t i = 0; i < n; i++) y[end[(x[i].k[w] >> shift) & mask]++] = x[i];
+        int cw = shift ? w : w + 1, ctop = shift ? (int)shift - 1 : 63; /* where the buckets start */
+        uint32_t lo = 0, big_lo = 0, big_n = 0;
+        for (unsigned b = 0; b < nb && lo < n; b++) {
+            uint32_t c = end[b] - lo;
+            if (c > big_n) { /* the largest so far: sorted last, here */
+                if (big_n) sort_keys_into(y + big_lo, x + big_lo, big_n, !into_y, cw, ctop);
+                big_lo = lo;
+                big_n = c;
+            } else if (c) {
+                sort_keys_into(y + lo, x + lo, c, !into_y, cw, ctop);
+            }
+            lo = end[b];
+        }
+        pq_sort_key_t *t = x;
+        x = y + big_lo;
+        y = t + big_lo;
+        n = big_n;
+        into_y = !into_y;
+        w = cw;
+        top = ctop;
+    }
+}
+
+/* Sorts n keys made in input order ascending by the whole key; tmp has room for n. */
+static void sort_keys(pq_sort_key_t *a, pq_sort_key_t *tmp, size_t n) { sort_keys_into(a, tmp, n, false, -1, 0); }
 
 /* The tower cap for a batch of n nodes whose heights are drawn before any is linked:
  * Pugh's cap (one level above those in use) would stunt a batch pushed into a small queue
@@ -1197,7 +1294,8 @@ static unsigned batch_cap(unsigned levels, size_t n) {
 static int push_chunk_sorted(pq_op_t *op, size_t chunk, const uint64_t *values, const double *priorities,
                              const double *confidences, const double *deadlines) {
     pa_pq_t *const pq = op->pq;
-    pq_node_t *nodes[PQ_BATCH_CHUNK], *tmp[PQ_BATCH_CHUNK];
+    pq_node_t *nodes[PQ_BATCH_CHUNK];
+    pq_sort_key_t keys[2 * PQ_BATCH_CHUNK]; /* the keys, then the sort's scratch */
     unsigned cap = batch_cap(levels_in_use(pq), chunk); /* heights drawn before any is linked */
     for (size_t k = 0; k < chunk; k++) {
         nodes[k] = node_alloc(op->t, random_level(op->t, cap));
@@ -1207,15 +1305,13 @@ static int push_chunk_sorted(pq_op_t *op, size_t chunk, const uint64_t *values, 
         }
     }
     uint64_t ticket = pa__fetch_add_relaxed(&pq->arrival, chunk);
+    make_keys(keys, chunk, priorities, confidences, deadlines, ticket);
+    sort_keys(keys, keys + chunk, chunk);
+    /* the nodes are blank and their heights independent draws: node k takes the k-th key */
     for (size_t k = 0; k < chunk; k++) {
-        pq_node_t *n = nodes[k];
-        n->key[0] = ~enc_asc(priorities[k]);
-        n->key[1] = ~enc_asc(confidences[k]);
-        n->key[2] = (isnan(deadlines[k]) || isinf(deadlines[k])) ? UINT64_MAX : enc_asc(deadlines[k]);
-        n->key[3] = ticket + k;
-        n->value = values[k];
+        memcpy(nodes[k]->key, keys[k].k, sizeof nodes[k]->key);
+        nodes[k]->value = values[keys[k].k[3] - ticket];
     }
-    sort_nodes(nodes, tmp, chunk);
     size_add(op, (int64_t)chunk);
     pq_finger_t finger;
     finger.levels = 0;
@@ -1230,41 +1326,6 @@ static int push_chunk_sorted(pq_op_t *op, size_t chunk, const uint64_t *values, 
  * appended, not searched). The nodes are allocated in key order, so a pop walk over them
  * reads memory in the order the allocator handed it out. */
 #define PQ_BATCH_GROUP 65536
-
-typedef struct pq_sort_key {
-    uint64_t k[4];
-} pq_sort_key_t;
-
-/* Sorts keys ascending (insertion sort of runs of 8, then bottom-up merges through tmp,
- * which has room for n); keys are unique (the arrival word differs). */
-static void sort_keys(pq_sort_key_t *a, pq_sort_key_t *tmp, size_t n) {
-    for (size_t lo = 0; lo < n; lo += 8) {
-        size_t hi = lo + 8 < n ? lo + 8 : n;
-        for (size_t i = lo + 1; i < hi; i++) {
-            pq_sort_key_t x = a[i];
-            size_t j = i;
-            while (j > lo && key_less(x.k, a[j - 1].k)) {
-                a[j] = a[j - 1];
-                j--;
-            }
-            a[j] = x;
-        }
-    }
-    pq_sort_key_t *src = a, *dst = tmp;
-    for (size_t width = 8; width < n; width *= 2) {
-        for (size_t lo = 0; lo < n; lo += 2 * width) {
-            size_t mid = lo + width < n ? lo + width : n, hi = lo + 2 * width < n ? lo + 2 * width : n;
-            size_t i = lo, j = mid, k = lo;
-            while (i < mid && j < hi) dst[k++] = key_less(src[j].k, src[i].k) ? src[j++] : src[i++];
-            while (i < mid) dst[k++] = src[i++];
-            while (j < hi) dst[k++] = src[j++];
-        }
-        pq_sort_key_t *t = src;
-        src = dst;
-        dst = t;
-    }
-    if (src != a) memcpy(a, src, n * sizeof *a);
-}
 
 /* One group of an unindexed batch push (n > PQ_BATCH_CHUNK items): keys with the
  * group's arrival numbers in input order, sorted; every node allocated (in key order,
@@ -1282,12 +1343,7 @@ static int push_group_sorted(pa_pq_t *pq, size_t n, const uint64_t *values, cons
     if (!keys) return 1;
     pq_thread_t *const t = op.t;
     uint64_t ticket = pa__fetch_add_relaxed(&pq->arrival, n);
-    for (size_t k = 0; k < n; k++) {
-        keys[k].k[0] = ~enc_asc(priorities[k]);
-        keys[k].k[1] = ~enc_asc(confidences[k]);
-        keys[k].k[2] = (isnan(deadlines[k]) || isinf(deadlines[k])) ? UINT64_MAX : enc_asc(deadlines[k]);
-        keys[k].k[3] = ticket + k;
-    }
+    make_keys(keys, n, priorities, confidences, deadlines, ticket);
     sort_keys(keys, keys + n, n);
     unsigned cap = batch_cap(levels_in_use(pq), n); /* as in push_chunk_sorted */
     pq_node_t *first = NULL, *last = NULL;
