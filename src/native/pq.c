@@ -1165,16 +1165,34 @@ static inline uint64_t enc_asc_flat(double d) {
     return u ^ ((uint64_t)((int64_t)u >> 63) | (1ull << 63));
 }
 
-static void make_keys(pq_sort_key_t *keys, size_t n, const double *priorities, const double *confidences,
-                      const double *deadlines, uint64_t ticket) {
+/* The n items' keys, with tickets from `ticket` in input order; diff[w] gets the bits in
+ * which word w of some key differs from the first key's (what sort_keys starts from). */
+static inline void make_key(pq_sort_key_t *key, double priority, double confidence, double deadline,
+                            uint64_t ticket) {
     const uint64_t exp_mask = 0x7ff0000000000000ull; /* all ones: inf or NaN, "no deadline" */
-    for (size_t k = 0; k < n; k++) {
-        keys[k].k[0] = ~enc_asc_flat(priorities[k]);
-        keys[k].k[1] = ~enc_asc_flat(confidences[k]);
-        uint64_t e = enc_asc_flat(deadlines[k]);
-        keys[k].k[2] = (pa__double_bits(deadlines[k]) & exp_mask) == exp_mask ? UINT64_MAX : e;
-        keys[k].k[3] = ticket + k;
+    key->k[0] = ~enc_asc_flat(priority);
+    key->k[1] = ~enc_asc_flat(confidence);
+    uint64_t e = enc_asc_flat(deadline);
+    key->k[2] = (pa__double_bits(deadline) & exp_mask) == exp_mask ? UINT64_MAX : e;
+    key->k[3] = ticket;
+}
+
+static void make_keys(pq_sort_key_t *keys, size_t n, const double *priorities, const double *confidences,
+                      const double *deadlines, uint64_t ticket, uint64_t diff[3]) {
+    diff[0] = diff[1] = diff[2] = 0;
+    if (n == 0) return;
+    make_key(&keys[0], priorities[0], confidences[0], deadlines[0], ticket);
+    const uint64_t f0 = keys[0].k[0], f1 = keys[0].k[1], f2 = keys[0].k[2];
+    uint64_t d0 = 0, d1 = 0, d2 = 0;
+    for (size_t k = 1; k < n; k++) {
+        make_key(&keys[k], priorities[k], confidences[k], deadlines[k], ticket + k);
+        d0 |= keys[k].k[0] ^ f0;
+        d1 |= keys[k].k[1] ^ f1;
+        d2 |= keys[k].k[2] ^ f2;
     }
+    diff[0] = d0;
+    diff[1] = d1;
+    diff[2] = d2;
 }
 
 /* At most this many keys are sorted by insertion (a radix level costs a few hundred
@@ -1273,8 +1291,12 @@ static void sort_keys_into(pq_sort_key_t *x, pq_sort_key_t *y, size_t n, bool in
     }
 }
 
-/* Sorts n keys made in input order ascending by the whole key; tmp has room for n. */
-static void sort_keys(pq_sort_key_t *a, pq_sort_key_t *tmp, size_t n) { sort_keys_into(a, tmp, n, false, -1, 0); }
+/* Sorts n keys made in input order ascending by the whole key, given make_keys' diff;
+ * tmp has room for n. */
+static void sort_keys(pq_sort_key_t *a, pq_sort_key_t *tmp, size_t n, const uint64_t diff[3]) {
+    int w = diff[0] ? 0 : diff[1] ? 1 : diff[2] ? 2 : 3;
+    sort_keys_into(a, tmp, n, false, w, w < 3 ? 63 - __builtin_clzll(diff[w]) : 0);
+}
 
 /* The tower cap for a batch of n nodes whose heights are drawn before any is linked:
  * Pugh's cap (one level above those in use) would stunt a batch pushed into a small queue
@@ -1305,8 +1327,9 @@ static int push_chunk_sorted(pq_op_t *op, size_t chunk, const uint64_t *values, 
         }
     }
     uint64_t ticket = pa__fetch_add_relaxed(&pq->arrival, chunk);
-    make_keys(keys, chunk, priorities, confidences, deadlines, ticket);
-    sort_keys(keys, keys + chunk, chunk);
+    uint64_t diff[3];
+    make_keys(keys, chunk, priorities, confidences, deadlines, ticket, diff);
+    sort_keys(keys, keys + chunk, chunk, diff);
     /* the nodes are blank and their heights independent draws: node k takes the k-th key */
     for (size_t k = 0; k < chunk; k++) {
         memcpy(nodes[k]->key, keys[k].k, sizeof nodes[k]->key);
@@ -1343,8 +1366,9 @@ static int push_group_sorted(pa_pq_t *pq, size_t n, const uint64_t *values, cons
     if (!keys) return 1;
     pq_thread_t *const t = op.t;
     uint64_t ticket = pa__fetch_add_relaxed(&pq->arrival, n);
-    make_keys(keys, n, priorities, confidences, deadlines, ticket);
-    sort_keys(keys, keys + n, n);
+    uint64_t diff[3];
+    make_keys(keys, n, priorities, confidences, deadlines, ticket, diff);
+    sort_keys(keys, keys + n, n, diff);
     unsigned cap = batch_cap(levels_in_use(pq), n); /* as in push_chunk_sorted */
     pq_node_t *first = NULL, *last = NULL;
     for (size_t k = 0; k < n; k++) {

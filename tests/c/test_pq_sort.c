@@ -103,13 +103,15 @@ static void test_sort_matches_reference(void) {
     double *p = malloc(MAXN * sizeof *p), *c = malloc(MAXN * sizeof *c), *d = malloc(MAXN * sizeof *d);
     pq_sort_key_t *keys = malloc(2 * MAXN * sizeof *keys), *ref = malloc(MAXN * sizeof *ref);
     REQUIRE(p && c && d && keys && ref);
-    long bad_sets = 0, bad_enc = 0;
+    long bad_sets = 0, bad_enc = 0, bad_diff = 0;
+    uint64_t diff_seen[3] = {0, 0, 0};
     for (int set = 0; set < NSETS; set++) {
         for (size_t si = 0; si < NSIZES; si++) {
             size_t n = sizes[si];
             make_set(set, n, p, c, d);
             uint64_t ticket = 1000 + rnd() % 1000;
-            make_keys(keys, n, p, c, d, ticket);
+            uint64_t diff[3];
+            make_keys(keys, n, p, c, d, ticket, diff);
             for (size_t i = 0; i < n; i++) { /* the single push's encoding */
                 uint64_t k2 = (isnan(d[i]) || isinf(d[i])) ? UINT64_MAX : enc_asc(d[i]);
                 if (keys[i].k[0] != ~enc_asc(p[i]) || keys[i].k[1] != ~enc_asc(c[i]) || keys[i].k[2] != k2 ||
@@ -118,7 +120,11 @@ static void test_sort_matches_reference(void) {
             }
             memcpy(ref, keys, n * sizeof *ref);
             if (n) qsort(ref, n, sizeof *ref, cmp_full);
-            sort_keys(keys, keys + n, n);
+            for (size_t i = 0; i < n; i++) /* the diff: the bits where a key differs from the first */
+                for (int w = 0; w < 3; w++) diff_seen[w] |= keys[i].k[w] ^ keys[0].k[w];
+            if (memcmp(diff_seen, diff, sizeof diff) != 0) bad_diff++;
+            memset(diff_seen, 0, sizeof diff_seen);
+            sort_keys(keys, keys + n, n, diff);
             if (n && memcmp(keys, ref, n * sizeof *ref) != 0) {
                 if (bad_sets++ < 5) fprintf(stderr, "sort differs from qsort: set '%s', n %zu\n", set_name[set], n);
             }
@@ -126,6 +132,7 @@ static void test_sort_matches_reference(void) {
     }
     CHECK_EQ_INT(bad_sets, 0);
     CHECK_EQ_INT(bad_enc, 0);
+    CHECK_EQ_INT(bad_diff, 0);
     free(p);
     free(c);
     free(d);
@@ -137,8 +144,10 @@ static void test_sort_matches_reference(void) {
 static void test_signed_zero_is_one_key(void) {
     pq_sort_key_t k[2];
     double p[2] = {0.0, -0.0}, c[2] = {-0.0, 0.0}, d[2] = {-0.0, 0.0};
-    make_keys(k, 2, p, c, d, 7);
+    uint64_t diff[3];
+    make_keys(k, 2, p, c, d, 7, diff);
     CHECK(k[0].k[0] == k[1].k[0] && k[0].k[1] == k[1].k[1] && k[0].k[2] == k[1].k[2]);
+    CHECK(diff[0] == 0 && diff[1] == 0 && diff[2] == 0);
 }
 
 /* Larger than a group, through the public API: pop order is key order, equal keys in input
