@@ -13,6 +13,9 @@
 The low-level native core is ``prealloc.core``.
 """
 from ._paths import get_include, get_library_dir
+from ._threads import import_numpy_quietly
+
+import_numpy_quietly()  # before the native core imports it: its BLAS threads take no signal
 from .engine import (
     Claim,
     CpuSchedulerEnhancer,

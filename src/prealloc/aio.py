@@ -73,6 +73,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from ._threads import block_signals_here
 from .engine import Claim, ResourceAllocator, ResourcePreallocator, _check_application, _check_target_pid
 from .events import EVENT_NAMES, EXPIRED, FAILED, canonical_event
 from .strategies import AllocationError
@@ -407,7 +408,8 @@ class AsyncPreallocator:
         with self._executor_lock:
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(
-                    self._executor_workers, thread_name_prefix=f"prealloc-aio-{self.allocator.id[:8]}")
+                    self._executor_workers, thread_name_prefix=f"prealloc-aio-{self.allocator.id[:8]}",
+                    initializer=block_signals_here)
             return self._executor
 
     async def _off_loop(self, fn: Any, *args: Any) -> Any:

@@ -34,6 +34,7 @@ import weakref
 from concurrent.futures import Future
 from typing import Any, Callable, Iterable
 
+from ._threads import start_quiet
 from .protocol import (
     MAX_FDS,
     MAX_MESSAGE,
@@ -340,8 +341,8 @@ class Client:
             raise
         with self._lock:
             if self._reader is None:
-                self._reader = threading.Thread(target=self._read_loop, name="prealloc-client-reader", daemon=True)
-                self._reader.start()
+                self._reader = start_quiet(threading.Thread(target=self._read_loop, name="prealloc-client-reader",
+                                                            daemon=True))
         return listener
 
     subscribe = on

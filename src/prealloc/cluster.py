@@ -78,6 +78,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("prealloc.cluster needs Ray: pip install 'prealloc[ray]'") from exc
 
+from ._threads import block_signals_here, start_quiet
 from .engine import PreallocatorConfig, ResourcePreallocator
 from .events import ALLOCATED, EXPIRED, FAILED, RELEASED, EventEmitter, canonical_event
 from .types import (
@@ -486,7 +487,8 @@ class ClusterPreallocator:
         self._lock = threading.Lock()
         self._requests: dict[int, ClusterRequest] = {}
         self._ids = itertools.count(1)
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prealloc-cluster")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prealloc-cluster",
+                                        initializer=block_signals_here)
         self._timers: dict[int, threading.Timer] = {}
         self._closed = False
         self._tally = PreallocatorStatistics()
@@ -728,12 +730,11 @@ class ClusterPreallocator:
                 timer = threading.Timer(max(durations), self._expire, (request,))
                 timer.daemon = True
                 self._timers[request.request_id] = timer
-                timer.start()
+                start_quiet(timer)
         for a in allocations:
             self.events.emit(ALLOCATED, a)
-        watcher = threading.Thread(target=self._watch, args=(request,), daemon=True,
-                                   name=f"prealloc-cluster-watch-{request.request_id}")
-        watcher.start()
+        start_quiet(threading.Thread(target=self._watch, args=(request,), daemon=True,
+                                     name=f"prealloc-cluster-watch-{request.request_id}"))
 
     def _as_cluster_allocation(self, request: ClusterRequest, index: int,
                                snap: ResourceAllocation) -> ResourceAllocation:

@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from . import core
+from ._threads import block_signals_here, start_quiet
 from .engine import Claim, PreallocatorConfig, ResourceAllocator, ResourcePreallocator
 from .monitors import SystemResourceMonitor
 from .reactive import ReactiveResourceAllocator
@@ -638,7 +639,8 @@ def _replay_once(allocator: Allocator | None, trace: Trace, tag: str, ledger: _L
     lag = [0.0]
     driver_error: list[Exception] = []
     try:
-        with ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix=f"demo-{tag}") as pool:
+        with ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix=f"demo-{tag}",
+                                initializer=block_signals_here) as pool:
             origin = time.monotonic()
 
             def drive() -> None:
@@ -664,7 +666,7 @@ def _replay_once(allocator: Allocator | None, trace: Trace, tag: str, ledger: _L
                     driver_error.append(exc)
 
             driver = threading.Thread(target=drive, name=f"demo-driver-{tag}")
-            driver.start()
+            start_quiet(driver)
             driver.join()
             outcomes = [f.result() for f in futures]  # a consumer's unexpected error propagates
         if driver_error:

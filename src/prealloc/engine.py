@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from . import core
+from ._threads import start_quiet
 from .events import ALIASES, EVENT_NAMES, RESET, EventEmitter, EventEmitterProtocol, canonical_event
 from .metrics import MetricsCollector
 from .quotas import QuotaLedger, Quotas
@@ -330,7 +331,7 @@ class ResourceAllocator(core.EngineCore, abc.ABC):
         self.log.info("initialized %s %s (capacity %d, %d worker(s))", type(self).__name__, self.id,
                       config.capacity, len(self._workers))
         for worker in self._workers:
-            worker.start()
+            start_quiet(worker)
         _open_allocators.add(self)
 
     # ------------------------------------------------------------------ defaults

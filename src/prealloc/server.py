@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from . import __version__
+from ._threads import start_quiet
 from .engine import Claim, PreallocatorConfig, ResourcePreallocator
 from .events import EXPIRED, FAILED, RELEASED, ALLOCATED
 from .protocol import (
@@ -96,6 +97,7 @@ SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5; Python 3.11 lac
 SD_LISTEN_FDS_START = 3
 MAX_EVENTS_QUEUED = 1024  # per peer; beyond it events are dropped and counted
 SEND_TIMEOUT = 10.0  # a peer that does not read its answers for this long is dropped
+SERVE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 DRAIN_GRACE = 2.0  # how long a drain lets peers release their own before closing the engine
 EVENT_NAMES = (ALLOCATED, RELEASED, EXPIRED, FAILED)
 _CLOSE_FEEDBACK = AllocationFeedback(used_successfully=False, reason_for_release="broker peer closed")
@@ -402,26 +404,34 @@ class Broker:
 
     # ------------------------------------------------------------------ running
     def start(self) -> Broker:
-        self._thread = threading.Thread(target=self._serve, name="prealloc-broker", daemon=True)
-        self._thread.start()
+        self._thread = start_quiet(threading.Thread(target=self._serve, name="prealloc-broker", daemon=True))
         return self
 
     def serve(self) -> int:
-        """Runs until SIGTERM / SIGINT (drains, then returns 0); SIGHUP reloads."""
+        """Runs until SIGTERM / SIGINT (drains, then returns 0); SIGHUP reloads. Call it
+        on the main thread (signal handlers can only be set there)."""
         _raise_fd_limit()
+        # The loop learns of signals from a pipe that CPython's C-level handler writes
+        # each signal's number to, on whichever thread the kernel chose: a Python-level
+        # handler would run only once the main thread is told, and it is not told when
+        # the signal lands on another thread (a host's, which may not block signals as
+        # ours do; see prealloc._threads) while it sleeps in select().
+        signal_read, signal_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         previous = {}
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            previous[signum] = signal.signal(signum, self._on_signal)
         try:
-            self._serve()
+            previous_wakeup = signal.set_wakeup_fd(signal_write, warn_on_full_buffer=False)
+            try:
+                for signum in SERVE_SIGNALS:
+                    previous[signum] = signal.signal(signum, _noted_by_the_wakeup_fd)
+                self._serve(signal_read)
+            finally:
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
+                signal.set_wakeup_fd(previous_wakeup)
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            os.close(signal_read)
+            os.close(signal_write)
         return 0
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self._signals.append(signum)  # the loop acts on it; a handler does no work
-        os.eventfd_write(self._wake_fd, 1)
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Drains (as SIGTERM) and waits for the loop to finish."""
@@ -443,16 +453,20 @@ class Broker:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _serve(self) -> None:
+    def _serve(self, signal_fd: int | None = None) -> None:
         selector = selectors.DefaultSelector()
         self._listener.setblocking(False)
         selector.register(self._listener, selectors.EVENT_READ)
         selector.register(self._wake_fd, selectors.EVENT_READ)
+        if signal_fd is not None:
+            selector.register(signal_fd, selectors.EVENT_READ)
         try:
             accepting = True
             while not self._stopping:
                 for key, _ in selector.select():
-                    if key.fileobj is self._listener:
+                    if key.fileobj == signal_fd:
+                        self._signals.extend(_read_signal_numbers(signal_fd))
+                    elif key.fileobj is self._listener:
                         if not self._accept():
                             # out of descriptors: a listener left registered would wake
                             # us at once, forever; a peer's end (which frees some) wakes
@@ -551,7 +565,7 @@ class Broker:
         log.debug("peer %r connected", peer)
         peer.thread = threading.Thread(target=self._run_peer, args=(peer,), name=f"prealloc-peer-{peer.serial}",
                                        daemon=True)
-        peer.thread.start()
+        start_quiet(peer.thread)
 
     def _reload(self) -> None:
         if self.config_path is None:
@@ -1290,6 +1304,24 @@ class Broker:
         started = start_http_server(port, addr=host, registry=registry)
         log.info("metrics on http://%s:%d/metrics", host, port)
         return started[0] if isinstance(started, tuple) else None
+
+
+def _noted_by_the_wakeup_fd(signum: int, frame: Any) -> None:
+    """The Python-level handler of the serve signals: the C-level one has written the
+    number to the wakeup pipe already, which is what the loop acts on (once)."""
+
+
+def _read_signal_numbers(fd: int) -> list[int]:
+    """The signal numbers waiting in the wakeup pipe (one byte each), in order."""
+    numbers: list[int] = []
+    while True:
+        try:
+            data = os.read(fd, 512)
+        except (BlockingIOError, InterruptedError):
+            return numbers
+        if not data:
+            return numbers
+        numbers.extend(n for n in data if n in SERVE_SIGNALS)
 
 
 def _raise_fd_limit() -> None:

@@ -48,6 +48,7 @@ import time
 from types import TracebackType
 from typing import Callable, Protocol, TypeVar
 
+from .._threads import start_quiet
 from ..types import ResourceAvailability, ResourceType, SubscriptionHandle
 
 log = logging.getLogger(__name__)
@@ -357,7 +358,7 @@ class _Watcher:
         return self._thread
 
     def start(self) -> None:
-        self._thread.start()
+        start_quiet(self._thread)
 
     def discard(self) -> None:
         """Releases the pipe of a watcher whose thread never started."""

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._threads import start_quiet
 from ..types import ResourceAvailability, ResourceType
 from .base import ResourceMonitor, availability_from, read_small_file
 
@@ -121,8 +122,7 @@ def open_netlink(netns: str | None) -> Any:
         except BaseException as exc:  # handed to the caller's thread
             made.append(exc)
 
-    thread = threading.Thread(target=make, name=f"prealloc-netns-{netns}")
-    thread.start()
+    thread = start_quiet(threading.Thread(target=make, name=f"prealloc-netns-{netns}"))
     thread.join()
     if isinstance(made[0], BaseException):
         raise made[0]
