@@ -61,7 +61,8 @@ class BrokerProcess:
                  extra_env: dict[str, str] | None = None, extra_args: list[str] | None = None) -> None:
         self.socket_path = tmp_path / f"{name}.sock"
         self.config_path = None
-        args = [sys.executable, "-m", "prealloc", "serve", "--socket", str(self.socket_path)]
+        # -X faulthandler: a broker that does not end is made to print every thread's stack
+        args = [sys.executable, "-X", "faulthandler", "-m", "prealloc", "serve", "--socket", str(self.socket_path)]
         if config is not None:
             self.config_path = tmp_path / f"{name}.toml"
             self.config_path.write_text(config)
@@ -88,7 +89,11 @@ class BrokerProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(60)
+            return self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)  # faulthandler writes the stacks to the log
+            self.proc.wait()
+            raise AssertionError(f"the broker did not end at SIGTERM; its log:\n{self.log()}") from None
         finally:
             self._log.close()
 
