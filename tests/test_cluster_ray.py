@@ -32,6 +32,10 @@ MEMORY_MIB = 32
 # A bound on waits that only guards against a hang: on a loaded 2-core box a Ray worker
 # process takes seconds to start, so a bound of a minute failed a correct run
 PATIENCE = 300.0
+# A worker process that has not registered with its raylet within 60 s (Ray's default) is
+# SIGTERMed and its task retried; on a loaded 2-CPU box a worker's start (importing Ray)
+# took longer, and the retries never caught up. The bound only guards against a hang.
+RAY_SYSTEM_CONFIG = {"worker_register_timeout_seconds": int(PATIENCE)}
 
 
 def _gone(pid: int, timeout: float = PATIENCE) -> bool:
@@ -67,7 +71,8 @@ def ray_cluster():
         from ray.cluster_utils import Cluster
 
         cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 2, "include_dashboard": False, "object_store_memory": 80 << 20})
+            "num_cpus": 2, "include_dashboard": False, "object_store_memory": 80 << 20,
+            "_system_config": RAY_SYSTEM_CONFIG})
         cluster.add_node(num_cpus=1, object_store_memory=80 << 20)
         ray.init(address=cluster.address)
         cluster.wait_for_nodes()
@@ -83,7 +88,7 @@ def ray_cluster():
         cluster = None
         try:
             ray.init(num_cpus=2, include_dashboard=False, _temp_dir=os.path.join(temp, "ray"),
-                     object_store_memory=80 << 20)
+                     object_store_memory=80 << 20, _system_config=RAY_SYSTEM_CONFIG)
         except Exception as exc2:
             shutil.rmtree(temp, ignore_errors=True)
             pytest.skip(f"Ray cannot start here: {type(exc2).__name__}: {exc2}")
