@@ -291,6 +291,17 @@ def test_only_root_lists_every_peer(broker):
             bob.release_allocation(aid)
 
 
+def test_status_counts_only_the_askers_uids_connections(broker):
+    from types import SimpleNamespace
+
+    with Client(broker.socket_path), Client(broker.socket_path):
+        assert broker.status()["connections"] == 2  # root's view: every peer
+        assert broker.status(SimpleNamespace(uid=os.geteuid()))["connections"] == 2
+        other = SimpleNamespace(uid=os.geteuid() + 4242)  # a uid with no connection
+        assert broker.status(other)["connections"] == 0
+        assert broker.status(other)["reservations"] == [] and broker.status(other)["quotas"] == {}
+
+
 def test_the_peer_is_who_so_peercred_says(broker):
     with Client(broker.socket_path) as client:
         assert client.server["peer"] == {"pid": os.getpid(), "uid": os.geteuid(), "gid": os.getegid()}

@@ -372,8 +372,10 @@ _UNDO: dict[str, Callable[[dict], RecoveredTarget]] = {
 }
 
 
-def _read_entry(path: Path) -> dict | None:
-    """The entry's data; None when it vanished or is not our uid's file."""
+def read_entry(path: str | os.PathLike[str]) -> dict | None:
+    """One journal entry's data, read without following a symlink; None when it vanished
+    or is not a regular file of our uid; ValueError / TypeError when it is not an entry."""
+    path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -409,7 +411,7 @@ def recover(directory: str | os.PathLike[str] | None = None) -> list[RecoveredTa
             continue
         path = folder / name
         try:
-            data = _read_entry(path)
+            data = read_entry(path)
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("prealloc journal: unreadable entry %s (%s); set aside as .bad", path, exc)
             os.replace(path, path.with_suffix(".bad"))

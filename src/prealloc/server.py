@@ -1201,6 +1201,8 @@ class Broker:
             owned = [(aid, p) for aid, p in self._owners.items() if peer is None or p.uid == peer.uid]
             usage = {str(uid): {t.name.lower(): v for t, v in u.items()}
                      for uid, u in self._usage.items() if peer is None or uid == peer.uid}
+            # a user learns how many connections its own uid has, not how busy others are
+            connections = sum(1 for p in self._peers.values() if peer is None or p.uid == peer.uid)
         rows = []
         for allocation_id, owner in owned:
             snapshot = self.allocator.get_allocation(allocation_id)
@@ -1215,7 +1217,7 @@ class Broker:
                          "expires_in_s": plain(snapshot.expires_at - now) if snapshot.expires_at is not None
                          else None})
         return {"reservations": rows, "quotas": usage, "journal": _journal_entries(peer.uid if peer else None),
-                "connections": len(self._peers)}
+                "connections": connections}
 
     def _op_subscribe(self, peer: Peer, args: dict[str, Any]) -> Any:
         from .events import canonical_event

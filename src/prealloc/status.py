@@ -300,7 +300,7 @@ def read_journal(directory: str | os.PathLike[str] | None = None) -> dict[str, A
         if not (name.endswith(".json") or claimed):
             continue
         try:
-            data = journal._read_entry(path)
+            data = journal.read_entry(path)
             age = now - os.stat(path).st_mtime
         except FileNotFoundError:
             continue  # undone (or claimed) between the listing and the read
