@@ -13,7 +13,8 @@
  *
  * Then, one thread: fill an empty queue with `size` random items and drain it, per item —
  * the mutex heap item by item, our queue item by item and with the batch calls
- * (pa_pq_push_many / pa_pq_pop_many, the path of the Python batch calls).
+ * (pa_pq_push_many / pa_pq_pop_many, the path of the Python batch calls), the last also on
+ * a queue filled and drained once before (recycled nodes, as in a long-lived queue).
  *
  * Then the engine's shape: one producer thread pushes, one consumer thread pops (split).
  *
@@ -22,7 +23,8 @@
  * (--only runs the mutex heap and the implementations whose name contains TEXT; --parts
  * picks the workloads, all three by default; --parts profile runs one fill-then-drain of one
  * implementation for valgrind, item by item; --parts profile-batch the same with the batch
- * calls)
+ * calls; --parts profile-refill the batch calls twice on one queue, so that the second fill
+ * takes recycled nodes — its counts are this run's minus profile-batch's)
  * Defaults: threads 1, 2 and powers of two up to twice the online CPUs; sizes 1e3 and 1e6;
  * ops 200000 per thread; reps 5.
  */
@@ -411,11 +413,18 @@ typedef struct batch_items {
 } batch_items_t;
 
 /* ns per item to push all n items and pop them again: mode 0 = im item by item, mode 1 =
- * our batch calls (im must be a pq) */
+ * our batch calls (im must be a pq), mode 2 = the batch calls on a queue filled and
+ * drained once before (untimed: its nodes are then recycled ones, as in a long-lived
+ * queue) */
 static double fill_drain_ns(const impl_t *im, const batch_items_t *it, long n, int mode, long *failures) {
     void *q = im->create();
     uint64_t *out = malloc((size_t)n * sizeof *out);
     if (!q || !out) exit(1);
+    if (mode == 2) {
+        size_t pushed = 0;
+        if (pa_pq_push_many(q, (size_t)n, it->values, it->p, it->c, it->d, &pushed) != 0) (*failures)++;
+        if (pa_pq_pop_many(q, out, (size_t)n) != (size_t)n) (*failures)++;
+    }
     double t0 = now_s();
     if (mode == 0) {
         for (long i = 0; i < n; i++)
@@ -453,7 +462,8 @@ static void profile_fill_drain(const long *sizes, int nsizes, const char *only, 
             random_key(&rng, &it.p[i], &it.c[i], &it.d[i]);
         }
         printf("profile: %s%s, fill then drain %ld items: %.1f ns/item\n", im->name,
-               mode ? ", batch calls" : "", n, fill_drain_ns(im, &it, n, mode, failures));
+               mode == 2 ? ", batch calls, filled and drained once before" : mode ? ", batch calls" : "", n,
+               fill_drain_ns(im, &it, n, mode, failures));
         free(it.values);
         free(it.p);
         free(it.c);
@@ -468,7 +478,8 @@ static void bench_fill_drain(const long *sizes, int nsizes, long reps, long *fai
         const char *name;
         int impl, mode;
     } kinds[] = {{"mutex heap, per item", 0, 0}, {"pq (unindexed), per item", 2, 0},
-                 {"pq (unindexed), batch calls", 2, 1}, {"pq (indexed), batch calls", 3, 1}};
+                 {"pq (unindexed), batch calls", 2, 1}, {"pq (indexed), batch calls", 3, 1},
+                 {"pq (unindexed), batch, refill", 2, 2}};
     enum { KINDS = sizeof kinds / sizeof kinds[0], MAX_REPS = 64 };
     for (int si = 0; si < nsizes; si++) {
         long n = sizes[si];
@@ -588,7 +599,8 @@ int main(int argc, char **argv) {
         for (size_t k = 0; k < NIMPL; k++) impls[k].destroy(qs[k]);
     }
     if (strstr(parts, "profile"))
-        profile_fill_drain(sizes, nsizes, only, strstr(parts, "profile-batch") ? 1 : 0, &failures);
+        profile_fill_drain(sizes, nsizes, only,
+                           strstr(parts, "profile-refill") ? 2 : strstr(parts, "profile-batch") ? 1 : 0, &failures);
     if (strstr(parts, "split")) bench_split(sizes, nsizes, ops, reps, &failures);
     if (strstr(parts, "fill")) bench_fill_drain(sizes, nsizes, reps, &failures);
     if (failures) printf("\n%ld operations failed (pop found the queue empty or push errored)\n", failures);

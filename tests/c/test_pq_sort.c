@@ -12,7 +12,9 @@
  * (at digit boundaries, word boundaries, the lowest bit), keys that share long prefixes,
  * sorted and reversed input, at sizes around the insertion-sort leaf (16), a chunk (256)
  * and a group (65 536). Then the same key sets go through pa_pq_push_many and come out of
- * pop_items in key order, equal keys in input order (the arrival contract).
+ * pop_items in key order, equal keys in input order (the arrival contract). The blank
+ * nodes of a batch are sorted by address (sort_by_address, checked against qsort), so a
+ * queue filled again from recycled nodes holds each batch in ascending memory.
  */
 #define _GNU_SOURCE
 #define pa_pq_create ws_pq_create
@@ -203,9 +205,101 @@ static void test_push_many_order(void) {
     free(out);
 }
 
+static int cmp_ptr(const void *a, const void *b) {
+    uintptr_t x = (uintptr_t) * (pq_node_t *const *)a, y = (uintptr_t) * (pq_node_t *const *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* sort_by_address against qsort, on real heap addresses in shuffled, ascending and
+ * descending order. */
+static void test_sort_by_address(void) {
+    static const size_t ns[] = {0, 1, 2, 3, 17, 255, 256, 5000};
+    enum { M = 5000 };
+    pq_node_t **blocks = malloc(M * sizeof *blocks), **a = malloc(M * sizeof *a), **ref = malloc(M * sizeof *ref),
+              **tmp = malloc(M * sizeof *tmp);
+    REQUIRE(blocks && a && ref && tmp);
+    for (size_t i = 0; i < M; i++) blocks[i] = malloc(16 + 16 * (i % 7));
+    long bad = 0;
+    for (size_t si = 0; si < sizeof ns / sizeof ns[0]; si++) {
+        for (int order = 0; order < 3; order++) {
+            size_t n = ns[si];
+            memcpy(a, blocks, n * sizeof *a);
+            if (order == 1 && n) qsort(a, n, sizeof *a, cmp_ptr);
+            for (size_t i = n; order != 1 && i > 1; i--) { /* shuffle; order 2 then reversed */
+                size_t j = rnd() % i;
+                pq_node_t *x = a[i - 1];
+                a[i - 1] = a[j];
+                a[j] = x;
+            }
+            if (order == 2 && n) {
+                qsort(a, n, sizeof *a, cmp_ptr);
+                for (size_t i = 0; i < n / 2; i++) {
+                    pq_node_t *x = a[i];
+                    a[i] = a[n - 1 - i];
+                    a[n - 1 - i] = x;
+                }
+            }
+            memcpy(ref, a, n * sizeof *a);
+            if (n) qsort(ref, n, sizeof *ref, cmp_ptr);
+            sort_by_address(a, tmp, n);
+            if (n && memcmp(a, ref, n * sizeof *a) != 0) bad++;
+        }
+    }
+    CHECK_EQ_INT(bad, 0);
+    for (size_t i = 0; i < M; i++) free(blocks[i]);
+    free(blocks);
+    free(a);
+    free(ref);
+    free(tmp);
+}
+
+/* A queue filled, drained and filled again (the second fill's nodes are recycled, in the
+ * order they were freed) holds each batch's nodes in ascending memory along level 0: a
+ * group (5000 items) and a chunk (200). Returns the number of descents. */
+static long level0_descents(pa_pq_t *pq) {
+    long down = 0;
+    pq_node_t *prev = NULL;
+    uintptr_t raw = pa__load_acquire(&pq->head->next0);
+    for (pq_node_t *x = unmark(raw); x != pq->tail; raw = pa__load_acquire(&x->next0), x = unmark(raw)) {
+        if (is_marked(raw)) continue; /* popped, not yet cut: an earlier fill's node */
+        if (prev && (uintptr_t)x < (uintptr_t)prev) down++;
+        prev = x;
+    }
+    return down;
+}
+
+static void test_refill_in_address_order(void) {
+    static const size_t ns[] = {5000, 200};
+    enum { M = 5000 };
+    double *p = malloc(M * sizeof *p), *c = malloc(M * sizeof *c), *d = malloc(M * sizeof *d);
+    uint64_t *v = malloc(M * sizeof *v);
+    REQUIRE(p && c && d && v);
+    for (size_t si = 0; si < 2; si++) {
+        size_t n = ns[si];
+        pa_pq_t *q = NULL;
+        REQUIRE(ws_pq_create(0, &q) == 0);
+        for (int round = 0; round < 3; round++) {
+            make_set(1, n, p, c, d);
+            for (size_t i = 0; i < n; i++) v[i] = i;
+            size_t pushed = 0;
+            CHECK_EQ_INT(ws_pq_push_many(q, n, v, p, c, d, &pushed), 0);
+            CHECK_EQ_INT(level0_descents(q), 0);
+            CHECK_EQ_INT(ws_pq_pop_many(q, v, n), (ssize_t)n);
+            pa__ebr_barrier(); /* the popped nodes back in this thread's cache */
+        }
+        ws_pq_destroy(q);
+    }
+    free(p);
+    free(c);
+    free(d);
+    free(v);
+}
+
 int main(void) {
     RUN_TEST(test_sort_matches_reference);
     RUN_TEST(test_signed_zero_is_one_key);
     RUN_TEST(test_push_many_order);
+    RUN_TEST(test_sort_by_address);
+    RUN_TEST(test_refill_in_address_order);
     TEST_MAIN_END();
 }
