@@ -23,7 +23,7 @@
  * (--only runs the mutex heap and the implementations whose name contains TEXT; --parts
  * picks the workloads, all three by default; --parts profile runs one fill-then-drain of one
  * implementation for valgrind, item by item; --parts profile-batch the same with the batch
- * calls; --parts profile-refill the batch calls twice on one queue, so that the second fill
+ * calls; --parts profile-reused the batch calls twice on one queue, so that the second fill
  * takes recycled nodes — its counts are this run's minus profile-batch's)
  * Defaults: threads 1, 2 and powers of two up to twice the online CPUs; sizes 1e3 and 1e6;
  * ops 200000 per thread; reps 5.
@@ -600,7 +600,7 @@ int main(int argc, char **argv) {
     }
     if (strstr(parts, "profile"))
         profile_fill_drain(sizes, nsizes, only,
-                           strstr(parts, "profile-refill") ? 2 : strstr(parts, "profile-batch") ? 1 : 0, &failures);
+                           strstr(parts, "profile-reused") ? 2 : strstr(parts, "profile-batch") ? 1 : 0, &failures);
     if (strstr(parts, "split")) bench_split(sizes, nsizes, ops, reps, &failures);
     if (strstr(parts, "fill")) bench_fill_drain(sizes, nsizes, reps, &failures);
     if (failures) printf("\n%ld operations failed (pop found the queue empty or push errored)\n", failures);

@@ -46,7 +46,9 @@
  * each thread, so it is neither a shared hot line nor a locked add. A batch push sorts
  * each chunk by key before inserting it (each search then follows the previous one's
  * cached path); a larger batch is sorted by groups of up to PQ_BATCH_GROUP and inserted
- * with finger searches (below). Costs per operation, measured with cachegrind:
+ * with finger searches (below). The sort is an MSD radix sort that skips the digits the
+ * batch's keys agree on (sort_keys_into), and a batch's nodes are given its keys in
+ * address order (sort_by_address), so recycled nodes are walked in memory order too. Costs per operation, measured with cachegrind:
  * benchmarks/README.md.
  *
  * Finger search (batch push)
@@ -96,7 +98,9 @@
  *        level-0 start behind D with an upper level stopping before D — which is why the
  *        search descends from a single entry. The other checks (n or succs[i] turned
  *        deleted, frozen links, the retry from head when an upper CAS fails) are unchanged.
- * Memory: a group's sort buffer is 64 bytes per item (4 MiB at most), malloc'ed per group;
+ * Memory: a group's sort buffer is 64 bytes per item (4 MiB at most: the keys and the
+ * radix sort's scratch, which then holds the node array and its address sort's scratch),
+ * malloc'ed per group;
  * when that fails the group is pushed chunk by chunk (each chunk sorted, with its own run).
  * Linearizability: the batch's items are separate pushes overlapping the call; tickets are
  * taken (in input order) before any item is visible, so the sorted insertion order is one
@@ -1305,7 +1309,8 @@ static void sort_keys(pq_sort_key_t *a, pq_sort_key_t *tmp, size_t n, const uint
  * filled again walks its nodes at scattered addresses (pop_many of 2e5 recycled nodes:
  * ~3x the time per item of a first fill). Heights stay independent draws: which node
  * gets which key depends on the addresses only. An LSD radix sort over the address bits
- * that differ among the nodes (8 per pass; none when already ascending). */
+ * that differ among the nodes (11 per pass: two passes for nodes within 64 MiB; none when
+ * already ascending). */
 static void sort_by_address(pq_node_t **a, pq_node_t **tmp, size_t n) {
     if (n < 2) return;
     uintptr_t d = 0, f = (uintptr_t)a[0];
@@ -1317,16 +1322,16 @@ static void sort_by_address(pq_node_t **a, pq_node_t **tmp, size_t n) {
     if (ascending) return;
     unsigned lo = (unsigned)__builtin_ctzll((unsigned long long)d), hi = 63u - (unsigned)__builtin_clzll((unsigned long long)d);
     pq_node_t **src = a, **dst = tmp;
-    for (unsigned sh = lo; sh <= hi; sh += 8) {
-        uint32_t end[256] = {0};
-        for (size_t i = 0; i < n; i++) end[((uintptr_t)src[i] >> sh) & 255]++;
+    for (unsigned sh = lo; sh <= hi; sh += 11) {
+        uint32_t end[2048] = {0};
+        for (size_t i = 0; i < n; i++) end[((uintptr_t)src[i] >> sh) & 2047]++;
         uint32_t sum = 0;
-        for (unsigned b = 0; b < 256; b++) {
+        for (unsigned b = 0; b < 2048; b++) {
             uint32_t c = end[b];
             end[b] = sum;
             sum += c;
         }
-        for (size_t i = 0; i < n; i++) dst[end[((uintptr_t)src[i] >> sh) & 255]++] = src[i];
+        for (size_t i = 0; i < n; i++) dst[end[((uintptr_t)src[i] >> sh) & 2047]++] = src[i];
         pq_node_t **x = src;
         src = dst;
         dst = x;
