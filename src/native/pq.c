@@ -1309,8 +1309,8 @@ static void sort_keys(pq_sort_key_t *a, pq_sort_key_t *tmp, size_t n, const uint
  * filled again walks its nodes at scattered addresses (pop_many of 2e5 recycled nodes:
  * ~3x the time per item of a first fill). Heights stay independent draws: which node
  * gets which key depends on the addresses only. An LSD radix sort over the address bits
- * that differ among the nodes (11 per pass: two passes for nodes within 64 MiB; none when
- * already ascending). */
+ * that differ among the nodes (11 per pass — two passes for nodes within 64 MiB —, fewer
+ * for a small batch; none when already ascending). */
 static void sort_by_address(pq_node_t **a, pq_node_t **tmp, size_t n) {
     if (n < 2) return;
     uintptr_t d = 0, f = (uintptr_t)a[0];
@@ -1320,18 +1320,32 @@ static void sort_by_address(pq_node_t **a, pq_node_t **tmp, size_t n) {
         ascending &= (uintptr_t)a[i - 1] < (uintptr_t)a[i];
     }
     if (ascending) return;
+    if (n <= PQ_SORT_LEAF) {
+        for (size_t i = 1; i < n; i++) {
+            pq_node_t *v = a[i];
+            size_t j = i;
+            for (; j > 0 && (uintptr_t)v < (uintptr_t)a[j - 1]; j--) a[j] = a[j - 1];
+            a[j] = v;
+        }
+        return;
+    }
     unsigned lo = (unsigned)__builtin_ctzll((unsigned long long)d), hi = 63u - (unsigned)__builtin_clzll((unsigned long long)d);
+    unsigned bits = 63u - (unsigned)__builtin_clzll((unsigned long long)n); /* fewer for a small n */
+    if (bits > 11) bits = 11;
+    const uintptr_t mask = ((uintptr_t)1 << bits) - 1;
+    const unsigned nb = 1u << bits;
     pq_node_t **src = a, **dst = tmp;
-    for (unsigned sh = lo; sh <= hi; sh += 11) {
-        uint32_t end[2048] = {0};
-        for (size_t i = 0; i < n; i++) end[((uintptr_t)src[i] >> sh) & 2047]++;
+    for (unsigned sh = lo; sh <= hi; sh += bits) {
+        uint32_t end[2048];
+        memset(end, 0, nb * sizeof end[0]);
+        for (size_t i = 0; i < n; i++) end[((uintptr_t)src[i] >> sh) & mask]++;
         uint32_t sum = 0;
-        for (unsigned b = 0; b < 2048; b++) {
+        for (unsigned b = 0; b < nb; b++) {
             uint32_t c = end[b];
             end[b] = sum;
             sum += c;
         }
-        for (size_t i = 0; i < n; i++) dst[end[((uintptr_t)src[i] >> sh) & 2047]++] = src[i];
+        for (size_t i = 0; i < n; i++) dst[end[((uintptr_t)src[i] >> sh) & mask]++] = src[i];
         pq_node_t **x = src;
         src = dst;
         dst = x;

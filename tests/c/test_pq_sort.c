@@ -213,7 +213,7 @@ static int cmp_ptr(const void *a, const void *b) {
 /* sort_by_address against qsort, on real heap addresses in shuffled, ascending and
  * descending order. */
 static void test_sort_by_address(void) {
-    static const size_t ns[] = {0, 1, 2, 3, 17, 255, 256, 5000};
+    static const size_t ns[] = {0, 1, 2, 3, 5, 16, 17, 40, 255, 256, 5000};
     enum { M = 5000 };
     pq_node_t **blocks = malloc(M * sizeof *blocks), **a = malloc(M * sizeof *a), **ref = malloc(M * sizeof *ref),
               **tmp = malloc(M * sizeof *tmp);
