@@ -9,16 +9,20 @@ else wakes the main thread. Seen here: ``prealloc serve`` blocked in ``select()`
 drained at SIGTERM, and ``prealloc status --watch`` never ended at SIGINT, whenever the
 signal went to an OpenBLAS pool thread (numpy starts one per core at import) or to a peer
 thread. So every thread the library makes starts with the asynchronous signals blocked
-(the native ticker does the same around ``pthread_create``), and numpy's pool is created
-inside such a window at ``import prealloc``. The main thread's mask is never changed.
+(the native ticker does the same around ``pthread_create``; executors' threads are born
+inside ``submit``, which runs with them blocked), and numpy's pool is created inside such a
+window at ``import prealloc``. The main thread's mask is restored at once each time.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import signal
 import sys
 import threading
-from typing import Iterator
+from typing import Any, Callable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 # Signals the kernel raises on the faulting thread itself: blocking them would turn a
 # crash into a hang (or be ignored), so they are never blocked.
@@ -46,10 +50,14 @@ def start_quiet(thread: threading.Thread) -> threading.Thread:
     return thread
 
 
-def block_signals_here() -> None:
-    """For threads the library does not start itself (a ThreadPoolExecutor's, as its
-    initializer): blocks the asynchronous signals on the calling thread."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, ASYNC_SIGNALS)
+class QuietThreadPoolExecutor(concurrent.futures.ThreadPoolExecutor):
+    """A ThreadPoolExecutor whose threads block the asynchronous signals: it starts them
+    inside submit(), so each submit runs with the signals blocked on the caller's thread
+    (restored before it returns) and a thread it starts inherits that mask."""
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        with signals_blocked():
+            return super().submit(fn, *args, **kwargs)
 
 
 def import_numpy_quietly() -> None:
@@ -61,4 +69,4 @@ def import_numpy_quietly() -> None:
         import numpy  # noqa: F401  (its side effect: the pool threads, signals blocked)
 
 
-__all__ = ["ASYNC_SIGNALS", "block_signals_here", "import_numpy_quietly", "signals_blocked", "start_quiet"]
+__all__ = ["ASYNC_SIGNALS", "QuietThreadPoolExecutor", "import_numpy_quietly", "signals_blocked", "start_quiet"]

@@ -73,7 +73,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ._threads import block_signals_here
+from ._threads import QuietThreadPoolExecutor
 from .engine import Claim, ResourceAllocator, ResourcePreallocator, _check_application, _check_target_pid
 from .events import EVENT_NAMES, EXPIRED, FAILED, canonical_event
 from .strategies import AllocationError
@@ -407,9 +407,8 @@ class AsyncPreallocator:
     def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._executor_lock:
             if self._executor is None:
-                self._executor = concurrent.futures.ThreadPoolExecutor(
-                    self._executor_workers, thread_name_prefix=f"prealloc-aio-{self.allocator.id[:8]}",
-                    initializer=block_signals_here)
+                self._executor = QuietThreadPoolExecutor(
+                    self._executor_workers, thread_name_prefix=f"prealloc-aio-{self.allocator.id[:8]}")
             return self._executor
 
     async def _off_loop(self, fn: Any, *args: Any) -> Any:

@@ -62,7 +62,6 @@ import mmap
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
@@ -78,7 +77,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("prealloc.cluster needs Ray: pip install 'prealloc[ray]'") from exc
 
-from ._threads import block_signals_here, start_quiet
+from ._threads import QuietThreadPoolExecutor, start_quiet
 from .engine import PreallocatorConfig, ResourcePreallocator
 from .events import ALLOCATED, EXPIRED, FAILED, RELEASED, EventEmitter, canonical_event
 from .types import (
@@ -487,8 +486,7 @@ class ClusterPreallocator:
         self._lock = threading.Lock()
         self._requests: dict[int, ClusterRequest] = {}
         self._ids = itertools.count(1)
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prealloc-cluster",
-                                        initializer=block_signals_here)
+        self._pool = QuietThreadPoolExecutor(max_workers=workers, thread_name_prefix="prealloc-cluster")
         self._timers: dict[int, threading.Timer] = {}
         self._closed = False
         self._tally = PreallocatorStatistics()

@@ -43,7 +43,7 @@ import re
 import resource
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from . import core
-from ._threads import block_signals_here, start_quiet
+from ._threads import QuietThreadPoolExecutor, start_quiet
 from .engine import Claim, PreallocatorConfig, ResourceAllocator, ResourcePreallocator
 from .monitors import SystemResourceMonitor
 from .reactive import ReactiveResourceAllocator
@@ -639,8 +639,7 @@ def _replay_once(allocator: Allocator | None, trace: Trace, tag: str, ledger: _L
     lag = [0.0]
     driver_error: list[Exception] = []
     try:
-        with ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix=f"demo-{tag}",
-                                initializer=block_signals_here) as pool:
+        with QuietThreadPoolExecutor(max_workers=pool_size, thread_name_prefix=f"demo-{tag}") as pool:
             origin = time.monotonic()
 
             def drive() -> None:
