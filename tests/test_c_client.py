@@ -240,11 +240,15 @@ static int cpu(const char *path) {
     print_affinity("PINNED");
     report(c, "RELEASE", pa_client_release(c, id, NULL));
     print_affinity("AFTER");
-    /* a CPU allocation claimed as memory: -EMEDIUMTYPE, the claim stands until released */
+    /* a CPU allocation claimed as memory: -EMEDIUMTYPE, and it is left as it was: nothing
+     * pinned, still there to be claimed as what it is */
     if ((rc = pa_client_request(c, "cpu", 1, 0, NULL, &id))) { report(c, "REQUEST2", rc); pa_client_close(c); return 0; }
     void *addr;
     size_t size;
     report(c, "AS_MEMORY", pa_client_claim_memory(c, id, &addr, &size));
+    print_affinity("AFTER_AS_MEMORY");
+    report(c, "CLAIM2", pa_client_claim_cpu(c, id, cores, 8, &ncores));
+    print_affinity("PINNED2");
     report(c, "RELEASE2", pa_client_release(c, id, NULL));
     print_affinity("AFTER2");
     pa_client_close(c);
@@ -628,6 +632,9 @@ def test_cpu_claim_pins_the_host_and_release_restores_it(host: Path, broker):
     assert rc("RELEASE") == "0"
     assert set(map(int, lines["AFTER"])) == before  # restored on release
     assert rc("AS_MEMORY") == str(-errno.EMEDIUMTYPE), out.stdout
+    assert set(map(int, lines["AFTER_AS_MEMORY"])) == before  # refused before the pin
+    assert rc("CLAIM2") == "0", out.stdout  # not claimed by the refused call
+    assert len(set(map(int, lines["PINNED2"]))) == 1
     assert rc("RELEASE2") == "0"
     assert set(map(int, lines["AFTER2"])) == before
 
@@ -796,7 +803,7 @@ def test_hostile_answers_fail_cleanly_and_leak_no_descriptor(request: pytest.Fix
             with conn:
                 conn.settimeout(30)
                 request = json.loads(conn.recv(65536))
-                assert request["op"] == "claim" and request["args"] == {"allocation_id": 5}
+                assert request["op"] == "claim" and request["args"] == {"allocation_id": 5, "resource_type": "memory"}
                 SCRIPTS[script](request, conn)
                 if script == "closed":
                     return

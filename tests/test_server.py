@@ -303,6 +303,23 @@ def test_status_counts_only_the_askers_uids_connections(broker):
         assert broker.status(other)["reservations"] == [] and broker.status(other)["quotas"] == {}
 
 
+def test_a_claim_of_the_wrong_type_is_refused_before_anything_is_claimed(broker):
+    from prealloc.protocol import WrongResourceType
+
+    with Client(broker.socket_path) as client:
+        cpu = client.request_preallocation(ResourceRequest(ResourceType.CPU, 100))
+        if cpu.status is not AllocationStatus.ALLOCATED:
+            pytest.skip(f"no core could be reserved here: {cpu.failure_reason}")
+        before = os.sched_getaffinity(0)
+        with pytest.raises(WrongResourceType, match="is cpu, not memory"):
+            client.claim(cpu.allocation_id, resource_type="memory")
+        assert os.sched_getaffinity(0) == before  # nothing pinned
+        assert client.get_allocation(cpu.allocation_id).status is AllocationStatus.ALLOCATED
+        with client.claim(cpu.allocation_id, resource_type="CPU") as claim:  # still there, as what it is
+            assert os.sched_getaffinity(0) == set(claim.resource)
+        assert os.sched_getaffinity(0) == before
+
+
 def test_the_peer_is_who_so_peercred_says(broker):
     with Client(broker.socket_path) as client:
         assert client.server["peer"] == {"pid": os.getpid(), "uid": os.geteuid(), "gid": os.getegid()}

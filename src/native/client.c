@@ -92,6 +92,7 @@ static int errno_of_type(const char *type) {
         {"PermissionError", EPERM},      {"AllocationError", EIO},       {"InsufficientResources", ENOMEM},
         {"QuotaExceeded", EDQUOT},       {"Timeout", ETIMEDOUT},         {"RateLimited", EAGAIN},
         {"ProtocolError", EPROTO},       {"VersionError", EPROTONOSUPPORT}, {"Closed", ESHUTDOWN},
+        {"WrongResourceType", EMEDIUMTYPE},
     };
     for (size_t i = 0; i < sizeof table / sizeof table[0]; i++)
         if (strcmp(type, table[i].type) == 0) return -table[i].code;
@@ -707,7 +708,10 @@ static int read_claim(pa_client_t *c, answer_t *a, bool acquire, pa_client_claim
     return 0;
 }
 
-int pa_client_claim(pa_client_t *client, uint64_t allocation_id, pid_t target_pid, pa_client_claim_t *out) {
+/* A claim; with expected_type (non-NULL) the broker refuses an allocation of another
+ * type (WrongResourceType: -EMEDIUMTYPE) before claiming anything. */
+static int claim_as(pa_client_t *client, uint64_t allocation_id, pid_t target_pid, const char *expected_type,
+                    pa_client_claim_t *out) {
     int rc = enter(client);
     if (rc) return rc;
     if (!out) return invalid(client, "out may not be NULL");
@@ -720,11 +724,30 @@ int pa_client_claim(pa_client_t *client, uint64_t allocation_id, pid_t target_pi
         pa__jw_key(&w, "target_process_id");
         pa__jw_i64(&w, target_pid);
     }
+    if (expected_type) {
+        pa__jw_key(&w, "resource_type");
+        pa__jw_string(&w, expected_type);
+    }
     answer_t a;
     if ((rc = round_trip(client, &w, 1, &a))) return leave(client, rc);
     rc = read_claim(client, &a, false, out);
     answer_close(&a);
     return leave(client, rc);
+}
+
+int pa_client_claim(pa_client_t *client, uint64_t allocation_id, pid_t target_pid, pa_client_claim_t *out) {
+    return claim_as(client, allocation_id, target_pid, NULL, out);
+}
+
+/* A typed claim's answer of another type (a broker that did not check the type it was
+ * sent): -EMEDIUMTYPE, and the claim stands at the broker. */
+static int answered_another_type(pa_client_t *client, uint64_t allocation_id, const pa_client_claim_t *claim,
+                                 const char *expected) {
+    pthread_mutex_lock(&client->lock);
+    set_error(client, -EMEDIUMTYPE, "", "allocation %" PRIu64 " is %s, not %s", allocation_id,
+              claim->resource_type, expected);
+    pthread_mutex_unlock(&client->lock);
+    return -EMEDIUMTYPE;
 }
 
 int pa_client_claim_memory(pa_client_t *client, uint64_t allocation_id, void **addr, size_t *size) {
@@ -733,15 +756,9 @@ int pa_client_claim_memory(pa_client_t *client, uint64_t allocation_id, void **a
         return rc ? rc : invalid(client, "addr and size may not be NULL");
     }
     pa_client_claim_t claim;
-    int rc = pa_client_claim(client, allocation_id, 0, &claim);
+    int rc = claim_as(client, allocation_id, 0, "memory", &claim);
     if (rc) return rc;
-    if (!claim.addr) {
-        pthread_mutex_lock(&client->lock);
-        set_error(client, -EMEDIUMTYPE, "", "allocation %" PRIu64 " is %s, not memory", allocation_id,
-                  claim.resource_type);
-        pthread_mutex_unlock(&client->lock);
-        return -EMEDIUMTYPE;
-    }
+    if (!claim.addr) return answered_another_type(client, allocation_id, &claim, "memory");
     *addr = claim.addr;
     *size = claim.size;
     return 0;
@@ -753,15 +770,9 @@ int pa_client_claim_cpu(pa_client_t *client, uint64_t allocation_id, int *cores,
         return rc ? rc : invalid(client, "cores may be NULL only when max is 0");
     }
     pa_client_claim_t claim;
-    int rc = pa_client_claim(client, allocation_id, 0, &claim);
+    int rc = claim_as(client, allocation_id, 0, "cpu", &claim);
     if (rc) return rc;
-    if (strcmp(claim.resource_type, "cpu") != 0) {
-        pthread_mutex_lock(&client->lock);
-        set_error(client, -EMEDIUMTYPE, "", "allocation %" PRIu64 " is %s, not cpu", allocation_id,
-                  claim.resource_type);
-        pthread_mutex_unlock(&client->lock);
-        return -EMEDIUMTYPE;
-    }
+    if (strcmp(claim.resource_type, "cpu") != 0) return answered_another_type(client, allocation_id, &claim, "cpu");
     size_t have = claim.ncores < PA_CLIENT_MAX_CORES ? claim.ncores : PA_CLIENT_MAX_CORES;
     for (size_t i = 0; i < have && i < max; i++) cores[i] = claim.cores[i];
     if (ncores) *ncores = claim.ncores;

@@ -43,6 +43,7 @@ from .protocol import (
     ProtocolError,
     RateLimited,
     VersionError,
+    WrongResourceType,
     allocation_from_json,
     check_allocation_id,
     client_socket_path,
@@ -70,6 +71,7 @@ _ERRORS: dict[str, Callable[[str], BaseException]] = {
     "AllocationError": AllocationError, "InsufficientResources": InsufficientResources,
     "QuotaExceeded": QuotaExceeded, "Timeout": TimeoutError, "RateLimited": RateLimited,
     "ProtocolError": ProtocolError, "VersionError": VersionError, "Closed": Closed,
+    "WrongResourceType": WrongResourceType,
 }
 
 
@@ -389,12 +391,17 @@ class Client:
             check_allocation_id(allocation_id)
         return bool(self._call("wait_ready", {"allocation_ids": ids, "timeout": timeout})[0]["ready"])
 
-    def claim(self, allocation_id: int, *, target_process_id: int | None = None) -> RemoteClaim:
+    def claim(self, allocation_id: int, *, target_process_id: int | None = None,
+              resource_type: ResourceType | str | None = None) -> RemoteClaim:
         """Takes a ready allocation: MEMORY maps the broker's pages here, CPU pins this
         process (or target_process_id, one of this uid's). KeyError for an id that is
-        not this connection's."""
+        not this connection's; with resource_type, WrongResourceType (a TypeError) for an
+        allocation of another type, which is then left as it was (not claimed)."""
         check_allocation_id(allocation_id)
-        result, fds = self._call("claim", {"allocation_id": allocation_id, "target_process_id": target_process_id})
+        args: dict[str, Any] = {"allocation_id": allocation_id, "target_process_id": target_process_id}
+        if resource_type is not None:
+            args["resource_type"] = ResourceType.parse(resource_type).name.lower()
+        result, fds = self._call("claim", args)
         return self._take(result, fds)
 
     def acquire(self, resource_type: ResourceType | str, amount: float, *, target_application: str | None = None,

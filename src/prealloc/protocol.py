@@ -45,7 +45,7 @@ OPS = ("hello", "request_preallocation", "submit", "handle_prediction", "wait_re
 # The error types an answer may carry (docs/protocol.md).
 ERROR_TYPES = ("ValueError", "TypeError", "KeyError", "PermissionError", "AllocationError",
                "InsufficientResources", "QuotaExceeded", "Timeout", "RateLimited", "ProtocolError",
-               "VersionError", "Closed")
+               "VersionError", "Closed", "WrongResourceType")
 
 
 class BrokerError(Exception):
@@ -67,6 +67,11 @@ class VersionError(ProtocolError):
 
 class RateLimited(BrokerError):
     """The peer sent more requests per second than the broker's ``rate_limit``."""
+
+
+class WrongResourceType(TypeError):
+    """A claim that named the resource type it expects, of an allocation of another type:
+    refused, and the allocation is left as it was (not claimed)."""
 
 
 class Closed(ConnectionError):
@@ -426,7 +431,7 @@ def _checked_tmp_socket(path: Path) -> Path:
 
 __all__ = ["client_socket_path", "default_socket_path", "runtime_socket_path",
            "Closed", "ERROR_TYPES", "MAX_FDS", "MAX_ID", "MAX_MESSAGE", "MAX_PROTOCOL_ERRORS", "OPS",
-           "ProtocolError", "RateLimited", "VERSION", "VERSIONS", "VersionError", "allocation_from_json",
+           "ProtocolError", "RateLimited", "VERSION", "VERSIONS", "VersionError", "WrongResourceType", "allocation_from_json",
            "allocation_to_json", "decode_message", "encode_message", "feedback_from_json", "feedback_to_json",
            "plain", "prediction_from_json", "prediction_to_json", "request_from_json", "request_to_json",
            "statistics_from_json", "statistics_to_json"]

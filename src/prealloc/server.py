@@ -74,6 +74,7 @@ from .protocol import (
     VERSIONS,
     ProtocolError,
     VersionError,
+    WrongResourceType,
     allocation_to_json,
     check_allocation_id,
     check_id,
@@ -1055,8 +1056,14 @@ class Broker:
 
     def _op_claim(self, peer: Peer, args: dict[str, Any]) -> Any:
         allocation_id = self._own(peer, args.get("allocation_id"))
+        expected = args.get("resource_type")
+        expected_type = None if expected is None else resource_type_from_json(expected)
         with self._lock:
             rtype = peer.held[allocation_id][0] if allocation_id in peer.held else None
+        if expected_type is not None and rtype is not None and rtype is not expected_type:
+            # checked before anything is claimed: a CPU claim would pin the peer already
+            raise WrongResourceType(f"allocation {allocation_id} is {rtype.name.lower()}, "
+                                    f"not {expected_type.name.lower()}")
         target = None
         if rtype is ResourceType.CPU:
             target = self._check_target(peer, args.get("target_process_id"))

@@ -193,11 +193,11 @@ typedef struct pa_client_claim {
  * stands at the broker: release it). */
 PA_API int pa_client_claim(pa_client_t *client, uint64_t allocation_id, pid_t target_pid, pa_client_claim_t *out);
 /* pa_client_claim for MEMORY: *addr and *size the mapping. An allocation of another type
- * fails -EMEDIUMTYPE, and stays claimed at the broker (release it). */
+ * fails -EMEDIUMTYPE and is left as it was (the broker checks the type before claiming). */
 PA_API int pa_client_claim_memory(pa_client_t *client, uint64_t allocation_id, void **addr, size_t *size);
 /* pa_client_claim for CPU (the broker pins the calling process): the first max cores
  * into cores (nullable when max is 0), *ncores (nullable) the count. Another type fails
- * -EMEDIUMTYPE (the claim stands: release it). */
+ * -EMEDIUMTYPE and is left as it was (not claimed, nothing pinned). */
 PA_API int pa_client_claim_cpu(pa_client_t *client, uint64_t allocation_id, int *cores, size_t max,
                                size_t *ncores);
 
