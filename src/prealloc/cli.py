@@ -31,31 +31,45 @@ MAX_SCALE = 100.0  # 4000 events over 5 minutes: beyond that a demo is a benchma
 MAX_ROUNDS = 1000
 
 
-def _scale(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and 0 < value <= MAX_SCALE):
-        raise argparse.ArgumentTypeError(f"must be > 0 and <= {MAX_SCALE:g}, not {text}")
-    return value
+def _number_arg(low: float, high: float, *, above: bool = True, unit: str = "") -> Callable[[str], float]:
+    """An argparse type: a finite float in (low, high] (above) or [low, high]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (math.isfinite(value) and (low < value if above else low <= value) and value <= high):
+            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {low:g} and <= {high:g}{unit}, "
+                                             f"not {text}")
+        return value
+
+    return parse
 
 
-def _rounds(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 1 <= value <= MAX_ROUNDS:
-        raise argparse.ArgumentTypeError(f"must be >= 1 and <= {MAX_ROUNDS}, not {text}")
-    return value
+def _integer_arg(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a decimal integer, within [low, high] where they are given."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = " and ".join(b for b in (f">= {low}" if low is not None else "",
+                                              f"<= {high}" if high is not None else "") if b)
+            raise argparse.ArgumentTypeError(f"must be {bounds}, not {text}")
+        return value
+
+    return parse
 
 
-def _seed(text: str) -> int:
-    try:
-        return int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+_scale = _number_arg(0, MAX_SCALE)
+_rounds = _integer_arg(1, MAX_ROUNDS)
+_seed = _integer_arg()
+_seconds = _number_arg(0, 3600)  # record --seconds
+_interval = _number_arg(0.1, 3600, above=False, unit=" seconds")  # status --watch
+_refreshes = _integer_arg(1)  # status --count
 
 
 def _add_verbose(parser: argparse.ArgumentParser, default: object) -> None:
@@ -289,16 +303,6 @@ def _run_recover(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------
 # record
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and 0 < value <= 3600):
-        raise argparse.ArgumentTypeError(f"must be > 0 and <= 3600, not {text}")
-    return value
-
-
 def _add_record(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
         "record", help="run a program once and store the files it read as a CACHE_SPACE profile",
@@ -381,26 +385,6 @@ def _run_check_config(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------
 # status and doctor (prealloc.status, prealloc.doctor: imported when the command runs)
-
-
-def _interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and 0.1 <= value <= 3600):
-        raise argparse.ArgumentTypeError(f"must be >= 0.1 and <= 3600 seconds, not {text}")
-    return value
-
-
-def _refreshes(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {text}")
-    return value
 
 
 def _add_status(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
