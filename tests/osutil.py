@@ -155,3 +155,27 @@ PINNING_HOST = textwrap.dedent("""
     print(" ".join(map(str, sorted(grant.handle.reservation.cores))), flush=True)
     time.sleep(60)
 """)
+
+
+def build_c_host(source: str, directory: Path, *, header: str, optimize: str = "-O2") -> Path:
+    """source compiled and linked against the installed core (prealloc.get_include() /
+    get_library_dir(), libprealloc_core.a) as a C host would, into directory/host; skips
+    where the machine has no C compiler."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    import prealloc
+
+    include, libdir = Path(prealloc.get_include()), Path(prealloc.get_library_dir())
+    assert (include / "prealloc" / header).is_file(), include
+    assert (libdir / "libprealloc_core.a").is_file(), libdir
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler on this machine")
+    (directory / "host.c").write_text(source)
+    exe = directory / "host"
+    subprocess.run([cc, "-std=c11", optimize, "-Wall", "-Werror", "-o", str(exe), str(directory / "host.c"),
+                    f"-I{include}", f"-L{libdir}", "-lprealloc_core", "-lpthread", "-lm"], check=True)
+    return exe

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-import prealloc
+from osutil import build_c_host
 
 HOST = r"""
 #define _GNU_SOURCE
@@ -429,18 +429,7 @@ def tsan_host(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    include, libdir = Path(prealloc.get_include()), Path(prealloc.get_library_dir())
-    assert (include / "prealloc" / "client.h").is_file(), include
-    assert (libdir / "libprealloc_core.a").is_file(), libdir
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler on this machine")
-    directory = tmp_path_factory.mktemp("c_client")
-    (directory / "host.c").write_text(HOST)
-    exe = directory / "host"
-    subprocess.run([cc, "-std=c11", "-O2", "-Wall", "-Werror", "-o", str(exe), str(directory / "host.c"),
-                    f"-I{include}", f"-L{libdir}", "-lprealloc_core", "-lpthread", "-lm"], check=True)
-    return exe
+    return build_c_host(HOST, tmp_path_factory.mktemp("c_client"), header="client.h")
 
 
 def _serve_command(path: Path) -> list[str]:

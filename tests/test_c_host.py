@@ -2,14 +2,10 @@
 prealloc.get_include(), the static library from prealloc.get_library_dir()."""
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
-import prealloc
+from osutil import build_c_host
 
 HOST = r"""
 #include <prealloc/prealloc.h>
@@ -53,16 +49,7 @@ int main(void) {
 
 
 def test_c_host_compiles_links_and_runs_against_the_installed_core(tmp_path: Path):
-    include, libdir = Path(prealloc.get_include()), Path(prealloc.get_library_dir())
-    assert (include / "prealloc" / "prealloc.h").is_file(), include
-    assert (libdir / "libprealloc_core.a").is_file(), libdir
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler on this machine")
-    (tmp_path / "host.c").write_text(HOST)
-    exe = tmp_path / "host"
-    subprocess.run([cc, "-std=c11", "-Wall", "-Werror", "-o", str(exe), str(tmp_path / "host.c"),
-                    f"-I{include}", f"-L{libdir}", "-lprealloc_core", "-lpthread"], check=True)
+    exe = build_c_host(HOST, tmp_path, header="prealloc.h", optimize="-O0")
     out = subprocess.run([str(exe)], capture_output=True, text=True)
     assert out.returncode == 0, (out.returncode, out.stderr)
     assert out.stdout.strip() == "host ok EXPIRED"
