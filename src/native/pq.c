@@ -47,8 +47,9 @@
  * each chunk by key before inserting it (each search then follows the previous one's
  * cached path); a larger batch is sorted by groups of up to PQ_BATCH_GROUP and inserted
  * with finger searches (below). The sort is an MSD radix sort that skips the digits the
- * batch's keys agree on (sort_keys_into), and a batch's nodes are given its keys in
- * address order (sort_by_address), so recycled nodes are walked in memory order too. Costs per operation, measured with cachegrind:
+ * batch's keys agree on (sort_keys_into), and the nodes of each height are given the
+ * batch's keys in address order (order_nodes), so recycled nodes are walked in memory
+ * order too. Costs per operation, measured with cachegrind:
  * benchmarks/README.md.
  *
  * Finger search (batch push)
@@ -99,7 +100,7 @@
  *        search descends from a single entry. The other checks (n or succs[i] turned
  *        deleted, frozen links, the retry from head when an upper CAS fails) are unchanged.
  * Memory: a group's sort buffer is 64 bytes per item (4 MiB at most: the keys and the
- * radix sort's scratch, which then holds the node array and its address sort's scratch),
+ * radix sort's scratch, which then holds three node arrays and the drawn heights),
  * malloc'ed per group;
  * when that fails the group is pushed chunk by chunk (each chunk sorted, with its own run).
  * Linearizability: the batch's items are separate pushes overlapping the call; tickets are
@@ -1302,15 +1303,9 @@ static void sort_keys(pq_sort_key_t *a, pq_sort_key_t *tmp, size_t n, const uint
     sort_keys_into(a, tmp, n, false, w, w < 3 ? 63 - __builtin_clzll(diff[w]) : 0);
 }
 
-/* Sorts a batch's blank nodes by address (tmp has room for n), so that the batch's keys,
- * given to them in key order, lie in ascending memory: the inserts then write, and the
- * pops walk, memory in order. Recycled nodes come from the per-height caches and the
- * depot in the order they were freed, across heights — without this a queue that is
- * filled again walks its nodes at scattered addresses (pop_many of 2e5 recycled nodes:
- * ~3x the time per item of a first fill). Heights stay independent draws: which node
- * gets which key depends on the addresses only. An LSD radix sort over the address bits
- * that differ among the nodes (11 per pass — two passes for nodes within 64 MiB —, fewer
- * for a small batch; none when already ascending). */
+/* Sorts nodes by address (tmp has room for n): an LSD radix sort over the address bits
+ * that differ among them (11 per pass — two passes for nodes within 64 MiB —, fewer for a
+ * small n; none when already ascending). */
 static void sort_by_address(pq_node_t **a, pq_node_t **tmp, size_t n) {
     if (n < 2) return;
     uintptr_t d = 0, f = (uintptr_t)a[0];
@@ -1353,6 +1348,37 @@ static void sort_by_address(pq_node_t **a, pq_node_t **tmp, size_t n) {
     if (src != a) memcpy(a, src, n * sizeof *a);
 }
 
+/* Puts a batch's blank nodes in the order its sorted keys take them: nodes[k] was
+ * allocated with heights[k], the height drawn for the k-th key, and afterwards nodes[k]
+ * is a node of that height again — so the heights along the keys stay the independent
+ * draws they were — while the nodes of each height are taken in ascending address order.
+ * So the inserts write, and the pops walk, a few ascending streams of memory (one per
+ * height) instead of the scattered order in which recycled nodes leave the per-height
+ * caches and the depot (pop_many of 2e5 recycled nodes: ~3x the time per item of a first
+ * fill without this). Sorting all nodes by address alone is not allowed: a node's height
+ * is not independent of its address (each height is its own cache, depot list and malloc
+ * size), and runs of one height along the keys degrade the skiplist into a list — a
+ * refill of 1e6 items took minutes that way. cls and scratch have room for n. */
+static void order_nodes(pq_node_t **nodes, const uint8_t *heights, pq_node_t **cls, pq_node_t **scratch, size_t n) {
+    uint32_t next[PQ_MAX_LEVEL + 1] = {0}; /* per height: count, then the class's next node */
+    for (size_t k = 0; k < n; k++) next[heights[k]]++;
+    uint32_t lo = 0;
+    for (unsigned h = 0; h <= PQ_MAX_LEVEL; h++) {
+        uint32_t c = next[h];
+        next[h] = lo;
+        lo += c;
+    }
+    for (size_t k = 0; k < n; k++) cls[next[heights[k]]++] = nodes[k];
+    lo = 0;
+    for (unsigned h = 0; h <= PQ_MAX_LEVEL; h++) { /* next[h] is now the class's end */
+        uint32_t c = next[h] - lo;
+        sort_by_address(cls + lo, scratch, c);
+        next[h] = lo; /* back to its start */
+        lo += c;
+    }
+    for (size_t k = 0; k < n; k++) nodes[k] = cls[next[heights[k]]++];
+}
+
 /* The tower cap for a batch of n nodes whose heights are drawn before any is linked:
  * Pugh's cap (one level above those in use) would stunt a batch pushed into a small queue
  * — the first chunk into an empty one would be all height 1 or 2, a near-linked list. The
@@ -1372,10 +1398,12 @@ static int push_chunk_sorted(pq_op_t *op, size_t chunk, const uint64_t *values, 
                              const double *confidences, const double *deadlines) {
     pa_pq_t *const pq = op->pq;
     pq_node_t *nodes[PQ_BATCH_CHUNK];
-    pq_sort_key_t keys[2 * PQ_BATCH_CHUNK]; /* the keys, then the sort's scratch */
+    uint8_t heights[PQ_BATCH_CHUNK];
+    pq_sort_key_t keys[2 * PQ_BATCH_CHUNK]; /* the keys, then the sorts' scratch */
     unsigned cap = batch_cap(levels_in_use(pq), chunk); /* heights drawn before any is linked */
     for (size_t k = 0; k < chunk; k++) {
-        nodes[k] = node_alloc(op->t, random_level(op->t, cap));
+        heights[k] = (uint8_t)random_level(op->t, cap);
+        nodes[k] = node_alloc(op->t, heights[k]);
         if (!nodes[k]) {
             while (k > 0) node_recycle(nodes[--k]); /* never published */
             return -ENOMEM;
@@ -1385,8 +1413,9 @@ static int push_chunk_sorted(pq_op_t *op, size_t chunk, const uint64_t *values, 
     uint64_t diff[3];
     make_keys(keys, chunk, priorities, confidences, deadlines, ticket, diff);
     sort_keys(keys, keys + chunk, chunk, diff);
-    sort_by_address(nodes, (pq_node_t **)(void *)(keys + chunk), chunk);
-    /* the nodes are blank and their heights independent draws: node k takes the k-th key */
+    pq_node_t **cls = (pq_node_t **)(void *)(keys + chunk); /* the scratch half: 4 pointers per item */
+    order_nodes(nodes, heights, cls, cls + chunk, chunk);
+    /* node k, of the height drawn for it, takes the k-th key */
     for (size_t k = 0; k < chunk; k++) {
         memcpy(nodes[k]->key, keys[k].k, sizeof nodes[k]->key);
         nodes[k]->value = values[keys[k].k[3] - ticket];
@@ -1426,17 +1455,19 @@ static int push_group_sorted(pa_pq_t *pq, size_t n, const uint64_t *values, cons
     make_keys(keys, n, priorities, confidences, deadlines, ticket, diff);
     sort_keys(keys, keys + n, n, diff);
     unsigned cap = batch_cap(levels_in_use(pq), n); /* as in push_chunk_sorted */
-    /* the nodes, in the sort's scratch half (32 bytes per item: room for 2 arrays) */
-    pq_node_t **nodes = (pq_node_t **)(void *)(keys + n), **scratch = nodes + n;
+    /* in the sort's scratch half (32 bytes per item): 3 node arrays and the heights */
+    pq_node_t **nodes = (pq_node_t **)(void *)(keys + n), **cls = nodes + n, **scratch = cls + n;
+    uint8_t *heights = (uint8_t *)(void *)(scratch + n);
     for (size_t k = 0; k < n; k++) {
-        nodes[k] = node_alloc(t, random_level(t, cap));
+        heights[k] = (uint8_t)random_level(t, cap);
+        nodes[k] = node_alloc(t, heights[k]);
         if (!nodes[k]) {
             while (k > 0) node_recycle(nodes[--k]); /* never published */
             free(keys);
             return -ENOMEM;
         }
     }
-    sort_by_address(nodes, scratch, n);
+    order_nodes(nodes, heights, cls, scratch, n);
     pq_node_t *first = NULL, *last = NULL;
     for (size_t k = 0; k < n; k++) {
         pq_node_t *x = nodes[k];

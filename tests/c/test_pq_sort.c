@@ -13,8 +13,10 @@
  * sorted and reversed input, at sizes around the insertion-sort leaf (16), a chunk (256)
  * and a group (65 536). Then the same key sets go through pa_pq_push_many and come out of
  * pop_items in key order, equal keys in input order (the arrival contract). The blank
- * nodes of a batch are sorted by address (sort_by_address, checked against qsort), so a
- * queue filled again from recycled nodes holds each batch in ascending memory.
+ * nodes of a batch are ordered by address within each height (order_nodes; its
+ * sort_by_address checked against qsort), the k-th key still getting a node of the height
+ * drawn for it, so a queue filled again from recycled nodes holds each batch in a few
+ * ascending streams of memory and its towers stay independent of the addresses.
  */
 #define _GNU_SOURCE
 #define pa_pq_create ws_pq_create
@@ -254,18 +256,59 @@ static void test_sort_by_address(void) {
 }
 
 /* A queue filled, drained and filled again (the second fill's nodes are recycled, in the
- * order they were freed) holds each batch's nodes in ascending memory along level 0: a
- * group (5000 items) and a chunk (200). Returns the number of descents. */
+ * order they were freed) holds each batch's nodes of each height in ascending memory
+ * along level 0: a group (5000 items) and a chunk (200). Returns the number of descents
+ * (a node below the previous live node of its height). */
 static long level0_descents(pa_pq_t *pq) {
     long down = 0;
-    pq_node_t *prev = NULL;
+    pq_node_t *prev[PQ_MAX_LEVEL + 1] = {0};
     uintptr_t raw = pa__load_acquire(&pq->head->next0);
     for (pq_node_t *x = unmark(raw); x != pq->tail; raw = pa__load_acquire(&x->next0), x = unmark(raw)) {
         if (is_marked(raw)) continue; /* popped, not yet cut: an earlier fill's node */
-        if (prev && (uintptr_t)x < (uintptr_t)prev) down++;
-        prev = x;
+        if (prev[x->level] && (uintptr_t)x < (uintptr_t)prev[x->level]) down++;
+        prev[x->level] = x;
     }
     return down;
+}
+
+/* order_nodes gives the k-th key a node of the height drawn for it, whatever the
+ * addresses: nodes whose heights cluster by address (as a cache per height and malloc's
+ * size classes make them) must not come out as runs of one height along the keys (a
+ * skiplist of such runs is a list). And it is a permutation, each height's nodes in
+ * ascending memory. */
+static void test_order_nodes_keeps_heights(void) {
+    enum { N = 3000, H = 4 };
+    static pq_node_t *nodes[N], *orig[N], *cls[N], *scratch[N];
+    static uint8_t heights[N];
+    for (size_t k = 0; k < N; k++) heights[k] = (uint8_t)(1 + rnd() % H);
+    for (unsigned h = H; h >= 1; h--) /* clustered: all nodes of one height, then the next */
+        for (size_t k = 0; k < N; k++)
+            if (heights[k] == h) REQUIRE((nodes[k] = node_alloc(NULL, h)) != NULL);
+    for (size_t k = 0; k < N / 2; k++) { /* and scrambled within a height */
+        size_t j = rnd() % N;
+        if (heights[j] == heights[k]) {
+            pq_node_t *x = nodes[k];
+            nodes[k] = nodes[j];
+            nodes[j] = x;
+        }
+    }
+    memcpy(orig, nodes, sizeof nodes);
+    order_nodes(nodes, heights, cls, scratch, N);
+    long wrong_height = 0, down = 0, missing = 0;
+    pq_node_t *prev[H + 1] = {0};
+    for (size_t k = 0; k < N; k++) {
+        if (nodes[k]->level != heights[k]) wrong_height++;
+        if (prev[heights[k]] && (uintptr_t)nodes[k] < (uintptr_t)prev[heights[k]]) down++;
+        prev[heights[k]] = nodes[k];
+    }
+    qsort(orig, N, sizeof orig[0], cmp_ptr);
+    memcpy(cls, nodes, sizeof nodes);
+    qsort(cls, N, sizeof cls[0], cmp_ptr);
+    for (size_t k = 0; k < N; k++) missing += cls[k] != orig[k];
+    CHECK_EQ_INT(wrong_height, 0);
+    CHECK_EQ_INT(down, 0);
+    CHECK_EQ_INT(missing, 0);
+    for (size_t k = 0; k < N; k++) free(nodes[k]);
 }
 
 static void test_refill_in_address_order(void) {
@@ -300,6 +343,7 @@ int main(void) {
     RUN_TEST(test_signed_zero_is_one_key);
     RUN_TEST(test_push_many_order);
     RUN_TEST(test_sort_by_address);
+    RUN_TEST(test_order_nodes_keeps_heights);
     RUN_TEST(test_refill_in_address_order);
     TEST_MAIN_END();
 }
