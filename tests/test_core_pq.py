@@ -136,6 +136,42 @@ def test_push_many_validates_before_pushing_anything():
     assert len(q) == 1 and q.pop() == 3  # the two pushed before the duplicate were withdrawn
 
 
+@pytest.mark.parametrize("ids, error", [
+    (np.arange(-2, 3), ValueError),                     # int64 with negatives: a cast would wrap them
+    ([1, -1, 2], ValueError),
+    ([1, 2**64, 3], ValueError),                        # beyond uint64
+    (np.array([1.0, 2.5, 3.0]), TypeError),             # a cast would truncate 2.5
+    (np.array([True, False, True]), TypeError),
+    (["1", "2", "3"], TypeError),
+], ids=["negative-int64", "negative-list", "too-large", "float", "bool", "str"])
+def test_push_many_refuses_ids_a_cast_would_change_and_pushes_nothing(ids, error):
+    q = core.PriorityQueue()
+    with pytest.raises(error, match="request ids"):
+        q.push_many(ids, np.zeros(3), np.zeros(3), np.full(3, math.nan))
+    assert len(q) == 0
+
+
+def test_push_many_takes_ids_of_any_integer_dtype_in_range():
+    q = core.PriorityQueue()
+    q.push_many(np.arange(1, 4, dtype=np.int64), np.zeros(3), np.zeros(3), np.full(3, math.nan))
+    q.push_many([4, 2**64 - 1], np.ones(2), np.zeros(2), np.full(2, math.nan))
+    assert sorted(q.pop_many(10).tolist()) == [1, 2, 3, 4, 2**64 - 1]
+
+
+def test_pop_many_of_more_than_the_queue_holds_allocates_for_what_it_holds():
+    q = core.PriorityQueue(indexed=False)
+    q.push_many(np.arange(1, 11, dtype=np.uint64), np.arange(10.0), np.zeros(10), np.full(10, math.nan))
+    out = q.pop_many(2**40)  # an 8 TiB array if sized by n
+    assert out.tolist() == list(range(10, 0, -1)) and len(q) == 0
+    assert q.pop_many(2**40).size == 0
+
+
+def test_table_refuses_negative_ids():
+    table = core.AllocationTable(16)
+    with pytest.raises(ValueError, match="0.."):
+        table.status_many(np.array([-1, 2]))
+
+
 def test_unindexed_queue_allows_duplicates_but_not_cancel():
     q = core.PriorityQueue(indexed=False)
     q.push(1, 1.0)

@@ -59,12 +59,43 @@ cdef int _check(int rc, str call) except -1:
 # batch arguments: any array-like of numbers, converted only when it is not already a
 # contiguous array of the right dtype
 
-cdef inline object _u64(x):
-    return np.ascontiguousarray(x, dtype=np.uint64)
+cdef object _unsigned(x, dtype, str what):
+    """x as a contiguous array of dtype, refusing what a plain cast would change silently
+    (a negative or too large integer wraps, a float truncates, a bool is not a number)."""
+    if isinstance(x, np.ndarray) and x.dtype == dtype:
+        return np.ascontiguousarray(x)  # the hot path: no check, no copy when contiguous
+    if isinstance(x, (list, tuple)) and all(type(v) is int for v in x):
+        # Python ints: checked here (numpy would make a float64 array of [1, 2**64 - 1]
+        # and, before 2.0, wrap a negative into uint64)
+        top = int(np.iinfo(dtype).max)
+        if not all(0 <= v <= top for v in x):
+            raise ValueError(f"{what} must be integers in 0..{top}")
+        return np.array(x, dtype=dtype)
+    try:
+        arr = np.asarray(x)
+    except OverflowError:
+        raise ValueError(f"{what} must be integers in 0..{np.iinfo(dtype).max}") from None
+    kind = arr.dtype.kind
+    if arr.size == 0:
+        return np.zeros(0, dtype=dtype) if arr.ndim == 1 else np.ascontiguousarray(arr, dtype=dtype)
+    if kind == "O":  # Python ints beyond int64 among other objects
+        values = arr.tolist()
+        if arr.ndim == 1 and all(type(v) is int for v in values):
+            return _unsigned(values, dtype, what)
+        raise TypeError(f"{what} must be integers, not {sorted({type(v).__name__ for v in arr.ravel().tolist()})}")
+    if kind not in "ui":
+        raise TypeError(f"{what} must be integers, not {arr.dtype}")
+    if (kind == "i" and arr.min() < 0) or arr.max() > np.iinfo(dtype).max:
+        raise ValueError(f"{what} must be integers in 0..{np.iinfo(dtype).max}")
+    return np.ascontiguousarray(arr, dtype=dtype)
 
 
-cdef inline object _u32(x):
-    return np.ascontiguousarray(x, dtype=np.uint32)
+cdef inline object _u64(x, str what="values"):
+    return _unsigned(x, np.uint64, what)
+
+
+cdef inline object _u32(x, str what="values"):
+    return _unsigned(x, np.uint32, what)
 
 
 cdef inline object _f64(x):
@@ -801,7 +832,7 @@ cdef class PriorityQueue:
     def push_many(self, request_ids_in, priorities_in, confidences_in, deadlines_in, /):
         """Pushes each element (deadline NaN = none). Input is validated before anything is
         pushed; on an indexed queue a duplicate id withdraws what this call pushed."""
-        cdef const uint64_t[::1] request_ids = _u64(request_ids_in)
+        cdef const uint64_t[::1] request_ids = _u64(request_ids_in, "request ids")
         cdef const double[::1] priorities = _f64(priorities_in)
         cdef const double[::1] confidences = _f64(confidences_in)
         cdef const double[::1] deadlines = _f64(deadlines_in)
@@ -863,14 +894,17 @@ cdef class PriorityQueue:
         """Up to n ids in order (uint64 array)."""
         if n < 0:
             raise ValueError(f"n must be >= 0, not {n}")
-        out = np.empty(n, dtype=np.uint64)
+        # room for what the queue holds now (and what concurrent pushes may add meanwhile),
+        # not for n: a caller's "all of it" (pop_many(2**40)) must not allocate n slots
+        cdef Py_ssize_t room = min(n, <Py_ssize_t>pa_pq_size(self._pq) + 256)
+        out = np.empty(room, dtype=np.uint64)
         cdef uint64_t[::1] values = out
         cdef Py_ssize_t got = 0
-        if n:
+        if room:
             with nogil:
-                got = pa_pq_pop_many(self._pq, &values[0], <size_t>n)
+                got = pa_pq_pop_many(self._pq, &values[0], <size_t>room)
             _check(<int>got if got < 0 else 0, "pa_pq_pop_many")
-        return out[:got].copy() if got < n else out
+        return out[:got].copy() if got < room else out
 
     def cancel(self, uint64_t request_id):
         """True when the id was queued and is now withdrawn."""
