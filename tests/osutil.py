@@ -179,3 +179,48 @@ def build_c_host(source: str, directory: Path, *, header: str, optimize: str = "
     subprocess.run([cc, "-std=c11", optimize, "-Wall", "-Werror", "-o", str(exe), str(directory / "host.c"),
                     f"-I{include}", f"-L{libdir}", "-lprealloc_core", "-lpthread", "-lm"], check=True)
     return exe
+
+
+def threads_state(pid: int) -> str:
+    """Each thread of pid: its state, kernel wait channel and signal masks (for a failure
+    message: where a process that does not end is stuck)."""
+    lines = []
+    try:
+        tids = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
+    except FileNotFoundError:
+        return f"{pid}: gone"
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                fields = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                wchan = f.read().strip()
+        except OSError:
+            continue
+        lines.append(f"{tid} {fields.get('State')} wchan={wchan} SigBlk={fields.get('SigBlk')} "
+                     f"SigIgn={fields.get('SigIgn')} SigCgt={fields.get('SigCgt')} SigPnd={fields.get('SigPnd')} "
+                     f"ShdPnd={fields.get('ShdPnd')}")
+    return "\n".join(lines)
+
+
+def signal_and_wait(proc, signum: int, timeout: float = 120.0) -> tuple[str, str]:
+    """Sends signum to a Popen (started with -X faulthandler, pipes for both outputs) and
+    returns its (stdout, stderr) once it ends; a process still running after timeout (a
+    hang guard, not a timing check) is described, made to print its Python stacks
+    (SIGABRT) and killed, and the failure says all of it."""
+    import signal
+    import subprocess
+
+    proc.send_signal(signum)
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        state = threads_state(proc.pid)
+        proc.send_signal(signal.SIGABRT)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        raise AssertionError(f"pid {proc.pid} did not end within {timeout} s of signal {signum}:\n{state}\n"
+                             f"stderr:\n{err}") from None

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 
+from osutil import signal_and_wait
 from prealloc.client import Client
 from test_server import BrokerProcess
 
@@ -123,15 +124,14 @@ def test_serve_drains_at_a_sigterm_that_lands_on_a_host_thread(tmp_path):
 
 
 def test_status_watch_threads_block_signals_and_ctrl_c_ends_it(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "prealloc", "status", "--dir", str(tmp_path / "journal"),
-                             "--socket", str(tmp_path / "none.sock"), "--watch", "0.2"],
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "prealloc", "status", "--dir",
+                             str(tmp_path / "journal"), "--socket", str(tmp_path / "none.sock"), "--watch", "0.2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().startswith("source: ")
         threads = _threads_taking_signals(proc.pid)
         assert all(not taking for taking in threads.values()), threads
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        _, err = signal_and_wait(proc, signal.SIGINT)
         assert proc.returncode == 0, err
     finally:
         if proc.poll() is None:
