@@ -224,3 +224,15 @@ def signal_and_wait(proc, signum: int, timeout: float = 120.0) -> tuple[str, str
             out, err = proc.communicate()
         raise AssertionError(f"pid {proc.pid} did not end within {timeout} s of signal {signum}:\n{state}\n"
                              f"stderr:\n{err}") from None
+
+
+# `python -m prealloc` as a terminal's foreground job runs it: with Ctrl-C's SIGINT raising
+# KeyboardInterrupt. A test run started in the background of a non-interactive shell (or
+# under nohup) has SIGINT ignored, and a child inherits that across exec (Python then keeps
+# it ignored, as it should): a Ctrl-C test would wait forever. (-X faulthandler: see
+# signal_and_wait.)
+FOREGROUND_PREALLOC = [
+    __import__("sys").executable, "-X", "faulthandler", "-c",
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv = ['prealloc', *sys.argv[1:]]; runpy.run_module('prealloc', run_name='__main__', alter_sys=True)",
+]

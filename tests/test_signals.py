@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 
-from osutil import signal_and_wait
+from osutil import FOREGROUND_PREALLOC, signal_and_wait
 from prealloc.client import Client
 from test_server import BrokerProcess
 
@@ -124,8 +124,8 @@ def test_serve_drains_at_a_sigterm_that_lands_on_a_host_thread(tmp_path):
 
 
 def test_status_watch_threads_block_signals_and_ctrl_c_ends_it(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "prealloc", "status", "--dir",
-                             str(tmp_path / "journal"), "--socket", str(tmp_path / "none.sock"), "--watch", "0.2"],
+    proc = subprocess.Popen([*FOREGROUND_PREALLOC, "status", "--dir", str(tmp_path / "journal"),
+                             "--socket", str(tmp_path / "none.sock"), "--watch", "0.2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().startswith("source: ")

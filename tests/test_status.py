@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from osutil import PINNING_HOST, cpus_allowed, signal_and_wait, thread_ids
+from osutil import FOREGROUND_PREALLOC, PINNING_HOST, cpus_allowed, signal_and_wait, thread_ids
 from prealloc import cli, core, journal, status
 
 ALL = core.get_affinity(0)
@@ -201,8 +201,8 @@ def test_watch_clears_the_screen_on_a_terminal(journal_dir, no_broker):
 
 
 def test_ctrl_c_ends_watch_with_status_0(journal_dir, no_broker):
-    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "prealloc", "status", "--dir",
-                             str(journal_dir), "--socket", no_broker, "--watch", "0.2"],
+    proc = subprocess.Popen([*FOREGROUND_PREALLOC, "status", "--dir", str(journal_dir), "--socket", no_broker,
+                             "--watch", "0.2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().startswith("source: ")
     _, err = signal_and_wait(proc, signal.SIGINT)
