@@ -52,6 +52,22 @@ def _gone(pid: int, timeout: float = PATIENCE) -> bool:
     return False
 
 
+def _ray_log_tails(lines: int = 40) -> str:
+    """The ends of this Ray session's raylet and worker logs (for a failure message)."""
+    try:
+        logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    except Exception as exc:  # no session: nothing to show
+        return f"(no Ray logs: {exc!r})"
+    out = []
+    for path in sorted(logs.glob("raylet*.out")) + sorted(logs.glob("worker-*.err"), key=os.path.getmtime)[-3:]:
+        try:
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            continue
+        out.append(f"--- {path.name}\n" + "\n".join(tail))
+    return "\n".join(out)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """(cluster or None, reason the cluster is single-node or None)."""
@@ -200,8 +216,14 @@ def test_claim_in_a_task_maps_the_node_memory_and_pins_the_task(ray_cluster):
             view.release()
         return mapped, ends, held, sorted(pinned), sorted(os.sched_getaffinity(0)), os.getpid()
 
-    mapped, ends, held, pinned, after, task_pid = ray.get(consumer.options(
-        scheduling_strategy=PlacementGroupSchedulingStrategy(request.placement_group)).remote(), timeout=PATIENCE)
+    # no retries: a retry of a task whose first run claimed the node's resources cannot do
+    # better, and the first run's own error (with Ray's logs) is what a failure must show
+    try:
+        mapped, ends, held, pinned, after, task_pid = ray.get(consumer.options(
+            max_retries=0, scheduling_strategy=PlacementGroupSchedulingStrategy(request.placement_group)).remote(),
+            timeout=PATIENCE)
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+        raise AssertionError(f"the consumer task failed: {exc!r}\n{_ray_log_tails()}") from None
     assert ends == (7, 9, MEMORY_MIB << 20)
     assert mapped >= MEMORY_MIB * 1024 - 4  # the same shared pages, already there
     assert held == cpu.details["cores"] and pinned == held
