@@ -33,17 +33,7 @@ struct pa_pq;
 static void group_hook(struct pa_pq *pq);
 #define PQ_GROUP_HOOK(pq) group_hook(pq)
 
-#define pa_pq_create wf2_pq_create
-#define pa_pq_destroy wf2_pq_destroy
-#define pa_pq_push wf2_pq_push
-#define pa_pq_push_many wf2_pq_push_many
-#define pa_pq_pop wf2_pq_pop
-#define pa_pq_pop_many wf2_pq_pop_many
-#define pa_pq_pop_items wf2_pq_pop_items
-#define pa_pq_peek wf2_pq_peek
-#define pa_pq_cancel wf2_pq_cancel
-#define pa_pq_size wf2_pq_size
-#include "../../src/native/pq.c"
+#include "pq_whitebox.h"
 
 #include "pa_test.h"
 
@@ -289,7 +279,7 @@ static long popped_between_ops;
 static void group_hook(struct pa_pq *pq) {
     if (!pop_between_ops) return;
     static uint64_t buf[4096];
-    ssize_t got = wf2_pq_pop_many(pq, buf, 4096);
+    ssize_t got = wb_pq_pop_many(pq, buf, 4096);
     if (got > 0) popped_between_ops += got;
     pa__ebr_barrier();
 }

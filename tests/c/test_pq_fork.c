@@ -15,17 +15,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define pa_pq_create wf_pq_create
-#define pa_pq_destroy wf_pq_destroy
-#define pa_pq_push wf_pq_push
-#define pa_pq_push_many wf_pq_push_many
-#define pa_pq_pop wf_pq_pop
-#define pa_pq_pop_many wf_pq_pop_many
-#define pa_pq_pop_items wf_pq_pop_items
-#define pa_pq_peek wf_pq_peek
-#define pa_pq_cancel wf_pq_cancel
-#define pa_pq_size wf_pq_size
-#include "../../src/native/pq.c"
+#include "pq_whitebox.h"
 
 #include "pa_test.h"
 
@@ -33,7 +23,7 @@ static pa_pq_t *the_pq;
 static pthread_barrier_t started, release_them;
 
 static void *holder(void *arg) {
-    (void)wf_pq_push(the_pq, (uint64_t)(uintptr_t)arg, 1.0, 1.0, NAN); /* claims a stripe */
+    (void)wb_pq_push(the_pq, (uint64_t)(uintptr_t)arg, 1.0, 1.0, NAN); /* claims a stripe */
     pthread_barrier_wait(&started);
     pthread_barrier_wait(&release_them);
     return NULL;
@@ -42,14 +32,14 @@ static void *holder(void *arg) {
 
 static void test_child_gets_the_stripes_of_threads_it_does_not_have(void) {
     enum { HOLDERS = PQ_SIZE_SHARDS };
-    REQUIRE(wf_pq_create(0, &the_pq) == 0);
+    REQUIRE(wb_pq_create(0, &the_pq) == 0);
     pthread_barrier_init(&started, NULL, HOLDERS + 1);
     pthread_barrier_init(&release_them, NULL, HOLDERS + 1);
     pthread_t th[HOLDERS];
     for (int i = 0; i < HOLDERS; i++) REQUIRE(pthread_create(&th[i], NULL, holder, (void *)(uintptr_t)(i + 1)) == 0);
     pthread_barrier_wait(&started);
     CHECK_EQ_INT(pa__load_relaxed(&pq_stripes_owned), (1u << PQ_SIZE_SHARDS) - 1); /* all taken */
-    CHECK_EQ_INT(wf_pq_size(the_pq), HOLDERS);
+    CHECK_EQ_INT(wb_pq_size(the_pq), HOLDERS);
 
     fflush(NULL);
     pid_t pid = fork();
@@ -60,10 +50,10 @@ static void test_child_gets_the_stripes_of_threads_it_does_not_have(void) {
         alarm(30);
         int code = 0;
         pa_pq_item_t it;
-        for (int i = 0; i < 100; i++) (void)wf_pq_push(the_pq, 1000 + (uint64_t)i, 2.0, 1.0, NAN);
-        for (int i = 0; i < 50; i++) (void)wf_pq_pop(the_pq, &it);
+        for (int i = 0; i < 100; i++) (void)wb_pq_push(the_pq, 1000 + (uint64_t)i, 2.0, 1.0, NAN);
+        for (int i = 0; i < 50; i++) (void)wb_pq_pop(the_pq, &it);
         if (!tls_pq.exclusive) code |= 1;                 /* got a stripe of its own */
-        if (wf_pq_size(the_pq) != HOLDERS + 50) code |= 2; /* and the count is exact */
+        if (wb_pq_size(the_pq) != HOLDERS + 50) code |= 2; /* and the count is exact */
         _exit(code);
     }
     int status = 0;
@@ -76,8 +66,8 @@ static void test_child_gets_the_stripes_of_threads_it_does_not_have(void) {
     /* the holders exited: their stripes are free again here too (this thread never made
      * a queue call here, so it holds none) */
     CHECK_EQ_INT(pa__load_relaxed(&pq_stripes_owned), 0);
-    CHECK_EQ_INT(wf_pq_size(the_pq), HOLDERS);
-    wf_pq_destroy(the_pq);
+    CHECK_EQ_INT(wb_pq_size(the_pq), HOLDERS);
+    wb_pq_destroy(the_pq);
 }
 
 int main(void) {

@@ -27,17 +27,7 @@ static unsigned forced_level;
 #define PQ_INSERT_HOOK(pq, n, i) insert_hook((pq), (n), (i))
 #define PQ_TEST_LEVEL(cap) forced_level
 
-#define pa_pq_create wi_pq_create
-#define pa_pq_destroy wi_pq_destroy
-#define pa_pq_push wi_pq_push
-#define pa_pq_push_many wi_pq_push_many
-#define pa_pq_pop wi_pq_pop
-#define pa_pq_pop_many wi_pq_pop_many
-#define pa_pq_pop_items wi_pq_pop_items
-#define pa_pq_peek wi_pq_peek
-#define pa_pq_cancel wi_pq_cancel
-#define pa_pq_size wi_pq_size
-#include "../../src/native/pq.c"
+#include "pq_whitebox.h"
 
 #include "pa_test.h"
 
@@ -58,9 +48,9 @@ static void insert_hook(struct pa_pq *pq, struct pq_node *n, int i) {
     pa_pq_item_t it;
     /* claims N from head (head's link is now marked), then a walk over the rest that
      * starts at a marked head link and passes >= PQ_BOUND_OFFSET nodes: it cuts */
-    if (wi_pq_pop(pq, &it) == 1) hook_popped++;
+    if (wb_pq_pop(pq, &it) == 1) hook_popped++;
     uint64_t vals[64];
-    ssize_t got = wi_pq_pop_many(pq, vals, 64);
+    ssize_t got = wb_pq_pop_many(pq, vals, 64);
     if (got > 0) hook_popped += got;
 }
 
@@ -77,30 +67,30 @@ static long poisoned_reachable(pa_pq_t *pq, int i) {
 
 static void test_cut_stops_before_a_push_in_progress(void) {
     pa_pq_t *pq;
-    REQUIRE(wi_pq_create(0, &pq) == 0);
+    REQUIRE(wb_pq_create(0, &pq) == 0);
     forced_level = 1;
-    for (int i = 0; i < 12; i++) REQUIRE(wi_pq_push(pq, 100 + (uint64_t)i, 1.0, 0.5, NAN) == 0);
+    for (int i = 0; i < 12; i++) REQUIRE(wb_pq_push(pq, 100 + (uint64_t)i, 1.0, 0.5, NAN) == 0);
     forced_level = 2;
     hook_armed = true;
-    REQUIRE(wi_pq_push(pq, 1, 9.0, 0.5, NAN) == 0); /* N: first in the order */
+    REQUIRE(wb_pq_push(pq, 1, 9.0, 0.5, NAN) == 0); /* N: first in the order */
     forced_level = 0;
     CHECK(!hook_armed);
     CHECK(hooked != NULL);
     CHECK_EQ_INT(hook_popped, 13); /* N and the 12 */
-    CHECK_EQ_INT(wi_pq_size(pq), 0);
+    CHECK_EQ_INT(wb_pq_size(pq), 0);
 
     pa__ebr_barrier(); /* whatever the cut retired is freed (and poisoned) now */
     for (int i = 0; i < PQ_MAX_LEVEL; i++) CHECK_EQ_INT(poisoned_reachable(pq, i), 0);
 
     /* the queue still works: a search from head (asserts on every node it reaches) */
-    for (int i = 0; i < 20; i++) REQUIRE(wi_pq_push(pq, 200 + (uint64_t)i, (double)i, 0.5, NAN) == 0);
+    for (int i = 0; i < 20; i++) REQUIRE(wb_pq_push(pq, 200 + (uint64_t)i, (double)i, 0.5, NAN) == 0);
     pa_pq_item_t it;
     for (int i = 19; i >= 0; i--) {
-        REQUIRE(wi_pq_pop(pq, &it) == 1);
+        REQUIRE(wb_pq_pop(pq, &it) == 1);
         CHECK_EQ_INT(it.value, 200 + (uint64_t)i);
     }
-    CHECK(wi_pq_pop(pq, &it) == 0);
-    wi_pq_destroy(pq);
+    CHECK(wb_pq_pop(pq, &it) == 0);
+    wb_pq_destroy(pq);
 }
 
 /* Nodes of the deleted prefix: marked level-0 links from head. Single-threaded. */
@@ -120,23 +110,23 @@ static long prefix_during_stall, prefix_without_stall;
 
 static void stalled_body(pa_pq_t *pq) {
     pa_pq_item_t it;
-    if (wi_pq_pop(pq, &it) == 1) hook_popped++; /* the stalled push's node, claimed */
+    if (wb_pq_pop(pq, &it) == 1) hook_popped++; /* the stalled push's node, claimed */
     for (long i = 0; i < STALL_POPS; i++) {
-        if (wi_pq_push(pq, 1000 + (uint64_t)i, 1.0, 0.5, NAN) != 0) return;
-        if (wi_pq_pop(pq, &it) == 1) hook_popped++;
+        if (wb_pq_push(pq, 1000 + (uint64_t)i, 1.0, 0.5, NAN) != 0) return;
+        if (wb_pq_pop(pq, &it) == 1) hook_popped++;
     }
     prefix_during_stall = prefix_length(pq);
 }
 
 static void test_stalled_push_holds_the_prefix(void) {
     pa_pq_t *pq;
-    REQUIRE(wi_pq_create(0, &pq) == 0);
+    REQUIRE(wb_pq_create(0, &pq) == 0);
     pa_pq_item_t it;
     STALL_POPS = pa_stress(20000);
     /* the same churn without a stall: the cut keeps the prefix within PQ_BOUND_OFFSET */
     for (long i = 0; i < STALL_POPS; i++) {
-        REQUIRE(wi_pq_push(pq, 1000 + (uint64_t)i, 1.0, 0.5, NAN) == 0);
-        REQUIRE(wi_pq_pop(pq, &it) == 1);
+        REQUIRE(wb_pq_push(pq, 1000 + (uint64_t)i, 1.0, 0.5, NAN) == 0);
+        REQUIRE(wb_pq_pop(pq, &it) == 1);
     }
     prefix_without_stall = prefix_length(pq);
     CHECK(prefix_without_stall <= PQ_BOUND_OFFSET);
@@ -145,7 +135,7 @@ static void test_stalled_push_holds_the_prefix(void) {
     hook_popped = 0;
     forced_level = 2;
     hook_armed = true;
-    REQUIRE(wi_pq_push(pq, 1, 9.0, 0.5, NAN) == 0);
+    REQUIRE(wb_pq_push(pq, 1, 9.0, 0.5, NAN) == 0);
     forced_level = 0;
     hook_body = NULL;
     CHECK(!hook_armed);
@@ -157,12 +147,12 @@ static void test_stalled_push_holds_the_prefix(void) {
     CHECK(prefix_during_stall <= STALL_POPS + 1 + PQ_BOUND_OFFSET);
 
     /* the push finished: the next pop that walks far enough cuts the whole prefix */
-    REQUIRE(wi_pq_push(pq, 2, 1.0, 0.5, NAN) == 0);
-    REQUIRE(wi_pq_pop(pq, &it) == 1);
+    REQUIRE(wb_pq_push(pq, 2, 1.0, 0.5, NAN) == 0);
+    REQUIRE(wb_pq_pop(pq, &it) == 1);
     CHECK(prefix_length(pq) <= PQ_BOUND_OFFSET);
     pa__ebr_barrier();
     for (int i = 0; i < PQ_MAX_LEVEL; i++) CHECK_EQ_INT(poisoned_reachable(pq, i), 0);
-    wi_pq_destroy(pq);
+    wb_pq_destroy(pq);
 }
 
 int main(void) {

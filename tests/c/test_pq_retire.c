@@ -25,17 +25,7 @@ struct pq_node;
 static void retire_check(struct pq_op *op, struct pq_node *n);
 #define PQ_RETIRE_HOOK(op, n) retire_check((op), (n))
 
-#define pa_pq_create wb_pq_create
-#define pa_pq_destroy wb_pq_destroy
-#define pa_pq_push wb_pq_push
-#define pa_pq_push_many wb_pq_push_many
-#define pa_pq_pop wb_pq_pop
-#define pa_pq_pop_many wb_pq_pop_many
-#define pa_pq_pop_items wb_pq_pop_items
-#define pa_pq_peek wb_pq_peek
-#define pa_pq_cancel wb_pq_cancel
-#define pa_pq_size wb_pq_size
-#include "../../src/native/pq.c"
+#include "pq_whitebox.h"
 
 #include "pa_test.h"
 

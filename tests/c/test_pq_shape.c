@@ -13,17 +13,7 @@
 #define _GNU_SOURCE
 #include <math.h>
 
-#define pa_pq_create ws_pq_create
-#define pa_pq_destroy ws_pq_destroy
-#define pa_pq_push ws_pq_push
-#define pa_pq_push_many ws_pq_push_many
-#define pa_pq_pop ws_pq_pop
-#define pa_pq_pop_many ws_pq_pop_many
-#define pa_pq_pop_items ws_pq_pop_items
-#define pa_pq_peek ws_pq_peek
-#define pa_pq_cancel ws_pq_cancel
-#define pa_pq_size ws_pq_size
-#include "../../src/native/pq.c"
+#include "pq_whitebox.h"
 
 #include "pa_test.h"
 
@@ -40,7 +30,7 @@ static void fill(pa_pq_t *pq, int n, int round, bool ascending_key) {
     for (int i = 0; i < n; i++) {
         /* a higher priority sorts first: descending priorities append at the end */
         double priority = ascending_key ? (double)(n - i) : (double)((i * 7919) % n);
-        REQUIRE(ws_pq_push(pq, (uint64_t)round * n + i + 1, priority, 0.0, NAN) == 0);
+        REQUIRE(wb_pq_push(pq, (uint64_t)round * n + i + 1, priority, 0.0, NAN) == 0);
     }
 }
 
@@ -48,7 +38,7 @@ static void test_towers_survive_an_emptied_queue(void) {
     const int n = 4096;
     for (int pattern = 0; pattern < 2; pattern++) {
         pa_pq_t *pq = NULL;
-        REQUIRE(ws_pq_create(0, &pq) == 0);
+        REQUIRE(wb_pq_create(0, &pq) == 0);
         uint64_t *out = malloc(sizeof(uint64_t) * n);
         REQUIRE(out != NULL);
         for (int round = 0; round < 8; round++) {
@@ -58,11 +48,11 @@ static void test_towers_survive_an_emptied_queue(void) {
             if (upper < n / 8)
                 fprintf(stderr, "pattern %d round %d: %ld of %d nodes at level >= 2\n", pattern, round, upper, n);
             CHECK(upper >= n / 8);
-            CHECK_EQ_INT(ws_pq_pop_many(pq, out, n), n);
-            CHECK_EQ_INT(ws_pq_size(pq), 0);
+            CHECK_EQ_INT(wb_pq_pop_many(pq, out, n), n);
+            CHECK_EQ_INT(wb_pq_size(pq), 0);
         }
         free(out);
-        ws_pq_destroy(pq);
+        wb_pq_destroy(pq);
     }
 }
 
@@ -82,7 +72,7 @@ static long linked_at_level(pa_pq_t *pq, int i) {
 static void test_batch_chunk_into_an_empty_queue_grows_towers(void) {
     enum { N = 256 };
     pa_pq_t *pq = NULL;
-    REQUIRE(ws_pq_create(0, &pq) == 0);
+    REQUIRE(wb_pq_create(0, &pq) == 0);
     static uint64_t values[N];
     static double p[N], c[N], d[N];
     for (int i = 0; i < N; i++) {
@@ -92,13 +82,13 @@ static void test_batch_chunk_into_an_empty_queue_grows_towers(void) {
         d[i] = NAN;
     }
     size_t pushed = 0;
-    REQUIRE(ws_pq_push_many(pq, N, values, p, c, d, &pushed) == 0);
+    REQUIRE(wb_pq_push_many(pq, N, values, p, c, d, &pushed) == 0);
     CHECK_EQ_INT(pushed, N);
     CHECK_EQ_INT(linked_at_level(pq, 0), N);
     long third = linked_at_level(pq, 2);
     if (third < 4) fprintf(stderr, "%ld of %d nodes at level >= 3\n", third, N);
     CHECK(third >= 4);
-    ws_pq_destroy(pq);
+    wb_pq_destroy(pq);
 }
 
 int main(void) {

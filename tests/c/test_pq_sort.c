@@ -19,17 +19,7 @@
  * ascending streams of memory and its towers stay independent of the addresses.
  */
 #define _GNU_SOURCE
-#define pa_pq_create ws_pq_create
-#define pa_pq_destroy ws_pq_destroy
-#define pa_pq_push ws_pq_push
-#define pa_pq_push_many ws_pq_push_many
-#define pa_pq_pop ws_pq_pop
-#define pa_pq_pop_many ws_pq_pop_many
-#define pa_pq_pop_items ws_pq_pop_items
-#define pa_pq_peek ws_pq_peek
-#define pa_pq_cancel ws_pq_cancel
-#define pa_pq_size ws_pq_size
-#include "../../src/native/pq.c"
+#include "pq_whitebox.h"
 
 #include <float.h>
 
@@ -181,11 +171,11 @@ static void test_push_many_order(void) {
         make_set(set, n, p, c, d);
         for (size_t i = 0; i < n; i++) v[i] = i;
         pa_pq_t *q = NULL;
-        REQUIRE(ws_pq_create(0, &q) == 0);
+        REQUIRE(wb_pq_create(0, &q) == 0);
         size_t pushed = 0;
-        CHECK_EQ_INT(ws_pq_push_many(q, n, v, p, c, d, &pushed), 0);
+        CHECK_EQ_INT(wb_pq_push_many(q, n, v, p, c, d, &pushed), 0);
         CHECK_EQ_INT(pushed, n);
-        ssize_t got = ws_pq_pop_items(q, out, n);
+        ssize_t got = wb_pq_pop_items(q, out, n);
         CHECK_EQ_INT(got, (ssize_t)n);
         for (ssize_t i = 0; i < got; i++) {
             if (out[i].value >= n || !same_key(&out[i], p[out[i].value], c[out[i].value], d[out[i].value])) wrong++;
@@ -195,7 +185,7 @@ static void test_push_many_order(void) {
                 out[i - 1].deadline == out[i].deadline && out[i - 1].value > out[i].value)
                 fifo++;
         }
-        ws_pq_destroy(q);
+        wb_pq_destroy(q);
     }
     CHECK_EQ_INT(disorder, 0);
     CHECK_EQ_INT(wrong, 0);
@@ -320,17 +310,17 @@ static void test_refill_in_address_order(void) {
     for (size_t si = 0; si < 2; si++) {
         size_t n = ns[si];
         pa_pq_t *q = NULL;
-        REQUIRE(ws_pq_create(0, &q) == 0);
+        REQUIRE(wb_pq_create(0, &q) == 0);
         for (int round = 0; round < 3; round++) {
             make_set(1, n, p, c, d);
             for (size_t i = 0; i < n; i++) v[i] = i;
             size_t pushed = 0;
-            CHECK_EQ_INT(ws_pq_push_many(q, n, v, p, c, d, &pushed), 0);
+            CHECK_EQ_INT(wb_pq_push_many(q, n, v, p, c, d, &pushed), 0);
             CHECK_EQ_INT(level0_descents(q), 0);
-            CHECK_EQ_INT(ws_pq_pop_many(q, v, n), (ssize_t)n);
+            CHECK_EQ_INT(wb_pq_pop_many(q, v, n), (ssize_t)n);
             pa__ebr_barrier(); /* the popped nodes back in this thread's cache */
         }
-        ws_pq_destroy(q);
+        wb_pq_destroy(q);
     }
     free(p);
     free(c);
