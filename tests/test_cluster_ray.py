@@ -234,6 +234,11 @@ def test_claim_in_a_task_maps_the_node_memory_and_pins_the_task(ray_cluster):
     assert all(a.details.get("claimed") for a in request.allocations)
     stats = pre.get_statistics()
     assert stats.claimed == 2 and stats.used == 2 and stats.resource_hit_rate == 1.0
+    # the group stays for the tasks that may still run in it (removing a group kills the
+    # tasks in its bundles: under load the consumer itself, between its release and its
+    # return), until the request is released, its expiry time comes, or close
+    assert _table_state(request.placement_group_id) == "CREATED"
+    assert pre.release(request) is False  # the request had ended: only its group goes
     assert _table_state(request.placement_group_id) == "REMOVED"
     pre.close()
 

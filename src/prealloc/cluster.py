@@ -429,6 +429,7 @@ class ClusterRequest:
     allocations: list[ResourceAllocation] = field(default_factory=list)
     expires_at: float | None = None
     _pg: Any = None
+    _group_kept: bool = False  # ended by its consumers: the group outlives the request
     _nodes: list[Any] = field(default_factory=list)
     _done: threading.Event = field(default_factory=threading.Event)
     _settled: threading.Event = field(default_factory=threading.Event)
@@ -579,7 +580,8 @@ class ClusterPreallocator:
 
     def release(self, request: ClusterRequest | int, feedback: AllocationFeedback | None = None) -> bool:
         """Releases the nodes' reservations, then removes the placement group. False if
-        the request had ended already."""
+        the request had ended already (its consumers released every claim: its group,
+        kept for their tasks, is removed now)."""
         found = self._lookup(request)
         if feedback is not None:
             feedback.validate()
@@ -609,7 +611,7 @@ class ClusterPreallocator:
             if self._closed:
                 return
             self._closed = True
-            live = [r for r in self._requests.values() if not r.status.is_final]
+            live = [r for r in self._requests.values() if not r.status.is_final or r._group_kept]
         for request in live:
             request._settled.wait(self.placement_timeout + self.ready_timeout + 10)
             self._finish(request, AllocationStatus.RELEASED, None, None)
@@ -807,10 +809,14 @@ class ClusterPreallocator:
                     return
                 self._update(request, {index: snaps})
         # every bundle's allocations ended on their nodes (claims released by their
-        # consumers, expiries): the request is over, its group goes
+        # consumers, expiries): the request is over. Its group stays while tasks may
+        # still run in it — a consumer that released its claims is one of them, and
+        # removing a group kills the tasks in its bundles — until the request is
+        # released, its expiry time comes, or the preallocator closes.
         expired = bool(request.allocations) and all(a.status is AllocationStatus.EXPIRED
                                                      for a in request.allocations)
-        self._finish(request, AllocationStatus.EXPIRED if expired else AllocationStatus.RELEASED, None, None)
+        self._finish(request, AllocationStatus.EXPIRED if expired else AllocationStatus.RELEASED, None, None,
+                     keep_group=not expired)
 
     def _node_died(self, request: ClusterRequest, index: int, exc: BaseException) -> None:
         if request.status.is_final:  # our own kill after the release: not news
@@ -829,10 +835,32 @@ class ClusterPreallocator:
             return
         self._finish(request, AllocationStatus.EXPIRED, None, None)
 
+    @staticmethod
+    def _remove_group(request: ClusterRequest) -> None:
+        if request._pg is not None:
+            try:
+                remove_placement_group(request._pg)
+            except Exception as exc:
+                log.warning("cluster request %d: removing its placement group: %s", request.request_id, exc)
+
     def _finish(self, request: ClusterRequest, status: AllocationStatus, reason: str | None,
-                feedback: AllocationFeedback | None, dead_bundle: int | None = None) -> bool:
-        """The one end of a request: nodes released first, then the group removed; the
-        tally and events at the transition."""
+                feedback: AllocationFeedback | None, dead_bundle: int | None = None,
+                keep_group: bool = False) -> bool:
+        """The one end of a request: nodes released first, then the group removed (kept
+        with keep_group: see _watch); the tally and events at the transition. A request
+        that ended with its group kept has the group removed by a later call."""
+        with self._lock:
+            if request.status.is_final:
+                kept, request._group_kept = request._group_kept, False
+                timer = self._timers.pop(request.request_id, None) if kept else None
+            else:
+                kept = None
+        if kept is not None:
+            if kept:
+                if timer is not None:
+                    timer.cancel()
+                self._remove_group(request)
+            return False
         with self._lock:
             if request.status.is_final:
                 return False
@@ -858,11 +886,17 @@ class ClusterPreallocator:
                 ray.kill(node, no_restart=True)
             except Exception:  # already dead
                 pass
-        if request._pg is not None:
-            try:
-                remove_placement_group(request._pg)
-            except Exception as exc:
-                log.warning("cluster request %d: removing its placement group: %s", request.request_id, exc)
+        if keep_group and request._pg is not None:
+            with self._lock:
+                request._group_kept = True
+                if request.expires_at is not None and not self._closed:
+                    timer = threading.Timer(max(0.0, request.expires_at - time.monotonic()), self._finish,
+                                            (request, status, None, None))
+                    timer.daemon = True
+                    self._timers[request.request_id] = timer
+                    start_quiet(timer)
+        else:
+            self._remove_group(request)
         ended: list[tuple[str, ResourceAllocation]] = []
         with self._lock:
             if status is AllocationStatus.FAILED and not request.allocations:
