@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import re
 import resource
+import shutil
+import signal
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -161,9 +165,6 @@ def build_c_host(source: str, directory: Path, *, header: str, optimize: str = "
     """source compiled and linked against the installed core (prealloc.get_include() /
     get_library_dir(), libprealloc_core.a) as a C host would, into directory/host; skips
     where the machine has no C compiler."""
-    import shutil
-    import subprocess
-
     import pytest
 
     import prealloc
@@ -208,9 +209,6 @@ def signal_and_wait(proc, signum: int, timeout: float = 120.0) -> tuple[str, str
     returns its (stdout, stderr) once it ends; a process still running after timeout (a
     hang guard, not a timing check) is described, made to print its Python stacks
     (SIGABRT) and killed, and the failure says all of it."""
-    import signal
-    import subprocess
-
     proc.send_signal(signum)
     try:
         return proc.communicate(timeout=timeout)
@@ -232,7 +230,7 @@ def signal_and_wait(proc, signum: int, timeout: float = 120.0) -> tuple[str, str
 # it ignored, as it should): a Ctrl-C test would wait forever. (-X faulthandler: see
 # signal_and_wait.)
 FOREGROUND_PREALLOC = [
-    __import__("sys").executable, "-X", "faulthandler", "-c",
+    sys.executable, "-X", "faulthandler", "-c",
     "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
     "sys.argv = ['prealloc', *sys.argv[1:]]; runpy.run_module('prealloc', run_name='__main__', alter_sys=True)",
 ]

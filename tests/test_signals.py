@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 from osutil import FOREGROUND_PREALLOC, signal_and_wait
 from prealloc.client import Client
@@ -23,9 +24,14 @@ from test_server import BrokerProcess
 PROCESS_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def _blocked(pid: int, tid: int) -> set[int]:
+def _mask(pid: int, tid: int) -> int:
+    """The thread's blocked-signal mask (SigBlk)."""
     with open(f"/proc/{pid}/task/{tid}/status") as status:
-        mask = int(next(line.split()[1] for line in status if line.startswith("SigBlk:")), 16)
+        return int(next(line.split()[1] for line in status if line.startswith("SigBlk:")), 16)
+
+
+def _blocked(pid: int, tid: int) -> set[int]:
+    mask = _mask(pid, tid)
     return {signum for signum in PROCESS_SIGNALS if mask >> (signum - 1) & 1}
 
 
@@ -49,44 +55,35 @@ def _run_python(code: str, timeout: float = 120.0) -> subprocess.CompletedProces
 
 
 def test_library_threads_and_numpys_pool_block_process_signals():
-    # a fresh process: numpy's BLAS pool is started by `import prealloc`
-    done = _run_python("""
-        import os, signal, asyncio
-        import prealloc
+    # a fresh process (numpy's BLAS pool is started by `import prealloc`) holding an
+    # engine and the asyncio face, looked at from here while all their threads live
+    host = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import asyncio, sys
         from prealloc import ResourcePreallocator, ResourceType
         from prealloc.aio import AsyncPreallocator
 
-        def unblocked():
-            me, out = os.getpid(), {}
-            for name in os.listdir("/proc/self/task"):
-                if int(name) != me:
-                    with open(f"/proc/self/task/{name}/status") as f:
-                        mask = int(next(l.split()[1] for l in f if l.startswith("SigBlk:")), 16)
-                    out[int(name)] = [s for s in (15, 2, 1) if not mask >> (s - 1) & 1]
-            return out
-
-        with ResourcePreallocator() as pre:
-            with pre.acquire(ResourceType.MEMORY, 1):
-                pass
-            threads = unblocked()
-
         async def main():
-            async with AsyncPreallocator(ResourcePreallocator()) as apre:
-                async with apre.acquire(ResourceType.MEMORY, 1):
-                    pass  # a miss: allocated on the face's executor thread
-                return unblocked()
+            with ResourcePreallocator() as pre:
+                with pre.acquire(ResourceType.MEMORY, 1):
+                    pass
+                async with AsyncPreallocator(pre, own=False) as apre:
+                    async with apre.acquire(ResourceType.MEMORY, 1):
+                        pass  # a miss: allocated on the face's executor thread
+                    print("ready", flush=True)
+                    sys.stdin.readline()
 
-        threads.update(asyncio.run(main()))
-        main_mask = open("/proc/self/status").read()
-        print(len(threads), sorted(set(sum(threads.values(), []))))
-        print("SigBlk:\\t0000000000000000" in main_mask)
-    """)
-    assert done.returncode == 0, done.stderr
-    count_line, main_line = done.stdout.split("\n")[:2]
-    count, unblocked = count_line.split(" ", 1)
-    assert int(count) >= 3  # the workers, the ticker, a monitor (and numpy's pool)
-    assert unblocked == "[]", f"threads that take process signals: {done.stdout}"
-    assert main_line == "True"  # the host's main thread keeps its mask
+        asyncio.run(main())
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert host.stdout.readline() == "ready\n", host.stderr.read()
+        threads = _threads_taking_signals(host.pid)
+        assert len(threads) >= 3  # the workers, the ticker, a monitor, the executor (and numpy's pool)
+        assert all(not taking for taking in threads.values()), f"threads that take process signals: {threads}"
+        # the host's main thread keeps the mask it was started with (this thread's)
+        assert _mask(host.pid, host.pid) == _mask(os.getpid(), threading.get_native_id())
+    finally:
+        _, err = host.communicate("\n", timeout=120)
+    assert host.returncode == 0, err
 
 
 def test_every_broker_thread_but_the_main_one_blocks_process_signals(tmp_path):

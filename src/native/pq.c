@@ -300,10 +300,24 @@ static inline pq_node_ext_t *node_ext(pq_node_t *n) {
 
 /* ---- keys ---- */
 
+/* A double as an unsigned word in the same order, without branches (the batch loops run
+ * it per item): x + 0.0 is +0.0 for both zeros (-0.0 and +0.0 are the same priority) and x
+ * otherwise; then negatives flip every bit, the rest only the sign bit. */
 static inline uint64_t enc_asc(double d) {
-    if (d == 0.0) d = 0.0; /* -0.0 and +0.0 are the same priority */
-    uint64_t u = pa__double_bits(d);
-    return (u >> 63) ? ~u : u | (1ull << 63);
+    uint64_t u = pa__double_bits(d + 0.0);
+    return u ^ ((uint64_t)((int64_t)u >> 63) | (1ull << 63));
+}
+
+/* A key's first three words (the fourth is the arrival ticket): priority and confidence
+ * descending, deadline ascending with NaN and +inf ("no deadline") after every other —
+ * a double whose exponent bits are all ones is one of those two. The one encoding of the
+ * single push and the batch paths. */
+static inline void encode_key(uint64_t key[3], double priority, double confidence, double deadline) {
+    const uint64_t exp_mask = 0x7ff0000000000000ull;
+    key[0] = ~enc_asc(priority);
+    key[1] = ~enc_asc(confidence);
+    uint64_t e = enc_asc(deadline);
+    key[2] = (pa__double_bits(deadline) & exp_mask) == exp_mask ? UINT64_MAX : e;
 }
 static inline double dec_asc(uint64_t e) {
     return pa__bits_double((e >> 63) ? e & ~(1ull << 63) : ~e);
@@ -1099,8 +1113,8 @@ static bool key_valid(double priority, double confidence, double deadline) {
 static int push_one(pq_op_t *op, uint64_t value, double priority, double confidence, double deadline,
                     uint64_t ticket) {
     pa_pq_t *const pq = op->pq;
-    uint64_t k0 = ~enc_asc(priority), k1 = ~enc_asc(confidence);
-    uint64_t k2 = (isnan(deadline) || isinf(deadline)) ? UINT64_MAX : enc_asc(deadline);
+    uint64_t words[3];
+    encode_key(words, priority, confidence, deadline);
     size_add(op, 1); /* counted from now on; undone on failure */
     int rc = 0;
     for (;;) {
@@ -1112,9 +1126,7 @@ static int push_one(pq_op_t *op, uint64_t value, double priority, double confide
             rc = -ENOMEM;
             break;
         }
-        n->key[0] = k0;
-        n->key[1] = k1;
-        n->key[2] = k2;
+        memcpy(n->key, words, sizeof words);
         n->value = value;
         if (op->indexed) {
             pa__store_relaxed(&n->state, ST_PENDING);
@@ -1163,22 +1175,11 @@ typedef struct pq_sort_key {
     uint64_t k[4];
 } pq_sort_key_t;
 
-/* enc_asc without branches, for the batch loops: x + 0.0 is +0.0 for both zeros (and x
- * otherwise), then negatives flip every bit, the rest the sign bit. */
-static inline uint64_t enc_asc_flat(double d) {
-    uint64_t u = pa__double_bits(d + 0.0);
-    return u ^ ((uint64_t)((int64_t)u >> 63) | (1ull << 63));
-}
-
 /* The n items' keys, with tickets from `ticket` in input order; diff[w] gets the bits in
  * which word w of some key differs from the first key's (what sort_keys starts from). */
 static inline void make_key(pq_sort_key_t *key, double priority, double confidence, double deadline,
                             uint64_t ticket) {
-    const uint64_t exp_mask = 0x7ff0000000000000ull; /* all ones: inf or NaN, "no deadline" */
-    key->k[0] = ~enc_asc_flat(priority);
-    key->k[1] = ~enc_asc_flat(confidence);
-    uint64_t e = enc_asc_flat(deadline);
-    key->k[2] = (pa__double_bits(deadline) & exp_mask) == exp_mask ? UINT64_MAX : e;
+    encode_key(key->k, priority, confidence, deadline);
     key->k[3] = ticket;
 }
 

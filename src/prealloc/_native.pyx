@@ -64,29 +64,30 @@ cdef object _unsigned(x, dtype, str what):
     (a negative or too large integer wraps, a float truncates, a bool is not a number)."""
     if isinstance(x, np.ndarray) and x.dtype == dtype:
         return np.ascontiguousarray(x)  # the hot path: no check, no copy when contiguous
+    top = int(np.iinfo(dtype).max)
+    out_of_range = f"{what} must be integers in 0..{top}"
     if isinstance(x, (list, tuple)) and all(type(v) is int for v in x):
         # Python ints: checked here (numpy would make a float64 array of [1, 2**64 - 1]
         # and, before 2.0, wrap a negative into uint64)
-        top = int(np.iinfo(dtype).max)
         if not all(0 <= v <= top for v in x):
-            raise ValueError(f"{what} must be integers in 0..{top}")
+            raise ValueError(out_of_range)
         return np.array(x, dtype=dtype)
     try:
         arr = np.asarray(x)
     except OverflowError:
-        raise ValueError(f"{what} must be integers in 0..{np.iinfo(dtype).max}") from None
+        raise ValueError(out_of_range) from None
     kind = arr.dtype.kind
     if arr.size == 0:
-        return np.zeros(0, dtype=dtype) if arr.ndim == 1 else np.ascontiguousarray(arr, dtype=dtype)
+        return np.ascontiguousarray(arr, dtype=dtype)
     if kind == "O":  # Python ints beyond int64 among other objects
-        values = arr.tolist()
+        values = arr.ravel().tolist()
         if arr.ndim == 1 and all(type(v) is int for v in values):
             return _unsigned(values, dtype, what)
-        raise TypeError(f"{what} must be integers, not {sorted({type(v).__name__ for v in arr.ravel().tolist()})}")
+        raise TypeError(f"{what} must be integers, not {sorted({type(v).__name__ for v in values})}")
     if kind not in "ui":
         raise TypeError(f"{what} must be integers, not {arr.dtype}")
-    if (kind == "i" and arr.min() < 0) or arr.max() > np.iinfo(dtype).max:
-        raise ValueError(f"{what} must be integers in 0..{np.iinfo(dtype).max}")
+    if (kind == "i" and arr.min() < 0) or arr.max() > top:
+        raise ValueError(out_of_range)
     return np.ascontiguousarray(arr, dtype=dtype)
 
 

@@ -850,26 +850,21 @@ class ClusterPreallocator:
         with keep_group: see _watch); the tally and events at the transition. A request
         that ended with its group kept has the group removed by a later call."""
         with self._lock:
-            if request.status.is_final:
+            ended_before = request.status.is_final
+            if ended_before:
                 kept, request._group_kept = request._group_kept, False
-                timer = self._timers.pop(request.request_id, None) if kept else None
             else:
-                kept = None
-        if kept is not None:
-            if kept:
-                if timer is not None:
-                    timer.cancel()
-                self._remove_group(request)
-            return False
-        with self._lock:
-            if request.status.is_final:
-                return False
-            was = request.status
-            request.status = status
-            request.failure_reason = reason
-            timer = self._timers.pop(request.request_id, None)
+                was = request.status
+                request.status = status
+                request.failure_reason = reason
+            # the expiry timer of a live request, or the group timer of a kept group
+            timer = self._timers.pop(request.request_id, None) if not ended_before or kept else None
         if timer is not None:
             timer.cancel()
+        if ended_before:
+            if kept:
+                self._remove_group(request)
+            return False
         last: dict[tuple[int, int], ResourceAllocation] = {}
         after: dict[int, dict[str, Any]] = {}
         releases = [(index, node.release.remote()) for index, node in enumerate(request._nodes)

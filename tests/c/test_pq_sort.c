@@ -4,8 +4,9 @@
  * compiles src/native/pq.c itself (public functions renamed, as test_pq_finger.c does).
  *
  * Each key set is sorted by sort_keys and by qsort with a plain four-word comparison, and
- * the two must be equal word for word; make_keys must encode each item exactly as a
- * single push does (enc_asc, "no deadline" for NaN and +inf). Key sets are adversarial for
+ * the two must be equal word for word; make_keys must encode each item as the reference
+ * encoding below does (order-preserving words with -0.0 as +0.0, "no deadline" for NaN
+ * and +inf). Key sets are adversarial for
  * a radix sort that skips constant digits: all equal (the arrival word alone orders
  * them), all distinct, NaN / +inf deadlines among finite ones, -0.0 and +0.0 in every
  * field, negative and infinite priorities, subnormals, keys that differ only in one bit
@@ -24,6 +25,14 @@
 #include <float.h>
 
 #include "pa_test.h"
+
+/* The key encoding written the plain way, with branches: the oracle for pq.c's
+ * branch-free enc_asc / encode_key. */
+static uint64_t ref_enc_asc(double d) {
+    if (d == 0.0) d = 0.0; /* -0.0 and +0.0 are the same priority */
+    uint64_t u = pa__double_bits(d);
+    return (u >> 63) ? ~u : u | (1ull << 63);
+}
 
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
 static uint64_t rnd(void) { /* splitmix64 */
@@ -107,8 +116,8 @@ static void test_sort_matches_reference(void) {
             uint64_t diff[3];
             make_keys(keys, n, p, c, d, ticket, diff);
             for (size_t i = 0; i < n; i++) { /* the single push's encoding */
-                uint64_t k2 = (isnan(d[i]) || isinf(d[i])) ? UINT64_MAX : enc_asc(d[i]);
-                if (keys[i].k[0] != ~enc_asc(p[i]) || keys[i].k[1] != ~enc_asc(c[i]) || keys[i].k[2] != k2 ||
+                uint64_t k2 = (isnan(d[i]) || isinf(d[i])) ? UINT64_MAX : ref_enc_asc(d[i]);
+                if (keys[i].k[0] != ~ref_enc_asc(p[i]) || keys[i].k[1] != ~ref_enc_asc(c[i]) || keys[i].k[2] != k2 ||
                     keys[i].k[3] != ticket + i)
                     bad_enc++;
             }
