@@ -736,34 +736,48 @@ static int index_insert(pq_op_t *op, pq_node_t *n) {
 
 /* Fills preds/succs for key at levels top..0; returns the last deleted node the level-0
  * search passed (Lindén-Jonsson's `del`), or NULL. Deleted nodes count as smaller than
- * every key, so level 0 always ends behind the deleted prefix. */
+ * every key, so level 0 always ends behind the deleted prefix.
+ * The walk is a chain of dependent loads, one cache miss per node once the list outgrows
+ * the cache; so each time the search stands on a new predecessor it prefetches that
+ * node's successor one level down, which is where the search goes when the node ahead
+ * stops it: that miss then overlaps the one for the node ahead. (A prefetch is only a
+ * hint: a stale or freed address costs a wasted line, never a fault.) */
 static pq_node_t *locate_from(pq_node_t *start, const uint64_t *key, int top, pq_node_t **preds,
                               pq_node_t **succs) {
-    pq_node_t *pred = start, *del = NULL;
-    for (int i = top; i >= 0; i--) {
+    pq_node_t *pred = start;
+    for (int i = top; i >= 1; i--) {
         /* acquire (all link loads below): pairs with the release CAS that linked the node
-         * (or the fetch-or / restructure CAS continuing it), so its key is visible */
-        uintptr_t raw = pa__load_acquire(next_at(pred, i));
-        bool d = i == 0 && is_marked(raw); /* cur is deleted: its predecessor is marked */
-        pq_node_t *cur = unmark(raw);
+         * (or the fetch-or / restructure CAS continuing it), so its key is visible; an
+         * upper link may carry restructure's freeze */
+        pq_node_t *cur = unmark(pa__load_acquire(&pred->up[i - 1]));
+        __builtin_prefetch(unmark(pa__load_relaxed(next_at(pred, i - 1))));
         for (;;) {
             PQ_ASSERT_LIVE(cur);
-            uintptr_t cur_next0 = pa__load_acquire(&cur->next0);
-            if (!(is_marked(cur_next0) || d || key_less(cur->key, key))) break;
-            if (d) del = cur;
+            if (!(is_marked(pa__load_acquire(&cur->next0)) || key_less(cur->key, key))) break;
             pred = cur;
-            if (i == 0) {
-                raw = cur_next0;
-                d = is_marked(raw);
-            } else {
-                raw = pa__load_acquire(&cur->up[i - 1]); /* may carry restructure's freeze */
-            }
-            cur = unmark(raw);
+            __builtin_prefetch(unmark(pa__load_relaxed(next_at(pred, i - 1))));
+            cur = unmark(pa__load_acquire(&cur->up[i - 1]));
         }
         preds[i] = pred;
         succs[i] = cur;
     }
-    return del;
+    /* level 0: a marked link says its successor is deleted */
+    pq_node_t *del = NULL;
+    uintptr_t raw = pa__load_acquire(&pred->next0);
+    for (;;) {
+        const bool d = is_marked(raw);
+        pq_node_t *cur = unmark(raw);
+        PQ_ASSERT_LIVE(cur);
+        uintptr_t cur_next0 = pa__load_acquire(&cur->next0);
+        if (!(d || is_marked(cur_next0) || key_less(cur->key, key))) {
+            preds[0] = pred;
+            succs[0] = cur;
+            return del;
+        }
+        if (d) del = cur;
+        pred = cur;
+        raw = cur_next0;
+    }
 }
 
 /* The ordinary search: from head, at levels top..0. */
