@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -105,7 +106,23 @@ def parse(path: Path) -> list[Mutant]:
 
 
 def run(cmd: list[str] | str, cwd: Path, timeout: float | None = None, shell: bool = False) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, shell=shell, capture_output=True, text=True, timeout=timeout)
+    """Runs cmd in a session of its own; at the timeout the whole session is killed, not
+    only cmd: a mutant's test that spins would otherwise outlive the ctest that started it
+    and load the machine for the mutants after it (and everything else) until killed."""
+    with subprocess.Popen(cmd, cwd=cwd, shell=shell, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # anything cmd left behind in its session
+            except ProcessLookupError:
+                pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def build(build_dir: Path, jobs: int) -> bool:
