@@ -36,9 +36,11 @@
  * smaller ticket may link its node later). test_pq_linearizability checks exactly this.
  *
  * Tuning (measured with benchmarks/c/bench_pq.c and callgrind on a 2-core VM): towers grow
- * with p = 1/4 (fewer levels and upper-level CASes than p = 1/2 for the same search
- * length), capped at one level above the levels in use (Pugh), and searches start at the
- * highest non-empty level of head's tower; PQ_BOUND_OFFSET = 8 (the walk over the deleted
+ * with p = 1/4 in a small queue (fewer levels and upper-level CASes than p = 1/2 for the
+ * same search length) and, for single pushes, with p = 1/2 in a large one, where the
+ * search's misses dominate and its prefetch hides more of them ("Tower shape" below),
+ * capped at one level above the levels in use (Pugh), and searches start at the highest
+ * non-empty level of head's tower; PQ_BOUND_OFFSET = 8 (the walk over the deleted
  * prefix is the bulk of a pop; 4..32 made no measurable difference at 2 threads). Freed
  * nodes go to a per-thread cache by tower height and, when that is full, to a depot shared
  * by all threads, so steady-state push/pop does not call malloc even when one thread
@@ -180,8 +182,12 @@
 #define PQ_BOUND_OFFSET 8          /* deleted prefix length that triggers a cut */
 #endif
 #ifndef PQ_LEVEL_LOG2P
-#define PQ_LEVEL_LOG2P 2           /* a tower grows one level with probability 2^-this */
+#define PQ_LEVEL_LOG2P 2           /* a tower grows one level with probability 2^-this ... */
 #endif
+#ifndef PQ_WIDE_SIZE
+#define PQ_WIDE_SIZE (1u << 17)    /* ... and with p = 1/2 for single pushes into a queue this large */
+#endif
+#define PQ_WIDE_SAMPLE 256         /* a thread's single pushes per look at the size of the queue */
 #define PQ_INDEX_BITS 18            /* 2^18 buckets: 2 MiB of address space per queue */
 #define PQ_INDEX_BUCKETS (1u << PQ_INDEX_BITS)
 #define PQ_SIZE_SHARDS 16          /* size counter stripes owned by one thread each (one line each) */
@@ -272,6 +278,7 @@ struct pa_pq {
     _Atomic uintptr_t *buckets; /* indexed only */
     unsigned flags;
     _Atomic uint32_t top; /* an upper bound of the levels in use (only ever raised) */
+    _Atomic uint32_t wide; /* single pushes draw towers with p = 1/2 (see tower_log2p) */
     PA_CACHE_ALIGNED _Atomic uint64_t arrival;
     /* The size is striped so that pushes and pops on different threads do not bounce one
      * counter line between them; pa_pq_size sums the stripes. */
@@ -346,6 +353,7 @@ static void node_to_item(const pq_node_t *n, pa_pq_item_t *item) {
  * thread exits. */
 typedef struct pq_thread {
     uint64_t rng;
+    uint32_t pushes; /* single pushes, the clock of tower_log2p's samples */
     unsigned shard;
     bool exclusive; /* shard is this thread's alone: updated without a locked add */
     bool registered;
@@ -448,15 +456,40 @@ static bool op_begin(pq_op_t *op, pa_pq_t *pq) {
 
 static void op_end(pq_op_t *op) { pa__ebr_exit(op->ebr); }
 
-/* Geometric tower height, p = 2^-PQ_LEVEL_LOG2P, capped at `cap`. */
-static unsigned random_level(pq_thread_t *t, unsigned cap) {
+/* Tower shape. p = 1/4 in a small queue: a search visits about as many nodes as with 1/2
+ * (4 per level over log4 n levels against 2 over log2 n) and a push links fewer upper
+ * levels (1.33 on average against 2). In a large queue each visited node is a cache miss,
+ * and the search's prefetch (locate_from) overlaps the miss of the node that stops a level
+ * with the next level's first one: with p = 1/2 that is half of each level's misses, with
+ * 1/4 a quarter. So a single push into a queue of PQ_WIDE_SIZE items or more draws its
+ * tower with p = 1/2 (measured, one thread, push then push/pop mix: at 2e5 items 16 % and
+ * 29 % faster, at 1e6 up to 25 %; at 2e4, where the list is still cached, 15 % slower, at
+ * 1e3 15 % slower). Either shape, or any mix, gives correct searches: the heights only
+ * decide which nodes a search skips. The size is summed over the stripes by every
+ * PQ_WIDE_SAMPLE-th single push of a thread (17 relaxed loads), and the answer kept in
+ * the queue (written only when it changes, so the line stays shared). Batches keep p =
+ * 1/4 (batch_cap). Returns log2(1/p). */
+static size_t size_sum(const pa_pq_t *pq);
+static unsigned tower_log2p(pq_op_t *op) {
+    pa_pq_t *const pq = op->pq;
+    if (++op->t->pushes % PQ_WIDE_SAMPLE == 0) {
+        uint32_t wide = size_sum(pq) >= PQ_WIDE_SIZE;
+        if (pa__load_relaxed(&pq->wide) != wide) pa__store_relaxed(&pq->wide, wide);
+    }
+    /* relaxed: a stale answer costs speed, not correctness */
+    return pa__load_relaxed(&pq->wide) ? 1u : PQ_LEVEL_LOG2P;
+}
+
+/* Geometric tower height, p = 2^-log2p, capped at `cap`. */
+static unsigned random_level(pq_thread_t *t, unsigned cap, unsigned log2p) {
     uint64_t x = t->rng;
     x ^= x >> 12;
     x ^= x << 25;
     x ^= x >> 27;
     t->rng = x;
     uint64_t r = x * 0x2545F4914F6CDD1Dull;
-    unsigned level = 1u + (unsigned)__builtin_ctzll(r | (1ull << 63)) / PQ_LEVEL_LOG2P;
+    unsigned zeros = (unsigned)__builtin_ctzll(r | (1ull << 63));
+    unsigned level = 1u + (log2p == 1 ? zeros : zeros / PQ_LEVEL_LOG2P);
     unsigned forced = PQ_TEST_LEVEL(cap);
     if (forced) return forced;
     return level < cap ? level : cap;
@@ -1071,6 +1104,7 @@ int pa_pq_create(unsigned flags, pa_pq_t **out) {
     pq->tail->value = 0;
     for (int i = 0; i < PQ_MAX_LEVEL; i++) pa__store_relaxed(next_at(pq->head, i), (uintptr_t)pq->tail);
     pa__store_relaxed(&pq->top, 1);
+    pa__store_relaxed(&pq->wide, 0);
     pa__store_relaxed(&pq->arrival, 0);
     for (int k = 0; k <= PQ_SIZE_SHARDS; k++) pa__store_relaxed(&pq->size[k].n, 0);
     *out = pq;
@@ -1135,7 +1169,8 @@ static int push_one(pq_op_t *op, uint64_t value, double priority, double confide
         /* Towers at most one level above the current top (Pugh's cap): no level that
          * holds a single tall node gets walked by every search. */
         unsigned levels = levels_in_use(pq);
-        pq_node_t *n = node_alloc(op->t, random_level(op->t, levels + 1 < PQ_MAX_LEVEL ? levels + 1 : PQ_MAX_LEVEL));
+        unsigned cap = levels + 1 < PQ_MAX_LEVEL ? levels + 1 : PQ_MAX_LEVEL;
+        pq_node_t *n = node_alloc(op->t, random_level(op->t, cap, tower_log2p(op)));
         if (!n) {
             rc = -ENOMEM;
             break;
@@ -1397,7 +1432,10 @@ static void order_nodes(pq_node_t **nodes, const uint8_t *heights, pq_node_t **c
 /* The tower cap for a batch of n nodes whose heights are drawn before any is linked:
  * Pugh's cap (one level above those in use) would stunt a batch pushed into a small queue
  * — the first chunk into an empty one would be all height 1 or 2, a near-linked list. The
- * batch itself fills log4(n) more levels (p = 1/4), so the cap is raised by that much. */
+ * batch itself fills log4(n) more levels, so the cap is raised by that much. A batch's
+ * towers grow with p = 1/4 at every size: its inserts are finger searches that mostly
+ * stay at the lowest levels, so they gain little from the wide shape and pay for its
+ * taller towers (1e6 items in batch calls ran 10-20 % slower with p = 1/2). */
 static unsigned batch_cap(unsigned levels, size_t n) {
     unsigned grow = (unsigned)(63 - __builtin_clzll((unsigned long long)n | 1)) / PQ_LEVEL_LOG2P;
     return levels + 1 + grow < PQ_MAX_LEVEL ? levels + 1 + grow : PQ_MAX_LEVEL;
@@ -1417,7 +1455,7 @@ static int push_chunk_sorted(pq_op_t *op, size_t chunk, const uint64_t *values, 
     pq_sort_key_t keys[2 * PQ_BATCH_CHUNK]; /* the keys, then the sorts' scratch */
     unsigned cap = batch_cap(levels_in_use(pq), chunk); /* heights drawn before any is linked */
     for (size_t k = 0; k < chunk; k++) {
-        heights[k] = (uint8_t)random_level(op->t, cap);
+        heights[k] = (uint8_t)random_level(op->t, cap, PQ_LEVEL_LOG2P);
         nodes[k] = node_alloc(op->t, heights[k]);
         if (!nodes[k]) {
             while (k > 0) node_recycle(nodes[--k]); /* never published */
@@ -1474,7 +1512,7 @@ static int push_group_sorted(pa_pq_t *pq, size_t n, const uint64_t *values, cons
     pq_node_t **nodes = (pq_node_t **)(void *)(keys + n), **cls = nodes + n, **scratch = cls + n;
     uint8_t *heights = (uint8_t *)(void *)(scratch + n);
     for (size_t k = 0; k < n; k++) {
-        heights[k] = (uint8_t)random_level(t, cap);
+        heights[k] = (uint8_t)random_level(t, cap, PQ_LEVEL_LOG2P);
         nodes[k] = node_alloc(t, heights[k]);
         if (!nodes[k]) {
             while (k > 0) node_recycle(nodes[--k]); /* never published */
@@ -1665,6 +1703,10 @@ int pa_pq_cancel(pa_pq_t *pq, uint64_t value) {
 
 size_t pa_pq_size(const pa_pq_t *pq) {
     if (!pq) return 0;
+    return size_sum(pq);
+}
+
+static size_t size_sum(const pa_pq_t *pq) {
     int64_t s = 0;
     for (int k = 0; k <= PQ_SIZE_SHARDS; k++) s += pa__load_relaxed(&((pa_pq_t *)pq)->size[k].n);
     return s > 0 ? (size_t)s : 0;
