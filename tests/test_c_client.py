@@ -710,9 +710,14 @@ def _answer(request: dict, **fields) -> bytes:
     return json.dumps({"v": 1, "id": request["id"], **fields}).encode()
 
 
-def _claim_result(size: int) -> dict:
-    return {"allocation_id": 5, "resource_type": "memory", "amount": 1, "status": "active",
+def _claim_result(size: int, allocation_id: int = 5) -> dict:
+    return {"allocation_id": allocation_id, "resource_type": "memory", "amount": 1, "status": "active",
             "memory": {"size": size, "offset": 0}}
+
+
+def _cpu_claim_result() -> dict:
+    """What a broker that ignores the claim's resource_type answers for a CPU allocation."""
+    return {"allocation_id": 5, "resource_type": "cpu", "amount": 1, "status": "active", "cpu": {"cores": [0]}}
 
 
 def _ok(request: dict) -> bytes:
@@ -751,6 +756,11 @@ SCRIPTS = {
                                                    error={"type": "QuotaExceeded", "message": "over"}),
                                         [_memfd(4096)]),
     "closed": lambda r, c: None,
+    # a broker that does not check the claim's type: the client's own check answers
+    "ignores_type": lambda r, c: _send(c, _answer(r, ok=True, result=_cpu_claim_result())),
+    # another allocation than the one claimed: refused before it is mapped
+    "other_allocation": lambda r, c: _send(c, _answer(r, ok=True, fds=1, result=_claim_result(4096, 6)),
+                                           [_memfd(4096)]),
     "event_then_answer": lambda r, c: (
         _send(c, json.dumps({"v": 1, "event": "resource:allocated", "data": {}}).encode(), [_memfd(4096)]),
         _send(c, _answer(r, ok=True, fds=1, result=_claim_result(4096)), [_memfd(4096)])),
@@ -770,6 +780,8 @@ EXPECTED = {  # (claim rc, next call rc)
     "deep": (-errno.EPROTO, -errno.ENOTCONN),
     "error_with_fd": (-errno.EDQUOT, 0),
     "closed": (-errno.ECONNRESET, -errno.ENOTCONN),
+    "ignores_type": (-errno.EMEDIUMTYPE, 0),
+    "other_allocation": (-errno.EPROTO, 0),
     "event_then_answer": (0, 0),
 }
 

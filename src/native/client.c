@@ -674,13 +674,21 @@ static int map_memory(pa_client_t *c, answer_t *a, uint64_t allocation_id, pa_cl
     return 0;
 }
 
-/* Fills *out from a claim or acquire answer; maps MEMORY. */
-static int read_claim(pa_client_t *c, answer_t *a, bool acquire, pa_client_claim_t *out) {
+/* Fills *out from a claim or acquire answer; maps MEMORY. claimed (nullable): the id a
+ * claim asked for, which the answer must carry — a mapping is remembered under the
+ * answer's id, so one of another id would outlive pa_client_release of the asked one. */
+static int read_claim(pa_client_t *c, answer_t *a, const uint64_t *claimed, pa_client_claim_t *out) {
     memset(out, 0, sizeof *out);
+    const bool acquire = claimed == NULL;
     const pa__json_doc_t *d = &a->doc;
     if (!a->result || a->result->type != PA__JSON_OBJECT) return bad_result(c, "an allocation object");
     if (pa__json_u64(pa__json_get(d, a->result, "allocation_id"), &out->allocation_id))
         return bad_result(c, "an integer \"allocation_id\"");
+    if (claimed && out->allocation_id != *claimed) {
+        set_error(c, -EPROTO, "", "the broker answered a claim of allocation %" PRIu64 " with allocation %" PRIu64,
+                  *claimed, out->allocation_id);
+        return -EPROTO;
+    }
     const pa__json_node_t *type = pa__json_get(d, a->result, "resource_type");
     if (!type || type->type != PA__JSON_STRING || type->count >= sizeof out->resource_type)
         return bad_result(c, "a \"resource_type\"");
@@ -730,7 +738,7 @@ static int claim_as(pa_client_t *client, uint64_t allocation_id, pid_t target_pi
     }
     answer_t a;
     if ((rc = round_trip(client, &w, 1, &a))) return leave(client, rc);
-    rc = read_claim(client, &a, false, out);
+    rc = read_claim(client, &a, &allocation_id, out);
     answer_close(&a);
     return leave(client, rc);
 }
@@ -797,7 +805,7 @@ int pa_client_acquire(pa_client_t *client, const char *resource_type, double amo
     }
     answer_t a;
     if ((rc = round_trip(client, &w, 1, &a))) return leave(client, rc);
-    rc = read_claim(client, &a, true, out);
+    rc = read_claim(client, &a, NULL, out);
     answer_close(&a);
     return leave(client, rc);
 }

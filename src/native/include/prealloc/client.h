@@ -190,7 +190,8 @@ typedef struct pa_client_claim {
  * process; another pid is the broker's business to check). A MEMORY claim arrives as a
  * descriptor and is mapped (see the design); a descriptor that is not a memfd sealed
  * with F_SEAL_SHRINK, or smaller than the size the answer gives, fails -EPROTO (the claim
- * stands at the broker: release it). */
+ * stands at the broker: release it); so does an answer for another allocation than
+ * allocation_id (nothing is mapped). */
 PA_API int pa_client_claim(pa_client_t *client, uint64_t allocation_id, pid_t target_pid, pa_client_claim_t *out);
 /* pa_client_claim for MEMORY: *addr and *size the mapping. An allocation of another type
  * fails -EMEDIUMTYPE and is left as it was (the broker checks the type before claiming). */
