@@ -501,8 +501,8 @@ static unsigned random_level(pq_thread_t *t, unsigned cap, unsigned log2p) {
  * of a height is full hands PQ_DEPOT_BATCH nodes over as one batch, and a thread whose
  * cache is empty takes the whole depot of that height. Batches are pushed with a CAS and
  * taken all at once with an exchange (as EBR's orphan list), so there is no ABA. A batch
- * is a chain through next0; its first node keeps the chain's length in `value` and the
- * next batch in key[0]. Bounded by PQ_DEPOT_MAX nodes per height (then nodes are freed);
+ * is a chain through next0; its first node keeps the chain's length in `value`, its last
+ * node in key[1] and the next batch in key[0]. Bounded by PQ_DEPOT_MAX nodes per height (then nodes are freed);
  * nodes in the depot are not freed at exit (still reachable, reused by the next pushes). */
 typedef struct pq_depot {
     PA_CACHE_ALIGNED _Atomic(pq_node_t *) batches;
@@ -519,9 +519,10 @@ static bool cache_register(pq_thread_t *t) {
     return true;
 }
 
-static void depot_give(unsigned l, pq_node_t *first, size_t count) {
+static void depot_give(unsigned l, pq_node_t *first, pq_node_t *last, size_t count) {
     pq_depot_t *d = &pq_depot[l];
     first->value = count;
+    first->key[1] = (uint64_t)(uintptr_t)last; /* so that depot_take need not walk the batch */
     pq_node_t *head = pa__load_relaxed(&d->batches);
     do {
         first->key[0] = (uint64_t)(uintptr_t)head;
@@ -541,8 +542,9 @@ static bool depot_take(pq_thread_t *t, unsigned l) {
     while (b) {
         pq_node_t *next_batch = (pq_node_t *)(uintptr_t)b->key[0];
         size_t count = (size_t)b->value;
-        pq_node_t *last = b;
-        while (pa__load_relaxed(&last->next0)) last = (pq_node_t *)pa__load_relaxed(&last->next0);
+        /* splice the whole batch in front of the cache; walking to its last node instead
+         * would be one cache miss per node of the depot, each load depending on the last */
+        pq_node_t *last = (pq_node_t *)(uintptr_t)b->key[1];
         pa__store_relaxed(&last->next0, (uintptr_t)t->cache[l]);
         t->cache[l] = b;
         t->cached[l] += (uint32_t)count;
@@ -602,7 +604,7 @@ static void node_recycle(pq_node_t *n) {
         t->cached[l] -= PQ_DEPOT_BATCH - 1;
         pa__store_relaxed(&last->next0, 0);
         if (pa__load_relaxed(&pq_depot[l].count) < PQ_DEPOT_MAX) {
-            depot_give(l, first, PQ_DEPOT_BATCH);
+            depot_give(l, first, last, PQ_DEPOT_BATCH);
         } else {
             while (first) {
                 pq_node_t *next = (pq_node_t *)pa__load_relaxed(&first->next0);
