@@ -462,9 +462,9 @@ static void op_end(pq_op_t *op) { pa__ebr_exit(op->ebr); }
  * and the search's prefetch (locate_from) overlaps the miss of the node that stops a level
  * with the next level's first one: with p = 1/2 that is half of each level's misses, with
  * 1/4 a quarter. So a single push into a queue of PQ_WIDE_SIZE items or more draws its
- * tower with p = 1/2 (measured, one thread, push then push/pop mix: at 2e5 items 16 % and
- * 29 % faster, at 1e6 up to 25 %; at 2e4, where the list is still cached, 15 % slower, at
- * 1e3 15 % slower). Either shape, or any mix, gives correct searches: the heights only
+ * tower with p = 1/2 (measured, one thread, a push/pop mix on a filled queue: 11 % faster
+ * at 2e5 items, 25 % at 1e6; p = 1/2 at every size was 15 % slower at 2e4, where the list
+ * is still cached, and at 1e3). Either shape, or any mix, gives correct searches: the heights only
  * decide which nodes a search skips. The size is summed over the stripes by every
  * PQ_WIDE_SAMPLE-th single push of a thread (17 relaxed loads), and the answer kept in
  * the queue (written only when it changes, so the line stays shared). Batches keep p =
