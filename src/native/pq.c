@@ -278,7 +278,7 @@ struct pa_pq {
     _Atomic uintptr_t *buckets; /* indexed only */
     unsigned flags;
     _Atomic uint32_t top; /* an upper bound of the levels in use (only ever raised) */
-    _Atomic uint32_t wide; /* single pushes draw towers with p = 1/2 (see tower_log2p) */
+    _Atomic uint32_t wide; /* single pushes draw towers with p = 1/2 (see tower_wide) */
     PA_CACHE_ALIGNED _Atomic uint64_t arrival;
     /* The size is striped so that pushes and pops on different threads do not bounce one
      * counter line between them; pa_pq_size sums the stripes. */
@@ -353,7 +353,7 @@ static void node_to_item(const pq_node_t *n, pa_pq_item_t *item) {
  * thread exits. */
 typedef struct pq_thread {
     uint64_t rng;
-    uint32_t pushes; /* single pushes, the clock of tower_log2p's samples */
+    uint32_t pushes; /* single pushes, the clock of tower_wide's samples */
     unsigned shard;
     bool exclusive; /* shard is this thread's alone: updated without a locked add */
     bool registered;
@@ -464,24 +464,23 @@ static void op_end(pq_op_t *op) { pa__ebr_exit(op->ebr); }
  * 1/4 a quarter. So a single push into a queue of PQ_WIDE_SIZE items or more draws its
  * tower with p = 1/2 (measured, one thread, a push/pop mix on a filled queue: 11 % faster
  * at 2e5 items, 25 % at 1e6; p = 1/2 at every size was 15 % slower at 2e4, where the list
- * is still cached, and at 1e3). Either shape, or any mix, gives correct searches: the heights only
- * decide which nodes a search skips. The size is summed over the stripes by every
- * PQ_WIDE_SAMPLE-th single push of a thread (17 relaxed loads), and the answer kept in
- * the queue (written only when it changes, so the line stays shared). Batches keep p =
- * 1/4 (batch_cap). Returns log2(1/p). */
-static size_t size_sum(const pa_pq_t *pq);
-static unsigned tower_log2p(pq_op_t *op) {
+ * is still cached, and at 1e3). Either shape, or any mix, gives correct searches: the
+ * heights only decide which nodes a search skips. The size is summed over the stripes by
+ * every PQ_WIDE_SAMPLE-th single push of a thread (pa_pq_size: 17 relaxed loads), and
+ * the answer kept in the queue (written only when it changes, so the line stays shared).
+ * Batches keep p = 1/4 (batch_cap). True: p = 1/2. */
+static bool tower_wide(pq_op_t *op) {
     pa_pq_t *const pq = op->pq;
     if (++op->t->pushes % PQ_WIDE_SAMPLE == 0) {
-        uint32_t wide = size_sum(pq) >= PQ_WIDE_SIZE;
+        uint32_t wide = pa_pq_size(pq) >= PQ_WIDE_SIZE;
         if (pa__load_relaxed(&pq->wide) != wide) pa__store_relaxed(&pq->wide, wide);
     }
     /* relaxed: a stale answer costs speed, not correctness */
-    return pa__load_relaxed(&pq->wide) ? 1u : PQ_LEVEL_LOG2P;
+    return pa__load_relaxed(&pq->wide) != 0;
 }
 
-/* Geometric tower height, p = 2^-log2p, capped at `cap`. */
-static unsigned random_level(pq_thread_t *t, unsigned cap, unsigned log2p) {
+/* Geometric tower height, p = 2^-PQ_LEVEL_LOG2P (p = 1/2 when wide), capped at `cap`. */
+static unsigned random_level(pq_thread_t *t, unsigned cap, bool wide) {
     uint64_t x = t->rng;
     x ^= x >> 12;
     x ^= x << 25;
@@ -489,7 +488,7 @@ static unsigned random_level(pq_thread_t *t, unsigned cap, unsigned log2p) {
     t->rng = x;
     uint64_t r = x * 0x2545F4914F6CDD1Dull;
     unsigned zeros = (unsigned)__builtin_ctzll(r | (1ull << 63));
-    unsigned level = 1u + (log2p == 1 ? zeros : zeros / PQ_LEVEL_LOG2P);
+    unsigned level = 1u + (wide ? zeros : zeros / PQ_LEVEL_LOG2P);
     unsigned forced = PQ_TEST_LEVEL(cap);
     if (forced) return forced;
     return level < cap ? level : cap;
@@ -502,8 +501,9 @@ static unsigned random_level(pq_thread_t *t, unsigned cap, unsigned log2p) {
  * cache is empty takes the whole depot of that height. Batches are pushed with a CAS and
  * taken all at once with an exchange (as EBR's orphan list), so there is no ABA. A batch
  * is a chain through next0; its first node keeps the chain's length in `value`, its last
- * node in key[1] and the next batch in key[0]. Bounded by PQ_DEPOT_MAX nodes per height (then nodes are freed);
- * nodes in the depot are not freed at exit (still reachable, reused by the next pushes). */
+ * node in key[1] and the next batch in key[0]. Bounded by PQ_DEPOT_MAX nodes per height
+ * (then nodes are freed); nodes in the depot are not freed at exit (still reachable,
+ * reused by the next pushes). */
 typedef struct pq_depot {
     PA_CACHE_ALIGNED _Atomic(pq_node_t *) batches;
     _Atomic size_t count;
@@ -1172,7 +1172,7 @@ static int push_one(pq_op_t *op, uint64_t value, double priority, double confide
          * holds a single tall node gets walked by every search. */
         unsigned levels = levels_in_use(pq);
         unsigned cap = levels + 1 < PQ_MAX_LEVEL ? levels + 1 : PQ_MAX_LEVEL;
-        pq_node_t *n = node_alloc(op->t, random_level(op->t, cap, tower_log2p(op)));
+        pq_node_t *n = node_alloc(op->t, random_level(op->t, cap, tower_wide(op)));
         if (!n) {
             rc = -ENOMEM;
             break;
@@ -1457,7 +1457,7 @@ static int push_chunk_sorted(pq_op_t *op, size_t chunk, const uint64_t *values, 
     pq_sort_key_t keys[2 * PQ_BATCH_CHUNK]; /* the keys, then the sorts' scratch */
     unsigned cap = batch_cap(levels_in_use(pq), chunk); /* heights drawn before any is linked */
     for (size_t k = 0; k < chunk; k++) {
-        heights[k] = (uint8_t)random_level(op->t, cap, PQ_LEVEL_LOG2P);
+        heights[k] = (uint8_t)random_level(op->t, cap, false);
         nodes[k] = node_alloc(op->t, heights[k]);
         if (!nodes[k]) {
             while (k > 0) node_recycle(nodes[--k]); /* never published */
@@ -1514,7 +1514,7 @@ static int push_group_sorted(pa_pq_t *pq, size_t n, const uint64_t *values, cons
     pq_node_t **nodes = (pq_node_t **)(void *)(keys + n), **cls = nodes + n, **scratch = cls + n;
     uint8_t *heights = (uint8_t *)(void *)(scratch + n);
     for (size_t k = 0; k < n; k++) {
-        heights[k] = (uint8_t)random_level(t, cap, PQ_LEVEL_LOG2P);
+        heights[k] = (uint8_t)random_level(t, cap, false);
         nodes[k] = node_alloc(t, heights[k]);
         if (!nodes[k]) {
             while (k > 0) node_recycle(nodes[--k]); /* never published */
@@ -1705,10 +1705,6 @@ int pa_pq_cancel(pa_pq_t *pq, uint64_t value) {
 
 size_t pa_pq_size(const pa_pq_t *pq) {
     if (!pq) return 0;
-    return size_sum(pq);
-}
-
-static size_t size_sum(const pa_pq_t *pq) {
     int64_t s = 0;
     for (int k = 0; k <= PQ_SIZE_SHARDS; k++) s += pa__load_relaxed(&((pa_pq_t *)pq)->size[k].n);
     return s > 0 ? (size_t)s : 0;

@@ -9,7 +9,7 @@
  * by the pushes that follow stops at level 1 until the next cut — the skiplist turns into
  * a linked list and each push costs O(n). A healthy skiplist with p = 1/4 has about a
  * quarter of its nodes at level 2 or higher; the degenerate one has none. Also the tower
- * shape's two regimes (p = 1/4 and 1/2, tower_log2p) and batch towers.
+ * shape's two regimes (p = 1/4 and 1/2, tower_wide) and batch towers.
  */
 #define _GNU_SOURCE
 #include <math.h>
@@ -113,7 +113,7 @@ static void push_single(pa_pq_t *pq, uint64_t first, int n, uint64_t *rng) {
     }
 }
 
-/* Tower shape (tower_log2p): single pushes into a queue of PQ_WIDE_SIZE items or more
+/* Tower shape (tower_wide): single pushes into a queue of PQ_WIDE_SIZE items or more
  * draw towers with p = 1/2, into a smaller one with p = 1/4, and batches with 1/4 at any
  * size. Of 4096 new nodes, 2048 (sd 32) are tall with p = 1/2, 1024 (sd 28) with 1/4;
  * the line between is 1536. */
