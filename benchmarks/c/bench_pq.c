@@ -1,7 +1,8 @@
 /*
  * bench_pq.c — throughput of the lock-free priority queue (prealloc/pq.h) against what a
  * user would write instead: a binary heap with the same key under a pthread mutex, and the
- * same heap under a test-and-test-and-set spinlock.
+ * same heap under a test-and-test-and-set spinlock; and the published alternative to our
+ * skiplist, Liu & Spear's mound in its locking variant (mound.h, benchmark code only).
  *
  * Workload: the queue is prefilled with `size` random items; then each of T threads
  * alternates push (a random key) and pop for `ops` operations, so the size stays put.
@@ -42,6 +43,7 @@
 
 #include "atomics.h"
 #include "bench_util.h"
+#include "mound.h"
 #include "prealloc/pq.h"
 
 /* Built with -DPA_PQ_STATS (and pq.c with it, see README): after each pq run, the
@@ -72,6 +74,9 @@ static inline uint64_t enc_asc(double d) {
     return (u >> 63) ? ~u : u | (1ull << 63);
 }
 
+/* "no deadline" (NaN, +inf) sorts after every deadline */
+static inline uint64_t deadline_word(double d) { return (isnan(d) || isinf(d)) ? UINT64_MAX : enc_asc(d); }
+
 typedef struct heap_entry {
     uint64_t k[4];
     uint64_t value;
@@ -98,7 +103,7 @@ static int heap_push(heap_t *h, uint64_t value, double p, double c, double d) {
         h->a = a;
         h->cap = cap;
     }
-    heap_entry_t e = {{~enc_asc(p), ~enc_asc(c), (isnan(d) || isinf(d)) ? UINT64_MAX : enc_asc(d), h->arrival++}, value};
+    heap_entry_t e = {{~enc_asc(p), ~enc_asc(c), deadline_word(d), h->arrival++}, value};
     size_t i = h->n++;
     while (i > 0) {
         size_t parent = (i - 1) / 2;
@@ -224,12 +229,23 @@ static bool sh_pop(void *p, uint64_t *v) {
     return ok;
 }
 
+static void *mound_create_any(void) { return mound_create(); }
+static void mound_destroy_any(void *m) { mound_destroy(m); }
+static int mound_push_any(void *m, uint64_t v, double p, double c, double d) {
+    const uint64_t key3[3] = {~enc_asc(p), ~enc_asc(c), deadline_word(d)};
+    return mound_push(m, v, key3);
+}
+static bool mound_pop_any(void *m, uint64_t *v) { return mound_pop(m, v); }
+
 static const impl_t impls[] = {
     {"mutex heap", mh_create, mh_destroy, mh_push, mh_pop},
     {"spinlock heap", sh_create, sh_destroy, sh_push, sh_pop},
     {"pq (unindexed)", pq_create_plain, pq_destroy_any, pq_push_any, pq_pop_any},
     {"pq (indexed)", pq_create_indexed, pq_destroy_any, pq_push_any, pq_pop_any},
+    /* Liu & Spear's mound (mound.h), the published alternative, locking variant */
+    {"mound (locks)", mound_create_any, mound_destroy_any, mound_push_any, mound_pop_any},
 };
+#define IMPL_MOUND 4
 #define NIMPL (sizeof impls / sizeof impls[0])
 
 /* ---- the workload ---- */
@@ -370,8 +386,8 @@ static void bench_split(const long *sizes, int nsizes, long ops, long reps, long
     printf("\nproducer/consumer split (the engine's shape): one thread pushes ops random items, another pops\n"
            "ops items, on a queue prefilled with N; million items moved per second\n");
     printf("%-9s %-16s %9s %9s %12s\n", "N", "implementation", "Mitems/s", "vs mutex", "empty polls");
-    static const int kinds[] = {0, 1, 2};
-    enum { KINDS = 3, MAX_REPS = 64 };
+    static const int kinds[] = {0, 1, 2, IMPL_MOUND};
+    enum { KINDS = 4, MAX_REPS = 64 };
     for (int si = 0; si < nsizes; si++) {
         void *qs[KINDS];
         for (int k = 0; k < KINDS; k++) {
@@ -391,7 +407,7 @@ static void bench_split(const long *sizes, int nsizes, long ops, long reps, long
             for (int k = 0; k < KINDS; k++) {
                 if (r == nr - 1) reset_stats(); /* the stats cover the last repetition */
                 rate[k][r] = split_once(&impls[kinds[k]], qs[k], ops, failures, &empty[k]);
-                if (kinds[k] >= 2 && r == nr - 1) print_stats("split", 2.0 * (double)ops);
+                if (kinds[k] == 2 && r == nr - 1) print_stats("split", 2.0 * (double)ops);
                 ratio[k][r] = rate[k][r] / rate[0][r];
             }
         for (int k = 0; k < KINDS; k++) {
@@ -479,7 +495,7 @@ static void bench_fill_drain(const long *sizes, int nsizes, long reps, long *fai
         int impl, mode;
     } kinds[] = {{"mutex heap, per item", 0, 0}, {"pq (unindexed), per item", 2, 0},
                  {"pq (unindexed), batch calls", 2, 1}, {"pq (indexed), batch calls", 3, 1},
-                 {"pq (unindexed), batch, refill", 2, 2}};
+                 {"pq (unindexed), batch, refill", 2, 2}, {"mound (locks), per item", IMPL_MOUND, 0}};
     enum { KINDS = sizeof kinds / sizeof kinds[0], MAX_REPS = 64 };
     for (int si = 0; si < nsizes; si++) {
         long n = sizes[si];
@@ -583,7 +599,7 @@ int main(int argc, char **argv) {
                     if (k > 0 && only && !strstr(impls[k].name, only)) continue;
                     if (r == n - 1) reset_stats(); /* the stats cover the last repetition */
                     rates[k][r] = run_once(&impls[k], qs[k], (int)threads[ti], ops, &failures);
-                    if (k >= 2 && r == n - 1) print_stats(impls[k].name, (double)ops * (double)threads[ti]);
+                    if ((k == 2 || k == 3) && r == n - 1) print_stats(impls[k].name, (double)ops * (double)threads[ti]);
                     ratios[k][r] = rates[k][r] / rates[0][r];
                 }
             }
