@@ -41,7 +41,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "atomics.h"
+#include "../../src/native/atomics.h" /* relative: bench_pq and its test both include this */
 
 #define MOUND_MAX_LEVELS 25 /* 2^24 nodes in the last level (1 GiB): ENOMEM beyond */
 #define MOUND_TRIES 8       /* random leaves tried before the tree grows a level */
