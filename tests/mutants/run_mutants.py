@@ -43,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 KEYS = {"name", "file", "find", "replace", "kills", "when"}
-COPIED = ["CMakeLists.txt", "src/native", "tests/c"]
+COPIED = ["CMakeLists.txt", "src/native", "tests/c", "benchmarks/c"]  # tests/c includes benchmarks/c/mound.h
 TEST_TIMEOUT_S = 120
 
 
