@@ -194,6 +194,9 @@
 #define PQ_CACHE_PER_LEVEL 1024    /* free nodes a thread keeps per tower height */
 #define PQ_DEPOT_BATCH 64          /* nodes a full cache hands to the depot at once */
 #define PQ_DEPOT_MAX 65536         /* nodes of one height the depot holds at most */
+/* Items per operation in the batch calls: one operation holds back reclamation (EBR)
+ * while it runs, so a large batch is served in operations of this many. */
+#define PQ_BATCH_CHUNK 256
 
 enum { ST_PENDING = 0, ST_QUEUED = 1, ST_TAKEN = 2, ST_CANCELLED = 3, ST_DEAD = 4, ST_POISON = 0xDEADu };
 
@@ -712,19 +715,36 @@ static void size_add(pq_op_t *op, int64_t d) {
 }
 
 /* Moves a claimed (or about to be returned) node out of PENDING/QUEUED into TAKEN. True
- * when the node ends TAKEN — by us or by a helper — i.e. it belongs to its claimer. */
-static bool resolve_taken(pq_op_t *op, pq_node_t *n) {
+ * when the node ends TAKEN — by us or by a helper — i.e. it belongs to its claimer.
+ * Whoever makes the move removes the index entry: at once, or (unindex != NULL) the node
+ * is appended to unindex[*pending] for the caller to remove before its operation ends —
+ * an entry that lingers in state TAKEN is only ever helped out of the index (push) or
+ * passed over (cancel), and the node's index reference keeps it from being retired. */
+static bool resolve_taken_into(pq_op_t *op, pq_node_t *n, pq_node_t **unindex, size_t *pending) {
     /* acquire: pairs with the release CAS of whoever set the state */
     uint32_t s = pa__load_acquire(&n->state);
     while (s == ST_PENDING || s == ST_QUEUED) {
         /* acq_rel: the one CAS that decides between pop, cancel and an aborting push */
         if (pa__cas_strong_acq_rel(&n->state, &s, ST_TAKEN)) {
             size_add(op, -1);
-            index_remove(op, n);
+            if (unindex) unindex[(*pending)++] = n;
+            else index_remove(op, n);
             return true;
         }
     }
     return s == ST_TAKEN;
+}
+static bool resolve_taken(pq_op_t *op, pq_node_t *n) { return resolve_taken_into(op, n, NULL, NULL); }
+
+/* The deferred removals of a batch pop: every bucket and index link is requested first,
+ * so their cache misses overlap instead of coming one after another (the values come out
+ * in key order, which scatters them over the bucket array). */
+static void index_remove_all(pq_op_t *op, pq_node_t **nodes, size_t count) {
+    for (size_t k = 0; k < count; k++) {
+        __builtin_prefetch(bucket_of(op->pq, nodes[k]->value), 1);
+        __builtin_prefetch(&node_ext(nodes[k])->hnext, 1);
+    }
+    for (size_t k = 0; k < count; k++) index_remove(op, nodes[k]);
 }
 
 /* Decides every node of the deleted prefix (see the design comment). */
@@ -1010,6 +1030,10 @@ static size_t skiplist_take(pq_op_t *op, size_t max, pa_pq_item_t *items, uint64
     pq_node_t *const head = pq->head, *const tail = pq->tail;
     pq_node_t *x = head, *newhead = NULL;
     size_t taken = 0;
+    /* indexed batch pops remove their index entries after the walk (index_remove_all) */
+    pq_node_t *unindex[PQ_BATCH_CHUNK];
+    size_t unindexing = 0;
+    const bool defer = indexed && max > 1 && max <= PQ_BATCH_CHUNK;
     /* acquire: pairs with the insert / cut CAS that wrote head's link */
     const uintptr_t obs_head = pa__load_acquire(&head->next0);
     unsigned offset = 0;
@@ -1044,7 +1068,8 @@ static size_t skiplist_take(pq_op_t *op, size_t max, pa_pq_item_t *items, uint64
                  * first: then discard it and go on */
                 x = y;
                 bool ours = true;
-                if (indexed) ours = resolve_taken(op, y); /* (unindexed: counted once below) */
+                /* (unindexed: counted once below) */
+                if (indexed) ours = resolve_taken_into(op, y, defer ? unindex : NULL, &unindexing);
                 if (ours) {
                     if (items) node_to_item(y, &items[taken]);
                     if (values) values[taken] = y->value;
@@ -1061,6 +1086,7 @@ static size_t skiplist_take(pq_op_t *op, size_t max, pa_pq_item_t *items, uint64
     /* unindexed: every claim is ours; one size update for the walk instead of one locked
      * add per item (the size is exact only when no operation is in flight anyway) */
     if (!indexed && taken) size_add(op, -(int64_t)taken);
+    if (unindexing) index_remove_all(op, unindex, unindexing);
     PQ_STAT(PQS_WALK_STEPS, offset);
     if (!newhead) newhead = x;
     if (offset >= PQ_BOUND_OFFSET && is_marked(obs_head) && newhead != unmark(obs_head)) {
@@ -1214,9 +1240,6 @@ int pa_pq_push(pa_pq_t *pq, uint64_t value, double priority, double confidence, 
     return rc;
 }
 
-/* Items per operation in the batch calls: one operation holds back reclamation (EBR)
- * while it runs, so a large batch is served in operations of this many. */
-#define PQ_BATCH_CHUNK 256
 static inline size_t batch_chunk(size_t left) { return left < PQ_BATCH_CHUNK ? left : PQ_BATCH_CHUNK; }
 
 /* Sorting a batch's keys. A key record is the node's four key words; the arrival word
