@@ -1184,10 +1184,13 @@ static bool key_valid(double priority, double confidence, double deadline) {
 /* One push inside an operation. `ticket` is the arrival number reserved for it, or
  * PQ_NO_TICKET to take one from the counter once the index accepted the value (so that no
  * number is spent on a push that fails). A retry always takes a fresh number: the aborted
- * attempt may still sit in the skiplist with the old one, and keys must stay unique. */
+ * attempt may still sit in the skiplist with the old one, and keys must stay unique.
+ * kept (indexed queues, nullable): receives the pushed node, with a third reference that
+ * keeps it from being retired (and its memory valid) until the caller's node_release —
+ * the all-or-nothing batch withdraws its items through it (push_all_indexed). */
 #define PQ_NO_TICKET UINT64_MAX
 static int push_one(pq_op_t *op, uint64_t value, double priority, double confidence, double deadline,
-                    uint64_t ticket) {
+                    uint64_t ticket, pq_node_t **kept) {
     pa_pq_t *const pq = op->pq;
     uint64_t words[3];
     encode_key(words, priority, confidence, deadline);
@@ -1207,7 +1210,7 @@ static int push_one(pq_op_t *op, uint64_t value, double priority, double confide
         n->value = value;
         if (op->indexed) {
             pa__store_relaxed(&n->state, ST_PENDING);
-            pa__store_relaxed(&n->refs, 2); /* skiplist + index */
+            pa__store_relaxed(&n->refs, kept ? 3 : 2); /* skiplist + index (+ the caller) */
             rc = index_insert(op, n);
             if (rc != 0) {
                 node_recycle(n); /* never published */
@@ -1218,6 +1221,7 @@ static int push_one(pq_op_t *op, uint64_t value, double priority, double confide
         ticket = PQ_NO_TICKET;
         if (op->indexed && pa__load_acquire(&n->state) == ST_DEAD) {
             node_release(op, n); /* aborted before linking: the skiplist never holds it */
+            if (kept) node_release(op, n);
             continue;
         }
         skiplist_insert(pq, n, levels, NULL);
@@ -1225,7 +1229,11 @@ static int push_one(pq_op_t *op, uint64_t value, double priority, double confide
         uint32_t s = ST_PENDING;
         /* acq_rel: the push's completion; loses to a pop that already took the node (then
          * the push is done as well) or to a racing push that aborted it (then retry) */
-        if (pa__cas_strong_acq_rel(&n->state, &s, ST_QUEUED) || s != ST_DEAD) break;
+        if (pa__cas_strong_acq_rel(&n->state, &s, ST_QUEUED) || s != ST_DEAD) {
+            if (kept) *kept = n;
+            break;
+        }
+        if (kept) node_release(op, n); /* the aborted attempt: the cut releases the rest */
     }
     if (rc != 0) size_add(op, -1);
     return rc;
@@ -1235,7 +1243,7 @@ int pa_pq_push(pa_pq_t *pq, uint64_t value, double priority, double confidence, 
     if (!pq || !key_valid(priority, confidence, deadline)) return -EINVAL;
     pq_op_t op;
     if (!op_begin(&op, pq)) return -ENOMEM;
-    int rc = push_one(&op, value, priority, confidence, deadline, PQ_NO_TICKET);
+    int rc = push_one(&op, value, priority, confidence, deadline, PQ_NO_TICKET, NULL);
     op_end(&op);
     return rc;
 }
@@ -1619,12 +1627,269 @@ int pa_pq_push_many(pa_pq_t *pq, size_t n, const uint64_t *values, const double 
         }
         /* Indexed pushes may fail (-EEXIST) and take their numbers one by one, in order. */
         for (size_t k = 0; k < chunk; k++, done++) {
-            rc = push_one(&op, values[done], priorities[done], confidences[done], deadlines[done], PQ_NO_TICKET);
+            rc = push_one(&op, values[done], priorities[done], confidences[done], deadlines[done], PQ_NO_TICKET,
+                          NULL);
             if (rc != 0) break;
         }
         op_end(&op);
     }
     if (pushed) *pushed = done;
+    return rc;
+}
+
+/* ---- all or nothing: the indexed batch push ----
+ *
+ * pa_pq_push_many keeps its prefix contract on an indexed queue by pushing item by item:
+ * sorting the items cannot keep what was pushed a prefix of the input once a racing push
+ * of the same value aborts one of them while later ones are already linked (and maybe
+ * popped). pa_pq_push_all gives that contract up for another one, which is what a caller
+ * withdrawing a failed batch wants anyway: all items or none. Then the items can be
+ * sorted and linked with finger searches as an unindexed batch is.
+ *
+ * Per group of up to PQ_BATCH_GROUP items (keys made with the group's tickets in input
+ * order, sorted, nodes allocated in key order, as push_group_sorted does), in operations
+ * of PQ_BATCH_CHUNK items:
+ *   A. (input order) each node enters the index PENDING, with a third reference — ours —
+ *      so that it stays valid until the call ends whatever happens to it meanwhile. A
+ *      value queued already ends the call (-EEXIST, withdraw). A PENDING entry found for
+ *      the value is aborted, as by any push: it may be another push's, or this input's own
+ *      earlier copy of the value, which phase C then retries and finds the copy.
+ *   B. (key order) each node still PENDING is linked, a finger search from the one before
+ *      (a node a racing push aborted meanwhile is left out), and
+ *   C. completed at once, PENDING -> QUEUED. One taken by a pop meanwhile is done as
+ *      well. One aborted by a racing push of its value is pushed again by push_one (a
+ *      fresh node and ticket): that either queues it or answers -EEXIST (the value is
+ *      queued elsewhere, or twice in the input), which ends the call. Key order, not
+ *      input order: which copy of a value given twice fails depends on their keys.
+ * Withdrawal (the call fails): every node of the call that is still PENDING is aborted
+ * (-> DEAD) and every one QUEUED is cancelled, each leaving the index as a cancel's does;
+ * one that a pop or a cancel took first stays taken and is counted in *kept. Then, as on
+ * success, our references are let go (and the skiplist's, for nodes never linked).
+ * Size: +1 per item from phase A on; -1 by whoever ends an item without a pop or a cancel
+ * (an abort found in C, a withdrawal) — pops and cancels count their own.
+ * Linearizability: each item is a separate push overlapping the call (its tickets fixed
+ * before any is visible, as for the unindexed batch), completed at its CAS in C or at a
+ * pop's claim; a withdrawal is a cancel overlapping the call. */
+enum { PA_ITEM_PRIVATE, PA_ITEM_INDEXED, PA_ITEM_LINKED, PA_ITEM_GONE };
+
+typedef struct push_all_state {
+    pq_node_t **node; /* per input item: the node that holds our reference */
+    uint8_t *status;  /* per input item: PA_ITEM_* */
+    size_t published; /* items 0 .. published-1 got past PA_ITEM_PRIVATE or failed */
+} push_all_state_t;
+
+/* Phases A to C for input items [base, base + n). 0, or -EEXIST / -ENOMEM with *failed
+ * set (an input index); 1: the sort buffer could not be had (nothing done). */
+static int push_all_group(pa_pq_t *pq, push_all_state_t *st, size_t base, size_t n, const uint64_t *values,
+                          const double *priorities, const double *confidences, const double *deadlines,
+                          size_t *failed) {
+    pq_op_t op;
+    (void)op_begin(&op, pq); /* cannot fail: the caller made sure this thread has its record */
+    op_end(&op);
+    pq_sort_key_t *keys = malloc(2 * n * sizeof *keys);
+    if (!keys) return 1;
+    pq_thread_t *const t = op.t;
+    uint64_t ticket = pa__fetch_add_relaxed(&pq->arrival, n);
+    uint64_t diff[3];
+    make_keys(keys, n, priorities + base, confidences + base, deadlines + base, ticket, diff);
+    sort_keys(keys, keys + n, n, diff);
+    unsigned cap = batch_cap(levels_in_use(pq), n);
+    pq_node_t **nodes = (pq_node_t **)(void *)(keys + n), **cls = nodes + n, **scratch = cls + n;
+    uint8_t *heights = (uint8_t *)(void *)(scratch + n);
+    for (size_t k = 0; k < n; k++) {
+        heights[k] = (uint8_t)random_level(t, cap, false);
+        nodes[k] = node_alloc(t, heights[k]);
+        if (!nodes[k]) {
+            while (k > 0) node_recycle(nodes[--k]); /* never published */
+            free(keys);
+            *failed = base;
+            return -ENOMEM;
+        }
+    }
+    order_nodes(nodes, heights, cls, scratch, n);
+    for (size_t k = 0; k < n; k++) {
+        pq_node_t *x = nodes[k];
+        memcpy(x->key, keys[k].k, sizeof x->key);
+        size_t i = base + (size_t)(keys[k].k[3] - ticket);
+        x->value = values[i];
+        pa__store_relaxed(&x->state, ST_PENDING);
+        pa__store_relaxed(&x->refs, 3); /* skiplist + index + this call */
+        st->node[i] = x;
+    }
+    /* nodes[] (key order) stays in the scratch half; the keys half is not needed now */
+    int rc = 0;
+    /* A: into the index, in input order */
+    for (size_t done = 0; done < n && rc == 0;) {
+        (void)op_begin(&op, pq);
+        size_t chunk = batch_chunk(n - done), k = 0;
+        for (; k < chunk; k++) {
+            size_t i = base + done + k;
+            rc = index_insert(&op, st->node[i]);
+            if (rc != 0) {
+                *failed = i;
+                break;
+            }
+            st->status[i] = PA_ITEM_INDEXED;
+        }
+        size_add(&op, (int64_t)k);
+        op_end(&op);
+        done += k;
+        st->published = base + done;
+    }
+    if (rc == 0) st->published = base + n;
+    /* B and C: linked and completed in key order (the nodes were allocated in that order,
+     * so this walks memory forwards); after a failure in A nothing is linked */
+    for (size_t done = 0; done < n && rc == 0;) {
+        (void)op_begin(&op, pq);
+        size_t chunk = batch_chunk(n - done);
+        pq_finger_t finger;
+        finger.levels = 0;
+        for (size_t k = 0; k < chunk && rc == 0; k++) {
+            pq_node_t *x = nodes[done + k];
+            size_t i = base + (size_t)(x->key[3] - ticket);
+            /* acquire: pairs with the aborting CAS (then its index removal is visible) */
+            if (pa__load_acquire(&x->state) == ST_PENDING) {
+                st->status[i] = PA_ITEM_LINKED;
+                skiplist_insert(pq, x, levels_in_use(pq), &finger);
+            } /* else aborted already: left out */
+            uint32_t s = ST_PENDING;
+            /* acq_rel: the push's completion, as in push_one */
+            if (pa__cas_strong_acq_rel(&x->state, &s, ST_QUEUED) || s != ST_DEAD) continue;
+            /* aborted by a racing push of its value: this attempt ends, a new one starts
+             * (a search from head; the finger stays valid: it holds none of its nodes,
+             * and the keys after this one are still larger than all of the run's) */
+            size_add(&op, -1);
+            if (st->status[i] == PA_ITEM_INDEXED) node_release(&op, x); /* never linked */
+            node_release(&op, x);
+            st->status[i] = PA_ITEM_GONE;
+            pq_node_t *again = NULL;
+            rc = push_one(&op, values[i], priorities[i], confidences[i], deadlines[i], PQ_NO_TICKET, &again);
+            if (rc != 0) {
+                *failed = i;
+                break;
+            }
+            st->node[i] = again;
+            st->status[i] = PA_ITEM_LINKED;
+        }
+        op_end(&op);
+        done += chunk;
+        PQ_GROUP_HOOK(pq);
+    }
+    free(keys);
+    return rc;
+}
+
+/* Withdraws every item of the call still queued or pending; returns how many a pop or a
+ * cancel had taken first. */
+static size_t push_all_withdraw(pa_pq_t *pq, push_all_state_t *st) {
+    size_t taken = 0;
+    for (size_t done = 0; done < st->published;) {
+        pq_op_t op;
+        (void)op_begin(&op, pq);
+        size_t chunk = batch_chunk(st->published - done);
+        for (size_t i = done; i < done + chunk; i++) {
+            if (st->status[i] != PA_ITEM_INDEXED && st->status[i] != PA_ITEM_LINKED) continue;
+            pq_node_t *x = st->node[i];
+            /* acquire: pairs with the CAS that set the state */
+            uint32_t s = pa__load_acquire(&x->state);
+            for (;;) {
+                if (s == ST_PENDING || s == ST_QUEUED) {
+                    /* acq_rel: decides against a pop's claim, a cancel or a racing push */
+                    if (!pa__cas_strong_acq_rel(&x->state, &s, s == ST_PENDING ? ST_DEAD : ST_CANCELLED)) continue;
+                    size_add(&op, -1);
+                    index_remove(&op, x);
+                } else if (s == ST_DEAD) {
+                    size_add(&op, -1); /* aborted by a racing push: nobody counted it off */
+                } else {
+                    taken++; /* TAKEN or CANCELLED: a pop or a cancel counted it */
+                }
+                break;
+            }
+        }
+        op_end(&op);
+        done += chunk;
+    }
+    return taken;
+}
+
+/* Lets go of this call's references (and the skiplist's for nodes never linked). */
+static void push_all_release(pa_pq_t *pq, push_all_state_t *st, size_t n) {
+    for (size_t done = 0; done < n;) {
+        pq_op_t op;
+        (void)op_begin(&op, pq);
+        size_t chunk = batch_chunk(n - done);
+        for (size_t i = done; i < done + chunk; i++) {
+            pq_node_t *x = st->node[i];
+            switch (st->status[i]) {
+            case PA_ITEM_PRIVATE:
+                if (x) node_recycle(x); /* allocated, never published */
+                break;
+            case PA_ITEM_INDEXED:
+                node_release(&op, x); /* the skiplist never held it */
+                node_release(&op, x);
+                break;
+            case PA_ITEM_LINKED:
+                node_release(&op, x);
+                break;
+            default:
+                break; /* GONE: released already */
+            }
+        }
+        op_end(&op);
+        done += chunk;
+    }
+}
+
+int pa_pq_push_all(pa_pq_t *pq, size_t n, const uint64_t *values, const double *priorities,
+                   const double *confidences, const double *deadlines, size_t *failed, size_t *kept) {
+    if (failed) *failed = 0;
+    if (kept) *kept = 0;
+    if (!pq || (n && (!values || !priorities || !confidences || !deadlines))) return -EINVAL;
+    if (!(pq->flags & PA_PQ_INDEXED)) return -ENOTSUP;
+    for (size_t i = 0; i < n; i++)
+        if (!key_valid(priorities[i], confidences[i], deadlines[i])) {
+            if (failed) *failed = i;
+            return -EINVAL;
+        }
+    if (n == 0) return 0;
+    pq_op_t op;
+    /* the reclamation record first: once this thread has one, op_begin cannot fail */
+    if (!op_begin(&op, pq)) return -ENOMEM;
+    op_end(&op);
+    push_all_state_t st = {calloc(n, sizeof *st.node), calloc(n, 1), 0};
+    if (!st.node || !st.status) {
+        free(st.node);
+        free(st.status);
+        return -ENOMEM;
+    }
+    size_t where = 0;
+    int rc = 0;
+    for (size_t base = 0; base < n && rc == 0;) {
+        size_t group = n - base < PQ_BATCH_GROUP ? n - base : PQ_BATCH_GROUP;
+        rc = push_all_group(pq, &st, base, group, values, priorities, confidences, deadlines, &where);
+        if (rc == 1) {
+            /* no sort buffer: this group item by item (each a push_one keeping its node) */
+            rc = 0;
+            for (size_t i = base; i < base + group && rc == 0; i++) {
+                (void)op_begin(&op, pq);
+                rc = push_one(&op, values[i], priorities[i], confidences[i], deadlines[i], PQ_NO_TICKET, &st.node[i]);
+                op_end(&op);
+                if (rc != 0) where = i;
+                else st.status[i] = PA_ITEM_LINKED;
+                st.published = i + 1;
+            }
+        }
+        base += group;
+    }
+    size_t taken = 0;
+    if (rc != 0) {
+        taken = push_all_withdraw(pq, &st);
+        if (failed) *failed = where;
+    }
+    push_all_release(pq, &st, n);
+    if (kept) *kept = taken;
+    free(st.node);
+    free(st.status);
     return rc;
 }
 

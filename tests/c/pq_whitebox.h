@@ -10,6 +10,7 @@
 #define pa_pq_destroy wb_pq_destroy
 #define pa_pq_push wb_pq_push
 #define pa_pq_push_many wb_pq_push_many
+#define pa_pq_push_all wb_pq_push_all
 #define pa_pq_pop wb_pq_pop
 #define pa_pq_pop_many wb_pq_pop_many
 #define pa_pq_pop_items wb_pq_pop_items
@@ -17,5 +18,18 @@
 #define pa_pq_cancel wb_pq_cancel
 #define pa_pq_size wb_pq_size
 #include "../../src/native/pq.c"
+
+/* Whether the bucket of v holds an entry for v that is not marked removed (read while no
+ * other thread changes the index). */
+static inline bool wb_indexed_entry(pa_pq_t *pq, uint64_t v) {
+    uintptr_t raw = pa__load_acquire(bucket_of(pq, v));
+    while (raw) {
+        pq_node_t *n = unmark(raw);
+        uintptr_t next = pa__load_acquire(&node_ext(n)->hnext);
+        if (n->value == v && !is_marked(next)) return true;
+        raw = next;
+    }
+    return false;
+}
 
 #endif

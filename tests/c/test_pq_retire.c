@@ -10,7 +10,8 @@
  * paper's version, one run of the indexed churn below catches it about one time in five
  * (it is a race; the check makes each occurrence visible, but not every run hits it).
  *
- * Workloads: 4 threads churning (push / pop / cancel at random) on a small indexed queue
+ * Workloads: 4 threads churning (push, all-or-nothing batch push, pop, batch pop, cancel
+ * at random) on a small indexed queue
  * of 64 values, and 4 threads pushing and popping on a small unindexed queue. Small
  * queues keep the check (a walk of every level) cheap and the deleted prefix busy.
  */
@@ -78,7 +79,21 @@ static void *churner_main(void *arg) {
         if (c->indexed) {
             uint64_t v = (r >> 8) % 64;
             switch (r % 3) {
-            case 0: (void)pa_pq_push(c->pq, v, prio, 0.0, NAN); break;
+            case 0:
+                if (batch) { /* an all-or-nothing batch: its withdrawals retire nodes too */
+                    uint64_t vs[8];
+                    double ps[8], cs[8], ds[8];
+                    for (size_t i = 0; i < batch; i++) {
+                        vs[i] = (v + 7 * i) % 64;
+                        ps[i] = (double)(i % 3);
+                        cs[i] = 0.0;
+                        ds[i] = NAN;
+                    }
+                    (void)pa_pq_push_all(c->pq, batch, vs, ps, cs, ds, NULL, NULL);
+                } else {
+                    (void)pa_pq_push(c->pq, v, prio, 0.0, NAN);
+                }
+                break;
             case 1: batch ? (void)pa_pq_pop_items(c->pq, items, batch) : (void)pa_pq_pop(c->pq, &items[0]); break;
             default: (void)pa_pq_cancel(c->pq, v);
             }

@@ -14,18 +14,6 @@
 
 #include "pa_test.h"
 
-/* Whether the bucket of v holds an entry for v that is not marked removed. */
-static bool indexed_entry(pa_pq_t *pq, uint64_t v) {
-    uintptr_t raw = pa__load_acquire(bucket_of(pq, v));
-    while (raw) {
-        pq_node_t *n = unmark(raw);
-        uintptr_t next = pa__load_acquire(&node_ext(n)->hnext);
-        if (n->value == v && !is_marked(next)) return true;
-        raw = next;
-    }
-    return false;
-}
-
 enum { N = 1000 };
 
 static void test_batch_pops_leave_no_entry(bool items_too) {
@@ -41,7 +29,7 @@ static void test_batch_pops_leave_no_entry(bool items_too) {
     }
     size_t pushed = 0;
     REQUIRE(wb_pq_push_many(pq, N, values, prio, conf, dl, &pushed) == 0 && pushed == N);
-    for (int i = 0; i < N; i++) CHECK(indexed_entry(pq, values[i]));
+    for (int i = 0; i < N; i++) CHECK(wb_indexed_entry(pq, values[i]));
     /* pop in batches of every size up to a chunk and beyond (several operations) */
     uint64_t out[N];
     pa_pq_item_t items[N];
@@ -51,17 +39,17 @@ static void test_batch_pops_leave_no_entry(bool items_too) {
         REQUIRE(k > 0);
         for (ssize_t j = 0; j < k; j++) {
             uint64_t v = items_too ? items[j].value : out[j];
-            CHECK(!indexed_entry(pq, v));
+            CHECK(!wb_indexed_entry(pq, v));
             CHECK_EQ_INT(wb_pq_cancel(pq, v), -ENOENT);
         }
         got += (size_t)k;
         max = max * 3 + 1; /* 1, 4, 13, 40, 121, 364, 1093 */
         CHECK_EQ_INT(wb_pq_size(pq), N - got);
     }
-    for (int i = 0; i < N; i++) CHECK(!indexed_entry(pq, values[i]));
+    for (int i = 0; i < N; i++) CHECK(!wb_indexed_entry(pq, values[i]));
     /* the values can be queued again, and these entries are live */
     for (int i = 0; i < N; i += 10) CHECK_EQ_INT(wb_pq_push(pq, values[i], 1.0, 0.0, NAN), 0);
-    for (int i = 0; i < N; i += 10) CHECK(indexed_entry(pq, values[i]));
+    for (int i = 0; i < N; i += 10) CHECK(wb_indexed_entry(pq, values[i]));
     CHECK_EQ_INT(wb_pq_size(pq), N / 10);
     wb_pq_destroy(pq);
 }

@@ -71,6 +71,21 @@ PA_API int pa_pq_push(pa_pq_t *pq, uint64_t value, double priority, double confi
 PA_API int pa_pq_push_many(pa_pq_t *pq, size_t n, const uint64_t *values, const double *priorities,
                            const double *confidences, const double *deadlines, size_t *pushed);
 
+/* Indexed queues: pushes n items all or none. Every key is checked first (-EINVAL pushes
+ * nothing; *failed, nullable, receives the first bad item's index). Then the items are
+ * pushed; when one cannot be — -EEXIST: its value is queued already, or appears twice in
+ * the input; -ENOMEM — every item this call queued is withdrawn again before it returns,
+ * and *failed receives the index of the item that failed. An item that a pop (or a
+ * cancel) took before the withdrawal stays taken: *kept (nullable) receives how many did
+ * (0 when the call succeeds, and whenever no other thread pops or cancels meanwhile).
+ * Each item is a separate push and each withdrawal a separate cancel, all overlapping the
+ * call; equal keys come out in input order. Unlike pa_pq_push_many on an indexed queue,
+ * the items are linked in key order with finger searches, as an unindexed batch is (what
+ * the prefix contract does not allow: see pq.c). -ENOTSUP on an unindexed queue (no
+ * withdrawal without the index: use pa_pq_push_many). */
+PA_API int pa_pq_push_all(pa_pq_t *pq, size_t n, const uint64_t *values, const double *priorities,
+                          const double *confidences, const double *deadlines, size_t *failed, size_t *kept);
+
 /* Removes the first item in the order: 1 when an item was removed (item, nullable,
  * receives its key), 0 when the queue is empty, -EINVAL (pq NULL), -ENOMEM (this thread
  * could not get its memory-reclamation record: more live threads than the static records
