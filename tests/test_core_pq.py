@@ -136,6 +136,25 @@ def test_push_many_validates_before_pushing_anything():
     assert len(q) == 1 and q.pop() == 3  # the two pushed before the duplicate were withdrawn
 
 
+@pytest.mark.parametrize("n", [10, 70_000])  # one group, and more than one (65 536 per group)
+def test_indexed_push_many_is_all_or_nothing(n):
+    q = core.PriorityQueue()
+    rng = np.random.default_rng(5)
+    ids = np.arange(1, n + 1, dtype=np.uint64)
+    prio = rng.integers(0, 50, n).astype(np.float64)
+    ids[-1] = ids[0]  # given twice: the call fails and leaves nothing queued
+    with pytest.raises(ValueError, match="already queued"):
+        q.push_many(ids, prio, np.zeros(n), np.full(n, math.nan))
+    assert len(q) == 0 and q.pop() is None
+    assert q.cancel(int(ids[1])) is False  # its ids are not in the index either
+    ids[-1] = n + 1
+    q.push_many(ids, prio, np.zeros(n), np.full(n, math.nan))
+    assert len(q) == n
+    out = q.pop_many(n)
+    # priority descending, equal priorities in input order
+    assert sorted(out.tolist(), key=lambda i: (-prio[np.searchsorted(ids, i)], i)) == out.tolist()
+
+
 @pytest.mark.parametrize("ids, error", [
     (np.arange(-2, 3), ValueError),                     # int64 with negatives: a cast would wrap them
     ([1, -1, 2], ValueError),

@@ -139,6 +139,8 @@ cdef extern from "prealloc/prealloc.h" nogil:
     int pa_pq_pop(pa_pq_t *pq, pa_pq_item_t *item)
     int pa_pq_push_many(pa_pq_t *pq, size_t n, const uint64_t *values, const double *priorities,
                         const double *confidences, const double *deadlines, size_t *pushed)
+    int pa_pq_push_all(pa_pq_t *pq, size_t n, const uint64_t *values, const double *priorities,
+                       const double *confidences, const double *deadlines, size_t *failed, size_t *kept)
     Py_ssize_t pa_pq_pop_many(pa_pq_t *pq, uint64_t *values, size_t max)
     int pa_pq_peek(pa_pq_t *pq, pa_pq_item_t *item)
     int pa_pq_cancel(pa_pq_t *pq, uint64_t value)

@@ -832,32 +832,39 @@ cdef class PriorityQueue:
 
     def push_many(self, request_ids_in, priorities_in, confidences_in, deadlines_in, /):
         """Pushes each element (deadline NaN = none). Input is validated before anything is
-        pushed; on an indexed queue a duplicate id withdraws what this call pushed."""
+        pushed; on an indexed queue the call is all or nothing: an id queued already or given
+        twice withdraws everything this call queued (an item another thread popped or
+        cancelled meanwhile stays taken) and raises ValueError."""
         cdef const uint64_t[::1] request_ids = _u64(request_ids_in, "request ids")
         cdef const double[::1] priorities = _f64(priorities_in)
         cdef const double[::1] confidences = _f64(confidences_in)
         cdef const double[::1] deadlines = _f64(deadlines_in)
         cdef Py_ssize_t n = request_ids.shape[0], i
-        cdef size_t done = 0
+        cdef size_t done = 0, kept = 0
         cdef int rc = 0
         if priorities.shape[0] != n or confidences.shape[0] != n or deadlines.shape[0] != n:
             raise ValueError("all arrays must have the same length")
         if n == 0:
             return
         with nogil:
-            # the core checks every key before pushing any (-EINVAL: nothing pushed)
-            rc = pa_pq_push_many(self._pq, <size_t>n, &request_ids[0], &priorities[0],
-                                 &confidences[0], &deadlines[0], &done)
-            if rc != 0 and rc != -EINVAL and self.indexed:
-                for i in range(<Py_ssize_t>done):
-                    pa_pq_cancel(self._pq, request_ids[i])
+            # the core checks every key before pushing any (-EINVAL: nothing pushed); an
+            # indexed queue withdraws the whole call itself on failure (done: the failing
+            # element), an unindexed one can only fail for memory (done: how many went in)
+            if self.indexed:
+                rc = pa_pq_push_all(self._pq, <size_t>n, &request_ids[0], &priorities[0],
+                                    &confidences[0], &deadlines[0], &done, &kept)
+            else:
+                rc = pa_pq_push_many(self._pq, <size_t>n, &request_ids[0], &priorities[0],
+                                     &confidences[0], &deadlines[0], &done)
         if rc == -EINVAL:
             for i in range(n):  # only to name the element in the message
                 if isnan(priorities[i]) or isnan(confidences[i]) or deadlines[i] == -float("inf"):
                     raise ValueError(f"element {i}: priority and confidence must be numbers and the"
                                      " deadline not -inf")
         if rc == -EEXIST:
-            raise ValueError(f"request {request_ids[done]} is already queued")
+            taken = f"; {kept} of its items were popped or cancelled first" if kept else ""
+            raise ValueError(f"request {request_ids[done]} is already queued (or given twice): nothing"
+                             f" of this call stays queued{taken}")
         _check(rc, "pa_pq_push")
 
     def pop(self):
