@@ -431,7 +431,7 @@ typedef struct batch_items {
 /* ns per item to push all n items and pop them again: mode 0 = im item by item, mode 1 =
  * our batch calls (im must be a pq), mode 2 = the batch calls on a queue filled and
  * drained once before (untimed: its nodes are then recycled ones, as in a long-lived
- * queue) */
+ * queue), mode 3 = pa_pq_push_all and pa_pq_pop_many (im must be an indexed pq) */
 static double fill_drain_ns(const impl_t *im, const batch_items_t *it, long n, int mode, long *failures) {
     void *q = im->create();
     uint64_t *out = malloc((size_t)n * sizeof *out);
@@ -447,6 +447,9 @@ static double fill_drain_ns(const impl_t *im, const batch_items_t *it, long n, i
             if (im->push(q, it->values[i], it->p[i], it->c[i], it->d[i]) != 0) (*failures)++;
         for (long i = 0; i < n; i++)
             if (!im->pop(q, &out[i])) (*failures)++;
+    } else if (mode == 3) {
+        if (pa_pq_push_all(q, (size_t)n, it->values, it->p, it->c, it->d, NULL, NULL) != 0) (*failures)++;
+        if (pa_pq_pop_many(q, out, (size_t)n) != (size_t)n) (*failures)++;
     } else {
         size_t pushed = 0;
         if (pa_pq_push_many(q, (size_t)n, it->values, it->p, it->c, it->d, &pushed) != 0) (*failures)++;
@@ -489,12 +492,13 @@ static void profile_fill_drain(const long *sizes, int nsizes, const char *only, 
 
 static void bench_fill_drain(const long *sizes, int nsizes, long reps, long *failures) {
     printf("\nfill an empty queue with N random items, then drain it; one thread, ns per item (push + pop)\n");
-    printf("%-9s %-30s %9s %9s\n", "N", "implementation", "ns/item", "vs mutex");
+    printf("%-9s %-34s %9s %9s\n", "N", "implementation", "ns/item", "vs mutex");
     static const struct {
         const char *name;
         int impl, mode;
     } kinds[] = {{"mutex heap, per item", 0, 0}, {"pq (unindexed), per item", 2, 0},
-                 {"pq (unindexed), batch calls", 2, 1}, {"pq (indexed), batch calls", 3, 1},
+                 {"pq (unindexed), batch calls", 2, 1}, {"pq (indexed), push_many, pop_many", 3, 1},
+                 {"pq (indexed), push_all, pop_many", 3, 3},
                  {"pq (unindexed), batch, refill", 2, 2}, {"mound (locks), per item", IMPL_MOUND, 0}};
     enum { KINDS = sizeof kinds / sizeof kinds[0], MAX_REPS = 64 };
     for (int si = 0; si < nsizes; si++) {
@@ -516,7 +520,7 @@ static void bench_fill_drain(const long *sizes, int nsizes, long reps, long *fai
         for (int k = 0; k < KINDS; k++) {
             qsort(ns[k], (size_t)nr, sizeof(double), compare_double);
             qsort(ratio[k], (size_t)nr, sizeof(double), compare_double);
-            printf("%-9ld %-30s %9.1f %8.2fx\n", n, kinds[k].name, ns[k][nr / 2], ratio[k][nr / 2]);
+            printf("%-9ld %-34s %9.1f %8.2fx\n", n, kinds[k].name, ns[k][nr / 2], ratio[k][nr / 2]);
         }
         free(it.values);
         free(it.p);
