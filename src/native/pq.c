@@ -142,7 +142,8 @@
  *
  * Memory reclamation: epoch-based (epoch.h). A node is retired only when it is unreachable:
  * cut from level 0 and (by restructure) from every upper level, and — indexed — unlinked
- * from its bucket; a two-count `refs` (one per structure) decides who retires it.
+ * from its bucket; `refs` (one per structure, and one more while an all-or-nothing batch
+ * holds the node: pa_pq_push_all) decides who retires it.
  *
  * Complexity: push O(log n) expected; pop O(1) expected plus O(PQ_BOUND_OFFSET) for the
  * walk over the deleted prefix (the cut every ~PQ_BOUND_OFFSET pops costs O(log n));
@@ -257,7 +258,7 @@ typedef struct pq_node {
     _Atomic uint32_t state;     /* indexed queues only */
     _Atomic uint8_t inserting;  /* 1 while the tower is being linked */
     uint8_t level;
-    _Atomic uint16_t refs;      /* structures still linking the node (1 or 2) */
+    _Atomic uint16_t refs;      /* structures still linking the node (1 or 2), + a batch holding it */
     uint64_t key[4];            /* immutable once published */
     uint64_t value;
     _Atomic uintptr_t up[];     /* levels 1 .. level-1, then a pq_node_ext_t */
