@@ -250,18 +250,9 @@ static const impl_t impls[] = {
 
 /* ---- the workload ---- */
 
-static inline uint64_t rng_next(uint64_t *s) {
-    uint64_t x = *s;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *s = x;
-    return x * 0x2545F4914F6CDD1Dull;
-}
-
 /* Random keys: a continuous priority (few ties), a coarse confidence, a deadline for 3 of 4. */
 static inline void random_key(uint64_t *rng, double *p, double *c, double *d) {
-    uint64_t r = rng_next(rng);
+    uint64_t r = bench_rand(rng);
     *p = (double)(r >> 11) * (1.0 / 9007199254740992.0);
     *c = (double)(r & 3) * 0.25;
     *d = (r & 0x30) ? (double)((r >> 8) & 0xffff) : NAN;

@@ -5,8 +5,19 @@
 #ifndef PA_BENCH_UTIL_H
 #define PA_BENCH_UTIL_H
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <time.h>
+
+/* xorshift64* (Vigna): the benchmarks' random numbers; *s must not be 0. */
+static inline uint64_t bench_rand(uint64_t *s) {
+    uint64_t x = *s;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *s = x;
+    return x * 0x2545F4914F6CDD1Dull;
+}
 
 static inline double now_s(void) {
     struct timespec ts;

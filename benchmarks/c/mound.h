@@ -42,6 +42,7 @@
 #include <string.h>
 
 #include "../../src/native/atomics.h" /* relative: bench_pq and its test both include this */
+#include "bench_util.h"
 
 #define MOUND_MAX_LEVELS 25 /* 2^24 nodes in the last level (1 GiB): ENOMEM beyond */
 #define MOUND_TRIES 8       /* random leaves tried before the tree grows a level */
@@ -159,15 +160,6 @@ static int mound_grow(mound_t *m, uint32_t seen) {
     return rc;
 }
 
-static inline uint64_t mound_rand(uint64_t *s) {
-    uint64_t x = *s;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *s = x;
-    return x * 0x2545F4914F6CDD1Dull;
-}
-
 static _Thread_local uint64_t mound_rng;
 
 static int mound_push(mound_t *m, uint64_t value, const uint64_t key3[3]) {
@@ -185,7 +177,7 @@ static int mound_push(mound_t *m, uint64_t value, const uint64_t key3[3]) {
         bool found = false;
         uint64_t h[4];
         for (int t = 0; t < MOUND_TRIES && !found; t++) {
-            leaf = (size_t)(mound_rand(&mound_rng) & (((uint64_t)1 << leaf_d) - 1));
+            leaf = (size_t)(bench_rand(&mound_rng) & (((uint64_t)1 << leaf_d) - 1));
             mound_hint(&m->level[leaf_d][leaf], h);
             found = !mound_key_less(h, it->k);
         }

@@ -1514,6 +1514,39 @@ static int push_chunk_sorted(pq_op_t *op, size_t chunk, const uint64_t *values, 
     return 0;
 }
 
+/* The first steps of a sorted group push (push_group_sorted, push_all_group): the n keys,
+ * with the group's tickets (from *ticket) in input order, sorted ascending; a node of a
+ * freshly drawn height for each, all allocated before any is used (a failure publishes
+ * nothing) and put in order_nodes' order. On 0, *keys_out (the caller frees it) holds the
+ * sorted keys in its first half and the key-ordered nodes from (pq_node_t **)(keys + n);
+ * node k is to take key k. 1: no sort buffer (nothing done); -ENOMEM: too few nodes
+ * (none kept; the tickets are spent). */
+static int group_prepare(pa_pq_t *pq, pq_thread_t *t, size_t n, const double *priorities, const double *confidences,
+                         const double *deadlines, pq_sort_key_t **keys_out, uint64_t *ticket) {
+    pq_sort_key_t *keys = malloc(2 * n * sizeof *keys);
+    if (!keys) return 1;
+    *ticket = pa__fetch_add_relaxed(&pq->arrival, n);
+    uint64_t diff[3];
+    make_keys(keys, n, priorities, confidences, deadlines, *ticket, diff);
+    sort_keys(keys, keys + n, n, diff);
+    unsigned cap = batch_cap(levels_in_use(pq), n); /* as in push_chunk_sorted */
+    /* in the sort's scratch half (32 bytes per item): 3 node arrays and the heights */
+    pq_node_t **nodes = (pq_node_t **)(void *)(keys + n), **cls = nodes + n, **scratch = cls + n;
+    uint8_t *heights = (uint8_t *)(void *)(scratch + n);
+    for (size_t k = 0; k < n; k++) {
+        heights[k] = (uint8_t)random_level(t, cap, false);
+        nodes[k] = node_alloc(t, heights[k]);
+        if (!nodes[k]) {
+            while (k > 0) node_recycle(nodes[--k]); /* never published */
+            free(keys);
+            return -ENOMEM;
+        }
+    }
+    order_nodes(nodes, heights, cls, scratch, n);
+    *keys_out = keys;
+    return 0;
+}
+
 /* Batches larger than a chunk are pushed in groups of up to PQ_BATCH_GROUP items, each
  * sorted by key as a whole before any of it is linked: the group's inserts then arrive in
  * ascending order, each a finger search from the one before, and into a queue that holds
@@ -1534,27 +1567,11 @@ static int push_group_sorted(pa_pq_t *pq, size_t n, const uint64_t *values, cons
     /* The reclamation record first: once this thread has one, op_begin cannot fail */
     if (!op_begin(&op, pq)) return -ENOMEM;
     op_end(&op);
-    pq_sort_key_t *keys = malloc(2 * n * sizeof *keys);
-    if (!keys) return 1;
-    pq_thread_t *const t = op.t;
-    uint64_t ticket = pa__fetch_add_relaxed(&pq->arrival, n);
-    uint64_t diff[3];
-    make_keys(keys, n, priorities, confidences, deadlines, ticket, diff);
-    sort_keys(keys, keys + n, n, diff);
-    unsigned cap = batch_cap(levels_in_use(pq), n); /* as in push_chunk_sorted */
-    /* in the sort's scratch half (32 bytes per item): 3 node arrays and the heights */
-    pq_node_t **nodes = (pq_node_t **)(void *)(keys + n), **cls = nodes + n, **scratch = cls + n;
-    uint8_t *heights = (uint8_t *)(void *)(scratch + n);
-    for (size_t k = 0; k < n; k++) {
-        heights[k] = (uint8_t)random_level(t, cap, false);
-        nodes[k] = node_alloc(t, heights[k]);
-        if (!nodes[k]) {
-            while (k > 0) node_recycle(nodes[--k]); /* never published */
-            free(keys);
-            return -ENOMEM;
-        }
-    }
-    order_nodes(nodes, heights, cls, scratch, n);
+    pq_sort_key_t *keys;
+    uint64_t ticket;
+    int rc = group_prepare(pq, op.t, n, priorities, confidences, deadlines, &keys, &ticket);
+    if (rc != 0) return rc;
+    pq_node_t **nodes = (pq_node_t **)(void *)(keys + n);
     pq_node_t *first = NULL, *last = NULL;
     for (size_t k = 0; k < n; k++) {
         pq_node_t *x = nodes[k];
@@ -1687,27 +1704,12 @@ static int push_all_group(pa_pq_t *pq, push_all_state_t *st, size_t base, size_t
     pq_op_t op;
     (void)op_begin(&op, pq); /* cannot fail: the caller made sure this thread has its record */
     op_end(&op);
-    pq_sort_key_t *keys = malloc(2 * n * sizeof *keys);
-    if (!keys) return 1;
-    pq_thread_t *const t = op.t;
-    uint64_t ticket = pa__fetch_add_relaxed(&pq->arrival, n);
-    uint64_t diff[3];
-    make_keys(keys, n, priorities + base, confidences + base, deadlines + base, ticket, diff);
-    sort_keys(keys, keys + n, n, diff);
-    unsigned cap = batch_cap(levels_in_use(pq), n);
-    pq_node_t **nodes = (pq_node_t **)(void *)(keys + n), **cls = nodes + n, **scratch = cls + n;
-    uint8_t *heights = (uint8_t *)(void *)(scratch + n);
-    for (size_t k = 0; k < n; k++) {
-        heights[k] = (uint8_t)random_level(t, cap, false);
-        nodes[k] = node_alloc(t, heights[k]);
-        if (!nodes[k]) {
-            while (k > 0) node_recycle(nodes[--k]); /* never published */
-            free(keys);
-            *failed = base;
-            return -ENOMEM;
-        }
-    }
-    order_nodes(nodes, heights, cls, scratch, n);
+    pq_sort_key_t *keys;
+    uint64_t ticket;
+    int rc = group_prepare(pq, op.t, n, priorities + base, confidences + base, deadlines + base, &keys, &ticket);
+    if (rc == -ENOMEM) *failed = base;
+    if (rc != 0) return rc;
+    pq_node_t **nodes = (pq_node_t **)(void *)(keys + n);
     for (size_t k = 0; k < n; k++) {
         pq_node_t *x = nodes[k];
         memcpy(x->key, keys[k].k, sizeof x->key);
@@ -1718,7 +1720,6 @@ static int push_all_group(pa_pq_t *pq, push_all_state_t *st, size_t base, size_t
         st->node[i] = x;
     }
     /* nodes[] (key order) stays in the scratch half; the keys half is not needed now */
-    int rc = 0;
     /* A: into the index, in input order */
     for (size_t done = 0; done < n && rc == 0;) {
         (void)op_begin(&op, pq);

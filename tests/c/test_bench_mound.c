@@ -27,7 +27,7 @@ static void one_thread_against_reference(long n, long pop_every) {
     REQUIRE(m && ref);
     uint64_t rng = 7;
     for (long i = 0; i < n; i++) {
-        uint64_t r = mound_rand(&rng);
+        uint64_t r = bench_rand(&rng);
         uint64_t key3[3] = {r >> 58, (r >> 20) & 3, (r >> 8) & 1}; /* 256 distinct keys */
         CHECK_EQ_INT(mound_push(m, (uint64_t)i, key3), 0);
         memcpy(ref[i].k, key3, sizeof key3);
@@ -79,7 +79,7 @@ static void *producer(void *p) {
     mt_arg_t *a = p;
     uint64_t rng = 1000 + (uint64_t)a->id;
     for (long i = 0; i < a->run->per_producer; i++) {
-        uint64_t r = mound_rand(&rng);
+        uint64_t r = bench_rand(&rng);
         uint64_t key3[3] = {r >> 60, 0, 0};
         if (mound_push(a->run->m, (uint64_t)a->id * (uint64_t)a->run->per_producer + (uint64_t)i, key3) != 0) abort();
     }
