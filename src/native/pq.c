@@ -1188,7 +1188,7 @@ static bool key_valid(double priority, double confidence, double deadline) {
  * attempt may still sit in the skiplist with the old one, and keys must stay unique.
  * kept (indexed queues, nullable): receives the pushed node, with a third reference that
  * keeps it from being retired (and its memory valid) until the caller's node_release —
- * the all-or-nothing batch withdraws its items through it (push_all_indexed). */
+ * the all-or-nothing batch withdraws its items through it (pa_pq_push_all). */
 #define PQ_NO_TICKET UINT64_MAX
 static int push_one(pq_op_t *op, uint64_t value, double priority, double confidence, double deadline,
                     uint64_t ticket, pq_node_t **kept) {
@@ -1688,12 +1688,11 @@ int pa_pq_push_many(pa_pq_t *pq, size_t n, const uint64_t *values, const double 
  * Linearizability: each item is a separate push overlapping the call (its tickets fixed
  * before any is visible, as for the unindexed batch), completed at its CAS in C or at a
  * pop's claim; a withdrawal is a cancel overlapping the call. */
-enum { PA_ITEM_PRIVATE, PA_ITEM_INDEXED, PA_ITEM_LINKED, PA_ITEM_GONE };
+enum { PQ_ITEM_PRIVATE, PQ_ITEM_INDEXED, PQ_ITEM_LINKED, PQ_ITEM_GONE };
 
 typedef struct push_all_state {
     pq_node_t **node; /* per input item: the node that holds our reference */
-    uint8_t *status;  /* per input item: PA_ITEM_* */
-    size_t published; /* items 0 .. published-1 got past PA_ITEM_PRIVATE or failed */
+    uint8_t *status;  /* per input item: PQ_ITEM_* (PRIVATE until published) */
 } push_all_state_t;
 
 /* Phases A to C for input items [base, base + n). 0, or -EEXIST / -ENOMEM with *failed
@@ -1731,14 +1730,12 @@ static int push_all_group(pa_pq_t *pq, push_all_state_t *st, size_t base, size_t
                 *failed = i;
                 break;
             }
-            st->status[i] = PA_ITEM_INDEXED;
+            st->status[i] = PQ_ITEM_INDEXED;
         }
         size_add(&op, (int64_t)k);
         op_end(&op);
         done += k;
-        st->published = base + done;
     }
-    if (rc == 0) st->published = base + n;
     /* B and C: linked and completed in key order (the nodes were allocated in that order,
      * so this walks memory forwards); after a failure in A nothing is linked */
     for (size_t done = 0; done < n && rc == 0;) {
@@ -1751,7 +1748,7 @@ static int push_all_group(pa_pq_t *pq, push_all_state_t *st, size_t base, size_t
             size_t i = base + (size_t)(x->key[3] - ticket);
             /* acquire: pairs with the aborting CAS (then its index removal is visible) */
             if (pa__load_acquire(&x->state) == ST_PENDING) {
-                st->status[i] = PA_ITEM_LINKED;
+                st->status[i] = PQ_ITEM_LINKED;
                 skiplist_insert(pq, x, levels_in_use(pq), &finger);
             } /* else aborted already: left out */
             uint32_t s = ST_PENDING;
@@ -1761,9 +1758,9 @@ static int push_all_group(pa_pq_t *pq, push_all_state_t *st, size_t base, size_t
              * (a search from head; the finger stays valid: it holds none of its nodes,
              * and the keys after this one are still larger than all of the run's) */
             size_add(&op, -1);
-            if (st->status[i] == PA_ITEM_INDEXED) node_release(&op, x); /* never linked */
+            if (st->status[i] == PQ_ITEM_INDEXED) node_release(&op, x); /* never linked */
             node_release(&op, x);
-            st->status[i] = PA_ITEM_GONE;
+            st->status[i] = PQ_ITEM_GONE;
             pq_node_t *again = NULL;
             rc = push_one(&op, values[i], priorities[i], confidences[i], deadlines[i], PQ_NO_TICKET, &again);
             if (rc != 0) {
@@ -1771,7 +1768,7 @@ static int push_all_group(pa_pq_t *pq, push_all_state_t *st, size_t base, size_t
                 break;
             }
             st->node[i] = again;
-            st->status[i] = PA_ITEM_LINKED;
+            st->status[i] = PQ_ITEM_LINKED;
         }
         op_end(&op);
         done += chunk;
@@ -1781,16 +1778,16 @@ static int push_all_group(pa_pq_t *pq, push_all_state_t *st, size_t base, size_t
     return rc;
 }
 
-/* Withdraws every item of the call still queued or pending; returns how many a pop or a
- * cancel had taken first. */
-static size_t push_all_withdraw(pa_pq_t *pq, push_all_state_t *st) {
+/* Withdraws every item of the call's n still queued or pending; returns how many a pop or
+ * a cancel had taken first. */
+static size_t push_all_withdraw(pa_pq_t *pq, push_all_state_t *st, size_t n) {
     size_t taken = 0;
-    for (size_t done = 0; done < st->published;) {
+    for (size_t done = 0; done < n;) {
         pq_op_t op;
         (void)op_begin(&op, pq);
-        size_t chunk = batch_chunk(st->published - done);
+        size_t chunk = batch_chunk(n - done);
         for (size_t i = done; i < done + chunk; i++) {
-            if (st->status[i] != PA_ITEM_INDEXED && st->status[i] != PA_ITEM_LINKED) continue;
+            if (st->status[i] != PQ_ITEM_INDEXED && st->status[i] != PQ_ITEM_LINKED) continue;
             pq_node_t *x = st->node[i];
             /* acquire: pairs with the CAS that set the state */
             uint32_t s = pa__load_acquire(&x->state);
@@ -1823,14 +1820,14 @@ static void push_all_release(pa_pq_t *pq, push_all_state_t *st, size_t n) {
         for (size_t i = done; i < done + chunk; i++) {
             pq_node_t *x = st->node[i];
             switch (st->status[i]) {
-            case PA_ITEM_PRIVATE:
+            case PQ_ITEM_PRIVATE:
                 if (x) node_recycle(x); /* allocated, never published */
                 break;
-            case PA_ITEM_INDEXED:
+            case PQ_ITEM_INDEXED:
                 node_release(&op, x); /* the skiplist never held it */
                 node_release(&op, x);
                 break;
-            case PA_ITEM_LINKED:
+            case PQ_ITEM_LINKED:
                 node_release(&op, x);
                 break;
             default:
@@ -1858,7 +1855,7 @@ int pa_pq_push_all(pa_pq_t *pq, size_t n, const uint64_t *values, const double *
     /* the reclamation record first: once this thread has one, op_begin cannot fail */
     if (!op_begin(&op, pq)) return -ENOMEM;
     op_end(&op);
-    push_all_state_t st = {calloc(n, sizeof *st.node), calloc(n, 1), 0};
+    push_all_state_t st = {calloc(n, sizeof *st.node), calloc(n, 1)};
     if (!st.node || !st.status) {
         free(st.node);
         free(st.status);
@@ -1877,15 +1874,14 @@ int pa_pq_push_all(pa_pq_t *pq, size_t n, const uint64_t *values, const double *
                 rc = push_one(&op, values[i], priorities[i], confidences[i], deadlines[i], PQ_NO_TICKET, &st.node[i]);
                 op_end(&op);
                 if (rc != 0) where = i;
-                else st.status[i] = PA_ITEM_LINKED;
-                st.published = i + 1;
+                else st.status[i] = PQ_ITEM_LINKED;
             }
         }
         base += group;
     }
     size_t taken = 0;
     if (rc != 0) {
-        taken = push_all_withdraw(pq, &st);
+        taken = push_all_withdraw(pq, &st, n);
         if (failed) *failed = where;
     }
     push_all_release(pq, &st, n);
